@@ -1,0 +1,208 @@
+"""Evaluating lazy tensors into checkpoint files, a few megabytes at a time, with reading, arithmetic and writing
+overlapped, and every output written to a temporary path that is renamed only when complete.
+
+safetensors files are written here rather than with safetensors.torch.save_file, which needs every tensor of a file in
+memory at once (a 5 GB shard would need 5 GB): the header is computed from the known shapes, then the data section is
+streamed in order. Space is reserved in the header so that statistics known only at the end can be recorded in it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import math
+import os
+import shutil
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .errors import CapvectorError
+from .lazy import DTYPE_NAMES, Combination, LazyTensor, row_chunks
+
+CHUNK_BYTES = 8 << 20  # output bytes per unit of work: small enough to keep memory flat, large enough to stream
+INFLIGHT_UNITS = 6
+WORKERS = 2
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+@dataclass
+class OutputTensor:
+    name: str
+    source: LazyTensor
+    dtype: torch.dtype
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return self.source.numel * self.itemsize
+
+
+@dataclass
+class OutputFile:
+    name: str  # relative to the output folder
+    tensors: list[OutputTensor]
+    metadata: dict[str, str] | None = None
+    format: str = "safetensors"  # or "torch" (a state dict written with torch.save: one file's tensors in memory)
+
+
+def safetensors_header(file: OutputFile, reserve: int = 0) -> bytes:
+    entries: dict = {"__metadata__": file.metadata} if file.metadata is not None else {}
+    offset = 0
+    for tensor in file.tensors:
+        entries[tensor.name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.source.shape),
+                                "data_offsets": [offset, offset + tensor.nbytes]}
+        offset += tensor.nbytes
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    padded = -(-(len(header) + reserve) // 8) * 8  # the data section starts 8-byte aligned
+    return header + b" " * (padded - len(header))
+
+
+def rewrite_safetensors_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Replace __metadata__ in a file written with reserved header space, without moving the data."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        header["__metadata__"] = metadata
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        if len(encoded) > size:
+            raise RuntimeError(f"{path}: metadata needs {len(encoded)} header bytes, {size} were reserved")
+        f.seek(8)
+        f.write(encoded + b" " * (size - len(encoded)))
+
+
+def _non_finite_culprit(source: LazyTensor, start: int, stop: int) -> str:
+    terms = source.terms if isinstance(source, Combination) else [(1.0, source)]
+    for _, term in terms:
+        if not torch.isfinite(term.read(start, stop)).all():
+            return f"tensor '{term.name}' in {term.origin} contains NaN or Inf"
+    return f"tensor '{source.name}' overflows to Inf when combined (from {source.origin})"
+
+
+def evaluate_chunk(tensor: OutputTensor, start: int, stop: int, check_finite: bool) -> tuple[torch.Tensor, float]:
+    """(the rows' bytes in the output dtype, their float32 sum of squares, or nan for a pass-through copy)."""
+    source = tensor.source
+    if source.dtype == tensor.dtype:
+        native = source.read_native(start, stop)
+        if native is not None:
+            return native.reshape(-1).view(torch.uint8), math.nan
+    values = source.read(start, stop).reshape(-1)
+    stored = values.to(tensor.dtype)
+    rounded = stored.to(torch.float32)  # statistics describe what is stored
+    sumsq = float(torch.dot(rounded, rounded))
+    if check_finite and not math.isfinite(sumsq):  # a cheap test first: the sum of squares is needed anyway
+        ensure_finite(source, values, start, stop)
+    return stored.view(torch.uint8), sumsq
+
+
+def ensure_finite(source: LazyTensor, values: torch.Tensor, start: int, stop: int) -> None:
+    """Raise, naming the input tensor and file, if rows [start, stop) of `source` (= values) hold NaN or Inf."""
+    if not torch.isfinite(values).all():
+        raise CapvectorError(f"{_non_finite_culprit(source, start, stop)}; fix or exclude it (--exclude '{source.name}')")
+
+
+def _write_all(handle, data: torch.Tensor, path: Path, name: str) -> None:
+    view = memoryview(data.numpy())
+    try:
+        while view:
+            view = view[handle.write(view):]
+    except OSError as error:
+        if error.errno in _DISK_FULL:
+            raise CapvectorError(f"{path}: no space left while writing tensor '{name}' ({error.strerror}); "
+                                 "free disk space or choose another output folder") from None
+        raise
+
+
+def write_files(folder: Path, files: Sequence[OutputFile], *, check_finite: bool = True, reserve: int = 0,
+                description: str = "writing") -> dict[str, float]:
+    """Write `files` into `folder`; returns each computed tensor's sum of squares (pass-through copies excluded)."""
+    sums: dict[str, float] = {}
+    total = sum(t.nbytes for f in files for t in f.tensors)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=description, disable=None) as bar, \
+            ThreadPoolExecutor(WORKERS) as pool:
+        for file in files:
+            path = folder / file.name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if file.format == "torch":
+                state = {t.name: t.source.materialize(t.dtype) for t in file.tensors}
+                _torch_save(state, path)
+                bar.update(sum(t.nbytes for t in file.tensors))
+                continue
+            header = safetensors_header(file, reserve)
+            units = ((t, start, stop) for t in file.tensors
+                     for start, stop in row_chunks(t.source, CHUNK_BYTES // t.itemsize))
+            pending: deque = deque()
+            with open(path, "wb", buffering=0) as handle:
+                _write_all(handle, torch.frombuffer(bytearray(len(header).to_bytes(8, "little") + header),
+                                                     dtype=torch.uint8), path, "(header)")
+                for unit in units:
+                    pending.append((unit, pool.submit(evaluate_chunk, *unit, check_finite)))
+                    if len(pending) >= INFLIGHT_UNITS:
+                        _drain_one(pending, handle, path, sums, bar)
+                while pending:
+                    _drain_one(pending, handle, path, sums, bar)
+    return sums
+
+
+def _drain_one(pending: deque, handle, path: Path, sums: dict[str, float], bar) -> None:
+    (tensor, _, _), future = pending.popleft()
+    try:
+        data, sumsq = future.result()
+    except BaseException:
+        for _, later in pending:
+            later.cancel()
+        raise
+    _write_all(handle, data, path, tensor.name)
+    if not math.isnan(sumsq):
+        sums[tensor.name] = sums.get(tensor.name, 0.0) + sumsq
+    bar.update(data.numel())
+
+
+def _torch_save(state: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        torch.save(state, path)
+    except (OSError, RuntimeError) as error:
+        if isinstance(error, OSError) and error.errno not in _DISK_FULL and "space" not in str(error):
+            raise
+        raise CapvectorError(f"{path}: could not be written ({error}); free disk space or choose another output") from None
+
+
+def check_output_path(output: Path, inputs: Sequence[Path]) -> None:
+    if output.exists():
+        raise CapvectorError(f"{output}: already exists; choose another output path or remove it first")
+    resolved = output.resolve()
+    for path in inputs:
+        source = Path(path).resolve()
+        if resolved == source or source.is_relative_to(resolved) or resolved.is_relative_to(source):
+            raise CapvectorError(f"{output}: output path overlaps the input {path}; choose an output outside the inputs")
+
+
+@contextlib.contextmanager
+def atomic_output(output: Path, inputs: Sequence[Path] = (), single_file: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `output`; rename it to `output` only when the block succeeds.
+    With single_file, the block writes one file named like `output` into the folder, and that file is renamed."""
+    output = Path(output)
+    check_output_path(output, inputs)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    try:
+        yield temporary
+        if single_file:
+            os.rename(temporary / output.name, output)
+            shutil.rmtree(temporary)
+        else:
+            os.rename(temporary, output)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise

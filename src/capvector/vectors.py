@@ -1,0 +1,367 @@
+"""Capability vectors: gamma = theta_ao - theta_ft, lazy and file-backed, with arithmetic, saving and loading.
+
+A saved vector is a folder:
+  capvector.safetensors            (or capvector-0000i-of-0000n.safetensors + capvector.safetensors.index.json)
+  capvector.json                   the metadata, also stored in every safetensors header under "capvector"
+Dense tensors are stored under their parameter names. A low-rank tensor `name` is stored as two factors,
+`name::left` (m x r, = U_r diag(S_r)) and `name::right` (r x n, = V_r^T), with gamma ~= left @ right.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fnmatch
+import hashlib
+import json
+import math
+import os
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoints import Checkpoint, open_checkpoint
+from .errors import CapvectorError
+from .lazy import SAFETENSORS_DTYPES, Combination, LazyTensor, LowRankTensor, row_chunks
+from .lowrank import Factorization
+from .streaming import OutputFile, OutputTensor, atomic_output, ensure_finite, rewrite_safetensors_metadata, write_files
+
+METADATA_FILE = "capvector.json"
+WEIGHTS_STEM = "capvector"
+FORMAT_VERSION = 1
+LEFT, RIGHT = "::left", "::right"
+MAX_SHARD_BYTES = 5_000_000_000
+REDUCE_CHUNK_ELEMENTS = 4 << 20
+
+
+class CapabilityVector(Mapping[str, torch.Tensor]):
+    """A mapping from parameter name to a tensor of the vector, read on demand.
+
+    Arithmetic (`a + b`, `a - b`, `2.0 * a`) builds new lazy vectors without reading anything; reductions (`dot`,
+    `norm`, `cosine`) stream through the files a few megabytes at a time; `save` writes one.
+    """
+
+    def __init__(self, tensors: Mapping[str, LazyTensor], metadata: dict | None = None,
+                 checkpoints: Sequence[Checkpoint] = ()):
+        self.tensors = dict(tensors)
+        self.metadata = metadata or {}
+        self._checkpoints = list(checkpoints)  # kept open while this vector (or one built from it) is used
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name].materialize()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def lazy(self, name: str) -> LazyTensor:
+        return self.tensors[name]
+
+    def close(self) -> None:
+        for checkpoint in self._checkpoints:
+            checkpoint.close()
+
+    # --- arithmetic -------------------------------------------------------------------------------------------------
+
+    def _combine(self, other: CapabilityVector, sign: float) -> CapabilityVector:
+        """Keys of both are combined; a key in one only is kept as if the other were zero there."""
+        tensors = {}
+        for name in dict.fromkeys([*self.tensors, *other.tensors]):
+            terms = [*_terms(self.tensors.get(name), 1.0), *_terms(other.tensors.get(name), sign)]
+            tensors[name] = terms[0][1] if len(terms) == 1 and terms[0][0] == 1.0 else Combination(terms)
+        return CapabilityVector(tensors, {"formula": "combination"}, self._checkpoints + other._checkpoints)
+
+    def __add__(self, other: CapabilityVector) -> CapabilityVector:
+        return self._combine(other, 1.0)
+
+    def __sub__(self, other: CapabilityVector) -> CapabilityVector:
+        return self._combine(other, -1.0)
+
+    def __mul__(self, scale: float) -> CapabilityVector:
+        tensors = {name: Combination(_terms(t, float(scale))) for name, t in self.tensors.items()}
+        return CapabilityVector(tensors, {"formula": f"{scale} * vector"}, self._checkpoints)
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> CapabilityVector:
+        return self * -1.0
+
+    # --- reductions -------------------------------------------------------------------------------------------------
+
+    def tensor_dots(self, other: CapabilityVector | None = None) -> dict[str, float]:
+        """Per shared tensor, <self, other> (or |self|^2 when other is None), streamed in float32 chunks."""
+        other = other or self
+        dots = {}
+        for name in self.tensors.keys() & other.tensors.keys():
+            a, b = self.tensors[name], other.tensors[name]
+            if a.numel != b.numel:
+                raise CapvectorError(f"tensor '{name}' has shape {list(a.shape)} in one vector and {list(b.shape)} in the other")
+            total = 0.0
+            for start, stop in row_chunks(a, REDUCE_CHUNK_ELEMENTS):
+                x = a.read(start, stop).reshape(-1)
+                total += float(torch.dot(x, x if b is a else b.read(start, stop).reshape(-1)))
+            dots[name] = total
+        return dots
+
+    def dot(self, other: CapabilityVector) -> float:
+        return sum(self.tensor_dots(other).values())
+
+    def norm(self) -> float:
+        return math.sqrt(sum(self.tensor_dots().values()))
+
+    def cosine(self, other: CapabilityVector) -> float:
+        return cosine(self, other)
+
+    # --- saving -----------------------------------------------------------------------------------------------------
+
+    def save(self, output: str | os.PathLike, *, dtype: torch.dtype | str | None = None, rank: int | None = None,
+             max_shard_bytes: int = MAX_SHARD_BYTES, hash_sources: bool = True) -> CapabilityVector:
+        """Write the vector to a new folder (atomically) and return it opened from there."""
+        output = Path(output)
+        dtype = parse_dtype(dtype) if dtype is not None else None
+        factorizations: dict[str, Factorization] = {}
+        entries: list[OutputTensor] = []
+        for name, tensor in self.tensors.items():
+            out_dtype = dtype or tensor.dtype
+            if rank and len(tensor.shape) == 2 and min(tensor.shape) > rank:
+                job = Factorization(tensor, rank, lambda m, t=tensor: ensure_finite(t, m, 0, t.rows))
+                factorizations[name] = job
+                entries += [OutputTensor(name + LEFT, job.part("left"), out_dtype),
+                            OutputTensor(name + RIGHT, job.part("right"), out_dtype)]
+            else:
+                entries.append(OutputTensor(name, tensor, out_dtype))
+        files = _shard(entries, max_shard_bytes)
+        metadata = {
+            **self.metadata, "format": "capvector", "format_version": FORMAT_VERSION, "tool": f"capvector {__version__}",
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "dtype": str(dtype).removeprefix("torch.") if dtype else "as inputs", "rank": rank,
+        }
+        sources = metadata.get("sources", {})
+        inputs = [Path(p) for checkpoint in self._checkpoints for p in checkpoint.weight_paths()]
+        with atomic_output(output, inputs) as folder:
+            reserve = len(_header_metadata(_worst_case(metadata, self.tensors, factorizations))["capvector"]) + 1024
+            hasher = _SourceHasher(sources) if hash_sources else None
+            sums = write_files(folder, files, reserve=reserve, description=f"saving {output.name}")
+            norms = {}
+            for name in self.tensors:
+                job = factorizations.get(name)
+                norms[name] = job.norm if job else math.sqrt(sums.get(name, 0.0))
+            metadata["norms"] = norms
+            metadata["global_norm"] = math.sqrt(sum(n * n for n in norms.values()))
+            if factorizations:
+                metadata["lowrank_relative_error"] = {name: job.error for name, job in factorizations.items()}
+            if hasher:
+                hasher.finish()
+            for file in files:
+                rewrite_safetensors_metadata(folder / file.name, _header_metadata(metadata))
+            if len(files) > 1:
+                _write_json(folder / f"{WEIGHTS_STEM}.safetensors.index.json", {
+                    "metadata": {"total_size": sum(e.nbytes for e in entries)},
+                    "weight_map": {t.name: f.name for f in files for t in f.tensors}})
+            _write_json(folder / METADATA_FILE, metadata)
+        return open_vector(output)
+
+
+def _terms(tensor: LazyTensor | None, scale: float) -> list[tuple[float, LazyTensor]]:
+    if tensor is None:
+        return []
+    if isinstance(tensor, Combination):
+        return [(scale * c, t) for c, t in tensor.terms]
+    return [(scale, tensor)]
+
+
+def cosine(a: CapabilityVector, b: CapabilityVector) -> float:
+    """Cosine similarity over the tensors both vectors hold."""
+    shared = a.tensors.keys() & b.tensors.keys()
+    a_shared = CapabilityVector({n: a.tensors[n] for n in shared})
+    b_shared = CapabilityVector({n: b.tensors[n] for n in shared})
+    denominator = a_shared.norm() * b_shared.norm()
+    return a_shared.dot(b_shared) / denominator if denominator else 0.0
+
+
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32",
+               "fp64": "float64", "double": "float64"}
+    parsed = getattr(torch, aliases.get(dtype.lower(), dtype.lower()), None)
+    if not isinstance(parsed, torch.dtype) or not parsed.is_floating_point or parsed not in SAFETENSORS_DTYPES.values():
+        raise CapvectorError(f"unknown dtype {dtype!r}; use one of bfloat16, float16, float32, float64")
+    return parsed
+
+
+def _shard(entries: list[OutputTensor], max_shard_bytes: int) -> list[OutputFile]:
+    shards: list[list[OutputTensor]] = [[]]
+    size = 0
+    for entry in entries:
+        if shards[-1] and size + entry.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += entry.nbytes
+    if len(shards) == 1:
+        return [OutputFile(f"{WEIGHTS_STEM}.safetensors", shards[0], {})]
+    count = len(shards)
+    return [OutputFile(f"{WEIGHTS_STEM}-{i + 1:05d}-of-{count:05d}.safetensors", shard, {})
+            for i, shard in enumerate(shards)]
+
+
+def _header_metadata(metadata: dict) -> dict[str, str]:
+    return {"format": "pt", "capvector": json.dumps(metadata, separators=(",", ":"))}
+
+
+def _worst_case(metadata: dict, tensors: Mapping, factorizations: Mapping) -> dict:
+    """The metadata with the longest values it can end with, to reserve header space before they are known."""
+    longest = -1.2345678901234567e-300
+    sources = {role: {**info, "sha256": {f: "f" * 64 for f in info.get("files", [])}}
+               for role, info in metadata.get("sources", {}).items()}
+    return {**metadata, "sources": sources, "norms": {name: longest for name in tensors}, "global_norm": longest,
+            "lowrank_relative_error": {name: longest for name in factorizations}}
+
+
+def _write_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value, indent=2) + "\n")
+
+
+class _SourceHasher:
+    """SHA-256 of every source file, computed in a background thread while the vector is written."""
+
+    def __init__(self, sources: dict):
+        self.sources = sources
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for info in self.sources.values():
+                folder = Path(info["path"])
+                folder = folder if folder.is_dir() else folder.parent
+                info["sha256"] = {name: sha256_file(folder / name) for name in info.get("files", [])}
+        except OSError as error:
+            self.error = error
+
+    def finish(self) -> None:
+        self.thread.join()
+        if self.error:
+            raise CapvectorError(f"could not hash a source file: {self.error}")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _source_info(checkpoint: Checkpoint) -> dict:
+    folder = checkpoint.root if checkpoint.is_folder else checkpoint.root.parent
+    return {"path": str(checkpoint.root.resolve()),
+            "files": [os.path.relpath(p, folder) for p in checkpoint.weight_paths()]}
+
+
+# --- extraction ---------------------------------------------------------------------------------------------------
+
+def _selected(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+    if include and not any(fnmatch.fnmatchcase(name, pattern) for pattern in include):
+        return False
+    return not any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude)
+
+
+def difference(minuend: Checkpoint, subtrahend: Checkpoint, *, include: Sequence[str] = (),
+               exclude: Sequence[str] = (), dtype: torch.dtype | str | None = None,
+               roles: tuple[str, str] = ("aux", "sft"), formula: str = "") -> CapabilityVector:
+    """minuend - subtrahend over the floating-point tensors both hold with equal shapes; the rest is listed."""
+    dtype = parse_dtype(dtype) if dtype is not None else None
+    skipped: dict[str, list[str]] = {f"only_in_{roles[0]}": sorted(minuend.keys() - subtrahend.keys()),
+                                     f"only_in_{roles[1]}": sorted(subtrahend.keys() - minuend.keys()),
+                                     "excluded": [], "not_floating_point": []}
+    tensors = {}
+    for name in minuend:
+        if name not in subtrahend:
+            continue
+        a, b = minuend.lazy(name), subtrahend.lazy(name)
+        if not _selected(name, include, exclude):
+            skipped["excluded"].append(name)
+            continue
+        if tuple(a.shape) != tuple(b.shape):
+            raise CapvectorError(
+                f"shape mismatch for tensor '{name}': {list(a.shape)} in {a.origin} but {list(b.shape)} in {b.origin}; "
+                f"check that both are finetunes of the same model, or leave it out with --exclude '{name}'"
+            )
+        if not (a.dtype.is_floating_point and b.dtype.is_floating_point):
+            skipped["not_floating_point"].append(name)
+            continue
+        if a.dtype != b.dtype and dtype is None:
+            raise CapvectorError(
+                f"dtype mismatch for tensor '{name}': {a.dtype} in {a.origin} but {b.dtype} in {b.origin}; "
+                "pass --dtype (Python: dtype=) to choose the vector's dtype"
+            )
+        tensors[name] = Combination([(1.0, a), (-1.0, b)], dtype=dtype or a.dtype)
+    if not tensors:
+        raise CapvectorError(
+            f"no tensor is shared by {minuend.root} and {subtrahend.root} (after include/exclude); "
+            "check the paths and the patterns"
+        )
+    metadata = {
+        "formula": formula, "sources": {roles[0]: _source_info(minuend), roles[1]: _source_info(subtrahend)},
+        "include": list(include), "exclude": list(exclude), "skipped": skipped,
+    }
+    return CapabilityVector(tensors, metadata, [minuend, subtrahend])
+
+
+def extract(aux: str | os.PathLike, sft: str | os.PathLike, output: str | os.PathLike | None = None, *,
+            pretrained: str | os.PathLike | None = None, include: Sequence[str] = (), exclude: Sequence[str] = (),
+            dtype: torch.dtype | str | None = None, rank: int | None = None,
+            task_vector_output: str | os.PathLike | None = None, hash_sources: bool = True) -> CapabilityVector:
+    """gamma = theta_ao - theta_ft. LoRA adapter folders are applied to their base (or to `pretrained`).
+
+    With `output`, the vector is saved there and returned opened from disk; otherwise it is returned lazy. With
+    `task_vector_output` (needs `pretrained`), tau = theta_ft - theta_pt is saved there too.
+    """
+    aux_checkpoint = open_checkpoint(aux, base=pretrained)
+    sft_checkpoint = open_checkpoint(sft, base=pretrained)
+    gamma = difference(aux_checkpoint, sft_checkpoint, include=include, exclude=exclude, dtype=dtype,
+                       formula="gamma = theta_ao - theta_ft")
+    if task_vector_output is not None:
+        if pretrained is None:
+            raise CapvectorError("a task vector (tau = theta_ft - theta_pt) needs --pretrained DIR")
+        tau = difference(open_checkpoint(sft, base=pretrained), open_checkpoint(pretrained), include=include,
+                         exclude=exclude, dtype=dtype, roles=("sft", "pretrained"), formula="tau = theta_ft - theta_pt")
+        tau.save(task_vector_output, dtype=dtype, rank=rank, hash_sources=hash_sources).close()
+        tau.close()
+    if output is None:
+        return gamma
+    saved = gamma.save(output, dtype=dtype, rank=rank, hash_sources=hash_sources)
+    gamma.close()
+    return saved
+
+
+def open_vector(path: str | os.PathLike) -> CapabilityVector:
+    """A saved capability vector (or any checkpoint, read as a dense vector), with low-rank factors recombined."""
+    path = Path(path)
+    checkpoint = open_checkpoint(path)
+    tensors: dict[str, LazyTensor] = {}
+    for name, tensor in checkpoint.tensors.items():
+        if name.endswith(RIGHT):
+            continue
+        if name.endswith(LEFT):
+            base = name.removesuffix(LEFT)
+            right = checkpoint.tensors.get(base + RIGHT)
+            if right is None:
+                raise CapvectorError(f"{path}: '{name}' has no matching '{base + RIGHT}'; the vector file is damaged")
+            tensors[base] = LowRankTensor(base, tensor, right, tensor.dtype, (tensor.shape[0], right.shape[1]))
+        else:
+            tensors[name] = tensor
+    metadata_file = path / METADATA_FILE if path.is_dir() else None
+    if metadata_file and metadata_file.is_file():
+        metadata = json.loads(metadata_file.read_text())
+    else:
+        header = checkpoint.files[0].metadata or {}
+        metadata = json.loads(header["capvector"]) if "capvector" in header else {}
+    return CapabilityVector(tensors, metadata, [checkpoint])

@@ -1,0 +1,207 @@
+"""extract / merge / inspect on real checkpoint files, checked against independent float64 arithmetic."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from checkpoint_factory import perturbed, random_state, read_state, write_checkpoint
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from capvector.checkpoints import open_checkpoint
+from capvector.errors import CapvectorError
+from capvector.inspection import inspect, layer_of
+from capvector.lowrank import truncated_svd
+from capvector.merging import alpha_for, merge, parse_alpha_arguments
+from capvector.vectors import LEFT, RIGHT, extract, open_vector
+
+SHAPES = {
+    "model.embed.weight": (40, 16),
+    "model.layers.0.attn.weight": (16, 16),
+    "model.layers.0.attn.bias": (16,),
+    "model.layers.1.mlp.weight": (32, 16),
+    "model.layers.1.norm.weight": (16,),
+    "action_head.weight": (7, 16),
+}
+
+
+def three_models(tmp_path, layout="single", dtype=torch.float32):
+    pt = random_state(SHAPES, dtype)
+    ft, ao = perturbed(pt, 1), perturbed(pt, 2, scale=0.02)
+    ao["aux_projector.weight"] = torch.randn(4, 16).to(dtype)  # only in the auxiliary model
+    paths = {name: write_checkpoint(tmp_path / name, state, layout) for name, state in
+             (("pt", pt), ("ft", ft), ("ao", ao))}
+    return paths, pt, ft, ao
+
+
+def reference_merge(pt, ao, ft, alpha, keys, vector_dtype):
+    """pt + alpha * (ao - ft), with the vector rounded to its stored dtype, all in float64."""
+    out = {}
+    for name, tensor in pt.items():
+        if name in keys:
+            gamma = (ao[name].double() - ft[name].double()).to(vector_dtype).double()
+            out[name] = (tensor.double() + alpha(name) * gamma).to(tensor.dtype)
+        else:
+            out[name] = tensor
+    return out
+
+
+def assert_states_close(actual, expected, dtype):
+    assert actual.keys() == expected.keys()
+    tolerance = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3}[dtype]
+    for name in expected:
+        assert actual[name].dtype == expected[name].dtype, name
+        torch.testing.assert_close(actual[name], expected[name], rtol=tolerance, atol=tolerance, msg=name)
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded", "bin", "file"])
+def test_merge_of_extract_equals_float64_arithmetic(tmp_path, layout):
+    paths, pt, ft, ao = three_models(tmp_path, layout)
+    gamma = extract(paths["ao"], paths["ft"], tmp_path / "gamma")
+    assert set(gamma) == set(SHAPES)
+    assert gamma.metadata["skipped"]["only_in_aux"] == ["aux_projector.weight"]
+    out = tmp_path / ("meta.safetensors" if layout == "file" else "meta")
+    merge(paths["pt"], tmp_path / "gamma", out)
+    expected = reference_merge(pt, ao, ft, lambda n: 1.0, set(SHAPES), torch.float32)
+    assert_states_close(read_state(out), expected, torch.float32)
+    if layout != "file":  # the same layout, and every non-weight file
+        inputs = sorted(p.relative_to(paths["pt"]) for p in paths["pt"].rglob("*"))
+        outputs = sorted(p.relative_to(out) for p in out.rglob("*"))
+        assert set(inputs) <= set(outputs)
+        assert {str(p) for p in set(outputs) - set(inputs)} == {"capvector_merge.json"}
+        assert (out / "normalization" / "stats.json").read_text() == (paths["pt"] / "normalization" / "stats.json").read_text()
+        record = json.loads((out / "capvector_merge.json").read_text())
+        assert record["alpha"] == 1.0 and record["vector"]["formula"] == "gamma = theta_ao - theta_ft"
+    if layout == "sharded":
+        assert json.loads((out / "model.safetensors.index.json").read_text()) == \
+            json.loads((paths["pt"] / "model.safetensors.index.json").read_text())
+
+
+def test_alpha_scalar_and_patterns(tmp_path):
+    paths, pt, ft, ao = three_models(tmp_path, "single", torch.bfloat16)
+    extract(paths["ao"], paths["ft"], tmp_path / "gamma")
+    alpha, patterns = parse_alpha_arguments(["0.5", "model.layers.*=2", "model.layers.1.*=-1", "action_head.*=0"])
+    merge(paths["pt"], tmp_path / "gamma", tmp_path / "meta", alpha=alpha, alpha_patterns=patterns)
+    scale = lambda name: alpha_for(name, alpha, patterns)
+    assert scale("model.layers.1.mlp.weight") == -1 and scale("model.layers.0.attn.bias") == 2 and scale("model.embed.weight") == 0.5
+    expected = reference_merge(pt, ao, ft, scale, set(SHAPES), torch.bfloat16)
+    actual = read_state(tmp_path / "meta")
+    assert_states_close(actual, expected, torch.bfloat16)
+    assert torch.equal(actual["action_head.weight"], pt["action_head.weight"])  # alpha 0: copied byte for byte
+
+
+def test_include_exclude_and_dtype(tmp_path):
+    paths, pt, ft, ao = three_models(tmp_path)
+    gamma = extract(paths["ao"], paths["ft"], tmp_path / "gamma", include=["model.*"], exclude=["*.bias"],
+                    dtype="bfloat16")
+    assert set(gamma) == {"model.embed.weight", "model.layers.0.attn.weight", "model.layers.1.mlp.weight",
+                          "model.layers.1.norm.weight"}
+    assert sorted(gamma.metadata["skipped"]["excluded"]) == ["action_head.weight", "model.layers.0.attn.bias"]
+    assert all(gamma.lazy(name).dtype == torch.bfloat16 for name in gamma)
+    header = json.loads(open_checkpoint(tmp_path / "gamma").files[0].metadata["capvector"])
+    assert header["include"] == ["model.*"] and header["exclude"] == ["*.bias"]
+    for name in gamma:
+        torch.testing.assert_close(gamma[name], (ao[name] - ft[name]).to(torch.bfloat16))
+        assert header["norms"][name] == pytest.approx(float(gamma[name].double().norm()), rel=1e-5)
+    assert header["sources"]["aux"]["sha256"]["model.safetensors"] == \
+        __import__("hashlib").sha256((paths["ao"] / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_task_vector_and_inspect(tmp_path):
+    paths, pt, ft, ao = three_models(tmp_path)
+    extract(paths["ao"], paths["ft"], tmp_path / "gamma", pretrained=paths["pt"], task_vector_output=tmp_path / "tau")
+    tau = open_vector(tmp_path / "tau")
+    for name in SHAPES:
+        torch.testing.assert_close(tau[name], ft[name] - pt[name])
+    report = inspect(tmp_path / "gamma", against=tmp_path / "tau", base=paths["pt"])
+    gamma_flat = torch.cat([(ao[n].double() - ft[n].double()).flatten() for n in SHAPES])
+    tau_flat = torch.cat([(ft[n].double() - pt[n].double()).flatten() for n in SHAPES])
+    pt_flat = torch.cat([pt[n].double().flatten() for n in SHAPES])
+    assert report.total.norm == pytest.approx(float(gamma_flat.norm()), rel=1e-5)
+    assert report.total.relative == pytest.approx(float(gamma_flat.norm() / pt_flat.norm()), rel=1e-5)
+    assert report.total.cosine == pytest.approx(float(torch.nn.functional.cosine_similarity(gamma_flat, tau_flat, dim=0)), abs=1e-5)
+    assert {row.name for row in report.layers} == {"model.embed", "model.layers.0", "model.layers.1", "action_head"}
+    assert "model.layers.1" in report.table()
+    assert report.plot(tmp_path / "plot.png").stat().st_size > 1000
+
+
+def test_vector_arithmetic_is_lazy_and_exact(tmp_path):
+    paths, pt, ft, ao = three_models(tmp_path)
+    gamma = extract(paths["ao"], paths["ft"])
+    tau = extract(paths["ft"], paths["pt"])
+    combined = 2.0 * gamma - tau
+    for name in SHAPES:
+        torch.testing.assert_close(combined[name].double(), 2 * (ao[name].double() - ft[name].double())
+                                   - (ft[name].double() - pt[name].double()), rtol=1e-5, atol=1e-6)
+    expected_dot = sum(float(((ao[n].double() - ft[n].double()) * (ft[n].double() - pt[n].double())).sum()) for n in SHAPES)
+    assert gamma.dot(tau) == pytest.approx(expected_dot, rel=1e-4)
+    assert gamma.cosine(gamma) == pytest.approx(1.0)
+    saved = combined.save(tmp_path / "combined")
+    torch.testing.assert_close(saved["model.embed.weight"], combined["model.embed.weight"])
+
+
+def test_layer_names():
+    assert layer_of("model.layers.12.self_attn.q_proj.weight") == "model.layers.12"
+    assert layer_of("trunk.layers.3.mlp.fc1.bias") == "trunk.layers.3"
+    assert layer_of("lm_head.weight") == "lm_head"
+
+
+# --- low rank -----------------------------------------------------------------------------------------------------
+
+def test_truncated_svd_error_matches_dropped_singular_values():
+    generator = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(60, 30, generator=generator))
+    v, _ = torch.linalg.qr(torch.randn(40, 30, generator=generator))
+    singular = torch.logspace(0, -3, 30)
+    matrix = (u * singular) @ v.T
+    for rank in (1, 5, 12):
+        left, right, error = truncated_svd(matrix, rank)
+        expected = float(singular[rank:].square().sum().sqrt() / singular.square().sum().sqrt())
+        assert error == pytest.approx(expected, rel=1e-3, abs=1e-6)
+        assert float(torch.linalg.matrix_norm(matrix - left @ right) / torch.linalg.matrix_norm(matrix)) == \
+            pytest.approx(error, rel=1e-3, abs=1e-6)
+
+
+def test_low_rank_vector_round_trip_and_merge(tmp_path):
+    pt = random_state({"a.weight": (48, 32), "a.bias": (48,)})
+    generator = torch.Generator().manual_seed(3)
+    delta = torch.randn(48, 3, generator=generator) @ torch.randn(3, 32, generator=generator)  # rank 3 exactly
+    ft = {name: t.clone() for name, t in pt.items()}
+    ao = {"a.weight": pt["a.weight"] + delta, "a.bias": pt["a.bias"] + 0.1}
+    for name, state in (("pt", pt), ("ft", ft), ("ao", ao)):
+        write_checkpoint(tmp_path / name, state)
+    gamma = extract(tmp_path / "ao", tmp_path / "ft", tmp_path / "gamma", rank=3)
+    stored = open_checkpoint(tmp_path / "gamma")
+    assert set(stored) == {"a.weight" + LEFT, "a.weight" + RIGHT, "a.bias"}  # 1-D tensors stay dense
+    assert gamma.metadata["lowrank_relative_error"]["a.weight"] < 1e-5
+    torch.testing.assert_close(gamma["a.weight"], delta, rtol=1e-4, atol=1e-4)
+    merge(tmp_path / "pt", tmp_path / "gamma", tmp_path / "meta")
+    torch.testing.assert_close(read_state(tmp_path / "meta")["a.weight"], ao["a.weight"], rtol=1e-4, atol=1e-4)
+
+
+# --- property-based ---------------------------------------------------------------------------------------------
+
+shape = st.lists(st.integers(1, 9), min_size=1, max_size=3).map(tuple)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shapes=st.dictionaries(st.from_regex(r"[a-z]{1,6}(\.[0-9]){0,2}\.weight", fullmatch=True), shape, min_size=1, max_size=5),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       extra_ft=st.booleans(), alpha=st.floats(-2, 2, allow_nan=False), layout=st.sampled_from(["single", "sharded", "bin"]),
+       seed=st.integers(0, 1000))
+def test_property_merge_extract(tmp_path_factory, shapes, dtype, extra_ft, alpha, layout, seed):
+    tmp_path = tmp_path_factory.mktemp("prop")
+    pt = random_state(shapes, dtype, seed)
+    ft, ao = perturbed(pt, seed + 1), perturbed(pt, seed + 2)
+    if extra_ft:
+        ft["only_in_ft.weight"] = torch.zeros(2, dtype=dtype)
+    for name, state in (("pt", pt), ("ft", ft), ("ao", ao)):
+        write_checkpoint(tmp_path / name, state, layout, extra_files=False)
+    gamma = extract(tmp_path / "ao", tmp_path / "ft", tmp_path / "gamma", hash_sources=False)
+    assert set(gamma) == set(shapes)
+    assert gamma.metadata["skipped"]["only_in_sft"] == (["only_in_ft.weight"] if extra_ft else [])
+    merge(tmp_path / "pt", tmp_path / "gamma", tmp_path / "meta", alpha=alpha)
+    expected = reference_merge(pt, ao, ft, lambda n: alpha, set(shapes), dtype)
+    assert_states_close(read_state(tmp_path / "meta"), expected, dtype)
