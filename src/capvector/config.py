@@ -174,7 +174,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
 
 
 def save_config(config: TrainConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    tmp.replace(path)
 
 
 def result_fields(config: TrainConfig) -> dict[str, Any]:

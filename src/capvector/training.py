@@ -322,13 +322,21 @@ def read_checkpoint(out_dir: Path, config: TrainConfig, world: int) -> dict[str,
 # ---- logging -----------------------------------------------------------------------------------------------
 
 
+def step_of(line: str) -> float:
+    """A metrics line's step; a line cut short by a kill counts as past any checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError):
+        return math.inf
+
+
 class MetricsLog:
     """metrics.jsonl (lines past `start` from an interrupted run are dropped) and TensorBoard when installed."""
 
     def __init__(self, out_dir: Path, start: int, tensorboard: bool):
         self.path = out_dir / "metrics.jsonl"
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start]
+            kept = [line for line in self.path.read_text().splitlines() if step_of(line) <= start]
             self.path.write_text("".join(line + "\n" for line in kept))
         self.file = self.path.open("a")
         self.writer = None
@@ -450,7 +458,10 @@ def run(config, out_dir, rank, world, device, state, policy, dataset, auxiliary,
         set_rng_state(state["rng"][rank])
     else:
         seed_everything(config.seed + rank)  # the training stream (dropout): same in sft and aux whatever was built
-    forward = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if world > 1:
+        forward = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        forward = model
 
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -489,14 +500,19 @@ def run(config, out_dir, rank, world, device, state, policy, dataset, auxiliary,
                 dist.all_reduce(values)
                 values /= world
             values = dict(zip(terms, values.tolist()))
-            for name, value in values.items():
-                if not math.isfinite(value):
-                    last = checkpoint_dirs(out_dir)
-                    raise CapvectorError(
-                        f"step {step}: loss term '{name}' is {value}; the run stopped, the last good checkpoint is "
-                        f"{last[-1] if last else '(none yet)'}. Lower lr, check the data, or resume from it"
-                    )
-            grad_norm = nn.utils.clip_grad_norm_(params, config.grad_clip) if config.grad_clip > 0 else None
+            bad = {f"loss term '{name}'": value for name, value in values.items() if not math.isfinite(value)}
+            grad_norm = None
+            if config.grad_clip > 0:
+                grad_norm = nn.utils.clip_grad_norm_(params, config.grad_clip).item()
+                if not math.isfinite(grad_norm):
+                    bad["the gradient norm"] = grad_norm
+            if bad:  # before the optimizer step: the weights and the checkpoints stay as they were
+                what, value = next(iter(bad.items()))
+                last = checkpoint_dirs(out_dir)
+                raise CapvectorError(
+                    f"step {step}: {what} is {value}; the run stopped, the last good checkpoint is "
+                    f"{last[-1] if last else '(none yet)'}. Lower lr, check the data, or resume from it"
+                )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if regularizer is not None and config.orth_hard:
@@ -507,7 +523,7 @@ def run(config, out_dir, rank, world, device, state, policy, dataset, auxiliary,
                 sums[f"loss/{name}"] += value
             sums["loss"] += sum(values.values())
             if grad_norm is not None:
-                sums["grad_norm"] += grad_norm.item()
+                sums["grad_norm"] += grad_norm
             interval_steps += 1
             bar.update(1)
             if config.checkpoint_every and step % config.checkpoint_every == 0:
