@@ -68,6 +68,10 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         """Every file whose bytes make up this checkpoint's tensors (the base's too, for an adapter)."""
         return list(self.sources)
 
+    def input_paths(self) -> list[Path]:
+        """The paths an output must stay out of: the weight files and the checkpoint folders."""
+        return self.weight_paths() + [self.root] + (self.base.input_paths() if self.base else [])
+
     def close(self) -> None:
         for fd in self._fds:
             os.close(fd)

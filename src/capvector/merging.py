@@ -76,7 +76,7 @@ def merge(pretrained: str | os.PathLike | Checkpoint, vector: str | os.PathLike 
         output = Path(output)
         if not base.is_folder:
             files[0].name = output.name
-        inputs = base.weight_paths() + [Path(p) for c in gamma._checkpoints for p in c.weight_paths()]
+        inputs = base.input_paths() + [p for c in gamma._checkpoints for p in c.input_paths()]
         with atomic_output(output, inputs, single_file=not base.is_folder) as folder:
             write_files(folder, files, description=f"merging into {output.name}")
             if base.is_folder:

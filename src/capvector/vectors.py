@@ -141,7 +141,7 @@ class CapabilityVector(Mapping[str, torch.Tensor]):
             "dtype": str(dtype).removeprefix("torch.") if dtype else "as inputs", "rank": rank,
         }
         sources = metadata.get("sources", {})
-        inputs = [Path(p) for checkpoint in self._checkpoints for p in checkpoint.weight_paths()]
+        inputs = [p for checkpoint in self._checkpoints for p in checkpoint.input_paths()]
         with atomic_output(output, inputs) as folder:
             reserve = len(_header_metadata(_worst_case(metadata, self.tensors, factorizations))["capvector"]) + 1024
             hasher = _SourceHasher(sources) if hash_sources else None
