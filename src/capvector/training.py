@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_model
+from safetensors.torch import save_model
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
 from tqdm import tqdm
@@ -43,6 +43,7 @@ from tqdm import tqdm
 from .config import TrainConfig, config_hash, load_config, result_fields, save_config
 from .errors import CapvectorError
 from .orthogonal import build_regularizer
+from .vectors import open_vector
 
 STATE_FILE = "trainer_state.pt"
 
@@ -61,18 +62,6 @@ def import_factory(spec: str, field: str):
         return getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError) as error:
         raise CapvectorError(f"config field '{field}': cannot import {spec!r}: {error}") from error
-
-
-def load_vector(path: str | Path) -> dict[str, torch.Tensor]:
-    """gamma from a vector folder (its *.safetensors files) or one safetensors file."""
-    path = Path(path)
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-    if not files or not files[0].is_file():
-        raise CapvectorError(f"vector {path}: no .safetensors file there; give the folder `capvector extract` wrote")
-    gamma: dict[str, torch.Tensor] = {}
-    for file in files:
-        gamma.update(load_file(file))
-    return gamma
 
 
 def wrap_lora(policy: nn.Module, config: TrainConfig) -> nn.Module:
@@ -160,7 +149,7 @@ def sample_nbytes(sample: Any) -> int:
         return sum(sample_nbytes(v) for v in sample.values())
     if isinstance(sample, (torch.Tensor, np.ndarray)):
         return sample.nbytes
-    return 64
+    return 64  # a string or a number: a guess, small next to images
 
 
 def take(table: Mapping[str, Any], index: torch.Tensor) -> dict[str, Any]:
@@ -264,11 +253,10 @@ def export_policy(policy: nn.Module, path: Path) -> None:
 
 def save_checkpoint(out_dir: Path, step: int, epoch: int, model: TrainingModel, optimizer, config: TrainConfig,
                     rank: int, world: int) -> None:
-    rngs = [None] * world
+    rngs = [rng_state()]  # every process's: dropout streams differ between ranks
     if world > 1:
+        rngs = [None] * world
         dist.all_gather_object(rngs, rng_state())
-    else:
-        rngs = [rng_state()]
     if rank == 0:
         path = out_dir / "checkpoints" / f"step_{step:07d}"
         tmp = path.with_name(f".tmp-{path.name}")
@@ -437,9 +425,11 @@ def run(config, out_dir, rank, world, device, state, policy, dataset, auxiliary,
     policy.to(device)
     regularizer = None
     if config.strategy == "capvector":  # built while the policy still holds theta_meta (also when resuming)
-        gamma = vector if vector is not None else load_vector(config.vector)
+        gamma = vector if vector is not None else open_vector(config.vector)
         regularizer = build_regularizer(policy, gamma, mode=config.finetune, reduction=config.orth_reduction,
                                         lora_form=config.lora_form, rank=config.orth_rank)
+        if vector is None:
+            gamma.close()  # the regularizer holds its own copy of gamma's tensors
 
     stopwatch = Stopwatch(device, config.time_parts)
     model = TrainingModel(policy, auxiliary, stopwatch)
