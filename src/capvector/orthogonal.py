@@ -1,0 +1,376 @@
+"""CapVector's orthogonal regularizer: keep the downstream update Delta' = theta - theta_meta off gamma.
+
+Build it once, when the model still holds theta_meta, then use one of three ways per step::
+
+    reg = build_regularizer(model, gamma)     # gamma: {base parameter name: tensor}, may be lazy
+    # soft, any training loop (autograd):
+    (task_loss + lam * reg.loss()).backward(); optimizer.step()
+    # soft, fused (same gradient, no autograd graph; call after backward, after DDP's all-reduce and any
+    # GradScaler.unscale_, once per optimizer step):
+    task_loss.backward(); value = reg.add_grad_(lam); optimizer.step()
+    # hard (exact, no lambda):
+    task_loss.backward(); reg.project_grad_(); optimizer.step(); reg.project_()
+
+Per regularized tensor l, d_l = <Delta'_l, gamma_l> is computed as <theta_l, gamma_l> - c_l with
+c_l = <theta_meta_l, gamma_l> fixed at construction, so no copy of theta_meta is kept. Reductions over l:
+
+- "normalized" (default): sum_l (d_l / |gamma_l|)^2, the squared length of Delta'_l along gamma_l/|gamma_l|.
+  It is in the units of the weights and does not change when gamma is rescaled (by alpha, or by how long
+  the extraction runs trained), so one lambda (1 to 100 is a sensible range) carries over between vectors.
+- "square": sum_l d_l^2. Scales as |gamma|^4: with gamma's elements at 1e-3..1e-2 it needs lambda near 1e6.
+- "abs": sum_l |d_l|, the paper's form. Its gradient lambda * sign(d_l) * gamma_l never shrinks near d_l = 0,
+  so it chatters around the constraint, and it scales as |gamma|.
+
+LoRA (a PEFT model; mode "auto" picks it when adapters are present): the base weight W_l is frozen and the
+update is scaling * B_l A_l. Two forms:
+
+- "olora" (default, O-LoRA style): sum_l ||A_l V_l||_F^2, V_l the top-`rank` right-singular vectors of
+  gamma_l (a seeded randomized SVD at construction): the adapter may not read the inputs gamma_l acts on.
+- "exact": d_l = scaling * sum((B_l^T gamma_l) * A_l) - c_l, never forming B_l A_l, with the reductions above.
+
+Hard variant: after each optimizer step, theta_l -= (d_l / |gamma_l|^2) gamma_l, which leaves Delta'_l
+orthogonal to gamma_l. For LoRA the smallest change to A_l that does the same is made:
+A_l -= d_l / (scaling |M_l|^2) M_l with M_l = B_l^T gamma_l.
+
+Gamma keys must name parameters of the model with the same shape (else CapvectorError); trainable parameters
+absent from gamma are left alone, frozen ones and all-zero gamma tensors are skipped; `reg.counts` says how
+many of each (full: tensors, lora: adapters, zero_gamma, frozen, trainable_unregularized: parameters). Every tensor's dot product is one BLAS pass with no temporary, so a step costs one read of
+the regularized parameters and of gamma (and the fused path one more read-modify-write of their gradients).
+All regularized tensors must share one device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .errors import CapvectorError
+
+REDUCTIONS = ("normalized", "square", "abs")
+LORA_FORMS = ("olora", "exact")
+MODES = ("auto", "full", "lora")
+
+
+# ---- the math, over plain tensors ----------------------------------------------------------------------------
+
+
+def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """<a, b> as a scalar; half-precision products are summed in float32 (the d_l are small differences)."""
+    if a.dtype in (torch.float32, torch.float64):
+        return torch.dot(a.reshape(-1), b.reshape(-1))
+    return (a * b).sum(dtype=torch.float32)
+
+
+def penalty(d: torch.Tensor, norms: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The reduction of the per-tensor projections d (norms: |gamma_l|)."""
+    if reduction == "abs":
+        return d.abs().sum()
+    if reduction == "square":
+        return d.square().sum()
+    return (d / norms).square().sum()
+
+
+def slope(d: torch.Tensor, norms: torch.Tensor, reduction: str) -> torch.Tensor:
+    """d penalty / d d_l, per tensor."""
+    if reduction == "abs":
+        return d.sign()
+    if reduction == "square":
+        return 2 * d
+    return 2 * d / norms.square()
+
+
+def top_right_singular(matrix: torch.Tensor, rank: int) -> torch.Tensor:
+    """The top-`rank` right-singular vectors (in x rank), from a randomized SVD seeded so every process agrees."""
+    k = min(rank, *matrix.shape)
+    matrix = matrix.detach().to("cpu", torch.promote_types(matrix.dtype, torch.float32))
+    with torch.random.fork_rng(devices=[]):  # svd_lowrank draws a random sketch: keep the training RNG untouched
+        torch.manual_seed(0)
+        if k + 10 >= min(matrix.shape):
+            return torch.linalg.svd(matrix, full_matrices=False).Vh[:k].T
+        return torch.svd_lowrank(matrix, q=k + 10, niter=4)[2][:, :k]
+
+
+# ---- the model side -----------------------------------------------------------------------------------------
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under DistributedDataParallel / DataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def base_name(name: str, peft: bool) -> str:
+    """A PEFT model's parameter or module name as the base model calls it (the name gamma uses)."""
+    if not peft:
+        return name
+    name = name.removeprefix("base_model.model.")
+    parts = name.split(".")
+    out = []
+    i = 0
+    while i < len(parts):
+        if parts[i] in ("base_layer", "original_module"):
+            i += 1
+        elif parts[i] == "modules_to_save":
+            i += 2  # ".modules_to_save.<adapter>."
+        else:
+            out.append(parts[i])
+            i += 1
+    return ".".join(out)
+
+
+def lora_layers(model: nn.Module, peft: bool) -> dict[str, nn.Module]:
+    """Base weight name -> PEFT LoRA layer, for every module carrying adapters."""
+    return {
+        base_name(name, peft) + ".weight": module
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "lora_A", None), nn.ModuleDict) and hasattr(module, "scaling")
+    }
+
+
+def read_gamma(gamma: Mapping[str, torch.Tensor], params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Each gamma tensor read once, checked against the model, in its parameter's dtype and device."""
+    out = {}
+    for key in gamma.keys():
+        if key not in params:
+            raise CapvectorError(
+                f"capability vector: tensor '{key}' is not a parameter of the model; extract gamma from checkpoints "
+                "of this model, or drop the tensor from the vector"
+            )
+        tensor, param = gamma[key], params[key]
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            raise CapvectorError(f"capability vector: tensor '{key}' is not a floating-point tensor; re-extract gamma")
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise CapvectorError(
+                f"capability vector: tensor '{key}' has shape {tuple(tensor.shape)} but the model's parameter has "
+                f"{tuple(param.shape)}; extract gamma from checkpoints of this model architecture"
+            )
+        out[key] = tensor.detach().to(param.device, param.dtype).contiguous()
+    return out
+
+
+class FullTerm:
+    """Tensors finetuned in full: d_l = <theta_l, gamma_l> - c_l."""
+
+    def __init__(self, params: list[nn.Parameter], gammas: list[torch.Tensor], reduction: str):
+        self.params, self.gammas, self.reduction = params, gammas, reduction
+        with torch.no_grad():
+            self.norms = torch.stack([dot(g, g) for g in gammas]).sqrt()
+            self.c = self.dots(params)
+
+    def dots(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([dot(t, g) for t, g in zip(tensors, self.gammas)])
+
+    def loss(self) -> torch.Tensor:
+        return penalty(self.dots(self.params) - self.c, self.norms, self.reduction)
+
+    @torch.no_grad()
+    def add_grad_(self, weight: float) -> torch.Tensor:
+        d = self.dots(self.params) - self.c
+        self.add_along_gamma_([_grad_of(p) for p in self.params], weight * slope(d, self.norms, self.reduction))
+        return penalty(d, self.norms, self.reduction)
+
+    @torch.no_grad()
+    def project_grad_(self) -> None:
+        grads = [_grad_of(p) for p in self.params]
+        self.add_along_gamma_(grads, -self.dots(grads) / self.norms.square())
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        self.add_along_gamma_(self.params, -(self.dots(self.params) - self.c) / self.norms.square())
+
+    def add_along_gamma_(self, tensors: list[torch.Tensor], coefs: torch.Tensor) -> None:
+        """tensors[l] += coefs[l] * gamma_l (one host sync for the coefficients)."""
+        for t, g, coef in zip(tensors, self.gammas, coefs.tolist()):
+            t.add_(g, alpha=coef)
+
+
+class LoraTerm:
+    """LoRA-adapted linear layers: the update scaling * B A of each frozen base weight."""
+
+    def __init__(self, pairs: list[tuple[nn.Parameter, nn.Parameter, float]], gammas: list[torch.Tensor],
+                 form: str, reduction: str, rank: int):
+        self.pairs, self.gammas, self.form, self.reduction = pairs, gammas, form, reduction
+        with torch.no_grad():
+            self.norms = torch.stack([dot(g, g) for g in gammas]).sqrt()
+            self.c = self.projections()[0]
+        if form == "olora":
+            self.bases = [top_right_singular(g, rank).to(g.device, g.dtype) for g in gammas]
+
+    def projections(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """d_l + c_l = scaling * <B^T gamma_l, A>, and the M_l = B^T gamma_l it used."""
+        ms = [b.T @ g for (_, b, _), g in zip(self.pairs, self.gammas)]
+        d = torch.stack([s * dot(m, a) for (a, _, s), m in zip(self.pairs, ms)])
+        return d, ms
+
+    def loss(self) -> torch.Tensor:
+        if self.form == "olora":
+            return sum((a @ v).square().sum() for (a, _, _), v in zip(self.pairs, self.bases))
+        return penalty(self.projections()[0] - self.c, self.norms, self.reduction)
+
+    @torch.no_grad()
+    def add_grad_(self, weight: float) -> torch.Tensor:
+        if self.form == "olora":
+            value = torch.zeros((), device=self.norms.device)
+            for (a, _, _), v in zip(self.pairs, self.bases):
+                av = a @ v
+                _grad_of(a).addmm_(av, v.T, alpha=2 * weight)
+                value += av.square().sum()
+            return value
+        d, ms = self.projections()
+        d -= self.c
+        coefs = (weight * slope(d, self.norms, self.reduction)).tolist()
+        for (a, b, s), g, m, coef in zip(self.pairs, self.gammas, ms, coefs):
+            _grad_of(a).add_(m, alpha=s * coef)
+            _grad_of(b).addmm_(g, a.T, alpha=s * coef)
+        return penalty(d, self.norms, self.reduction)
+
+    @torch.no_grad()
+    def project_grad_(self) -> None:
+        # the gradient of d_l in (A, B) is scaling * (M_l, gamma_l A^T): take the gradients' component along it
+        for (a, b, s), g in zip(self.pairs, self.gammas):
+            normal_a, normal_b = s * (b.T @ g), s * (g @ a.T)
+            grad_a, grad_b = _grad_of(a), _grad_of(b)
+            size = dot(normal_a, normal_a) + dot(normal_b, normal_b)
+            if size > 0:
+                step = -(dot(grad_a, normal_a) + dot(grad_b, normal_b)) / size
+                grad_a.add_(normal_a * step)
+                grad_b.add_(normal_b * step)
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        d, ms = self.projections()
+        d -= self.c
+        for (a, _, s), m, d_l in zip(self.pairs, ms, d.tolist()):
+            mm = dot(m, m).item()
+            if mm > 0:  # B^T gamma = 0: A cannot move the update along gamma; nothing to remove
+                a.add_(m, alpha=-d_l / (s * mm))
+
+
+def _grad_of(p: nn.Parameter) -> torch.Tensor:
+    if p.grad is None:
+        p.grad = torch.zeros_like(p)
+    return p.grad
+
+
+class OrthogonalRegularizer:
+    """L_orth over the model's tensors named in gamma; see the module docstring for the three ways to use it."""
+
+    def __init__(self, terms: list, counts: dict[str, int]):
+        self.terms, self.counts = terms, counts
+
+    def loss(self) -> torch.Tensor:
+        """The penalty as a differentiable scalar (add lambda times it to the task loss)."""
+        return sum(term.loss() for term in self.terms)
+
+    def add_grad_(self, weight: float) -> torch.Tensor:
+        """Add weight * d penalty / d theta to the parameters' .grad; returns the penalty (for logging)."""
+        return sum(term.add_grad_(weight) for term in self.terms)
+
+    def project_grad_(self) -> None:
+        """Hard variant, before optimizer.step(): drop the gradient's component that would move d_l.
+
+        Without it an adaptive optimizer (Adam) keeps stepping along gamma, project_ keeps undoing it, and
+        Adam's second moments, filled by that component, shrink every other step: training stalls."""
+        for term in self.terms:
+            term.project_grad_()
+
+    def project_(self) -> None:
+        """Hard variant, after optimizer.step(): remove each tensor's update component along gamma."""
+        for term in self.terms:
+            term.project_()
+
+    def __repr__(self) -> str:
+        return "OrthogonalRegularizer(" + ", ".join(f"{k}={v}" for k, v in self.counts.items()) + ")"
+
+
+def build_regularizer(model: nn.Module, gamma: Mapping[str, torch.Tensor], mode: str = "auto",
+                      reduction: str = "normalized", lora_form: str = "olora", rank: int = 8) -> OrthogonalRegularizer:
+    """The regularizer for `model` as it is now (theta_meta), against capability vector `gamma`.
+
+    mode: "full" regularizes every trainable parameter named in gamma; "lora" the LoRA adapters of the
+    layers named in gamma (plus trainable non-LoRA parameters in gamma, e.g. PEFT's modules_to_save);
+    "auto": "lora" if the model has LoRA adapters, else "full". rank: the O-LoRA subspace size.
+    """
+    for field, value, allowed in (("mode", mode, MODES), ("reduction", reduction, REDUCTIONS),
+                                  ("lora_form", lora_form, LORA_FORMS)):
+        if value not in allowed:
+            raise CapvectorError(f"orthogonal regularizer: {field} '{value}' is not one of {', '.join(allowed)}")
+    if rank < 1:
+        raise CapvectorError(f"orthogonal regularizer: rank {rank} must be at least 1")
+    model = unwrap(model)
+    peft = hasattr(model, "peft_config")
+    params: dict[str, nn.Parameter] = {}
+    for name, p in model.named_parameters():
+        key = base_name(name, peft)
+        if not (peft and ".lora_" in name) and (key not in params or p.requires_grad):  # a trainable copy wins (modules_to_save)
+            params[key] = p
+    layers = lora_layers(model, peft)
+    if mode == "auto":
+        mode = "lora" if layers else "full"
+    if mode == "lora" and not layers:
+        raise CapvectorError("orthogonal regularizer: mode 'lora' but the model has no LoRA adapters; use mode 'full'")
+    gammas = read_gamma(gamma, params)
+
+    counts = {"full": 0, "lora": 0, "zero_gamma": 0, "frozen": 0}
+    full_params, full_gammas, pairs, lora_gammas = [], [], [], []
+    for key, g in gammas.items():
+        if dot(g, g).item() == 0:
+            counts["zero_gamma"] += 1
+        elif mode == "lora" and key in layers:
+            for pair in lora_pairs(layers[key], key):
+                pairs.append(pair)
+                # the update is (B A)^T on transposed (Conv1D) layers
+                lora_gammas.append(g.T.contiguous() if getattr(layers[key], "fan_in_fan_out", False) else g)
+                counts["lora"] += 1
+        elif params[key].requires_grad:
+            full_params.append(params[key])
+            full_gammas.append(g)
+            counts["full"] += 1
+        else:
+            counts["frozen"] += 1
+    regularized = {id(p) for p in full_params} | {id(t) for a, b, _ in pairs for t in (a, b)}
+    counts["trainable_unregularized"] = sum(p.requires_grad and id(p) not in regularized for p in model.parameters())
+
+    terms: list = []
+    if full_params:
+        terms.append(FullTerm(full_params, full_gammas, reduction))
+    if pairs:
+        terms.append(LoraTerm(pairs, lora_gammas, lora_form, reduction, rank))
+    if not terms:
+        raise CapvectorError(
+            f"orthogonal regularizer: gamma regularizes no trainable tensor of the model ({counts}); check that "
+            "gamma is non-zero and that its tensors are trained (mode 'lora' needs adapters on gamma's layers)"
+        )
+    devices = {p.device for p in full_params} | {a.device for a, _, _ in pairs}
+    if len(devices) > 1:
+        raise CapvectorError(f"orthogonal regularizer: regularized tensors span devices {devices}; keep them on one")
+    return OrthogonalRegularizer(terms, counts)
+
+
+def lora_pairs(layer: nn.Module, key: str) -> list[tuple[nn.Parameter, nn.Parameter, float]]:
+    """(A, B, scaling) for each active adapter of a PEFT LoRA linear layer."""
+    pairs = []
+    for adapter in layer.active_adapters:
+        if adapter not in layer.lora_A:
+            raise CapvectorError(
+                f"orthogonal regularizer: LoRA adapter '{adapter}' on '{key}' is not a linear adapter (embedding "
+                "or other); leave that module out of target_modules or use mode 'full'"
+            )
+        if getattr(layer, "use_dora", {}).get(adapter, False):
+            raise CapvectorError(f"orthogonal regularizer: '{key}' uses DoRA, which is not supported; use plain LoRA")
+        a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        if a.dim() != 2 or b.dim() != 2:
+            raise CapvectorError(
+                f"orthogonal regularizer: LoRA on '{key}' is not on a linear layer (A has shape {tuple(a.shape)}); "
+                "leave that module out of target_modules or use mode 'full'"
+            )
+        pairs.append((a, b, float(layer.scaling[adapter])))
+    return pairs
