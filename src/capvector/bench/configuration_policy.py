@@ -1,0 +1,102 @@
+"""Configuration of the benchmark's small VLA policy, stored as config.json next to the weights.
+
+The normalization statistics live here rather than in the weights file, so model.safetensors holds only
+trained parameters and capability vectors (differences of weights) never touch them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import CapvectorError
+
+STATE_KEY = "observation.state"
+ACTION_KEY = "action"
+
+
+@dataclass
+class PolicyConfig:
+    # Inputs: cameras are read from "observation.images.<camera>", uint8 (3, image_size, image_size).
+    cameras: tuple[str, ...] = ("scene", "wrist")
+    image_size: int = 64
+    state_dim: int = 4
+    action_dim: int = 4
+    chunk_size: int = 8
+    # Vision: a conv stem downsamples each image to a patch_grid x patch_grid map of patch tokens.
+    patch_grid: int = 4
+    stem_channels: tuple[int, ...] = (16, 32, 64)
+    vision_layers: int = 1
+    # Instruction: words are hashed into a fixed table, so any instruction (also a held-out task's) has
+    # tokens and the table's shape never depends on the task set; capability vectors need equal shapes.
+    text_buckets: int = 2048
+    max_words: int = 10
+    text_layers: int = 1
+    # Trunk over [instruction, visual, state, action queries]. Sized for speed on 2 CPU cores (~0.23 GFLOP
+    # per training sample): 4x4 patches per camera, a narrow MLP and 4 layers keep the token count and width low.
+    dim: int = 128
+    heads: int = 4
+    trunk_layers: int = 4
+    mlp_ratio: int = 2
+    # Normalization to [-1, 1] by the 1st/99th percentiles; the defaults are Meta-World's action box and
+    # a rough bound of the hand's workspace, replaced by the dataset's statistics in from_dataset_stats.
+    state_q01: list[float] = field(default_factory=lambda: [-0.5, 0.3, 0.0, 0.0])
+    state_q99: list[float] = field(default_factory=lambda: [0.5, 1.0, 0.4, 1.0])
+    action_q01: list[float] = field(default_factory=lambda: [-1.0, -1.0, -1.0, -1.0])
+    action_q99: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
+
+    def __post_init__(self):
+        self.cameras = tuple(self.cameras)
+        self.stem_channels = tuple(self.stem_channels)
+        if self.image_size % self.patch_grid:
+            raise CapvectorError(
+                f"policy config: image_size {self.image_size} is not a multiple of patch_grid {self.patch_grid}"
+            )
+        if 2 ** len(self.stem_channels) * self.patch_grid > self.image_size:
+            raise CapvectorError(
+                f"policy config: {len(self.stem_channels)} stride-2 stem convolutions shrink a {self.image_size}px "
+                f"image below patch_grid {self.patch_grid}; use fewer stem_channels or a smaller patch_grid"
+            )
+        if self.dim % self.heads:
+            raise CapvectorError(f"policy config: dim {self.dim} is not divisible by heads {self.heads}")
+        for name, size in [("state_q01", self.state_dim), ("state_q99", self.state_dim),
+                           ("action_q01", self.action_dim), ("action_q99", self.action_dim)]:
+            if len(getattr(self, name)) != size:
+                raise CapvectorError(f"policy config: {name} has {len(getattr(self, name))} values, expected {size}")
+
+    @property
+    def hook_layer(self) -> str:
+        """The trunk layer at about 2/3 depth, where Spatial Forcing reads the visual tokens."""
+        return f"trunk.layers.{max(round(2 * self.trunk_layers / 3) - 1, 0)}"
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> PolicyConfig:
+        try:
+            values = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise CapvectorError(f"policy config: cannot read {path}: {error}") from error
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise CapvectorError(f"policy config: {path} has unknown fields {unknown}; it is not a capvector policy")
+        return cls(**values)
+
+    @classmethod
+    def from_dataset_stats(cls, stats: Mapping[str, Mapping[str, list]], **overrides) -> PolicyConfig:
+        """A config whose normalization comes from a dataset's stats (feature -> stat -> values)."""
+        bounds = {}
+        for key, prefix in [(STATE_KEY, "state"), (ACTION_KEY, "action")]:
+            for stat in ("q01", "q99"):
+                try:
+                    bounds[f"{prefix}_{stat}"] = [float(v) for v in stats[key][stat]]
+                except KeyError as error:
+                    raise CapvectorError(
+                        f"dataset stats: missing '{key}' -> '{stat}'; regenerate the dataset's meta/stats.json"
+                    ) from error
+        return cls(**{**bounds, **overrides})

@@ -1,0 +1,242 @@
+"""A small vision-language-action policy in the spirit of OpenVLA-OFT, sized for training on a CPU.
+
+Both camera images go through a shared conv stem and a small vision transformer (patch tokens); the
+instruction's words are hashed into an embedding table and encoded by a small transformer; one token
+carries the proprioceptive state. The trunk, a transformer with full attention, reads
+[instruction, visual, state, action queries] and the action query tokens are decoded in parallel by an
+MLP head into a chunk of normalized actions, trained with an L1 loss (OpenVLA-OFT's recipe).
+
+Module names are plain and stable (`trunk.layers.3`): capability vectors are computed per parameter
+name, and auxiliary objectives hook a trunk layer by name.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import CapvectorError
+from .configuration_policy import ACTION_KEY, STATE_KEY, PolicyConfig
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+def normalize(x: torch.Tensor, q01: torch.Tensor, q99: torch.Tensor) -> torch.Tensor:
+    """Map [q01, q99] to [-1, 1] and clip, as OpenVLA-OFT does for actions and proprioception."""
+    return (2 * (x - q01) / (q99 - q01).clamp(min=1e-8) - 1).clamp(-1, 1)
+
+
+def unnormalize(y: torch.Tensor, q01: torch.Tensor, q99: torch.Tensor) -> torch.Tensor:
+    return (y + 1) / 2 * (q99 - q01) + q01
+
+
+def masked_l1(pred: torch.Tensor, target: torch.Tensor, is_pad: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error over the chunk steps that are real (not padding past the episode's end)."""
+    keep = (~is_pad).to(pred.dtype)
+    return ((pred - target).abs().mean(-1) * keep).sum() / keep.sum().clamp(min=1)
+
+
+@functools.lru_cache(maxsize=4096)
+def tokenize(instruction: str, buckets: int, max_words: int) -> tuple[int, ...]:
+    """Word ids by a stable hash (crc32) into buckets 1..buckets-1; 0 pads to max_words."""
+    words = re.findall(r"[a-z0-9]+", instruction.lower())[:max_words]
+    ids = [1 + zlib.crc32(word.encode()) % (buckets - 1) for word in words]
+    return tuple(ids + [0] * (max_words - len(ids)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with full (bidirectional) attention."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(batch, tokens, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v)
+        x = x + self.proj(attended.transpose(1, 2).reshape(batch, tokens, dim))
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: PolicyConfig, depth: int):
+        super().__init__()
+        self.layers = nn.ModuleList(Block(config.dim, config.heads, config.mlp_ratio) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class VisionEncoder(nn.Module):
+    """Conv stem (stride-2 convolutions, then a patchify conv) and a transformer over each camera's patches."""
+
+    def __init__(self, config: PolicyConfig):
+        super().__init__()
+        convs, channels = [], 3
+        for out in config.stem_channels:
+            convs += [nn.Conv2d(channels, out, 3, stride=2, padding=1), nn.GELU()]
+            channels = out
+        patch = config.image_size // 2 ** len(config.stem_channels) // config.patch_grid
+        convs.append(nn.Conv2d(channels, config.dim, patch, stride=patch))
+        self.stem = nn.Sequential(*convs)
+        self.position = nn.Parameter(torch.randn(config.patch_grid**2, config.dim) * 0.02)
+        self.camera = nn.Parameter(torch.randn(len(config.cameras), 1, config.dim) * 0.02)
+        self.encoder = Transformer(config, config.vision_layers)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, cameras, 3, H, W) -> patch tokens (B, cameras * patch_grid**2, dim)."""
+        batch, cameras = images.shape[:2]
+        pixels = images.flatten(0, 1).float() / 127.5 - 1
+        patches = self.stem(pixels).flatten(2).transpose(1, 2) + self.position
+        patches = patches.unflatten(0, (batch, cameras)) + self.camera
+        return self.encoder(patches.flatten(0, 1)).unflatten(0, (batch, cameras)).flatten(1, 2)
+
+
+class TextEncoder(nn.Module):
+    """Hashed word embeddings and a small transformer; padding tokens are ordinary tokens (no mask)."""
+
+    def __init__(self, config: PolicyConfig):
+        super().__init__()
+        self.embed = nn.Embedding(config.text_buckets, config.dim)
+        self.position = nn.Parameter(torch.randn(config.max_words, config.dim) * 0.02)
+        self.encoder = Transformer(config, config.text_layers)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self.embed(ids) + self.position)
+
+
+class Policy(nn.Module):
+    """`policy(batch) -> {"action": masked L1}`; `predict_chunk(observation)` for closed-loop evaluation."""
+
+    def __init__(self, config: PolicyConfig):
+        super().__init__()
+        self.config = config
+        self.vision = VisionEncoder(config)
+        self.text = TextEncoder(config)
+        self.state = nn.Linear(config.state_dim, config.dim)
+        self.action_queries = nn.Parameter(torch.randn(config.chunk_size, config.dim) * 0.02)
+        self.trunk = Transformer(config, config.trunk_layers)
+        self.norm = nn.LayerNorm(config.dim)
+        self.head = nn.Sequential(nn.Linear(config.dim, config.dim), nn.GELU(), nn.Linear(config.dim, config.action_dim))
+        # Normalization bounds come from config.json, never from the weights file.
+        for name in ("state_q01", "state_q99", "action_q01", "action_q99"):
+            self.register_buffer(name, torch.tensor(getattr(config, name), dtype=torch.float32), persistent=False)
+
+    @property
+    def visual_token_slice(self) -> slice:
+        """Where the visual tokens sit in the trunk's sequence [instruction, visual, state, queries]."""
+        start = self.config.max_words
+        return slice(start, start + len(self.config.cameras) * self.config.patch_grid**2)
+
+    @property
+    def device(self) -> torch.device:
+        return self.action_queries.device
+
+    def _images(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        images = []
+        for camera in self.config.cameras:
+            key = f"observation.images.{camera}"
+            if key not in batch:
+                raise CapvectorError(f"policy: the batch has no '{key}'; the policy was built for cameras "
+                                     f"{list(self.config.cameras)}")
+            image = torch.as_tensor(batch[key], device=self.device)
+            if tuple(image.shape[-3:]) != (3, self.config.image_size, self.config.image_size):
+                raise CapvectorError(f"policy: '{key}' has shape {tuple(image.shape)}, expected (B, 3, "
+                                     f"{self.config.image_size}, {self.config.image_size}) as in the policy's config")
+            images.append(image)
+        return torch.stack(images, dim=1)
+
+    def _instruction_ids(self, instructions: list[str] | str) -> torch.Tensor:
+        if isinstance(instructions, str):
+            instructions = [instructions]
+        ids = [tokenize(text, self.config.text_buckets, self.config.max_words) for text in instructions]
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
+
+    def predict_normalized(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The action chunk in normalized units, (B, chunk_size, action_dim)."""
+        state = torch.as_tensor(batch[STATE_KEY], device=self.device, dtype=torch.float32)
+        tokens = torch.cat([
+            self.text(self._instruction_ids(batch["instruction"])),
+            self.vision(self._images(batch)),
+            self.state(normalize(state, self.state_q01, self.state_q99)).unsqueeze(1),
+            self.action_queries.expand(state.shape[0], -1, -1),
+        ], dim=1)
+        queries = self.trunk(tokens)[:, -self.config.chunk_size:]
+        return self.head(self.norm(queries))
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        target = normalize(batch[ACTION_KEY].to(self.device), self.action_q01, self.action_q99)
+        return {"action": masked_l1(self.predict_normalized(batch), target, batch["action_is_pad"].to(self.device))}
+
+    def reset(self) -> None:
+        """Nothing to clear: the policy is stateless between chunks."""
+
+    @torch.no_grad()
+    def predict_chunk(self, observation: Mapping[str, Any]) -> np.ndarray:
+        """One observation (numpy, no batch axis) -> (chunk_size, action_dim) actions in [-1, 1]."""
+        batch = {key: torch.as_tensor(np.asarray(value)).unsqueeze(0) for key, value in observation.items()
+                 if key.startswith("observation.")}
+        batch["instruction"] = observation["instruction"]
+        actions = unnormalize(self.predict_normalized(batch)[0], self.action_q01, self.action_q99)
+        return actions.clamp(-1, 1).cpu().numpy()
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write model.safetensors + config.json to a temporary folder, then rename it over `directory`."""
+        target = Path(directory)
+        temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+        save_file({name: value.detach().cpu().contiguous() for name, value in self.state_dict().items()},
+                  temporary / WEIGHTS_NAME)
+        self.config.to_json(temporary / CONFIG_NAME)
+        if target.exists():
+            previous = target.with_name(f".{target.name}.old-{os.getpid()}")
+            target.rename(previous)
+            temporary.rename(target)
+            shutil.rmtree(previous)
+        else:
+            temporary.rename(target)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> Policy:
+        folder = Path(directory)
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            if not (folder / name).is_file():
+                raise CapvectorError(f"policy: {folder / name} is missing; a policy folder holds {WEIGHTS_NAME} and "
+                                     f"{CONFIG_NAME}, written by save_pretrained")
+        policy = cls(PolicyConfig.from_json(folder / CONFIG_NAME))
+        weights = load_file(folder / WEIGHTS_NAME)
+        expected = policy.state_dict()
+        missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+        wrong = sorted(name for name in set(expected) & set(weights) if weights[name].shape != expected[name].shape)
+        if missing or unexpected or wrong:
+            raise CapvectorError(f"policy: {folder / WEIGHTS_NAME} does not match {folder / CONFIG_NAME}: missing "
+                                 f"{missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
+        policy.load_state_dict(weights)
+        return policy.to(device)
+
+
+def load_policy(path: str | Path, device: str = "cpu") -> Policy:
+    """A saved policy ready for evaluation; `functools.partial(load_policy, path)` is a picklable factory."""
+    return Policy.from_pretrained(path, device).eval()

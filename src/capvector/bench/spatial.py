@@ -1,0 +1,123 @@
+"""The Spatial Forcing analog: align intermediate visual tokens with a 3D teacher signal from depth.
+
+Spatial Forcing aligns the policy's visual tokens at an intermediate layer with a frozen 3D foundation
+model's features by a cosine loss. The simulator gives 3D for free: each pixel's depth and the camera's
+field of view give its 3D point in the camera frame. The teacher feature of a patch token is the kernel
+mean embedding of the patch's points: the average over the patch's pixels of a fixed random Fourier
+feature lift [sin(W p), cos(W p)] of each point p (metres), with frequencies at scales from 2 cm to
+50 cm. A bare 3D point would make a poor cosine target (its direction is the pixel's ray, the same in
+every scene); the lifted average describes where the patch's surfaces are and how they are spread
+(depth edges, object heights), so the token has to encode the scene's geometry to match it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..auxiliary import AuxiliaryObjective
+from ..errors import CapvectorError
+from .configuration_policy import PolicyConfig
+
+
+def pixel_rays(fovy: float, height: int, width: int, stride: int = 1) -> torch.Tensor:
+    """(h, w, 3) rays ((u - cx) / f, (v - cy) / f, 1) at pixels (v, u) on a grid of step `stride`.
+
+    The pinhole model of capvector.bench.sim.intrinsics: f = (H / 2) / tan(fovy / 2), principal point
+    at ((W - 1) / 2, (H - 1) / 2), OpenCV axes; a ray times the depth is the camera-frame point.
+    """
+    f = (height / 2) / math.tan(math.radians(fovy) / 2)
+    v = (torch.arange(stride // 2, height, stride, dtype=torch.float32) - (height - 1) / 2) / f
+    u = (torch.arange(stride // 2, width, stride, dtype=torch.float32) - (width - 1) / 2) / f
+    return torch.stack([u.expand(len(v), -1), v[:, None].expand(-1, len(u)), torch.ones(len(v), len(u))], dim=-1)
+
+
+def patch_point_features(points: torch.Tensor, frequencies: torch.Tensor, grid: int) -> torch.Tensor:
+    """Camera-frame points (B, h, w, 3) -> (B, grid * grid, 2F) mean Fourier features per patch (row-major)."""
+    phase = points @ frequencies.T
+    lifted = torch.cat([phase.sin(), phase.cos()], dim=-1).permute(0, 3, 1, 2)
+    return F.adaptive_avg_pool2d(lifted, grid).flatten(2).transpose(1, 2)
+
+
+def cosine_alignment_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - mean cosine similarity over tokens."""
+    return 1 - F.cosine_similarity(prediction, target, dim=-1).mean()
+
+
+class SpatialObjective(AuxiliaryObjective):
+    """Hooks `layer` (default: the trunk layer at ~2/3 depth) and aligns its visual tokens with depth geometry.
+
+    `fovy` maps each camera to its vertical field of view in degrees (the dataset's meta has it). The
+    projector's sizes come from the policy, so it is built in `attach` (before the optimizer is made).
+    """
+
+    LAYOUT = ("cameras", "image_size", "patch_grid", "dim")  # what the projector and rays were built for
+
+    def __init__(self, fovy: Mapping[str, float], layer: str | None = None, weight: float = 0.5,
+                 num_frequencies: int = 64, scales: tuple[float, float] = (0.02, 0.5), samples_per_patch: int = 4,
+                 max_depth: float = 3.0, seed: int = 0):
+        super().__init__(layer or "", weight)
+        self.fovy = {camera: float(value) for camera, value in fovy.items()}
+        self.samples_per_patch = samples_per_patch
+        self.max_depth = max_depth
+        generator = torch.Generator().manual_seed(seed)
+        scale = torch.logspace(math.log10(scales[0]), math.log10(scales[1]), num_frequencies)
+        frequencies = torch.randn(num_frequencies, 3, generator=generator) / scale[:, None]
+        self.register_buffer("frequencies", frequencies, persistent=False)
+        self.config: PolicyConfig | None = None
+        self.projector: nn.Module | None = None
+        self._visual: slice | None = None
+
+    def attach(self, policy: nn.Module) -> None:
+        config = getattr(policy, "config", None)
+        if not isinstance(config, PolicyConfig):
+            raise CapvectorError("spatial objective: the policy has no PolicyConfig; it works with "
+                                 "capvector.bench.modeling_policy.Policy")
+        if self.config is None:
+            self._build(config)
+        elif any(getattr(config, name) != getattr(self.config, name) for name in self.LAYOUT):
+            raise CapvectorError(f"spatial objective: it was built for another policy; its {self.LAYOUT} differ")
+        self.layer = self.layer or config.hook_layer
+        super().attach(policy)
+        self._visual = policy.visual_token_slice
+
+    def _build(self, config: PolicyConfig) -> None:
+        missing = [camera for camera in config.cameras if camera not in self.fovy]
+        if missing:
+            raise CapvectorError(f"spatial objective: no field of view for cameras {missing}; pass fovy per camera "
+                                 "(degrees), as in the dataset's meta")
+        self.config = config
+        size, grid = config.image_size, config.patch_grid
+        # Points at a few pixels per patch side: the patch statistics barely change, the cost drops ~16x.
+        self.stride = max(size // (grid * self.samples_per_patch), 1)
+        device = self.frequencies.device
+        for camera in config.cameras:
+            rays = pixel_rays(self.fovy[camera], size, size, self.stride).to(device)
+            self.register_buffer(f"rays_{camera}", rays, persistent=False)
+        self.projector = nn.Sequential(
+            nn.LayerNorm(config.dim), nn.Linear(config.dim, 2 * config.dim), nn.GELU(),
+            nn.Linear(2 * config.dim, 2 * len(self.frequencies)),
+        ).to(device)
+
+    @torch.no_grad()
+    def targets(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """(B, cameras * grid**2, 2F) teacher features, in the order of the policy's visual tokens."""
+        per_camera = []
+        start = self.stride // 2
+        for camera in self.config.cameras:
+            key = f"observation.depth.{camera}"
+            if key not in batch:
+                raise CapvectorError(f"spatial objective: the batch has no '{key}'; the dataset must include depth "
+                                     "maps for the spatial objective")
+            depth = batch[key].to(self.frequencies.device)[:, 0, start::self.stride, start::self.stride]
+            points = getattr(self, f"rays_{camera}") * depth.clamp(0, self.max_depth).unsqueeze(-1)
+            per_camera.append(patch_point_features(points, self.frequencies, self.config.patch_grid))
+        return torch.cat(per_camera, dim=1)
+
+    def compute(self, features: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+        return cosine_alignment_loss(self.projector(features[:, self._visual]), self.targets(batch))

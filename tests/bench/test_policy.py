@@ -1,0 +1,169 @@
+"""The benchmark's small VLA policy and its spatial auxiliary objective."""
+
+import functools
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from capvector.bench.configuration_policy import PolicyConfig
+from capvector.bench.modeling_policy import Policy, load_policy, masked_l1, normalize, tokenize, unnormalize
+from capvector.bench.spatial import SpatialObjective, cosine_alignment_loss, patch_point_features, pixel_rays
+from capvector.errors import CapvectorError
+
+FOVY = {"scene": 40.0, "wrist": 90.0}
+
+
+def synthetic_batch(batch_size=4, config=PolicyConfig(), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    size = config.image_size
+    batch = {"instruction": ["pick the puck and place it at the goal", "open the drawer"] * (batch_size // 2)}
+    for camera in config.cameras:
+        batch[f"observation.images.{camera}"] = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8,
+                                                              generator=generator)
+        batch[f"observation.depth.{camera}"] = 0.3 + torch.rand(batch_size, 1, size, size, generator=generator)
+    batch["observation.state"] = torch.rand(batch_size, config.state_dim, generator=generator) * 0.5
+    batch["action"] = torch.rand(batch_size, config.chunk_size, config.action_dim, generator=generator) * 2 - 1
+    batch["action_is_pad"] = torch.zeros(batch_size, config.chunk_size, dtype=torch.bool)
+    batch["action_is_pad"][0, -3:] = True
+    return batch
+
+
+@pytest.fixture
+def policy():
+    torch.manual_seed(0)
+    return Policy(PolicyConfig())
+
+
+def test_forward_shapes_and_module_names(policy):
+    batch = synthetic_batch()
+    assert policy.predict_normalized(batch).shape == (4, 8, 4)
+    losses = policy(batch)
+    assert set(losses) == {"action"} and losses["action"].ndim == 0 and losses["action"] > 0
+    names = dict(policy.named_parameters())
+    assert "trunk.layers.3.qkv.weight" in names and "vision.stem.0.weight" in names
+    assert 0.5e6 < sum(p.numel() for p in policy.parameters()) < 5e6
+
+
+def test_masked_l1_ignores_padded_steps(policy):
+    batch = synthetic_batch()
+    loss = policy(batch)["action"]
+    batch["action"][0, -3:] = 100.0  # padded steps of sample 0
+    assert torch.equal(policy(batch)["action"], loss)
+    batch["action"][0, 0] = 100.0  # a real step
+    assert policy(batch)["action"] > loss
+    pred, target = torch.zeros(1, 2, 1), torch.tensor([[[1.0], [3.0]]])
+    assert masked_l1(pred, target, torch.tensor([[False, True]])) == 1.0
+
+
+def test_normalization_round_trip():
+    q01, q99 = torch.tensor([-0.5, 0.0]), torch.tensor([0.5, 2.0])
+    x = torch.tensor([[0.25, 1.5], [-0.5, 2.0]])
+    assert torch.allclose(unnormalize(normalize(x, q01, q99), q01, q99), x)
+    assert torch.equal(normalize(torch.tensor([[9.0, -9.0]]), q01, q99), torch.tensor([[1.0, -1.0]]))
+
+
+def test_instruction_tokens_are_stable_words():
+    ids = tokenize("Open the drawer.", 2048, 10)
+    assert len(ids) == 10 and ids[3:] == (0,) * 7 and all(0 < i < 2048 for i in ids[:3])
+    assert tokenize("open THE drawer", 2048, 10) == ids  # crc32, not Python's per-process hash
+
+
+def test_save_load_round_trip(policy, tmp_path):
+    config = PolicyConfig.from_dataset_stats({
+        "observation.state": {"q01": [0, 0, 0, 0], "q99": [1, 1, 1, 1]},
+        "action": {"q01": [-1, -1, -1, -0.5], "q99": [1, 1, 1, 0.5]},
+    })
+    policy = Policy(config)
+    policy.save_pretrained(tmp_path / "policy")
+    policy.save_pretrained(tmp_path / "policy")  # replaces the folder whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["policy"]
+    loaded = load_policy(tmp_path / "policy")
+    assert loaded.config == config
+    batch = synthetic_batch()
+    assert torch.equal(loaded.predict_normalized(batch), policy.predict_normalized(batch))
+    observation = {key: value[0].numpy() for key, value in batch.items()
+                   if key.startswith("observation.images") or key == "observation.state"}
+    observation["instruction"] = batch["instruction"][0]
+    chunk = pickle.loads(pickle.dumps(functools.partial(load_policy, tmp_path / "policy")))().predict_chunk(observation)
+    assert chunk.shape == (8, 4) and np.abs(chunk).max() <= 1
+    assert np.array_equal(chunk, policy.predict_chunk(observation))
+
+
+def test_from_pretrained_names_the_problem(tmp_path):
+    with pytest.raises(CapvectorError, match="model.safetensors"):
+        Policy.from_pretrained(tmp_path)
+    Policy(PolicyConfig(dim=64, heads=4)).save_pretrained(tmp_path / "small")
+    PolicyConfig().to_json(tmp_path / "small" / "config.json")
+    with pytest.raises(CapvectorError, match="wrong shape"):
+        Policy.from_pretrained(tmp_path / "small")
+
+
+def test_projector_is_not_saved_with_the_policy(policy, tmp_path):
+    objective = SpatialObjective(FOVY)
+    objective.attach(policy)
+    assert objective.layer == "trunk.layers.2"
+    assert not any("projector" in name for name in policy.state_dict())
+    policy.save_pretrained(tmp_path / "policy")
+    assert set(load_file(tmp_path / "policy" / "model.safetensors")) == set(Policy(PolicyConfig()).state_dict())
+
+
+def test_spatial_gradient_reaches_layers_below_the_hook_only(policy):
+    objective = SpatialObjective(FOVY)
+    objective.attach(policy)
+    batch = synthetic_batch()
+    policy(batch)
+    loss = objective(batch)
+    assert 0 < loss.item() < 2
+    policy.zero_grad()
+    loss.backward()
+    grads = {name: p.grad for name, p in policy.named_parameters()}
+    for name in ("trunk.layers.0.qkv.weight", "trunk.layers.2.mlp.2.weight", "vision.stem.0.weight",
+                 "text.embed.weight", "state.weight"):
+        assert grads[name] is not None and grads[name].abs().sum() > 0, name
+    assert grads["trunk.layers.3.qkv.weight"] is None and grads["head.2.weight"] is None
+    assert objective.projector[1].weight.grad.abs().sum() > 0
+
+
+def test_cosine_loss_values():
+    target = torch.randn(2, 5, 8)
+    assert cosine_alignment_loss(target * 3, target).abs() < 1e-6
+    assert (cosine_alignment_loss(-target, target) - 2).abs() < 1e-6
+
+
+def test_pixel_rays_follow_the_simulator_camera_model():
+    sim = pytest.importorskip("capvector.bench.sim")
+    depth = np.random.default_rng(0).uniform(0.2, 2.0, (64, 64)).astype(np.float32)
+    points = pixel_rays(40.0, 64, 64) * torch.from_numpy(depth)[..., None]
+    assert np.allclose(points.numpy(), sim.depth_to_points(depth, 40.0), atol=1e-5)
+    strided = pixel_rays(40.0, 64, 64, stride=4)
+    assert strided.shape == (16, 16, 3) and torch.allclose(strided, pixel_rays(40.0, 64, 64)[2::4, 2::4])
+
+
+def test_spatial_targets_are_local_to_patches():
+    frequencies = torch.randn(32, 3) / 0.1
+    rays = pixel_rays(40.0, 16, 16)
+    depth = torch.ones(1, 16, 16)
+    before = patch_point_features(rays * depth[..., None], frequencies, 4)
+    depth[0, 4:8, 8:12] = 0.9  # an object in front of patch (row 1, column 2)
+    after = patch_point_features(rays * depth[..., None], frequencies, 4)
+    changed = (after - before).abs().sum(-1)[0] > 1e-4
+    assert changed.tolist() == [i == 1 * 4 + 2 for i in range(16)]
+    # the target depends on depth, not only on the pixel's ray: a cosine loss has something to learn
+    assert torch.nn.functional.cosine_similarity(after[0, 6], before[0, 6], dim=0) < 0.99
+
+
+def test_policy_overfits_synthetic_demonstrations():
+    torch.manual_seed(0)
+    policy = Policy(PolicyConfig())
+    batch = synthetic_batch(batch_size=8, seed=1)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    first = policy(batch)["action"].item()
+    for _ in range(100):
+        loss = policy(batch)["action"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert first > 0.4 and loss.item() < 0.15
