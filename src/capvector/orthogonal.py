@@ -15,11 +15,14 @@ Per regularized tensor l, d_l = <Delta'_l, gamma_l> is computed as <theta_l, gam
 c_l = <theta_meta_l, gamma_l> fixed at construction, so no copy of theta_meta is kept. Reductions over l:
 
 - "normalized" (default): sum_l (d_l / |gamma_l|)^2, the squared length of Delta'_l along gamma_l/|gamma_l|.
-  It is in the units of the weights and does not change when gamma is rescaled (by alpha, or by how long
-  the extraction runs trained), so one lambda (1 to 100 is a sensible range) carries over between vectors.
-- "square": sum_l d_l^2. Scales as |gamma|^4: with gamma's elements at 1e-3..1e-2 it needs lambda near 1e6.
-- "abs": sum_l |d_l|, the paper's form. Its gradient lambda * sign(d_l) * gamma_l never shrinks near d_l = 0,
-  so it chatters around the constraint, and it scales as |gamma|.
+  It is in the units of the weights, weighs every tensor alike and does not change when gamma is rescaled
+  (by alpha, or by how long the extraction runs trained), so lambda carries over between vectors: against
+  a task loss of curvature h along gamma_l, about lambda / (lambda + h) of the capability is kept.
+- "square": sum_l d_l^2 = sum_l |gamma_l|^2 (d_l / |gamma_l|)^2: the same, weighted by |gamma_l|^2, which with
+  elements of 1e-3..1e-2 spans numel * 1e-6..1e-4 (a bias next to nothing, an embedding a lot), so lambda
+  depends on gamma's scale and on which tensors dominate.
+- "abs": sum_l |d_l|, the paper's form. Also weighted by |gamma_l|, and its gradient lambda * sign(d_l) *
+  gamma_l does not shrink as d_l -> 0, so the update chatters across the constraint instead of settling.
 
 LoRA (a PEFT model; mode "auto" picks it when adapters are present): the base weight W_l is frozen and the
 update is scaling * B_l A_l. Two forms:
@@ -29,19 +32,23 @@ update is scaling * B_l A_l. Two forms:
 - "exact": d_l = scaling * sum((B_l^T gamma_l) * A_l) - c_l, never forming B_l A_l, with the reductions above.
 
 Hard variant: after each optimizer step, theta_l -= (d_l / |gamma_l|^2) gamma_l, which leaves Delta'_l
-orthogonal to gamma_l. For LoRA the smallest change to A_l that does the same is made:
-A_l -= d_l / (scaling |M_l|^2) M_l with M_l = B_l^T gamma_l.
+orthogonal to gamma_l (for LoRA, the smallest change to A_l that does the same: A_l -= d_l / (scaling
+|M_l|^2) M_l with M_l = B_l^T gamma_l). Before the step, project_grad_ drops the gradient's component that
+would move d_l; without it Adam keeps stepping along gamma, project_ keeps undoing it, and the rest of the
+update stalls.
 
 Gamma keys must name parameters of the model with the same shape (else CapvectorError); trainable parameters
 absent from gamma are left alone, frozen ones and all-zero gamma tensors are skipped; `reg.counts` says how
-many of each (full: tensors, lora: adapters, zero_gamma, frozen, trainable_unregularized: parameters). Every tensor's dot product is one BLAS pass with no temporary, so a step costs one read of
-the regularized parameters and of gamma (and the fused path one more read-modify-write of their gradients).
+many of each (full: tensors, lora: adapters, zero_gamma, frozen, trainable_unregularized: parameters).
+
+Cost: each tensor's dot product is one pass with no temporary, so loss() reads the regularized parameters
+and gamma once, and add_grad_ adds one read-modify-write of their gradients (about half the traffic of
+autograd's backward through loss(), which allocates gamma-sized gradients and then adds them).
 All regularized tensors must share one device.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
@@ -218,12 +225,12 @@ class LoraTerm:
     @torch.no_grad()
     def add_grad_(self, weight: float) -> torch.Tensor:
         if self.form == "olora":
-            value = torch.zeros((), device=self.norms.device)
+            values = []
             for (a, _, _), v in zip(self.pairs, self.bases):
                 av = a @ v
                 _grad_of(a).addmm_(av, v.T, alpha=2 * weight)
-                value += av.square().sum()
-            return value
+                values.append(av.square().sum())
+            return torch.stack(values).sum()
         d, ms = self.projections()
         d -= self.c
         coefs = (weight * slope(d, self.norms, self.reduction)).tolist()
