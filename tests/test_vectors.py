@@ -205,3 +205,19 @@ def test_property_merge_extract(tmp_path_factory, shapes, dtype, extra_ft, alpha
     merge(tmp_path / "pt", tmp_path / "gamma", tmp_path / "meta", alpha=alpha)
     expected = reference_merge(pt, ao, ft, lambda n: alpha, set(shapes), dtype)
     assert_states_close(read_state(tmp_path / "meta"), expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_native_fast_path_equals_float32_arithmetic_bitwise(dtype, sign):
+    """a ± b computed in the stored dtype must round exactly like float32 arithmetic followed by one rounding."""
+    from capvector.lazy import Combination, InMemoryTensor
+
+    generator = torch.Generator().manual_seed(0)
+    a = InMemoryTensor("w", torch.randn(512, 1024, generator=generator).to(dtype))
+    b = InMemoryTensor("w", (0.01 * torch.randn(512, 1024, generator=generator)).to(dtype))
+    combined = Combination([(1.0, a), (sign, b)])
+    fast = combined.read_native(0, 512)
+    assert fast is not None and fast.dtype == dtype
+    assert torch.equal(fast.view(torch.int16), combined.read(0, 512).to(dtype).view(torch.int16))
+    assert Combination([(1.0, a), (0.5, b)]).read_native(0, 512) is None  # other scales go through float32

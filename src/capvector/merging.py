@@ -78,7 +78,7 @@ def merge(pretrained: str | os.PathLike | Checkpoint, vector: str | os.PathLike 
             files[0].name = output.name
         inputs = base.input_paths() + [p for c in gamma._checkpoints for p in c.input_paths()]
         with atomic_output(output, inputs, single_file=not base.is_folder) as folder:
-            write_files(folder, files, description=f"merging into {output.name}")
+            write_files(folder, files, statistics=False, description=f"merging into {output.name}")
             if base.is_folder:
                 _copy_other_files(_weights_folder(base), folder, base)
                 (folder / MERGE_RECORD).write_text(json.dumps(_record(base, gamma, alpha, patterns), indent=2) + "\n")

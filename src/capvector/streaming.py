@@ -88,19 +88,27 @@ def _non_finite_culprit(source: LazyTensor, start: int, stop: int) -> str:
     return f"tensor '{source.name}' overflows to Inf when combined (from {source.origin})"
 
 
-def evaluate_chunk(tensor: OutputTensor, start: int, stop: int, check_finite: bool) -> tuple[torch.Tensor, float]:
-    """(the rows' bytes in the output dtype, their float32 sum of squares, or nan for a pass-through copy)."""
+def evaluate_chunk(tensor: OutputTensor, start: int, stop: int, statistics: bool) -> tuple[torch.Tensor, float]:
+    """(the rows' bytes in the output dtype, the sum of squares of the stored values or nan).
+
+    Computed rows are checked for NaN/Inf through a cheap reduction (their sum of squares with `statistics`, else
+    their sum), and only searched element by element when it is not finite. Rows copied byte for byte are not checked.
+    """
     source = tensor.source
-    if source.dtype == tensor.dtype:
-        native = source.read_native(start, stop)
-        if native is not None:
-            return native.reshape(-1).view(torch.uint8), math.nan
-    values = source.read(start, stop).reshape(-1)
-    stored = values.to(tensor.dtype)
-    rounded = stored.to(torch.float32)  # statistics describe what is stored
-    sumsq = float(torch.dot(rounded, rounded))
-    if check_finite and not math.isfinite(sumsq):  # a cheap test first: the sum of squares is needed anyway
-        ensure_finite(source, values, start, stop)
+    stored = source.read_native(start, stop) if source.dtype == tensor.dtype else None
+    copied = stored is not None and not isinstance(source, Combination)
+    if stored is None:
+        stored = source.read(start, stop).to(tensor.dtype)
+    stored = stored.reshape(-1)
+    if copied:
+        return stored.view(torch.uint8), math.nan
+    if statistics:
+        values = stored.to(torch.float32)
+        sumsq = check = float(torch.dot(values, values))
+    else:
+        sumsq, check = math.nan, float(stored.sum(dtype=torch.float32))
+    if not math.isfinite(check):
+        ensure_finite(source, stored, start, stop)
     return stored.view(torch.uint8), sumsq
 
 
@@ -122,9 +130,10 @@ def _write_all(handle, data: torch.Tensor, path: Path, name: str) -> None:
         raise
 
 
-def write_files(folder: Path, files: Sequence[OutputFile], *, check_finite: bool = True, reserve: int = 0,
+def write_files(folder: Path, files: Sequence[OutputFile], *, statistics: bool = True, reserve: int = 0,
                 description: str = "writing") -> dict[str, float]:
-    """Write `files` into `folder`; returns each computed tensor's sum of squares (pass-through copies excluded)."""
+    """Write `files` into `folder`; returns each computed tensor's sum of squares (copies excluded), and raises if a
+    computed tensor holds NaN or Inf (see evaluate_chunk)."""
     sums: dict[str, float] = {}
     total = sum(t.nbytes for f in files for t in f.tensors)
     with tqdm(total=total, unit="B", unit_scale=True, desc=description, disable=None) as bar, \
@@ -145,7 +154,7 @@ def write_files(folder: Path, files: Sequence[OutputFile], *, check_finite: bool
                 _write_all(handle, torch.frombuffer(bytearray(len(header).to_bytes(8, "little") + header),
                                                      dtype=torch.uint8), path, "(header)")
                 for unit in units:
-                    pending.append((unit, pool.submit(evaluate_chunk, *unit, check_finite)))
+                    pending.append((unit, pool.submit(evaluate_chunk, *unit, statistics)))
                     if len(pending) >= INFLIGHT_UNITS:
                         _drain_one(pending, handle, path, sums, bar)
                 while pending:
