@@ -1,0 +1,74 @@
+"""The factories the training engine imports to train on the embedded benchmark.
+
+    strategy: aux
+    policy: capvector.bench.recipe:policy
+    policy_args: {dataset: runs/demos/extract}        # normalization from this dataset (new policies only)
+    init_from: runs/pretrain/policy                   # or null: a fresh policy
+    dataset: capvector.bench.recipe:dataset
+    dataset_args: {root: runs/demos/extract}
+    auxiliary: capvector.bench.recipe:spatial
+    auxiliary_args: {dataset: runs/demos/extract, weight: 0.5}
+
+`load_trained(path)` opens what the engine wrote (a policy folder, or a LoRA adapter folder applied to its
+base) for evaluation. A fresh policy takes its normalization bounds (q01/q99) and image size from the dataset; a loaded one keeps
+those in its config.json, so every finetune of theta_pt normalizes exactly as theta_pt did.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..checkpoints import ADAPTER_CONFIG, open_checkpoint
+from ..errors import CapvectorError
+from .configuration_policy import PolicyConfig
+from .dataset import DemoDataset, read_meta
+from .modeling_policy import CONFIG_NAME, Policy
+from .spatial import SpatialObjective
+
+
+def dataset_info(root: str | Path) -> tuple[dict, dict]:
+    """The dataset folder's meta/info.json and meta/stats.json (checked by capvector.bench.dataset)."""
+    info, _, _, stats = read_meta(Path(root))
+    return info, stats
+
+
+def policy(init_from: str | None, dataset: str | None = None, **config: object) -> Policy:
+    """The policy in `init_from`, or a new one normalized by `dataset`'s statistics with PolicyConfig fields `config`."""
+    if init_from is not None:
+        if config:
+            raise CapvectorError(f"policy_args {sorted(config)} shape a new policy, but init_from {init_from} is "
+                                 "loaded with its own config.json; drop them or set init_from to null")
+        return Policy.from_pretrained(init_from)
+    if dataset is None:
+        raise CapvectorError("a new benchmark policy needs policy_args.dataset: the demonstration folder whose "
+                             "meta/stats.json gives its normalization")
+    info, stats = dataset_info(dataset)
+    config.setdefault("image_size", info["capvector"]["image_size"])
+    return Policy(PolicyConfig.from_dataset_stats(stats, **config))
+
+
+def dataset(root: str, chunk_size: int = 8, depth: bool = True) -> DemoDataset:
+    """The demonstrations in `root`; depth maps only matter to the spatial objective (depth=False saves memory)."""
+    return DemoDataset(root, chunk_size=chunk_size, depth=depth)
+
+
+def spatial(dataset: str, **args: object) -> SpatialObjective:
+    """The Spatial Forcing analog with the cameras' fields of view read from `dataset`'s meta/info.json."""
+    info, _ = dataset_info(dataset)
+    fovy = {camera: facts["fovy"] for camera, facts in info["capvector"]["cameras"].items()}
+    return SpatialObjective(fovy=fovy, **args)
+
+
+def load_trained(path: str | Path, device: str = "cpu") -> Policy:
+    """A trained policy ready for evaluation: a policy folder, or a LoRA adapter folder merged into its base
+    (the folder its adapter_config.json names). `functools.partial(load_trained, path)` is a picklable factory."""
+    path = Path(path)
+    if not (path / ADAPTER_CONFIG).is_file():
+        return Policy.from_pretrained(path, device).eval()
+    weights = open_checkpoint(path)
+    try:
+        policy = Policy(PolicyConfig.from_json(weights.base.root / CONFIG_NAME))
+        policy.load_state_dict({name: weights[name] for name in weights})
+    finally:
+        weights.close()
+    return policy.to(device).eval()
