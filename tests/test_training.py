@@ -118,7 +118,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, capsys):
     config = toy_config(tmp_path / "run", checkpoint_every=2, policy_args={"nan_at_call": 5})
     config_file = tmp_path / "run.yaml"
     config_file.write_text(json.dumps(dataclasses.asdict(config)))
-    assert main(["--config", str(config_file)]) == 1
+    assert main(["--config", str(config_file)]) == 2
     message = capsys.readouterr().err
     assert "step 5: loss term 'action' is nan" in message and "step_0000004" in message
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]

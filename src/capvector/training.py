@@ -380,7 +380,10 @@ def check_config(config: TrainConfig, policy, auxiliary, vector) -> None:
 
 def train(config: TrainConfig, policy: nn.Module | None = None, dataset=None,
           auxiliary: nn.Module | None = None, vector: Mapping[str, torch.Tensor] | None = None) -> Path:
-    """Train per `config` and return out_dir. Objects given here replace those the config's import strings name."""
+    """Train per `config` and return out_dir (the policy is in out_dir / "policy").
+
+    Objects given here replace those the config's import strings name; `auxiliary` is used by strategy "aux"
+    only and `vector` (gamma, any Mapping of parameter name to tensor) by strategy "capvector" only."""
     check_config(config, policy, auxiliary, vector)
     out_dir = Path(config.out_dir)
     if not config.resume and (checkpoint_dirs(out_dir) or (out_dir / "policy").exists()):
@@ -543,21 +546,31 @@ def run(config, out_dir, rank, world, device, state, policy, dataset, auxiliary,
     return out_dir
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`capvector train --config run.yaml --set steps=2000 --set policy_args.dim=64 [--resume]`."""
-    parser = argparse.ArgumentParser(prog="capvector train", description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `capvector train`."""
     parser.add_argument("--config", help="a YAML or TOML file of TrainConfig fields (defaults when omitted)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a field (values are YAML; dotted keys reach into *_args)")
+                        help="override a field (values are YAML; dotted keys reach into *_args: policy_args.dim=64)")
     parser.add_argument("--resume", action="store_true", help="continue from out_dir's latest checkpoint")
-    args = parser.parse_args(argv)
+
+
+def command(args: argparse.Namespace) -> Path:
+    config = load_config(args.config, args.overrides + (["resume=true"] if args.resume else []))
+    out_dir = train(config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"wrote {out_dir / 'policy'}")
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m capvector.training` (as `capvector train`), e.g. under torchrun --nproc_per_node N."""
+    parser = argparse.ArgumentParser(prog="capvector train", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
     try:
-        config = load_config(args.config, args.overrides + (["resume=true"] if args.resume else []))
-        out_dir = train(config)
+        command(parser.parse_args(argv))
     except CapvectorError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(out_dir / "policy")
+        print(f"capvector train: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
