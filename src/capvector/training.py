@@ -485,8 +485,11 @@ def run(config, out_dir, rank, world, device, state, policy, dataset, auxiliary,
             loss.backward()
             stopwatch.lap("backward")
             terms = {name: value.detach().float() for name, value in terms.items()}
-            if regularizer is not None and config.orth_lambda > 0:  # after DDP's all-reduce: identical on every rank
-                terms["orth"] = config.orth_lambda * regularizer.add_grad_(config.orth_lambda).float()
+            if regularizer is not None:  # after DDP's all-reduce: the same on every rank
+                if config.orth_lambda > 0:
+                    terms["orth"] = config.orth_lambda * regularizer.add_grad_(config.orth_lambda).float()
+                if config.orth_hard:  # else Adam keeps pushing along gamma and project_ keeps undoing it
+                    regularizer.project_grad_()
                 stopwatch.lap("regularizer")
             values = torch.stack(list(terms.values()))
             if world > 1:
