@@ -1,0 +1,361 @@
+"""Meta-World v3 environments with a fast off-screen renderer for small camera images.
+
+Stock MuJoCo rendering of Meta-World runs at ~30 frames/s whatever the image size: the Sawyer arm has
+~62k triangles and the off-screen buffer is 4x multisampled. `FastRenderer` renders from a copy of the
+model in which only the robot's meshes are decimated to ~10% of their faces, with multisampling,
+shadows, reflections, skybox and haze off and the buffer sized to the image. The scene is still built
+from the physics model and data (`mjv_updateScene`), so goals, camera and colour edits made to the
+physics model show; only mesh geometry and GL settings come from the render copy.
+
+Cameras (images are (H, W, 3) uint8, row 0 at the top; depth is metres along the camera axis):
+- "scene": a fixed free camera looking at the table from the robot's right, slightly behind it, so the
+  sides of objects that face the robot (buttons, handles, locks) show, narrow enough that objects are
+  several pixels wide at 64x64 (the model's corner cameras are upside down and too wide).
+- "wrist": the model's `gripperPOV` camera on the gripper.
+Pinhole model (OpenCV axes, x right, y down, z forward): u = f * x / z + cx, v = f * y / z + cy with
+f = (H / 2) / tan(fovy / 2), cx = (W - 1) / 2, cy = (H - 1) / 2 (pixel centres at integer u, v).
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from capvector.errors import CapvectorError
+
+ACTION_DIM = 4
+STATE_DIM = 4  # hand xyz and gripper opening: Meta-World obs[0:4]
+MAX_EPISODE_STEPS = 500
+CAMERAS = ("scene", "wrist")
+WRIST_CAMERA = "gripperPOV"
+ROBOT_ROOT_BODY = "base"  # every mesh under this body is the Sawyer arm
+
+
+@dataclass(frozen=True)
+class Look:
+    """How a scene is shown: scene camera pose and field of view, lighting and table colour."""
+
+    lookat: tuple[float, float, float] = (0.0, 0.7, 0.05)
+    distance: float = 1.1
+    azimuth: float = 150.0  # degrees, MuJoCo free-camera convention (90: from behind the robot, -90: from the front)
+    elevation: float = -40.0
+    fovy: float = 40.0
+    light_scale: float = 1.0  # multiplies the diffuse light of the headlight and the model's lights
+    table_rgba: tuple[float, float, float, float] | None = None  # None keeps the model's
+
+
+# "new_env" is the out-of-domain variant: the scene camera moved, dimmer warmer light, another table colour.
+VARIANTS = {
+    "default": Look(),
+    "new_env": Look(azimuth=170.0, elevation=-34.0, distance=1.15, light_scale=0.7,
+                    table_rgba=(0.42, 0.48, 0.4, 1.0)),
+}
+
+
+def select_gl_backend() -> str:
+    """Pick MUJOCO_GL before mujoco loads: the user's choice, else EGL, else OSMesa, else a clear error."""
+    backend = os.environ.get("MUJOCO_GL", "").lower()
+    if backend:
+        return backend
+    if ctypes.util.find_library("EGL"):
+        backend = "egl"
+    elif ctypes.util.find_library("OSMesa"):
+        backend = "osmesa"
+    else:
+        raise CapvectorError(
+            "no off-screen OpenGL library found for MuJoCo rendering: install EGL "
+            "(Debian/Ubuntu: apt-get install libegl1) or OSMesa (apt-get install libosmesa6), "
+            "or set MUJOCO_GL to a working backend")
+    os.environ["MUJOCO_GL"] = backend
+    os.environ.setdefault("PYOPENGL_PLATFORM", backend)
+    return backend
+
+
+GL_BACKEND = select_gl_backend()
+import mujoco  # noqa: E402  (MUJOCO_GL must be set before mujoco is imported)
+
+
+def gl_context(width: int, height: int):
+    """An off-screen GL context for the selected backend, with an install hint if it cannot start."""
+    try:
+        if GL_BACKEND == "egl":
+            from mujoco.egl import GLContext
+        elif GL_BACKEND == "osmesa":
+            from mujoco.osmesa import GLContext
+        else:
+            from mujoco.glfw import GLContext
+        return GLContext(width, height)
+    except Exception as exc:  # the GL bindings raise many types (ImportError, RuntimeError, GLError)
+        raise CapvectorError(
+            f"could not create an off-screen OpenGL context with MUJOCO_GL={GL_BACKEND} ({exc}); "
+            "install libegl1 (for MUJOCO_GL=egl) or libosmesa6 (for MUJOCO_GL=osmesa)") from exc
+
+
+def robot_mesh_ids(model: mujoco.MjModel) -> list[int]:
+    root = model.body(ROBOT_ROOT_BODY).id
+    meshes = {int(model.geom_dataid[g]) for g in range(model.ngeom)
+              if model.geom_type[g] == mujoco.mjtGeom.mjGEOM_MESH and model.body_rootid[model.geom_bodyid[g]] == root}
+    return sorted(meshes)
+
+
+def vertex_normals(verts: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Area-weighted smooth normals per vertex."""
+    face_normals = np.cross(verts[faces[:, 1]] - verts[faces[:, 0]], verts[faces[:, 2]] - verts[faces[:, 0]])
+    normals = np.zeros_like(verts)
+    for corner in range(3):
+        np.add.at(normals, faces[:, corner], face_normals)
+    return normals / np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
+
+
+def decimated_render_model(model: mujoco.MjModel, keep: float = 0.1) -> mujoco.MjModel:
+    """A copy of `model` whose robot meshes keep ~`keep` of their faces, edited in place in the copy's arrays.
+
+    Decimating in the compiled mesh frame and writing into the same slots keeps every mesh's frame, so the
+    physics model's geom poses place the decimated meshes exactly where the full ones were.
+    """
+    import fast_simplification
+
+    render = model.__copy__()
+    for mesh in robot_mesh_ids(model):
+        va, nv = model.mesh_vertadr[mesh], model.mesh_vertnum[mesh]
+        fa, nf = model.mesh_faceadr[mesh], model.mesh_facenum[mesh]
+        na = model.mesh_normaladr[mesh]
+        verts, faces = fast_simplification.simplify(
+            model.mesh_vert[va:va + nv].astype(np.float64), model.mesh_face[fa:fa + nf], target_reduction=1 - keep)
+        render.mesh_vert[va:va + len(verts)] = verts
+        render.mesh_vertnum[mesh] = len(verts)
+        render.mesh_face[fa:fa + len(faces)] = faces
+        render.mesh_facenum[mesh] = len(faces)
+        render.mesh_normal[na:na + len(verts)] = vertex_normals(verts, faces)
+        render.mesh_normalnum[mesh] = len(verts)
+        render.mesh_facenormal[fa:fa + len(faces)] = faces
+    return render
+
+
+class FastRenderer:
+    """One GL context per environment, reused for every camera; RGB and depth come from the same pass."""
+
+    def __init__(self, model: mujoco.MjModel, height: int, width: int, decimate: bool = True):
+        self.height, self.width = height, width
+        render = decimated_render_model(model) if decimate else model.__copy__()
+        if decimate:
+            render.vis.quality.offsamples = 0
+            render.vis.quality.numslices = 12
+            render.vis.quality.numstacks = 8
+        render.vis.global_.offwidth, render.vis.global_.offheight = width, height
+        self.render_model = render
+        self._gl = gl_context(width, height)
+        self._gl.make_current()
+        self._context = mujoco.MjrContext(render, mujoco.mjtFontScale.mjFONTSCALE_50)
+        mujoco.mjr_setBuffer(mujoco.mjtFramebuffer.mjFB_OFFSCREEN, self._context)
+        self._context.readDepthMap = mujoco.mjtDepthMap.mjDEPTH_ZEROFAR
+        self._scene = mujoco.MjvScene(render, maxgeom=1000)
+        if decimate:
+            for flag in (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION,
+                         mujoco.mjtRndFlag.mjRND_SKYBOX, mujoco.mjtRndFlag.mjRND_HAZE):
+                self._scene.flags[flag] = 0
+        self._option = mujoco.MjvOption()
+        self._rect = mujoco.MjrRect(0, 0, width, height)
+        self._rgb = np.empty((height, width, 3), np.uint8)
+        self._depth = np.empty((height, width), np.float32)
+
+    def render(self, model: mujoco.MjModel, data: mujoco.MjData, camera: mujoco.MjvCamera,
+               depth: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """RGB (H, W, 3) uint8 and depth (H, W) float32 metres (or None) of the physics state from `camera`."""
+        self._gl.make_current()
+        mujoco.mjv_updateScene(model, data, self._option, None, camera, mujoco.mjtCatBit.mjCAT_ALL, self._scene)
+        mujoco.mjr_render(self._rect, self._scene, self._context)
+        mujoco.mjr_readPixels(self._rgb, self._depth if depth else None, self._rect, self._context)
+        rgb = np.flipud(self._rgb).copy()  # OpenGL rows start at the bottom
+        if not depth:
+            return rgb, None
+        return rgb, linear_depth(np.flipud(self._depth), model)
+
+    def camera_pose(self) -> tuple[np.ndarray, np.ndarray]:
+        """World position (3,) and rotation (3, 3) of the last rendered camera; columns are OpenCV axes."""
+        cam = mujoco.mjv_averageCamera(self._scene.camera[0], self._scene.camera[1])  # the two stereo eyes
+        forward, up = np.array(cam.forward), np.array(cam.up)
+        return np.array(cam.pos), np.stack([np.cross(forward, up), -up, forward], axis=1)
+
+    def close(self) -> None:
+        if self._gl is not None:
+            self._context.free()
+            self._gl.free()
+            self._gl = None
+
+    def __del__(self):
+        self.close()
+
+
+def linear_depth(zbuffer: np.ndarray, model: mujoco.MjModel) -> np.ndarray:
+    """Metres along the camera axis from MuJoCo's [0, 1] depth buffer (same formula as mujoco.Renderer)."""
+    near = model.vis.map.znear * model.stat.extent
+    far = model.vis.map.zfar * model.stat.extent
+    c = -0.5 * (-(far + near) / (far - near)) - 0.5
+    d = -0.5 * (-(2 * far * near) / (far - near))
+    return (d / (zbuffer.astype(np.float64) + c)).astype(np.float32)
+
+
+def intrinsics(fovy: float, height: int, width: int) -> np.ndarray:
+    """3x3 pinhole matrix K (OpenCV axes) for a camera with vertical field of view `fovy` degrees."""
+    f = (height / 2) / math.tan(math.radians(fovy) / 2)
+    return np.array([[f, 0, (width - 1) / 2], [0, f, (height - 1) / 2], [0, 0, 1]])
+
+
+def depth_to_points(depth: np.ndarray, fovy: float) -> np.ndarray:
+    """Camera-frame 3D points (H, W, 3) from a depth map (H, W) in metres (OpenCV axes)."""
+    height, width = depth.shape
+    K = intrinsics(fovy, height, width)
+    v, u = np.mgrid[0:height, 0:width]
+    x = (u - K[0, 2]) / K[0, 0] * depth
+    y = (v - K[1, 2]) / K[1, 1] * depth
+    return np.stack([x, y, depth], axis=-1)
+
+
+@dataclass
+class SimEnv:
+    """A Meta-World v3 task with a new placement per reset, two cameras, depth and the scripted expert."""
+
+    task: str
+    image_size: int = 64
+    variant: str = "default"
+    decimate: bool = True
+    env: object = field(init=False, repr=False)
+
+    def __post_init__(self):
+        from capvector.bench.tasks import check_task
+
+        check_task(self.task)
+        if self.variant not in VARIANTS:
+            raise CapvectorError(f"unknown environment variant {self.variant!r}; valid: {', '.join(VARIANTS)}")
+        import metaworld
+
+        benchmark = metaworld.MT1(self.task, seed=0)
+        self.env = benchmark.train_classes[self.task]()
+        self.env.set_task(benchmark.train_tasks[0])
+        self.env._freeze_rand_vec = False  # new object and goal placement at every reset...
+        self.env.seeded_rand_vec = True  # ...drawn from env.seed(s), so placements are reproducible
+        self.env.max_path_length = MAX_EPISODE_STEPS
+        self.look = VARIANTS[self.variant]
+        apply_look(self.env.model, self.look)
+        self.cameras = {"scene": scene_camera(self.look), "wrist": fixed_camera(self.env.model, WRIST_CAMERA)}
+        self.camera_fovy = {"scene": self.look.fovy, "wrist": float(self.env.model.cam(WRIST_CAMERA).fovy[0])}
+        self.renderer = FastRenderer(self.env.model, self.image_size, self.image_size, decimate=self.decimate)
+        self.obs = None
+
+    def reset(self, placement_seed: int) -> np.ndarray:
+        """Reset to the placement drawn from `placement_seed`; returns Meta-World's 39-d observation."""
+        self.env.seed(int(placement_seed))
+        self.obs, _ = self.env.reset()
+        return self.obs
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, bool]:
+        self.obs, _, _, _, info = self.env.step(np.clip(np.asarray(action, np.float32), -1.0, 1.0))
+        return self.obs, bool(info["success"])
+
+    def render(self, camera: str, depth: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.renderer.render(self.env.model, self.env.data, self.cameras[camera], depth=depth)
+
+    def observe(self, depth: bool = True) -> dict[str, np.ndarray]:
+        """The current observation with the dataset's keys: images (3, H, W) uint8, depth (1, H, W), state (4,)."""
+        out = {"observation.state": self.obs[:STATE_DIM].astype(np.float32)}
+        for camera in CAMERAS:
+            rgb, dep = self.render(camera, depth=depth)
+            out[f"observation.images.{camera}"] = np.ascontiguousarray(rgb.transpose(2, 0, 1))
+            if depth:
+                out[f"observation.depth.{camera}"] = dep[None]
+        return out
+
+    def camera_pose(self, camera: str) -> tuple[np.ndarray, np.ndarray]:
+        """World position and rotation (OpenCV axes as columns) of `camera` in the current state."""
+        self.render(camera, depth=False)
+        return self.renderer.camera_pose()
+
+    def expert(self):
+        """Meta-World's scripted expert for this task: `expert.get_action(obs)`."""
+        from metaworld.policies import ENV_POLICY_MAP
+
+        return ENV_POLICY_MAP[self.task]()
+
+    def close(self) -> None:
+        self.renderer.close()
+        self.env.close()
+
+
+def scene_camera(look: Look) -> mujoco.MjvCamera:
+    camera = mujoco.MjvCamera()
+    camera.type = mujoco.mjtCamera.mjCAMERA_FREE
+    camera.lookat[:] = look.lookat
+    camera.distance, camera.azimuth, camera.elevation = look.distance, look.azimuth, look.elevation
+    return camera
+
+
+def fixed_camera(model: mujoco.MjModel, name: str) -> mujoco.MjvCamera:
+    camera = mujoco.MjvCamera()
+    camera.type = mujoco.mjtCamera.mjCAMERA_FIXED
+    camera.fixedcamid = model.cam(name).id
+    return camera
+
+
+def apply_look(model: mujoco.MjModel, look: Look) -> None:
+    """Edit the physics model's visual-only fields (free-camera fovy, lights, table colour); physics is unchanged."""
+    model.vis.global_.fovy = look.fovy  # the free (scene) camera's vertical field of view
+    model.vis.headlight.diffuse[:] = model.vis.headlight.diffuse * look.light_scale
+    model.light_diffuse[:] = model.light_diffuse * look.light_scale
+    if look.table_rgba is not None:
+        for g in range(model.ngeom):
+            if model.body(model.geom_bodyid[g]).name == "tablelink":
+                model.geom_rgba[g] = look.table_rgba
+                model.geom_matid[g] = -1  # a material's colour and texture would override geom_rgba
+
+
+# Placement seeds. Demonstrations use seeds below 10^9 and evaluation seeds from 10^9 up, so no evaluated
+# placement was ever trained on, whatever seeds the user picks for each.
+EVAL_SEED_OFFSET = 1_000_000_000
+MAX_ATTEMPTS = 100  # placements tried per demonstration slot before giving up
+
+
+def demo_placement_seed(seed: int, episode: int, attempt: int) -> int:
+    """Seed of the `attempt`-th placement tried for demonstration `episode` (of one task) under `seed`."""
+    if not (0 <= seed < 1000 and 0 <= episode < 10_000 and 0 <= attempt < MAX_ATTEMPTS):
+        raise CapvectorError(f"demonstration seed must be in [0, 1000) and episodes per task below 10000, "
+                             f"got seed={seed}, episode={episode}")
+    return seed * 1_000_000 + episode * MAX_ATTEMPTS + attempt
+
+
+def eval_placement_seed(seed: int, episode: int) -> int:
+    if not (0 <= seed < 1000 and 0 <= episode < 1_000_000):
+        raise CapvectorError(f"evaluation seed must be in [0, 1000) and episodes below 10^6, got seed={seed}")
+    return EVAL_SEED_OFFSET + seed * 1_000_000 + episode
+
+
+def single_threaded_worker() -> None:
+    """Worker-process setup: one rendering thread (llvmpipe) and one torch thread per process."""
+    os.environ["LP_NUM_THREADS"] = "1"
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def parallel_map(fn, jobs: list[tuple], workers: int) -> list:
+    """`[fn(*job) for job in jobs]` over `workers` spawned processes (in this process when workers <= 1).
+
+    Spawned, not forked: a forked child would inherit the parent's GL and torch thread state.
+    """
+    if workers <= 1 or len(jobs) <= 1:
+        return [fn(*job) for job in jobs]
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), initializer=single_threaded_worker) as pool:
+        return pool.starmap(fn, jobs, chunksize=1)
+
+
+def shards(tasks: list[str], episodes: int, workers: int) -> list[tuple[str, list[int]]]:
+    """Split `episodes` per task into jobs: whole tasks when there are enough to keep every worker busy."""
+    parts = max(1, min(episodes, -(-workers // len(tasks))))
+    return [(task, list(range(episodes))[p::parts]) for task in tasks for p in range(parts)]
