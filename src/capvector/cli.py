@@ -17,6 +17,10 @@ EXAMPLES = {
   capvector merge --pretrained base -o base_meta --vector gamma --alpha 1.0 --alpha 'model.layers.0.*=0.5'""",
     "inspect": """example:
   capvector inspect gamma --against tau --base base --plot gamma.png""",
+    "train": """example:
+  capvector train --config run.yaml --set strategy=aux --set steps=2000
+  capvector train --config run.yaml --set strategy=capvector --set init_from=base_meta --set vector=gamma
+  torchrun --nproc_per_node 2 -m capvector.training --config run.yaml        (many processes, DDP)""",
 }
 
 
@@ -50,6 +54,12 @@ def _command_inspect(args: argparse.Namespace) -> None:
         print(report.table(per_tensor=args.per_tensor))
     if args.plot:
         print(f"plot: {report.plot(args.plot)}")
+
+
+def _command_train(args: argparse.Namespace) -> None:
+    from .training import command
+
+    command(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE.png", help="write per-layer bar plots")
     p.add_argument("--per-tensor", action="store_true", help="one row per tensor instead of per layer")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = command("train", "Finetune a policy: strategy sft, aux or capvector; full or LoRA; DDP under torchrun.",
+                _command_train)
+    p.add_argument("--config", help="a YAML or TOML file of TrainConfig fields (defaults when omitted)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field (values are YAML; dotted keys reach into *_args: policy_args.dim=64)")
+    p.add_argument("--resume", action="store_true", help="continue from out_dir's latest checkpoint")
     return parser
 
 

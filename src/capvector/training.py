@@ -549,14 +549,6 @@ def run(config, out_dir, rank, world, device, state, policy, dataset, auxiliary,
     return out_dir
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `capvector train`."""
-    parser.add_argument("--config", help="a YAML or TOML file of TrainConfig fields (defaults when omitted)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a field (values are YAML; dotted keys reach into *_args: policy_args.dim=64)")
-    parser.add_argument("--resume", action="store_true", help="continue from out_dir's latest checkpoint")
-
-
 def command(args: argparse.Namespace) -> Path:
     config = load_config(args.config, args.overrides + (["resume=true"] if args.resume else []))
     out_dir = train(config)
@@ -567,14 +559,9 @@ def command(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m capvector.training` (as `capvector train`), e.g. under torchrun --nproc_per_node N."""
-    parser = argparse.ArgumentParser(prog="capvector train", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    try:
-        command(parser.parse_args(argv))
-    except CapvectorError as error:
-        print(f"capvector train: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    from .cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":  # torchrun --nproc_per_node N -m capvector.training --config run.yaml
