@@ -131,7 +131,8 @@ def measure(size: str, lora: bool, repeats: int, batch_size: int, length: int, l
     batch = torch.randint(0, SIZES[size][0], (batch_size, length + 1), generator=torch.Generator().manual_seed(1))
     steps = time_interleaved(step_functions(model, reg, batch), repeats)
     alone = time_interleaved({"add_grad_": lambda: reg.add_grad_(1.0),
-                              "loss+backward": lambda: reg.loss().backward()}, repeats)
+                              "loss+backward": lambda: reg.loss().backward(),
+                              "project_grad_+project_": lambda: (reg.project_grad_(), reg.project_())}, repeats)
     sft = statistics.median(steps["sft"])
     ratios = {name: median_ratio(times, steps["sft"]) for name, times in steps.items()}
     mode = f"lora({lora_form})" if lora else "full"
@@ -141,10 +142,11 @@ def measure(size: str, lora: bool, repeats: int, batch_size: int, length: int, l
               f"(rounds: {min(times) * 1e3:.0f}..{max(times) * 1e3:.0f} ms)")
     for name, times in alone.items():
         seconds = statistics.median(times)
-        print(f"  {name:14s} alone {seconds * 1e3:8.2f} ms = {100 * seconds / sft:.2f}% of an sft step")
+        print(f"  {name:22s} alone {seconds * 1e3:8.2f} ms = {100 * seconds / sft:.2f}% of an sft step")
     return {"fused": ratios["fused"], "autograd": ratios["autograd"], "hard": ratios["hard"],
             "fused_alone": 1 + statistics.median(alone["add_grad_"]) / sft,
-            "autograd_alone": 1 + statistics.median(alone["loss+backward"]) / sft}
+            "autograd_alone": 1 + statistics.median(alone["loss+backward"]) / sft,
+            "hard_alone": 1 + statistics.median(alone["project_grad_+project_"]) / sft}
 
 
 def main() -> None:

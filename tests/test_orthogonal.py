@@ -12,8 +12,6 @@ from torch import nn
 from capvector.errors import CapvectorError
 from capvector.orthogonal import build_regularizer
 
-peft = pytest.importorskip("peft")
-
 
 def mlp(widths, dtype=torch.float64, seed=0):
     torch.manual_seed(seed)
@@ -104,6 +102,7 @@ class TwoLayer(nn.Module):
 
 
 def lora_model(transposed=False, seed=0):
+    peft = pytest.importorskip("peft")  # an optional extra
     torch.manual_seed(seed)
     base = TwoLayer(transposed).double()
     gamma = random_gamma(base, seed=seed + 1)
