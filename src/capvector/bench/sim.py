@@ -58,6 +58,7 @@ VARIANTS = {
 
 def select_gl_backend() -> str:
     """Pick MUJOCO_GL before mujoco loads: the user's choice, else EGL, else OSMesa, else a clear error."""
+    os.environ.setdefault("LP_NUM_THREADS", "1")  # Mesa llvmpipe: threads only add overhead at 64x64
     backend = os.environ.get("MUJOCO_GL", "").lower()
     if backend:
         return backend
@@ -137,15 +138,17 @@ def decimated_render_model(model: mujoco.MjModel, keep: float = 0.1) -> mujoco.M
 
 
 class FastRenderer:
-    """One GL context per environment, reused for every camera; RGB and depth come from the same pass."""
+    """One GL context per environment, reused for every camera; RGB and depth come from the same pass.
+
+    `decimate=False` keeps the full robot meshes (same GL settings otherwise), for comparisons.
+    """
 
     def __init__(self, model: mujoco.MjModel, height: int, width: int, decimate: bool = True):
         self.height, self.width = height, width
         render = decimated_render_model(model) if decimate else model.__copy__()
-        if decimate:
-            render.vis.quality.offsamples = 0
-            render.vis.quality.numslices = 12
-            render.vis.quality.numstacks = 8
+        render.vis.quality.offsamples = 0
+        render.vis.quality.numslices = 12  # coarser spheres and cylinders
+        render.vis.quality.numstacks = 8
         render.vis.global_.offwidth, render.vis.global_.offheight = width, height
         self.render_model = render
         self._gl = gl_context(width, height)
@@ -154,10 +157,9 @@ class FastRenderer:
         mujoco.mjr_setBuffer(mujoco.mjtFramebuffer.mjFB_OFFSCREEN, self._context)
         self._context.readDepthMap = mujoco.mjtDepthMap.mjDEPTH_ZEROFAR
         self._scene = mujoco.MjvScene(render, maxgeom=1000)
-        if decimate:
-            for flag in (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION,
-                         mujoco.mjtRndFlag.mjRND_SKYBOX, mujoco.mjtRndFlag.mjRND_HAZE):
-                self._scene.flags[flag] = 0
+        for flag in (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION,
+                     mujoco.mjtRndFlag.mjRND_SKYBOX, mujoco.mjtRndFlag.mjRND_HAZE):
+            self._scene.flags[flag] = 0
         self._option = mujoco.MjvOption()
         self._rect = mujoco.MjrRect(0, 0, width, height)
         self._rgb = np.empty((height, width, 3), np.uint8)
@@ -183,12 +185,16 @@ class FastRenderer:
 
     def close(self) -> None:
         if self._gl is not None:
+            self._gl.make_current()  # MjrContext.free deletes GL objects of whichever context is current
             self._context.free()
             self._gl.free()
             self._gl = None
 
     def __del__(self):
-        self.close()
+        try:
+            self.close()
+        except Exception:  # at interpreter exit the EGL display may already be gone
+            pass
 
 
 def linear_depth(zbuffer: np.ndarray, model: mujoco.MjModel) -> np.ndarray:

@@ -1,0 +1,176 @@
+"""Closed-loop evaluation: success rate per task on placements never used for training.
+
+A policy implements `reset()` and `predict_chunk(observation) -> (k, 4)` actions in [-1, 1]; the harness
+executes the k actions before it renders again, and ends an episode at success or after 500 steps.
+The observation has the dataset's keys as numpy arrays ("observation.images.scene"/"wrist" uint8
+(3, H, W), "observation.state" (4,), "task_index", "instruction") plus "observation.environment_state",
+Meta-World's full 39-d observation, which only the scripted expert reads (a learned policy must not).
+Episode e of a task starts from placement eval_placement_seed(seed, e) >= 10^9, while demonstrations use
+seeds below 10^9 (capvector.bench.sim). Workers build the policy from a picklable zero-argument factory.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from capvector.bench.sim import (ACTION_DIM, CAMERAS, MAX_EPISODE_STEPS, SimEnv, eval_placement_seed, parallel_map,
+                                 shards)
+from capvector.bench.tasks import TASKS, instruction, resolve_tasks, task_index
+from capvector.errors import CapvectorError
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass
+class TaskResult:
+    task: str
+    episodes: int
+    successes: int
+    success_rate: float
+    ci_low: float
+    ci_high: float
+    mean_steps: float  # steps per episode, failures counted at the 500-step cap
+    placement_seeds: list[int]
+
+
+@dataclass
+class EvalResult:
+    variant: str
+    seed: int
+    tasks: list[TaskResult]
+    success_rate: float  # mean of the per-task rates
+    wall_s: float
+    gifs: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ExpertPolicy:
+    """Meta-World's scripted experts behind the policy interface (one action per chunk), to check the harness.
+
+    The class is its own picklable factory: `evaluate(ExpertPolicy, ...)`.
+    """
+
+    def reset(self) -> None:
+        pass
+
+    def predict_chunk(self, observation: dict) -> np.ndarray:
+        from metaworld.policies import ENV_POLICY_MAP
+
+        task = list(TASKS)[int(observation["task_index"])]
+        action = ENV_POLICY_MAP[task]().get_action(observation["observation.environment_state"])
+        return np.clip(action, -1.0, 1.0)[None]
+
+
+def check_policy(policy, env: SimEnv) -> None:
+    """Compare what a policy declares in its `config` (if anything) with this benchmark's actions and cameras."""
+    config = getattr(policy, "config", None)
+    declared_dim = getattr(config, "action_dim", ACTION_DIM)
+    if declared_dim != ACTION_DIM:
+        raise CapvectorError(f"policy predicts {declared_dim}-d actions; Meta-World needs {ACTION_DIM}-d (dx, dy, dz, gripper)")
+    cameras = getattr(config, "cameras", None)
+    if cameras is not None and not set(cameras) <= set(CAMERAS):
+        raise CapvectorError(f"policy expects cameras {list(cameras)}; this benchmark renders {list(CAMERAS)}")
+    size = getattr(config, "image_size", env.image_size)
+    if size != env.image_size:
+        raise CapvectorError(f"policy was trained on {size}x{size} images; evaluate with image_size={size}")
+
+
+def check_chunk(chunk, task: str) -> np.ndarray:
+    chunk = np.asarray(chunk, dtype=np.float32)
+    if chunk.ndim != 2 or chunk.shape[1] != ACTION_DIM or len(chunk) == 0:
+        raise CapvectorError(f"policy returned actions of shape {chunk.shape} on {task}; "
+                             f"predict_chunk must return (k, {ACTION_DIM}) with k >= 1")
+    if not np.isfinite(chunk).all():
+        raise CapvectorError(f"policy returned non-finite actions on {task}")
+    return chunk
+
+
+def run_episode(env: SimEnv, policy, placement_seed: int, record: bool) -> tuple[bool, int, list[np.ndarray]]:
+    """One closed-loop episode; renders only when the current action chunk is used up."""
+    raw = env.reset(placement_seed)
+    policy.reset()
+    queue, frames = [], []
+    for step in range(MAX_EPISODE_STEPS):
+        if not queue:
+            observation = env.observe(depth=False)
+            observation |= {"observation.environment_state": raw, "task_index": np.int64(task_index(env.task)),
+                            "instruction": instruction(env.task)}
+            queue = list(check_chunk(policy.predict_chunk(observation), env.task))
+            if record:
+                frames.append(np.concatenate([observation[f"observation.images.{c}"] for c in CAMERAS], axis=2))
+        raw, success = env.step(queue.pop(0))
+        if success:
+            return True, step + 1, frames
+    return False, MAX_EPISODE_STEPS, frames
+
+
+def evaluate_shard(policy_factory, task: str, episodes: list[int], seed: int, image_size: int, variant: str,
+                   gif_episodes: int) -> list[tuple]:
+    """(task, episode, placement seed, success, steps, frames) per episode (runs in a worker process)."""
+    env = SimEnv(task, image_size=image_size, variant=variant)
+    policy = policy_factory()
+    check_policy(policy, env)
+    out = []
+    for episode in episodes:
+        placement = eval_placement_seed(seed, episode)
+        success, steps, frames = run_episode(env, policy, placement, record=episode < gif_episodes)
+        out.append((task, episode, placement, success, steps, frames))
+    env.close()
+    return out
+
+
+def save_gif(path: Path, frames: list[np.ndarray]) -> None:
+    import imageio.v2 as imageio
+
+    images = [f.transpose(1, 2, 0) for f in frames]
+    images += [images[-1]] * 4  # hold the last frame
+    imageio.mimsave(path, images, duration=0.1, loop=0)
+
+
+def evaluate(policy_factory, tasks: str | list[str] = "pretrain", episodes: int = 20, seed: int = 0, workers: int = 2,
+             variant: str = "default", gif_dir: str | Path | None = None, gifs_per_task: int = 1,
+             image_size: int = 64) -> EvalResult:
+    """Success rate per task over `episodes` held-out placements, with 95% Wilson intervals.
+
+    `policy_factory`: picklable zero-argument callable returning a policy (e.g. functools.partial(load, path)),
+    or `ExpertPolicy` to evaluate the scripted experts. `variant`: "default" or "new_env" (another
+    camera pose, lighting and table colour). GIFs of the first `gifs_per_task` episodes per task go to `gif_dir`.
+    """
+    start = time.time()
+    tasks = resolve_tasks(tasks)
+    if episodes < 1:
+        raise CapvectorError(f"episodes must be at least 1, got {episodes}")
+    gif_episodes = gifs_per_task if gif_dir is not None else 0
+    jobs = [(policy_factory, task, eps, seed, image_size, variant, gif_episodes)
+            for task, eps in shards(tasks, episodes, workers)]
+    rows = [row for shard in parallel_map(evaluate_shard, jobs, workers) for row in shard]
+
+    results, gifs = [], []
+    for task in tasks:
+        mine = sorted((r for r in rows if r[0] == task), key=lambda r: r[1])
+        wins = sum(r[3] for r in mine)
+        low, high = wilson_interval(wins, len(mine))
+        results.append(TaskResult(task, len(mine), wins, wins / len(mine), low, high,
+                                  float(np.mean([r[4] for r in mine])), [r[2] for r in mine]))
+        if gif_dir is not None:
+            Path(gif_dir).mkdir(parents=True, exist_ok=True)
+            for _, episode, _, success, _, frames in mine[:gifs_per_task]:
+                path = Path(gif_dir) / f"{variant}_{task}_ep{episode}_{'success' if success else 'fail'}.gif"
+                save_gif(path, frames)
+                gifs.append(str(path))
+    return EvalResult(variant, seed, results, float(np.mean([r.success_rate for r in results])), time.time() - start, gifs)

@@ -1,0 +1,74 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from capvector.bench.dataset import DemoDataset, episode_path
+from capvector.bench.demos import generate_demonstrations
+from capvector.bench.sim import SimEnv
+from capvector.errors import CapvectorError
+
+TASKS = ["reach-v3", "drawer-open-v3"]
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    return generate_demonstrations(tmp_path_factory.mktemp("demos") / "ds", TASKS, episodes_per_task=2, seed=3, workers=2)
+
+
+def test_samples_follow_the_contract(dataset_dir):
+    ds = DemoDataset(dataset_dir, chunk_size=8)
+    assert len(ds.episodes) == 4 and len(ds) == sum(e["length"] for e in ds.episodes)
+    assert sorted(ds.task_names.values()) == sorted(TASKS)
+    assert ds.camera_fovy["wrist"] == 90.0 and 10 < ds.camera_fovy["scene"] < 90
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=5)))
+    assert batch["observation.images.scene"].shape == (5, 3, 64, 64) and batch["observation.images.scene"].dtype == torch.uint8
+    assert batch["observation.depth.wrist"].shape == (5, 1, 64, 64) and batch["observation.depth.wrist"].dtype == torch.float32
+    assert batch["observation.state"].shape == (5, 4) and batch["action"].shape == (5, 8, 4)
+    assert batch["task_index"].dtype == torch.int64 and isinstance(batch["instruction"][0], str)
+    for key in ("observation.state", "action", "observation.images.scene", "observation.depth.scene"):
+        assert set(ds.stats[key]) == {"min", "max", "mean", "std", "q01", "q99"}
+    assert (ds.action >= -1).all() and (ds.action <= 1).all()
+
+
+def test_action_chunks_pad_past_the_episode_end(dataset_dir):
+    ds = DemoDataset(dataset_dir, chunk_size=8, depth=False)
+    last = ds.episodes[0]["length"] - 1
+    sample = ds[last - 2]
+    assert sample["action_is_pad"].tolist() == [False] * 3 + [True] * 5
+    assert torch.equal(sample["action"][3:], sample["action"][2].expand(5, 4))
+    assert torch.equal(ds[0]["action"], torch.from_numpy(ds.action[:8]))
+
+
+def test_demonstration_replays_to_success(dataset_dir):
+    ds = DemoDataset(dataset_dir, depth=False)
+    episode = ds.episodes[2]  # first drawer-open episode
+    start = sum(e["length"] for e in ds.episodes[:2])
+    env = SimEnv(episode["name"])
+    env.reset(episode["placement_seed"])
+    assert np.allclose(env.obs[:4], ds.state[start], atol=1e-5)
+    successes = [env.step(a)[1] for a in ds.action[start:start + episode["length"]]]
+    env.close()
+    assert successes[-1] and not any(successes[:-1])
+
+
+def test_bad_dataset_folders_are_explained(dataset_dir, tmp_path):
+    with pytest.raises(CapvectorError, match="does not exist"):
+        DemoDataset(tmp_path / "nothing")
+    broken = shutil.copytree(dataset_dir, tmp_path / "broken")
+    (broken / episode_path(1)).unlink()
+    with pytest.raises(CapvectorError, match="incomplete"):
+        DemoDataset(broken)
+    (broken / "meta" / "stats.json").unlink()
+    with pytest.raises(CapvectorError, match="stats.json"):
+        DemoDataset(broken)
+    old = shutil.copytree(dataset_dir, tmp_path / "old")
+    info = json.loads((old / "meta" / "info.json").read_text())
+    info["codebase_version"] = "v2.0"
+    (old / "meta" / "info.json").write_text(json.dumps(info))
+    with pytest.raises(CapvectorError, match="regenerate"):
+        DemoDataset(old)
+    with pytest.raises(CapvectorError, match="already exists"):
+        generate_demonstrations(dataset_dir, TASKS, episodes_per_task=1)
