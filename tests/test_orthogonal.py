@@ -51,8 +51,8 @@ def check_fused_matches(reg, params, weight, expected_value, expected_grads):
 
 
 @settings(max_examples=15, deadline=None)
-@given(widths=st.lists(st.integers(1, 9), min_size=2, max_size=4), reduction=st.sampled_from(["abs", "square", "normalized"]),
-       seed=st.integers(0, 1000))
+@given(widths=st.lists(st.integers(1, 9), min_size=2, max_size=4),
+       reduction=st.sampled_from(["abs", "square", "normalized"]), seed=st.integers(0, 1000))
 def test_full_value_and_gradient_match_float64(widths, reduction, seed):
     model = mlp(widths, seed=seed)
     gamma = random_gamma(model, seed=seed + 1, skip=("0.bias",))

@@ -32,10 +32,10 @@ update is scaling * B_l A_l. Two forms:
 - "exact": d_l = scaling * sum((B_l^T gamma_l) * A_l) - c_l, never forming B_l A_l, with the reductions above.
 
 Hard variant: after each optimizer step, theta_l -= (d_l / |gamma_l|^2) gamma_l, which leaves Delta'_l
-orthogonal to gamma_l (for LoRA, the smallest change to A_l that does the same: A_l -= d_l / (scaling
-|M_l|^2) M_l with M_l = B_l^T gamma_l). Before the step, project_grad_ drops the gradient's component that
-would move d_l; without it Adam keeps stepping along gamma, project_ keeps undoing it, and the rest of the
-update stalls.
+orthogonal to gamma_l up to the rounding of theta's dtype (for LoRA, the smallest change to A_l that does
+the same: A_l -= d_l / (scaling |M_l|^2) M_l with M_l = B_l^T gamma_l). Before the step, project_grad_
+drops the gradient's component that would move d_l; without it Adam keeps stepping along gamma, project_
+keeps undoing it, and the rest of the update stalls.
 
 Gamma keys must name parameters of the model with the same shape (else CapvectorError); trainable parameters
 absent from gamma are left alone, frozen ones and all-zero gamma tensors are skipped; `reg.counts` says how
@@ -317,7 +317,8 @@ def build_regularizer(model: nn.Module, gamma: Mapping[str, torch.Tensor], mode:
     params: dict[str, nn.Parameter] = {}
     for name, p in model.named_parameters():
         key = base_name(name, peft)
-        if not (peft and ".lora_" in name) and (key not in params or p.requires_grad):  # a trainable copy wins (modules_to_save)
+        # a trainable copy (PEFT's modules_to_save) wins over the frozen original
+        if not (peft and ".lora_" in name) and (key not in params or p.requires_grad):
             params[key] = p
     layers = lora_layers(model, peft)
     if mode == "auto":
@@ -332,10 +333,11 @@ def build_regularizer(model: nn.Module, gamma: Mapping[str, torch.Tensor], mode:
         if dot(g, g).item() == 0:
             counts["zero_gamma"] += 1
         elif mode == "lora" and key in layers:
+            # the update is (B A)^T on transposed (Conv1D) layers
+            oriented = g.T if getattr(layers[key], "fan_in_fan_out", False) else g
             for pair in lora_pairs(layers[key], key):
                 pairs.append(pair)
-                # the update is (B A)^T on transposed (Conv1D) layers
-                lora_gammas.append(g.T.contiguous() if getattr(layers[key], "fan_in_fan_out", False) else g)
+                lora_gammas.append(oriented.to(pair[0].dtype).contiguous())  # adapters may be float32 on a bf16 base
                 counts["lora"] += 1
         elif params[key].requires_grad:
             full_params.append(params[key])
