@@ -167,3 +167,36 @@ def test_policy_overfits_synthetic_demonstrations():
         loss.backward()
         optimizer.step()
     assert first > 0.4 and loss.item() < 0.15
+
+
+@pytest.mark.slow
+def test_policy_overfits_demonstrations_and_succeeds_closed_loop(tmp_path):
+    """Two reach demonstrations; ~70 s on two idle cores."""
+    demos = pytest.importorskip("capvector.bench.demos")
+    from capvector.bench.dataset import DemoDataset
+    from capvector.bench.evaluation import run_episode
+    from capvector.bench.modeling_policy import make_policy
+    from capvector.bench.sim import SimEnv
+
+    root = demos.generate_demonstrations(tmp_path / "demos", tasks="reach-v3", episodes_per_task=2, workers=1)
+    dataset = DemoDataset(root, depth=False)
+    torch.manual_seed(0)
+    policy = make_policy(dataset=root)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3, weight_decay=0.0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=16, shuffle=True, drop_last=True)
+    losses = []
+    while len(losses) < 300:
+        for batch in loader:
+            loss = policy(batch)["action"]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    assert np.mean(losses[:10]) > 0.3 and np.mean(losses[-20:]) < 0.08
+    policy.save_pretrained(tmp_path / "policy")
+
+    loaded = functools.partial(load_policy, tmp_path / "policy")()
+    env = SimEnv("reach-v3")
+    successes = [run_episode(env, loaded, episode["placement_seed"], record=False)[0] for episode in dataset.episodes]
+    env.close()
+    assert any(successes)

@@ -95,7 +95,9 @@ class VisionEncoder(nn.Module):
         super().__init__()
         convs, channels = [], 3
         for out in config.stem_channels:
-            convs += [nn.Conv2d(channels, out, 3, stride=2, padding=1), nn.GELU()]
+            # GroupNorm (not BatchNorm: no running statistics outside the parameters) makes the stem pick
+            # up small objects and goal markers in far fewer steps.
+            convs += [nn.Conv2d(channels, out, 3, stride=2, padding=1), nn.GroupNorm(8, out), nn.GELU()]
             channels = out
         patch = config.image_size // 2 ** len(config.stem_channels) // config.patch_grid
         convs.append(nn.Conv2d(channels, config.dim, patch, stride=patch))
@@ -195,8 +197,8 @@ class Policy(nn.Module):
     @torch.no_grad()
     def predict_chunk(self, observation: Mapping[str, Any]) -> np.ndarray:
         """One observation (numpy, no batch axis) -> (chunk_size, action_dim) actions in [-1, 1]."""
-        batch = {key: torch.as_tensor(np.asarray(value)).unsqueeze(0) for key, value in observation.items()
-                 if key.startswith("observation.")}
+        keys = [f"observation.images.{camera}" for camera in self.config.cameras] + [STATE_KEY]
+        batch = {key: torch.as_tensor(np.asarray(observation[key])).unsqueeze(0) for key in keys}
         batch["instruction"] = observation["instruction"]
         actions = unnormalize(self.predict_normalized(batch)[0], self.action_q01, self.action_q99)
         return actions.clamp(-1, 1).cpu().numpy()
@@ -235,6 +237,22 @@ class Policy(nn.Module):
                                  f"{missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
         policy.load_state_dict(weights)
         return policy.to(device)
+
+
+def make_policy(init_from: str | Path | None = None, dataset: str | Path | None = None, **config) -> Policy:
+    """The training engine's policy factory: the saved policy `init_from`, else a new one normalized by
+    the stats of the dataset folder `dataset`, with `config` overriding PolicyConfig's defaults."""
+    if init_from is not None:
+        if config or dataset is not None:
+            raise CapvectorError(f"policy: init_from {init_from} fixes the policy; drop the overrides {sorted(config)}"
+                                 f"{' and dataset' if dataset is not None else ''}")
+        return Policy.from_pretrained(init_from)
+    if dataset is None:
+        return Policy(PolicyConfig(**config))
+    from .dataset import read_meta
+
+    stats = read_meta(Path(dataset))[3]
+    return Policy(PolicyConfig.from_dataset_stats(stats, **config))
 
 
 def load_policy(path: str | Path, device: str = "cpu") -> Policy:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -121,3 +122,11 @@ class SpatialObjective(AuxiliaryObjective):
 
     def compute(self, features: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
         return cosine_alignment_loss(self.projector(features[:, self._visual]), self.targets(batch))
+
+
+def spatial_objective(dataset: str | Path, **options) -> SpatialObjective:
+    """The training engine's auxiliary factory: the cameras' fields of view come from the dataset's meta."""
+    from .dataset import read_meta
+
+    cameras = read_meta(Path(dataset))[0]["capvector"]["cameras"]
+    return SpatialObjective({camera: facts["fovy"] for camera, facts in cameras.items()}, **options)
