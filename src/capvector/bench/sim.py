@@ -48,7 +48,7 @@ class Look:
     table_rgba: tuple[float, float, float, float] | None = None  # None keeps the model's
 
 
-# "new_env" is the out-of-domain variant: the scene camera moved, dimmer warmer light, another table colour.
+# "new_env" is the out-of-domain variant: the scene camera moved, dimmer light, a plain grey-green table.
 VARIANTS = {
     "default": Look(),
     "new_env": Look(azimuth=170.0, elevation=-34.0, distance=1.15, light_scale=0.7,
@@ -93,7 +93,7 @@ def gl_context(width: int, height: int):
     except Exception as exc:  # the GL bindings raise many types (ImportError, RuntimeError, GLError)
         raise CapvectorError(
             f"could not create an off-screen OpenGL context with MUJOCO_GL={GL_BACKEND} ({exc}); "
-            "install libegl1 (for MUJOCO_GL=egl) or libosmesa6 (for MUJOCO_GL=osmesa)") from exc
+            "install libegl1 (for MUJOCO_GL=egl) or libosmesa6 and run with MUJOCO_GL=osmesa") from exc
 
 
 def robot_mesh_ids(model: mujoco.MjModel) -> list[int]:
