@@ -171,7 +171,7 @@ def test_olora_matches_explicit_svd(rank):
     for k, (a, _, _, _) in layers.items():
         v = torch.linalg.svd(gamma[k]).Vh[:rank].T
         a64 = a.detach().clone().requires_grad_()
-        expected = expected + ((a64 @ v) ** 2).sum()
+        expected = expected + ((a64 @ v) ** 2).sum() / (a64.detach() ** 2).sum()
         leaves.append(a64)
     expected.backward()
     value = reg.loss()
@@ -210,8 +210,9 @@ def test_hard_variant_leaves_update_orthogonal(widths, seed):
         reg.project_()
         for k, p in model.named_parameters():
             update, g = (p.detach() - meta[k]).double(), gamma[k].double()
-            # float32 rounding of theta itself is the floor: relative to |theta| |gamma|
-            assert abs((update * g).sum()) <= 1e-6 * p.detach().double().norm() * g.norm(), k
+            # float32 rounding of theta itself is the floor: relative to |theta| |gamma|; d_l = <theta, gamma> - c_l
+            # cancels, so a one-element tensor can keep ~10 float32 ulps (seen: 8.5 for widths [40, 1], seed 0)
+            assert abs((update * g).sum()) <= 1e-5 * p.detach().double().norm() * g.norm(), k
             removed = (before[k] - p.detach()).double().reshape(-1)
             # only the component along gamma was taken out
             assert torch.linalg.matrix_rank(torch.stack([removed, g.reshape(-1)]), rtol=1e-4) <= 1

@@ -27,8 +27,11 @@ c_l = <theta_meta_l, gamma_l> fixed at construction, so no copy of theta_meta is
 LoRA (a PEFT model; mode "auto" picks it when adapters are present): the base weight W_l is frozen and the
 update is scaling * B_l A_l. Two forms:
 
-- "olora" (default, O-LoRA style): sum_l ||A_l V_l||_F^2, V_l the top-`rank` right-singular vectors of
-  gamma_l (a seeded randomized SVD at construction): the adapter may not read the inputs gamma_l acts on.
+- "olora" (default, O-LoRA style): sum_l ||A_l V_l||_F^2 / sg(||A_l||_F^2), V_l the top-`rank` right-singular
+  vectors of gamma_l (a seeded randomized SVD at construction): the adapter may not read the inputs gamma_l acts
+  on. Each term is the share of A_l's energy in that subspace, in [0, 1] whatever A's initialization scale
+  (sg: not differentiated, so the gradient only turns A away from the subspace and never shrinks it); without
+  the division PEFT's random A makes the penalty hundreds of times the action loss at lambda ~ 10.
 - "exact": d_l = scaling * sum((B_l^T gamma_l) * A_l) - c_l, never forming B_l A_l, with the reductions above.
 
 Hard variant: after each optimizer step, theta_l -= (d_l / |gamma_l|^2) gamma_l, which leaves Delta'_l
@@ -219,7 +222,7 @@ class LoraTerm:
 
     def loss(self) -> torch.Tensor:
         if self.form == "olora":
-            return sum((a @ v).square().sum() for (a, _, _), v in zip(self.pairs, self.bases))
+            return sum((a @ v).square().sum() / dot(a, a).detach() for (a, _, _), v in zip(self.pairs, self.bases))
         return penalty(self.projections()[0] - self.c, self.norms, self.reduction)
 
     @torch.no_grad()
@@ -227,9 +230,9 @@ class LoraTerm:
         if self.form == "olora":
             values = []
             for (a, _, _), v in zip(self.pairs, self.bases):
-                av = a @ v
-                _grad_of(a).addmm_(av, v.T, alpha=2 * weight)
-                values.append(av.square().sum())
+                av, energy = a @ v, float(dot(a, a))
+                _grad_of(a).addmm_(av, v.T, alpha=2 * weight / energy)
+                values.append(av.square().sum() / energy)
             return torch.stack(values).sum()
         d, ms = self.projections()
         d -= self.c
