@@ -9,6 +9,7 @@ the objective's overhead, and a plain float32 matmul for how close the policy ru
 """
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -39,13 +40,14 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def train_seconds_per_step(policy, objective, batch, steps: int, device) -> float:
+def train_seconds_per_step(policy, objective, batch, steps: int, device) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds per optimizer step."""
     modules = [policy] + ([objective] if objective is not None else [])
     optimizer = torch.optim.AdamW([p for m in modules for p in m.parameters()], lr=1e-4)
     for step in range(steps + 2):  # two warm-up steps
         if step == 2:
             synchronize(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
         loss = policy(batch)["action"]
         if objective is not None:
             loss = loss + objective.weight * objective(batch)
@@ -53,7 +55,7 @@ def train_seconds_per_step(policy, objective, batch, steps: int, device) -> floa
         loss.backward()
         optimizer.step()
     synchronize(device)
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - start) / steps, (time.process_time() - cpu_start) / steps
 
 
 def matmul_gflops(device, size: int = 512, repeats: int = 20) -> float:
@@ -85,11 +87,11 @@ def main() -> None:
         policy(batch)["action"].backward()
     gflop_per_sample = counter.get_total_flops() / args.batch_size / 1e9
 
-    sft = train_seconds_per_step(policy, None, batch, args.steps, device)
+    sft, sft_cpu = train_seconds_per_step(policy, None, batch, args.steps, device)
     objective = SpatialObjective({camera: 45.0 for camera in config.cameras})
     objective.attach(policy)
     objective.to(device)
-    aux = train_seconds_per_step(policy, objective, batch, args.steps, device)
+    aux, _ = train_seconds_per_step(policy, objective, batch, args.steps, device)
     objective.detach()
     peak = matmul_gflops(device)
 
@@ -110,10 +112,13 @@ def main() -> None:
           f"{gflop_per_sample:.3f} GFLOP per training sample")
     print(f"training, batch {args.batch_size}: SFT {sft_rate:.0f} samples/s ({1000 * sft:.0f} ms/step), with the "
           f"spatial objective {aux_rate:.0f} samples/s ({1000 * aux:.0f} ms/step): x{aux / sft:.2f} time per step")
+    # On a shared machine wall-clock rates fall with the load; CPU time shows the rate on idle cores.
+    print(f"CPU time: {args.batch_size / sft_cpu:.0f} SFT samples per CPU-second (the rate of one idle core with "
+          f"--threads 1); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"achieved {achieved:.1f} GFLOP/s against a {peak:.1f} GFLOP/s float32 matmul: {achieved / peak:.2f}")
     print(f"inference: {infer_ms:.1f} ms per chunk of {config.chunk_size} actions (batch 1, median)")
     print(f"RESULT params={params} sft_samples_per_s={sft_rate:.1f} aux_samples_per_s={aux_rate:.1f} "
-          f"aux_time_ratio={aux / sft:.3f} gflop_per_sample={gflop_per_sample:.3f} matmul_gflops={peak:.1f} "
+          f"sft_samples_per_cpu_s={args.batch_size / sft_cpu:.1f} aux_time_ratio={aux / sft:.3f} gflop_per_sample={gflop_per_sample:.3f} matmul_gflops={peak:.1f} "
           f"peak_fraction={achieved / peak:.3f} infer_ms_per_chunk={infer_ms:.2f} threads={torch.get_num_threads()}")
 
 

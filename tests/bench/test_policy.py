@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from capvector.bench.configuration_policy import PolicyConfig
-from capvector.bench.modeling_policy import Policy, load_policy, masked_l1, normalize, tokenize, unnormalize
+from capvector.bench.modeling_policy import (Policy, load_policy, make_policy, masked_l1, normalize, tokenize,
+                                             unnormalize)
 from capvector.bench.spatial import SpatialObjective, cosine_alignment_loss, patch_point_features, pixel_rays
 from capvector.errors import CapvectorError
 
@@ -101,6 +102,25 @@ def test_from_pretrained_names_the_problem(tmp_path):
         Policy.from_pretrained(tmp_path / "small")
 
 
+def test_make_policy_for_the_training_engine(tmp_path):
+    assert make_policy(dim=64).config.dim == 64
+    Policy(PolicyConfig(dim=64)).save_pretrained(tmp_path / "policy")
+    assert make_policy(str(tmp_path / "policy")).config.dim == 64
+    with pytest.raises(CapvectorError, match="drop the overrides"):
+        make_policy(str(tmp_path / "policy"), dim=32)
+    with pytest.raises(CapvectorError, match="does not exist"):
+        make_policy(dataset=tmp_path / "no-such-dataset")
+
+
+def test_benchmark_instructions_get_distinct_word_ids():
+    tasks = pytest.importorskip("capvector.bench.tasks")
+    config = PolicyConfig()
+    words = {word for text in tasks.TASKS.values() for word in text.lower().split()}
+    ids = {tokenize(word, config.text_buckets, config.max_words)[0] for word in words}
+    assert len(ids) == len(words)
+    assert max(len(text.split()) for text in tasks.TASKS.values()) <= config.max_words
+
+
 def test_projector_is_not_saved_with_the_policy(policy, tmp_path):
     objective = SpatialObjective(FOVY)
     objective.attach(policy)
@@ -158,15 +178,15 @@ def test_spatial_targets_are_local_to_patches():
 def test_policy_overfits_synthetic_demonstrations():
     torch.manual_seed(0)
     policy = Policy(PolicyConfig())
-    batch = synthetic_batch(batch_size=8, seed=1)
+    batch = synthetic_batch(batch_size=4, seed=1)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
     first = policy(batch)["action"].item()
-    for _ in range(100):
+    for _ in range(80):
         loss = policy(batch)["action"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert first > 0.4 and loss.item() < 0.15
+    assert first > 0.4 and loss.item() < 0.1  # 0.045 here
 
 
 @pytest.mark.slow

@@ -4,10 +4,13 @@ Spatial Forcing aligns the policy's visual tokens at an intermediate layer with 
 model's features by a cosine loss. The simulator gives 3D for free: each pixel's depth and the camera's
 field of view give its 3D point in the camera frame. The teacher feature of a patch token is the kernel
 mean embedding of the patch's points: the average over the patch's pixels of a fixed random Fourier
-feature lift [sin(W p), cos(W p)] of each point p (metres), with frequencies at scales from 2 cm to
-50 cm. A bare 3D point would make a poor cosine target (its direction is the pixel's ray, the same in
-every scene); the lifted average describes where the patch's surfaces are and how they are spread
-(depth edges, object heights), so the token has to encode the scene's geometry to match it.
+feature lift [sin(W p), cos(W p)] of each point p (metres), with frequencies at length scales from 1 cm
+(well above the stored depth's 1 mm steps) to 20 cm. A bare 3D point would make a poor cosine target
+(its direction is the pixel's ray, the same in every scene); the lifted average describes where the
+patch's surfaces are and how they are spread (depth edges, object heights), so the token has to encode
+the scene's geometry to match it. Much of the target is still constant per patch (a fixed camera sees a
+mostly static table); that part is fit early from position embeddings, and the cosine's gradient then
+comes from what moves: the arm, the objects and their depth.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ class SpatialObjective(AuxiliaryObjective):
     LAYOUT = ("cameras", "image_size", "patch_grid", "dim")  # what the projector and rays were built for
 
     def __init__(self, fovy: Mapping[str, float], layer: str | None = None, weight: float = 0.5,
-                 num_frequencies: int = 64, scales: tuple[float, float] = (0.02, 0.5), samples_per_patch: int = 4,
+                 num_frequencies: int = 64, scales: tuple[float, float] = (0.01, 0.2), samples_per_patch: int = 4,
                  max_depth: float = 3.0, seed: int = 0):
         super().__init__(layer or "", weight)
         self.fovy = {camera: float(value) for camera, value in fovy.items()}
