@@ -21,6 +21,19 @@ EXAMPLES = {
   capvector train --config run.yaml --set strategy=aux --set steps=2000
   capvector train --config run.yaml --set strategy=capvector --set init_from=base_meta --set vector=gamma
   torchrun --nproc_per_node 2 -m capvector.training --config run.yaml        (many processes, DDP)""",
+    "tasks": """example:
+  capvector tasks --split downstream""",
+    "demos": """example:
+  capvector demos -o data/pretrain --tasks pretrain --episodes 50
+  capvector demos -o data/two --tasks reach-v3,push-v3 --episodes 5 --workers 2""",
+    "evaluate": """example:
+  capvector evaluate runs/sft/policy --tasks downstream --episodes 20 --gifs runs/sft/gifs
+  capvector evaluate runs/sft/policy --variant new_env --json results.json
+  capvector evaluate --expert --tasks reach-v3,push-v3 --episodes 10""",
+    "reproduce": """example:
+  capvector reproduce --preset quick                       (what `make demo` runs; minutes on a laptop CPU)
+  capvector reproduce --preset full --device cuda
+  capvector reproduce --preset quick --force downstream    (redo a stage and the ones after it)""",
 }
 
 
@@ -60,6 +73,51 @@ def _command_train(args: argparse.Namespace) -> None:
     from .training import command
 
     command(args)
+
+
+def _command_tasks(args: argparse.Namespace) -> None:
+    from .bench.tasks import list_tasks, resolve_tasks
+
+    chosen = set(resolve_tasks(args.split)) if args.split else None
+    rows = [row for row in list_tasks() if chosen is None or row["name"] in chosen]
+    width = max(len(row["name"]) for row in rows)
+    for row in rows:
+        print(f"{row['name']:<{width}}  {row['split'] or '-':<10}  {row['instruction']}")
+
+
+def _command_demos(args: argparse.Namespace) -> None:
+    from .bench.demos import generate_demonstrations
+
+    path = generate_demonstrations(args.output, args.tasks, episodes_per_task=args.episodes, seed=args.seed,
+                                   image_size=args.image_size, workers=args.workers, variant=args.variant)
+    print(f"wrote {path}")
+
+
+def _command_evaluate(args: argparse.Namespace) -> None:
+    import functools
+
+    from .bench.evaluation import ExpertPolicy, evaluate
+    from .bench.recipe import load_trained
+
+    if (args.policy is None) == (not args.expert):
+        raise CapvectorError("give a policy folder to evaluate, or --expert for the scripted experts (not both)")
+    factory = ExpertPolicy if args.expert else functools.partial(load_trained, args.policy)
+    result = evaluate(factory, args.tasks, episodes=args.episodes, seed=args.seed, workers=args.workers,
+                      variant=args.variant, gif_dir=args.gifs, image_size=args.image_size)
+    for task in result.tasks:
+        print(f"{task.task:<24} {task.success_rate:6.1%}  [{task.ci_low:.2f}, {task.ci_high:.2f}]  "
+              f"({task.successes}/{task.episodes}, {task.mean_steps:.0f} steps)")
+    print(f"{'mean':<24} {result.success_rate:6.1%}  ({result.variant}, {result.wall_s:.0f} s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result.to_dict(), f, indent=2)
+
+
+def _command_reproduce(args: argparse.Namespace) -> None:
+    from .bench.reproduce import reproduce
+
+    folder = reproduce(args.preset, out_dir=args.out, force=args.force, device=args.device)
+    print(f"report: {folder / 'report' / 'report.md'}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +163,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field (values are YAML; dotted keys reach into *_args: policy_args.dim=64)")
     p.add_argument("--resume", action="store_true", help="continue from out_dir's latest checkpoint")
+
+    p = command("tasks", "List the embedded benchmark's Meta-World tasks, splits and instructions.", _command_tasks)
+    p.add_argument("--split", help="a split (pretrain, extract, downstream) or comma-separated task names")
+
+    p = command("demos", "Record scripted-expert demonstrations into a LeRobot-layout dataset.", _command_demos)
+    p.add_argument("-o", "--output", required=True, help="new dataset folder")
+    p.add_argument("--tasks", default="pretrain", help="split or comma-separated task names (default: pretrain)")
+    p.add_argument("--episodes", type=int, default=50, help="successful episodes per task (default: 50)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="parallel processes")
+    p.add_argument("--variant", default="default", help="default, or new_env (camera, lighting, table colour)")
+
+    p = command("evaluate", "Closed-loop success rate of a policy on held-out placements.", _command_evaluate)
+    p.add_argument("policy", nargs="?", help="a policy folder (or a LoRA adapter folder on its base)")
+    p.add_argument("--expert", action="store_true", help="evaluate the scripted experts instead")
+    p.add_argument("--tasks", default="downstream", help="split or comma-separated task names (default: downstream)")
+    p.add_argument("--episodes", type=int, default=20, help="episodes per task (default: 20)")
+    p.add_argument("--seed", type=int, default=0, help="placement seed offset (disjoint from training seeds)")
+    p.add_argument("--workers", type=int, default=2, help="parallel processes")
+    p.add_argument("--variant", default="default", help="default, or new_env for the out-of-domain variant")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--gifs", metavar="DIR", help="save one rollout per task as a GIF here")
+    p.add_argument("--json", metavar="FILE", help="write every number as JSON")
+
+    p = command("reproduce", "The paper's experiment end to end on the embedded benchmark, with a report.",
+                _command_reproduce)
+    p.add_argument("--preset", default="quick", help="quick (minutes, proves the pipeline) or full (the experiment)")
+    p.add_argument("--out", default="runs/reproduce", help="parent of the run folder <out>/<preset>")
+    p.add_argument("--force", action="append", default=[], metavar="STAGE", help="redo a stage (repeatable)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     return parser
 
 
