@@ -1,0 +1,107 @@
+"""The whole `capvector reproduce` pipeline in miniature (preset "test": a tiny policy, three tasks, a few steps,
+one episode per checkpoint): every stage's artifact exists and agrees with the others, and a re-run trains nothing."""
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from capvector.bench.modeling_policy import Policy
+from capvector.bench.reproduce import METHODS, PRESETS, STAGES, reproduce
+from capvector.errors import CapvectorError
+
+pytestmark = pytest.mark.slow
+CONFIG = PRESETS["test"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return reproduce("test", tmp_path_factory.mktemp("reproduce"))
+
+
+def weights(folder):
+    return load_file(folder / "model.safetensors")
+
+
+def vector(folder):
+    return load_file(folder / "capvector.safetensors")
+
+
+def test_every_stage_leaves_its_artifacts(run):
+    for name in STAGES:
+        assert json.loads((run / name / "stage.json").read_text())["done"]
+    for split in ("pretrain", "extract", "downstream"):
+        assert (run / "demos" / split / "meta" / "stats.json").is_file()
+    for folder in ("pretrain", "extract/sft", "extract/aux"):
+        assert (run / folder / "policy" / "model.safetensors").is_file()
+    for method in METHODS:
+        for step in CONFIG.budgets:
+            assert (run / "downstream" / method / "seed0" / "checkpoints" / f"step_{step:07d}" / "policy").is_dir()
+    evaluations = json.loads((run / "evaluate" / "results.json").read_text())
+    assert len(evaluations) == 2 * (len(METHODS) * len(CONFIG.budgets) + len(CONFIG.alphas) + len(CONFIG.lambdas) + 4)
+    for name in ("report.md", "results.json", "success_vs_steps.png", "step_time.png", "gamma_layers.png"):
+        assert (run / "report" / name).stat().st_size > 0
+
+
+def test_gamma_is_aux_minus_sft_over_the_policys_own_parameters(run):
+    gamma, theta_pt = vector(run / "vector" / "gamma"), weights(run / "pretrain" / "policy")
+    assert set(gamma) == set(Policy.from_pretrained(run / "pretrain" / "policy").state_dict()) == set(theta_pt)
+    assert not any("projector" in name for name in gamma)
+    theta_ao, theta_ft = weights(run / "extract" / "aux" / "policy"), weights(run / "extract" / "sft" / "policy")
+    for name, g in gamma.items():
+        torch.testing.assert_close(g, theta_ao[name] - theta_ft[name])
+    assert any(g.abs().max() > 0 for g in gamma.values())  # the spatial objective moved the weights
+
+
+@pytest.mark.parametrize("alpha", [CONFIG.alpha, *CONFIG.alphas])
+def test_theta_meta_is_theta_pt_plus_alpha_gamma(run, alpha):
+    gamma, theta_pt = vector(run / "vector" / "gamma"), weights(run / "pretrain" / "policy")
+    theta_meta = weights(run / "vector" / f"theta_meta_alpha{alpha:g}")
+    assert set(theta_meta) == set(theta_pt)
+    for name in theta_pt:
+        torch.testing.assert_close(theta_meta[name], theta_pt[name] + alpha * gamma[name])
+
+
+def test_report_numbers_are_those_of_results_json_and_the_evaluations(run):
+    results = json.loads((run / "report" / "results.json").read_text())
+    evaluations = json.loads((run / "evaluate" / "results.json").read_text())
+    report = (run / "report" / "report.md").read_text()
+    assert results["config"]["preset"] == "test"
+    sections = report.split("## Success rate, ")[1:3]
+    for variant, section in zip(("default", "new_env"), sections):
+        for method, label in results["methods"].items():
+            row = next(line for line in section.splitlines() if line.startswith(f"| {label} |"))
+            cells = re.findall(r"(\d+)% \[(\d+), (\d+)\]", row)
+            assert len(cells) == len(CONFIG.budgets)
+            for budget, cell in zip(CONFIG.budgets, cells):
+                numbers = results["success"][method][variant][str(budget)]
+                assert cell == tuple(f"{100 * numbers[k]:.0f}" for k in ("rate", "low", "high"))
+                record = evaluations[f"downstream/{method}/seed0/step{budget}@{variant}"]["tasks"]
+                assert numbers["successes"] == sum(t["successes"] for t in record.values())
+                assert numbers["trials"] == sum(t["episodes"] for t in record.values()) == CONFIG.eval_episodes
+    for method, timing in results["timing"].items():
+        label = results["methods"].get(method, method)
+        assert f"| {label} | {timing['step_ms']:.1f} |" in report
+
+
+def test_a_rerun_trains_nothing_and_force_redoes_only_that_stage(run, capsys):
+    metrics = {path: path.read_text() for path in run.rglob("metrics.jsonl")}
+    ids = {name: json.loads((run / name / "stage.json").read_text())["id"] for name in STAGES}
+    capsys.readouterr()
+    assert reproduce("test", run.parent) == run
+    printed = capsys.readouterr().out
+    assert all(f"{name}: cached" in printed for name in STAGES)
+    reproduce("test", run.parent, force=["report"])
+    assert "report: redoing (forced)" in capsys.readouterr().out
+    assert {path: path.read_text() for path in run.rglob("metrics.jsonl")} == metrics
+    after = {name: json.loads((run / name / "stage.json").read_text())["id"] for name in STAGES}
+    assert [name for name in STAGES if after[name] != ids[name]] == ["report"]
+
+
+def test_bad_input_is_named(tmp_path):
+    with pytest.raises(CapvectorError, match="valid presets: quick, full, test"):
+        reproduce("fast", tmp_path)
+    with pytest.raises(CapvectorError, match="valid stages: demos, pretrain"):
+        reproduce("test", tmp_path, force=["train"])
