@@ -19,7 +19,7 @@ from ..checkpoints import open_checkpoint
 from ..inspection import inspect
 from ..vectors import open_vector
 from .evaluation import wilson_interval
-from .reproduce import METHODS, STAGES, VARIANTS, long_checkpoints, merged_path
+from .reproduce import METHODS, SPLITS, STAGES, VARIANTS, checkpoint_folder, long_checkpoints, merged_path
 from .tasks import resolve_tasks
 
 
@@ -38,19 +38,21 @@ def pooled(records: list[Mapping]) -> dict:
             "std_over_runs": statistics.pstdev(rates) if len(rates) > 1 else 0.0}
 
 
-def gamma_retention(checkpoint: Path, pretrained: Path, gamma: Mapping[str, torch.Tensor]) -> float:
-    """<theta - theta_pt, gamma> / |gamma|^2: how much of gamma the weights carry (alpha right after the merge)."""
+def along_gamma(checkpoint: Path, pretrained: Path, gamma: Mapping[str, torch.Tensor]) -> dict:
+    """Where a checkpoint sits relative to gamma: retention <theta - theta_pt, gamma> / |gamma|^2 (alpha right after
+    the merge, washed out toward 0) and distance |theta - theta_pt| / |gamma| (how large the moves are next to it)."""
     weights, base = open_checkpoint(checkpoint), open_checkpoint(pretrained)
     try:
-        dot = norm = 0.0
+        dot = gamma_sq = moved_sq = 0.0
         for name, g in gamma.items():
-            g = g.double()
-            dot += float(((weights[name].double() - base[name].double()) * g).sum())
-            norm += float((g * g).sum())
-        return dot / norm if norm else 0.0
+            g, moved = g.double(), weights[name].double() - base[name].double()
+            dot, gamma_sq, moved_sq = dot + float((moved * g).sum()), gamma_sq + float((g * g).sum()), \
+                moved_sq + float((moved * moved).sum())
     finally:
         weights.close()
         base.close()
+    return {"retention": dot / gamma_sq if gamma_sq else 0.0,
+            "distance": (moved_sq / gamma_sq) ** 0.5 if gamma_sq else 0.0}
 
 
 def run_timing(folder: Path) -> dict:
@@ -60,67 +62,70 @@ def run_timing(folder: Path) -> dict:
     parts = sorted({k for line in steady for k in line if k.startswith("time/")})
     wall = json.loads((folder / "wall.json").read_text())
     return {"step_ms": statistics.median(1000 / line["steps_per_s"] for line in steady),
-            "parts_ms": {k.removeprefix("time/").removesuffix("_ms"): statistics.median(line.get(k, 0.0) for line in steady)
+            "parts_ms": {k.removeprefix("time/").removesuffix("_ms"): statistics.median(line.get(k, 0.0)
+                                                                                        for line in steady)
                          for k in parts},
             "train_seconds": wall["seconds"], "steps": lines[-1]["step"]}
 
 
+def median_timing(runs: list[dict]) -> dict:
+    return {"step_ms": statistics.median(t["step_ms"] for t in runs),
+            "train_seconds": statistics.mean(t["train_seconds"] for t in runs), "steps": runs[0]["steps"],
+            "parts_ms": {part: statistics.median(t["parts_ms"].get(part, 0.0) for t in runs) for part in runs[0]["parts_ms"]}}
+
+
 def build_results(run) -> dict:
     """Every number of the run, from its stage folders, as one JSON-able dictionary."""
-    config = run.config
+    config, seeds, budgets, last = run.config, run.config.seeds, run.config.budgets, run.config.budgets[-1]
+    tasks = resolve_tasks(config.downstream_tasks)
     evaluations = json.loads(run.path("evaluate", "results.json").read_text())
-    seeds, budgets = config.seeds, config.budgets
 
-    success = {method: {variant: {str(b): pooled([evaluations[f"downstream/{method}/seed{s}/step{b}@{variant}"]
-                                                  for s in seeds]) for b in budgets}
-                        for variant in VARIANTS} for method in config.methods}
-    per_task = {method: {variant: {task: pooled([{"tasks": {task: evaluations[
-        f"downstream/{method}/seed{s}/step{budgets[-1]}@{variant}"]["tasks"][task]}} for s in seeds])
-        for task in resolve_tasks(config.downstream_tasks)} for variant in VARIANTS} for method in config.methods}
-    threshold = {method: {variant: next((b for b in budgets if success[method][variant][str(b)]["rate"]
-                                         >= config.success_threshold), None) for variant in VARIANTS}
-                 for method in config.methods}
-    timing = {method: [run_timing(run.path("downstream", method, f"seed{s}")) for s in seeds] for method in config.methods}
-    timing = {method: {"step_ms": statistics.median(t["step_ms"] for t in runs),
-                       "train_seconds": statistics.mean(t["train_seconds"] for t in runs),
-                       "parts_ms": {part: statistics.median(t["parts_ms"].get(part, 0.0) for t in runs)
-                                    for part in runs[0]["parts_ms"]},
-                       "steps": runs[0]["steps"]} for method, runs in timing.items()}
-    for name in ("pretrain", "extract/sft", "extract/aux"):
-        timing[name] = run_timing(run.path(*name.split("/")))
+    def evaluated(name: str, variant: str, task: str | None = None) -> dict:
+        record = evaluations[f"{name}@{variant}"]
+        return record if task is None else {"tasks": {task: record["tasks"][task]}}
 
-    gamma = open_vector(run.path("vector", "gamma"))
-    pretrained = run.path("pretrain", "policy")
-    last = budgets[-1]
-    retention = {method: [gamma_retention(run.path("downstream", method, f"seed{s}", "checkpoints", f"step_{last:07d}",
-                                                   "policy"), pretrained, gamma) for s in seeds]
-                 for method in config.methods}
-    ablations = {"alpha": [], "lambda": [], "long": {}}
-    for alpha in [config.alpha, *config.alphas]:
-        prefix = f"downstream/capvector/seed{seeds[0]}/step{last}@" if alpha == config.alpha else f"ablations/alpha{alpha:g}/step{last}@"
-        ablations["alpha"].append({"alpha": alpha, **{v: pooled([evaluations[prefix + v]]) for v in VARIANTS},
-                                   "theta_meta_retention": gamma_retention(merged_path(run, alpha), pretrained, gamma)})
-    for value in [config.orth_lambda, *config.lambdas]:
-        prefix = f"downstream/capvector/seed{seeds[0]}/step{last}@" if value == config.orth_lambda else f"ablations/lambda{value:g}/step{last}@"
-        ablations["lambda"].append({"lambda": value, **{v: pooled([evaluations[prefix + v]]) for v in VARIANTS}})
-    for method in ("meta_sft", "capvector"):
-        folder = run.path("ablations", f"long_{method}")
-        ablations["long"][method] = [
-            {"step": s, **{v: pooled([evaluations[f"ablations/long_{method}/step{s}@{v}"]]) for v in VARIANTS},
-             "retention": gamma_retention(folder / "checkpoints" / f"step_{s:07d}" / "policy", pretrained, gamma)}
-            for s in long_checkpoints(config)]
+    def downstream(method: str, seed: int, steps: int) -> str:
+        return f"downstream/{method}/seed{seed}/step{steps}"
 
-    vector = inspect(gamma, against=run.path("vector", "tau"), base=pretrained).to_dict()
-    gamma.close()
+    success = {m: {v: {str(b): pooled([evaluated(downstream(m, s, b), v) for s in seeds]) for b in budgets}
+                   for v in VARIANTS} for m in config.methods}
+    per_task = {m: {v: {t: pooled([evaluated(downstream(m, s, last), v, t) for s in seeds]) for t in tasks}
+                    for v in VARIANTS} for m in config.methods}
+    threshold = {m: {v: next((b for b in budgets if success[m][v][str(b)]["rate"] >= config.success_threshold), None)
+                     for v in VARIANTS} for m in config.methods}
+    timing = {m: median_timing([run_timing(run.path("downstream", m, f"seed{s}")) for s in seeds])
+              for m in config.methods}
+    timing |= {name: run_timing(run.path(*name.split("/"))) for name in ("pretrain", "extract/sft", "extract/aux")}
+
+    gamma, pretrained = open_vector(run.path("vector", "gamma")), run.path("pretrain", "policy")
+    try:
+        shift = {m: [along_gamma(checkpoint_folder(run.path("downstream", m, f"seed{s}"), last), pretrained, gamma)
+                     for s in seeds] for m in config.methods}
+        main = downstream("capvector", seeds[0], last)
+        alphas = [{"alpha": alpha, **{v: pooled([evaluated(main if alpha == config.alpha else
+                                                           f"ablations/alpha{alpha:g}/step{last}", v)]) for v in VARIANTS},
+                   "theta_meta_retention": along_gamma(merged_path(run, alpha), pretrained, gamma)["retention"]}
+                  for alpha in [config.alpha, *config.alphas]]
+        lambdas = [{"lambda": value, **{v: pooled([evaluated(main if value == config.orth_lambda else
+                                                             f"ablations/lambda{value:g}/step{last}", v)])
+                                        for v in VARIANTS}} for value in [config.orth_lambda, *config.lambdas]]
+        long = {m: [{"step": s, **{v: pooled([evaluated(f"ablations/long_{m}/step{s}", v)]) for v in VARIANTS},
+                     **along_gamma(checkpoint_folder(run.path("ablations", f"long_{m}"), s), pretrained, gamma)}
+                    for s in long_checkpoints(config)] for m in ("meta_sft", "capvector")}
+        vector = inspect(gamma, against=run.path("vector", "tau"), base=pretrained).to_dict()
+    finally:
+        gamma.close()
     return {
         "preset": config.preset, "note": config.note, "config": dataclasses.asdict(config),
         "methods": {m: METHODS[m][0] for m in config.methods},
-        "tasks": {split: resolve_tasks(getattr(config, f"{split}_tasks")) for split in ("pretrain", "extract", "downstream")},
+        "tasks": {split: resolve_tasks(getattr(config, f"{split}_tasks")) for split in SPLITS},
         "success": success, "success_per_task": per_task, "steps_to_threshold": threshold, "timing": timing,
         "gamma": {"norm": vector["total"]["norm"], "relative_to_pretrained": vector["total"]["relative_to_base"],
                   "cosine_with_tau": vector["total"]["cosine"], "layers": vector["layers"]},
-        "retention": {m: {"mean": statistics.mean(r), "per_seed": r} for m, r in retention.items()},
-        "ablations": ablations,
+        "along_gamma": {m: {"retention": statistics.mean(r["retention"] for r in rows),
+                            "distance": statistics.mean(r["distance"] for r in rows), "per_seed": rows}
+                        for m, rows in shift.items()},
+        "ablations": {"alpha": alphas, "lambda": lambdas, "long": long},
         "stage_seconds": {name: run.record(name).get("seconds") for name in STAGES},
     }
 
@@ -147,57 +152,57 @@ def comparison(name_a: str, a: Mapping, name_b: str, b: Mapping) -> str:
 
 
 def findings(results: Mapping) -> list[str]:
-    """Sentences chosen by the numbers: what the run supports and what it cannot say."""
-    success, config, methods = results["success"], results["config"], list(results["methods"])
-    last = str(config["budgets"][-1])
+    """Sentences chosen by the numbers: what this run supports and what it cannot say."""
+    config, success, timing = results["config"], results["success"], results["timing"]
+    last, labels = str(config["budgets"][-1]), results["methods"]
     out = []
-    all_rates = [c["rate"] for m in success.values() for v in m.values() for c in v.values()]
-    if max(all_rates) == 0:
-        out.append("No method solved any evaluation episode: at this size the policies did not learn the held-out "
-                   "tasks, so this run cannot compare the methods; it only shows that every stage ran.")
-    elif max(all_rates) < 0.1:
-        out.append(f"The best success rate anywhere is {100 * max(all_rates):.0f}%: too close to zero for the "
-                   "comparisons below to mean much.")
-    for variant, label in (("default", "in-domain"), ("new_env", "in the new environment")):
+    best = max(c["rate"] for m in success.values() for v in m.values() for c in v.values())
+    if best == 0:
+        out.append("No method solved any evaluation episode: the policies did not learn the held-out tasks at this "
+                   "size, so the run cannot rank the methods; it shows only that every stage ran.")
+    elif best < 0.1:
+        out.append(f"The best success rate anywhere is {100 * best:.0f}%: too close to zero for the comparisons below "
+                   "to mean much.")
+    for variant, where in (("default", "in-domain"), ("new_env", "in the new environment")):
         for other in ("sft", "aux", "meta_sft"):
-            if "capvector" in success and other in success:
-                out.append(f"At {last} steps {label}: " + comparison(
-                    "CapVector (d)", success["capvector"][variant][last], f"{other} ({'abc'['sft aux meta_sft'.split().index(other)]})",
-                    success[other][variant][last]) + ".")
-    if "capvector" in success and "sft" in success:
-        budgets = config["budgets"]
-        first = [b for b in budgets if success["capvector"]["default"][str(b)]["rate"] > success["sft"]["default"][str(b)]["rate"]]
-        out.append(f"CapVector's pooled in-domain success is above plain SFT's at {len(first)} of {len(budgets)} step "
-                   f"budgets ({', '.join(map(str, first)) or 'none'}); steps to reach "
-                   f"{100 * config['success_threshold']:.0f}%: CapVector "
-                   f"{results['steps_to_threshold']['capvector']['default'] or 'not reached'}, SFT "
-                   f"{results['steps_to_threshold']['sft']['default'] or 'not reached'}.")
-    timing = results["timing"]
-    if "aux" in timing and "sft" in timing:
-        out.append(f"Cost per training step: the auxiliary method takes {timing['aux']['step_ms'] / timing['sft']['step_ms']:.2f}x "
-                   f"plain SFT's time, CapVector {timing['capvector']['step_ms'] / timing['sft']['step_ms']:.2f}x "
-                   "(medians over seeds on a shared machine: other processes add noise to single runs).")
-    retention = results["retention"]
-    if "meta_sft" in retention and "capvector" in retention:
-        out.append(f"gamma retained after {last} steps (<theta - theta_pt, gamma> / |gamma|^2; alpha = "
-                   f"{config['alpha']:g} right after the merge): {retention['meta_sft']['mean']:.3f} without L_orth, "
-                   f"{retention['capvector']['mean']:.3f} with it, {retention['sft']['mean']:.3f} for SFT from theta_pt."
-                   if "sft" in retention else "")
+            out.append(f"At {last} steps {where}: " + comparison(
+                "CapVector (d)", success["capvector"][variant][last], labels[other].split(" ")[0] + " " + other,
+                success[other][variant][last]) + ".")
+    ahead = [b for b in config["budgets"]
+             if success["capvector"]["default"][str(b)]["rate"] > success["sft"]["default"][str(b)]["rate"]]
+    reached = results["steps_to_threshold"]
+    out.append(f"In-domain, CapVector's pooled success is above plain SFT's at {len(ahead)} of {len(config['budgets'])} "
+               f"step budgets ({', '.join(map(str, ahead)) or 'none'}); steps to reach "
+               f"{100 * config['success_threshold']:.0f}%: CapVector {reached['capvector']['default'] or 'not reached'}, "
+               f"SFT {reached['sft']['default'] or 'not reached'}, auxiliary SFT {reached['aux']['default'] or 'not reached'}.")
+    ratio = lambda a, b: timing[a]["step_ms"] / timing[b]["step_ms"]  # noqa: E731
+    out.append(f"Cost per training step: auxiliary SFT {ratio('aux', 'sft'):.2f}x plain SFT downstream and "
+               f"{ratio('extract/aux', 'extract/sft'):.2f}x in the extraction runs (same data and steps); CapVector "
+               f"{ratio('capvector', 'sft'):.2f}x. Medians of logged intervals on a shared machine: other processes "
+               "add noise, so differences of a few percent are not meaningful.")
+    shift = results["along_gamma"]
+    out.append(f"gamma retained after {last} steps (<theta - theta_pt, gamma> / |gamma|^2, {config['alpha']:g} right "
+               f"after the merge): {shift['meta_sft']['retention']:.3f} without L_orth, "
+               f"{shift['capvector']['retention']:.3f} with it, {shift['sft']['retention']:.3f} for SFT from theta_pt. "
+               f"The downstream runs moved the weights {shift['sft']['distance']:.1f} |gamma| from theta_pt (SFT), so "
+               + ("gamma is small next to a finetuning update here." if shift["sft"]["distance"] > 3 * config["alpha"]
+                  else "gamma is of the size of a finetuning update here."))
     long = results["ablations"]["long"]
-    if long.get("meta_sft") and long.get("capvector"):
-        a, b = long["meta_sft"][-1], long["capvector"][-1]
-        out.append(f"Long run ({a['step']} steps): retention {a['retention']:.3f} without L_orth vs {b['retention']:.3f} "
-                   f"with it; in-domain success " + comparison("with L_orth", b["default"], "without", a["default"]) + ".")
+    without, with_ = long["meta_sft"][-1], long["capvector"][-1]
+    out.append(f"Long run ({without['step']} steps): retention {without['retention']:.3f} without L_orth and "
+               f"{with_['retention']:.3f} with it" + (" (L_orth kept gamma, plain SFT washed part of it out)"
+                                                      if with_["retention"] - without["retention"] > 0.05 else "")
+               + "; in-domain success " + comparison("with L_orth", with_["default"], "without", without["default"]) + ".")
     gamma = results["gamma"]
-    out.append(f"|gamma| is {gamma['relative_to_pretrained']:.3g} of |theta_pt| and its cosine with the task vector "
+    out.append(f"|gamma| is {gamma['relative_to_pretrained']:.3g} of |theta_pt|; its cosine with the task vector "
                f"tau = theta_ft - theta_pt is {gamma['cosine_with_tau']:.3f}"
-               + (": gamma is largely along the task-fitting direction, so it may carry D_ext fitting rather than a "
+               + (": gamma lies largely along the task-fitting direction, so it may carry D_ext fitting rather than a "
                   "transferable capability." if abs(gamma["cosine_with_tau"]) > 0.3 else
-                  ": gamma is mostly a direction of its own, not the task-fitting one."))
-    out.append("Not shown here: whether these differences hold at the paper's scale (a large pretrained VLA, "
-               "LIBERO/RoboTwin, tens of thousands of steps); alpha and lambda were fixed by the preset before any "
-               "evaluation, and the sweeps below are reported, not used to pick them.")
-    return [line for line in out if line]
+                  ", so gamma is mostly a direction of its own rather than more of the task fitting."))
+    out.append("Not shown: whether any of this holds at the paper's scale (a large pretrained VLA, LIBERO/RoboTwin, "
+               "tens of thousands of steps). alpha and lambda were fixed by the preset before any evaluation; the "
+               "sweeps are reported, not used to choose them.")
+    return out
 
 
 def markdown(results: Mapping) -> str:
@@ -252,15 +257,18 @@ def markdown(results: Mapping) -> str:
               "| method | step | in-domain | new environment | gamma retained |", "|---|---|---|---|---|"]
     for method, rows in ablations["long"].items():
         for row in rows:
-            lines.append(f"| {results['methods'].get(method, method)} | {row['step']} | {fmt_cell(row['default'])} | "
+            lines.append(f"| {results['methods'][method]} | {row['step']} | {fmt_cell(row['default'])} | "
                          f"{fmt_cell(row['new_env'])} | {row['retention']:.3f} |")
     gamma = results["gamma"]
     lines += ["", "## The capability vector", "",
-              f"|gamma| = {gamma['norm']:.4g} ({gamma['relative_to_pretrained']:.3g} of |theta_pt|), cosine with tau "
-              f"= {gamma['cosine_with_tau']:.3f}. Per layer: `gamma_layers.png`. gamma retained after "
-              f"{budgets[-1]} steps (<theta - theta_pt, gamma> / |gamma|^2, mean over seeds): "
-              + ", ".join(f"{m} {r['mean']:.3f}" for m, r in results["retention"].items()) + ".", "",
-              "## What this shows and what it does not", ""]
+              f"|gamma| = {gamma['norm']:.4g} ({gamma['relative_to_pretrained']:.3g} of |theta_pt|), cosine with "
+              f"tau = {gamma['cosine_with_tau']:.3f}; per layer in `gamma_layers.png`. Where the downstream runs end "
+              f"after {budgets[-1]} steps (means over seeds):", "",
+              "| method | gamma retained: <theta - theta_pt, gamma> / abs(gamma)^2 | abs(theta - theta_pt) / abs(gamma) |",
+              "|---|---|---|"]
+    for method, shift in results["along_gamma"].items():
+        lines.append(f"| {results['methods'][method]} | {shift['retention']:.3f} | {shift['distance']:.2f} |")
+    lines += ["", "## What this shows and what it does not", ""]
     lines += [f"- {line}" for line in findings(results)]
     lines += ["", "Plots: `success_vs_steps.png`, `step_time.png`, `gamma_layers.png`. Every number is in "
               "`results.json`.", ""]

@@ -69,8 +69,8 @@ class ReproduceConfig:
     extract_tasks: list = field(default_factory=lambda: ["extract"])
     downstream_tasks: list = field(default_factory=lambda: ["downstream"])
     # Demonstrations per task and the seed of their placements (evaluation placements never overlap them).
-    pretrain_episodes: int = 20
-    extract_episodes: int = 20
+    pretrain_episodes: int = 15
+    extract_episodes: int = 15
     downstream_episodes: int = 10
     demo_seed: int = 0
     image_size: int = 64
@@ -79,10 +79,10 @@ class ReproduceConfig:
     batch_size: int = 32
     warmup_steps: int = 20
     train_seed: int = 0  # pretraining and extraction
-    pretrain_steps: int = 3000
+    pretrain_steps: int = 2000
     pretrain_lr: float = 5e-4
     # Extraction: sft and aux from theta_pt with identical settings; the auxiliary weight and layer.
-    extract_steps: int = 600
+    extract_steps: int = 500
     extract_lr: float = 3e-4
     aux_weight: float = 0.5
     aux_layer: str | None = None  # None: the policy's hook_layer (about 2/3 of the trunk)
@@ -96,13 +96,13 @@ class ReproduceConfig:
     lora_rank: int = 16
     orth_lambda: float = 10.0
     # Evaluation: episodes per task, checkpoint and variant on placements drawn from eval_seed.
-    eval_episodes: int = 10
+    eval_episodes: int = 5
     eval_seed: int = 0
     success_threshold: float = 0.5
     # Ablations (first seed, the largest budget): merge scales, regularizer weights, a long run.
     alphas: list = field(default_factory=lambda: [0.5, 2.0])
     lambdas: list = field(default_factory=lambda: [1.0, 100.0])
-    long_steps: int = 1600
+    long_steps: int = 1200
     workers: int = 2  # simulator processes for demonstrations and evaluation
     # torch CPU threads for training. Measured on 2 shared cores (load ~5): one thread ran the quick policy's step
     # 7x faster than two, which waited on each other; on an idle machine try 2. 0: torch's default.
@@ -127,7 +127,8 @@ PRESETS = {
              "nothing about the method",
     ),
     "full": ReproduceConfig(
-        note="full preset: 4 held-out tasks, 10 demonstrations each, 3 seeds, 10 episodes per task and checkpoint",
+        note="full preset: 12 pretraining tasks, 4 extraction and 4 held-out tasks, 10-15 demonstrations per task, "
+             "3 seeds, 5 episodes per task, seed and checkpoint (60 per table cell)",
     ),
     # The test suite's miniature: two tasks, a few steps, one episode per checkpoint.
     "test": ReproduceConfig(
@@ -362,6 +363,11 @@ def do_ablations(run: Run, plan: dict) -> dict:
     return do_training(run, plan)
 
 
+def checkpoint_folder(training_dir: Path, steps: int) -> Path:
+    """The policy a training run saved at `steps` (the engine's checkpoint layout)."""
+    return training_dir / "checkpoints" / f"step_{steps:07d}" / "policy"
+
+
 def checkpoints_to_evaluate(run: Run) -> dict[str, Path]:
     """name -> policy folder: every downstream budget of every method and seed, and every ablation checkpoint."""
     c = run.config
@@ -369,11 +375,11 @@ def checkpoints_to_evaluate(run: Run) -> dict[str, Path]:
     for method in c.methods:
         for seed in c.seeds:
             for steps in c.budgets:
-                found[f"downstream/{method}/seed{seed}/step{steps}"] = run.path(
-                    "downstream", method, f"seed{seed}", "checkpoints", f"step_{steps:07d}", "policy")
+                found[f"downstream/{method}/seed{seed}/step{steps}"] = checkpoint_folder(
+                    run.path("downstream", method, f"seed{seed}"), steps)
     for name, config in plan_ablations(run).items():
         for steps in (long_checkpoints(c) if name.startswith("long_") else (config.steps,)):
-            found[f"ablations/{name}/step{steps}"] = Path(config.out_dir, "checkpoints", f"step_{steps:07d}", "policy")
+            found[f"ablations/{name}/step{steps}"] = checkpoint_folder(Path(config.out_dir), steps)
     return found
 
 
@@ -541,17 +547,3 @@ def reproduce(preset: str | ReproduceConfig = "quick", out_dir: str | Path = "ru
     print(f"all stages done in {time.perf_counter() - started:.0f} s; report: {run.path('report', 'report.md')}")
     return run.root
 
-
-def add_arguments(parser) -> None:
-    """The options of `capvector reproduce`."""
-    parser.add_argument("--preset", default="quick", help=f"one of: {', '.join(PRESETS)} (default: quick)")
-    parser.add_argument("--out", default="runs/reproduce", help="parent folder of the run folder <out>/<preset>")
-    parser.add_argument("--force", action="append", default=[], metavar="STAGE",
-                        help=f"redo a stage (repeatable): {', '.join(STAGES)}")
-    parser.add_argument("--device", default="auto", help="training device: auto (CUDA when present), cpu, cuda")
-
-
-def command(args) -> Path:
-    root = reproduce(args.preset, args.out, args.force, args.device)
-    print(f"report: {root / 'report' / 'report.md'}")
-    return root
