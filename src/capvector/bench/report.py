@@ -287,10 +287,11 @@ def plot_success(results: Mapping, path: Path) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     budgets = results["config"]["budgets"]
     for ax, (variant, title) in zip(axes, (("default", "in-domain"), ("new_env", "new environment"))):
-        for method, label in results["methods"].items():
+        for i, (method, label) in enumerate(results["methods"].items()):
             cells = [results["success"][method][variant][str(b)] for b in budgets]
             rates = [c["rate"] for c in cells]
-            ax.errorbar(budgets, rates, yerr=[[r - c["low"] for r, c in zip(rates, cells)],
+            shift = 0.012 * budgets[-1] * (i - (len(results["methods"]) - 1) / 2)  # keep the error bars apart
+            ax.errorbar([b + shift for b in budgets], rates, yerr=[[r - c["low"] for r, c in zip(rates, cells)],
                                               [c["high"] - r for r, c in zip(rates, cells)]],
                         marker="o", capsize=3, label=label)
         ax.set_title(title)
