@@ -25,6 +25,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import shutil
 import time
 import uuid
@@ -103,7 +104,7 @@ class ReproduceConfig:
     alphas: list = field(default_factory=lambda: [0.5, 2.0])
     lambdas: list = field(default_factory=lambda: [1.0, 100.0])
     long_steps: int = 1200
-    workers: int = 2  # simulator processes for demonstrations and evaluation
+    workers: int = 0  # simulator processes for demonstrations and evaluation; 0: one per CPU core
     # torch CPU threads for training. Measured on 2 shared cores (load ~5): one thread ran the quick policy's step
     # 7x faster than two, which waited on each other; on an idle machine try 2. 0: torch's default.
     threads: int = 1
@@ -196,6 +197,7 @@ class Run:
 
     def __init__(self, config: ReproduceConfig, root: Path, device: str):
         self.config, self.root, self.device = config, root, device
+        self.workers = config.workers or os.cpu_count() or 1
         self._datasets: dict[tuple[str, bool], Any] = {}
 
     def path(self, *parts: str) -> Path:
@@ -270,7 +272,7 @@ def do_demos(run: Run, plan: dict) -> dict:
         if not run.demos(split).exists():  # written whole (renamed at the end): present means complete
             print(f"  {split}: {len(job['tasks'])} tasks x {job['episodes']} demonstrations")
             generate_demonstrations(run.demos(split), job["tasks"], job["episodes"], seed=job["seed"],
-                                    image_size=job["image_size"], workers=run.config.workers)
+                                    image_size=job["image_size"], workers=run.workers)
     return {split: recipe.dataset_info(run.demos(split))[0]["total_episodes"] for split in SPLITS}
 
 
@@ -327,7 +329,7 @@ def downstream_config(run: Run, out_dir: Path, method: str, seed: int, steps: in
                       orth_lambda: float | None = None) -> TrainConfig:
     c = run.config
     _, start, strategy, finetune = METHODS[method]
-    init_from = run.path("pretrain", "policy") if start == "pretrained" else merged_path(run, alpha or c.alpha)
+    init_from = run.path("pretrain", "policy") if start == "pretrained" else merged_path(run, c.alpha if alpha is None else alpha)
     fields = {}
     if strategy == "capvector":
         fields = {"vector": str(run.path("vector", "gamma")), "orth_lambda": c.orth_lambda if orth_lambda is None
@@ -428,7 +430,7 @@ def do_evaluate(run: Run, plan: dict) -> dict:
     results = read_json(path) or {}
     todo = [(task, variant, name) for variant in plan["variants"] for task in plan["tasks"]
             for name in plan["checkpoints"] if task not in results.get(f"{name}@{variant}", {}).get("tasks", {})]
-    per_job = max(1, math.ceil(len(todo) / (2 * max(1, run.config.workers))))  # 2 rounds: saved midway
+    per_job = max(1, math.ceil(len(todo) / (2 * run.workers)))  # 2 rounds: saved midway
     jobs = []
     for (task, variant), items in itertools.groupby(todo, key=lambda item: item[:2]):
         names = [name for _, _, name in items]
@@ -436,10 +438,10 @@ def do_evaluate(run: Run, plan: dict) -> dict:
                  for j in range(0, len(names), per_job)]
     done = 0
     started = time.perf_counter()
-    for i in range(0, len(jobs), run.config.workers):
+    for i in range(0, len(jobs), run.workers):
         batch = [(t, v, c, plan["episodes"], plan["seed"], run.config.image_size) for t, v, c in
-                 jobs[i:i + run.config.workers]]
-        for (task, variant, _, *_), rows in zip(batch, parallel_map(evaluate_checkpoints, batch, run.config.workers)):
+                 jobs[i:i + run.workers]]
+        for (task, variant, _, *_), rows in zip(batch, parallel_map(evaluate_checkpoints, batch, run.workers)):
             for name, counts in rows:
                 results.setdefault(f"{name}@{variant}", {"tasks": {}})["tasks"][task] = counts
                 done += 1
