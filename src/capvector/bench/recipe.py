@@ -59,13 +59,13 @@ def spatial(dataset: str, **args: object) -> SpatialObjective:
     return SpatialObjective(fovy=fovy, **args)
 
 
-def load_trained(path: str | Path, device: str = "cpu") -> Policy:
-    """A trained policy ready for evaluation: a policy folder, or a LoRA adapter folder merged into its base
-    (the folder its adapter_config.json names). `functools.partial(load_trained, path)` is a picklable factory."""
+def load_trained(path: str | Path, device: str = "cpu", base: str | Path | None = None) -> Policy:
+    """A trained policy ready for evaluation: a policy folder, or a LoRA adapter folder merged into `base` (default:
+    the folder its adapter_config.json names). `functools.partial(load_trained, path)` is a picklable factory."""
     path = Path(path)
     if not (path / ADAPTER_CONFIG).is_file():
         return Policy.from_pretrained(path, device).eval()
-    weights = open_checkpoint(path)
+    weights = open_checkpoint(path, base=base)
     try:
         policy = Policy(PolicyConfig.from_json(weights.base.root / CONFIG_NAME))
         policy.load_state_dict({name: weights[name] for name in weights})

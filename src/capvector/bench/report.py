@@ -19,7 +19,7 @@ from ..checkpoints import open_checkpoint
 from ..inspection import inspect
 from ..vectors import open_vector
 from .evaluation import wilson_interval
-from .reproduce import METHODS, SPLITS, STAGES, VARIANTS, checkpoint_folder, long_checkpoints, merged_path
+from .reproduce import METHODS, SPLITS, STAGES, VARIANTS, checkpoints_to_evaluate, long_checkpoints, merged_path
 from .tasks import resolve_tasks
 
 
@@ -38,19 +38,20 @@ def pooled(records: list[Mapping]) -> dict:
             "std_over_runs": statistics.pstdev(rates) if len(rates) > 1 else 0.0}
 
 
-def along_gamma(checkpoint: Path, pretrained: Path, gamma: Mapping[str, torch.Tensor]) -> dict:
+def along_gamma(checkpoint: str | Path, pretrained: Path, gamma: Mapping[str, torch.Tensor],
+                base: str | None = None) -> dict:
     """Where a checkpoint sits relative to gamma: retention <theta - theta_pt, gamma> / |gamma|^2 (alpha right after
     the merge, washed out toward 0) and distance |theta - theta_pt| / |gamma| (how large the moves are next to it)."""
-    weights, base = open_checkpoint(checkpoint), open_checkpoint(pretrained)
+    weights, start = open_checkpoint(checkpoint, base=base), open_checkpoint(pretrained)
     try:
         dot = gamma_sq = moved_sq = 0.0
         for name, g in gamma.items():
-            g, moved = g.double(), weights[name].double() - base[name].double()
+            g, moved = g.double(), weights[name].double() - start[name].double()
             dot, gamma_sq, moved_sq = dot + float((moved * g).sum()), gamma_sq + float((g * g).sum()), \
                 moved_sq + float((moved * moved).sum())
     finally:
         weights.close()
-        base.close()
+        start.close()
     return {"retention": dot / gamma_sq if gamma_sq else 0.0,
             "distance": (moved_sq / gamma_sq) ** 0.5 if gamma_sq else 0.0}
 
@@ -98,9 +99,14 @@ def build_results(run) -> dict:
     timing |= {name: run_timing(run.path(*name.split("/"))) for name in ("pretrain", "extract/sft", "extract/aux")}
 
     gamma, pretrained = open_vector(run.path("vector", "gamma")), run.path("pretrain", "policy")
+    where = checkpoints_to_evaluate(run)
+
+    def shifted(name: str) -> dict:
+        path, base = where[name]
+        return along_gamma(path, pretrained, gamma, base)
+
     try:
-        shift = {m: [along_gamma(checkpoint_folder(run.path("downstream", m, f"seed{s}"), last), pretrained, gamma)
-                     for s in seeds] for m in config.methods}
+        shift = {m: [shifted(downstream(m, s, last)) for s in seeds] for m in config.methods}
         main = downstream("capvector", seeds[0], last)
         alphas = [{"alpha": alpha, **{v: pooled([evaluated(main if alpha == config.alpha else
                                                            f"ablations/alpha{alpha:g}/step{last}", v)]) for v in VARIANTS},
@@ -110,7 +116,7 @@ def build_results(run) -> dict:
                                                              f"ablations/lambda{value:g}/step{last}", v)])
                                         for v in VARIANTS}} for value in [config.orth_lambda, *config.lambdas]]
         long = {m: [{"step": s, **{v: pooled([evaluated(f"ablations/long_{m}/step{s}", v)]) for v in VARIANTS},
-                     **along_gamma(checkpoint_folder(run.path("ablations", f"long_{m}"), s), pretrained, gamma)}
+                     **shifted(f"ablations/long_{m}/step{s}")}
                     for s in long_checkpoints(config)] for m in ("meta_sft", "capvector")}
         vector = inspect(gamma, against=run.path("vector", "tau"), base=pretrained).to_dict()
     finally:

@@ -370,19 +370,17 @@ def checkpoint_folder(training_dir: Path, steps: int) -> Path:
     return training_dir / "checkpoints" / f"step_{steps:07d}" / "policy"
 
 
-def checkpoints_to_evaluate(run: Run) -> dict[str, Path]:
-    """name -> policy folder: every downstream budget of every method and seed, and every ablation checkpoint."""
+def checkpoints_to_evaluate(run: Run) -> dict[str, tuple[str, str | None]]:
+    """name -> (policy folder, the base its LoRA adapter applies to or None): every downstream budget of every
+    method and seed, and the ablations' final (long runs: also halfway) checkpoints."""
     c = run.config
-    found = {}
-    for method in c.methods:
-        for seed in c.seeds:
-            for steps in c.budgets:
-                found[f"downstream/{method}/seed{seed}/step{steps}"] = checkpoint_folder(
-                    run.path("downstream", method, f"seed{seed}"), steps)
-    for name, config in plan_ablations(run).items():
-        for steps in (long_checkpoints(c) if name.startswith("long_") else (config.steps,)):
-            found[f"ablations/{name}/step{steps}"] = checkpoint_folder(Path(config.out_dir), steps)
-    return found
+    runs = {f"downstream/{name}": (config, c.budgets) for name, config in plan_downstream(run).items()}
+    runs |= {f"ablations/{name}": (config, long_checkpoints(c) if name.startswith("long_") else (config.steps,))
+             for name, config in plan_ablations(run).items()}
+    # the base comes from this run's folder, not the adapter's record: a moved run folder still evaluates
+    return {f"{name}/step{steps}": (str(checkpoint_folder(Path(config.out_dir), steps)),
+                                    config.init_from if config.finetune == "lora" else None)
+            for name, (config, budgets) in runs.items() for steps in budgets}
 
 
 def long_checkpoints(config: ReproduceConfig) -> tuple[int, int]:
@@ -392,13 +390,13 @@ def long_checkpoints(config: ReproduceConfig) -> tuple[int, int]:
 
 def plan_evaluate(run: Run) -> dict:
     c = run.config
-    return {"checkpoints": {name: str(path) for name, path in checkpoints_to_evaluate(run).items()},
+    return {"checkpoints": checkpoints_to_evaluate(run),
             "tasks": resolve_tasks(c.downstream_tasks), "episodes": c.eval_episodes, "seed": c.eval_seed,
             "variants": list(VARIANTS)}
 
 
-def evaluate_checkpoints(task: str, variant: str, checkpoints: list[tuple[str, str]], episodes: int, seed: int,
-                         image_size: int) -> list[tuple[str, dict]]:
+def evaluate_checkpoints(task: str, variant: str, checkpoints: list[tuple[str, tuple[str, str | None]]], episodes: int,
+                         seed: int, image_size: int) -> list[tuple[str, dict]]:
     """(name, {successes, episodes, mean_steps}) per checkpoint on `task` (runs in a worker: one simulator for all)."""
     from .evaluation import check_policy, run_episode
     from .sim import SimEnv, eval_placement_seed
@@ -408,8 +406,8 @@ def evaluate_checkpoints(task: str, variant: str, checkpoints: list[tuple[str, s
     torch.set_num_threads(1)  # batch-1 inference of a small model: extra threads only wait on each other (5x here)
     out = []
     try:
-        for name, path in checkpoints:
-            policy = recipe.load_trained(path)
+        for name, (path, base) in checkpoints:
+            policy = recipe.load_trained(path, base=base)
             check_policy(policy, env)
             outcomes = [run_episode(env, policy, eval_placement_seed(seed, e), record=False)[:2]
                         for e in range(episodes)]
