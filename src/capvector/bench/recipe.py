@@ -9,9 +9,9 @@
     auxiliary: capvector.bench.recipe:spatial
     auxiliary_args: {dataset: runs/demos/extract, weight: 0.5}
 
-`load_trained(path)` opens what the engine wrote (a policy folder, or a LoRA adapter folder applied to its
-base) for evaluation. A fresh policy takes its normalization bounds (q01/q99) and image size from the dataset; a loaded one keeps
-those in its config.json, so every finetune of theta_pt normalizes exactly as theta_pt did.
+A fresh policy takes its normalization bounds (q01/q99) and image size from the dataset; a loaded one keeps
+those in its config.json, so every finetune of theta_pt normalizes exactly as theta_pt did. `load_trained(path)`
+opens what the engine wrote (a policy folder, or a LoRA adapter folder applied to its base) for evaluation.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ def dataset_info(root: str | Path) -> tuple[dict, dict]:
 
 
 def policy(init_from: str | None, dataset: str | None = None, **config: object) -> Policy:
-    """The policy in `init_from`, or a new one normalized by `dataset`'s statistics with PolicyConfig fields `config`."""
+    """The policy in `init_from`, or a new one normalized by `dataset`'s statistics, with PolicyConfig fields
+    `config`."""
     if init_from is not None:
         if config:
             raise CapvectorError(f"policy_args {sorted(config)} shape a new policy, but init_from {init_from} is "

@@ -11,7 +11,6 @@ import json
 import statistics
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -72,7 +71,8 @@ def run_timing(folder: Path) -> dict:
 def median_timing(runs: list[dict]) -> dict:
     return {"step_ms": statistics.median(t["step_ms"] for t in runs),
             "train_seconds": statistics.mean(t["train_seconds"] for t in runs), "steps": runs[0]["steps"],
-            "parts_ms": {part: statistics.median(t["parts_ms"].get(part, 0.0) for t in runs) for part in runs[0]["parts_ms"]}}
+            "parts_ms": {part: statistics.median(t["parts_ms"].get(part, 0.0) for t in runs)
+                         for part in runs[0]["parts_ms"]}}
 
 
 def build_results(run) -> dict:
@@ -109,7 +109,8 @@ def build_results(run) -> dict:
         shift = {m: [shifted(downstream(m, s, last)) for s in seeds] for m in config.methods}
         main = downstream("capvector", seeds[0], last)
         alphas = [{"alpha": alpha, **{v: pooled([evaluated(main if alpha == config.alpha else
-                                                           f"ablations/alpha{alpha:g}/step{last}", v)]) for v in VARIANTS},
+                                                           f"ablations/alpha{alpha:g}/step{last}", v)])
+                                      for v in VARIANTS},
                    "theta_meta_retention": along_gamma(merged_path(run, alpha), pretrained, gamma)["retention"]}
                   for alpha in [config.alpha, *config.alphas]]
         lambdas = [{"lambda": value, **{v: pooled([evaluated(main if value == config.orth_lambda else
@@ -177,10 +178,11 @@ def findings(results: Mapping) -> list[str]:
     ahead = [b for b in config["budgets"]
              if success["capvector"]["default"][str(b)]["rate"] > success["sft"]["default"][str(b)]["rate"]]
     reached = results["steps_to_threshold"]
-    out.append(f"In-domain, CapVector's pooled success is above plain SFT's at {len(ahead)} of {len(config['budgets'])} "
-               f"step budgets ({', '.join(map(str, ahead)) or 'none'}); steps to reach "
-               f"{100 * config['success_threshold']:.0f}%: CapVector {reached['capvector']['default'] or 'not reached'}, "
-               f"SFT {reached['sft']['default'] or 'not reached'}, auxiliary SFT {reached['aux']['default'] or 'not reached'}.")
+    steps_to = {m: reached[m]["default"] or "not reached" for m in ("capvector", "sft", "aux")}
+    out.append(f"In-domain, CapVector's pooled success is above plain SFT's at {len(ahead)} of "
+               f"{len(config['budgets'])} step budgets ({', '.join(map(str, ahead)) or 'none'}); steps to reach "
+               f"{100 * config['success_threshold']:.0f}%: CapVector {steps_to['capvector']}, SFT {steps_to['sft']}, "
+               f"auxiliary SFT {steps_to['aux']}.")
     ratio = lambda a, b: timing[a]["step_ms"] / timing[b]["step_ms"]  # noqa: E731
     out.append(f"Cost per training step: auxiliary SFT {ratio('aux', 'sft'):.2f}x plain SFT downstream and "
                f"{ratio('extract/aux', 'extract/sft'):.2f}x in the extraction runs (same data and steps); CapVector "
@@ -198,7 +200,8 @@ def findings(results: Mapping) -> list[str]:
     out.append(f"Long run ({without['step']} steps): retention {without['retention']:.3f} without L_orth and "
                f"{with_['retention']:.3f} with it" + (" (L_orth kept gamma, plain SFT washed part of it out)"
                                                       if with_["retention"] - without["retention"] > 0.05 else "")
-               + "; in-domain success " + comparison("with L_orth", with_["default"], "without", without["default"]) + ".")
+               + "; in-domain success "
+               + comparison("with L_orth", with_["default"], "without", without["default"]) + ".")
     gamma = results["gamma"]
     out.append(f"|gamma| is {gamma['relative_to_pretrained']:.3g} of |theta_pt|; its cosine with the task vector "
                f"tau = theta_ft - theta_pt is {gamma['cosine_with_tau']:.3f}"
@@ -255,7 +258,7 @@ def markdown(results: Mapping) -> str:
     for row in ablations["alpha"]:
         lines.append(f"| {row['alpha']:g} | {fmt_cell(row['default'])} | {fmt_cell(row['new_env'])} | "
                      f"{row['theta_meta_retention']:.3f} |")
-    lines += ["", f"## Ablation: lambda (CapVector from theta_meta, seed {config['seeds'][0]}, {budgets[-1]} steps)", "",
+    lines += ["", f"## Ablation: lambda (CapVector, seed {config['seeds'][0]}, {budgets[-1]} steps)", "",
               "| lambda | in-domain | new environment |", "|---|---|---|"]
     for row in ablations["lambda"]:
         lines.append(f"| {row['lambda']:g} | {fmt_cell(row['default'])} | {fmt_cell(row['new_env'])} |")
@@ -270,7 +273,8 @@ def markdown(results: Mapping) -> str:
               f"|gamma| = {gamma['norm']:.4g} ({gamma['relative_to_pretrained']:.3g} of |theta_pt|), cosine with "
               f"tau = {gamma['cosine_with_tau']:.3f}; per layer in `gamma_layers.png`. Where the downstream runs end "
               f"after {budgets[-1]} steps (means over seeds):", "",
-              "| method | gamma retained: <theta - theta_pt, gamma> / abs(gamma)^2 | abs(theta - theta_pt) / abs(gamma) |",
+              "| method | gamma retained: <theta - theta_pt, gamma> / abs(gamma)^2 "
+              "| abs(theta - theta_pt) / abs(gamma) |",
               "|---|---|---|"]
     for method, shift in results["along_gamma"].items():
         lines.append(f"| {results['methods'][method]} | {shift['retention']:.3f} | {shift['distance']:.2f} |")

@@ -329,7 +329,8 @@ def downstream_config(run: Run, out_dir: Path, method: str, seed: int, steps: in
                       orth_lambda: float | None = None) -> TrainConfig:
     c = run.config
     _, start, strategy, finetune = METHODS[method]
-    init_from = run.path("pretrain", "policy") if start == "pretrained" else merged_path(run, c.alpha if alpha is None else alpha)
+    alpha = c.alpha if alpha is None else alpha
+    init_from = run.path("pretrain", "policy") if start == "pretrained" else merged_path(run, alpha)
     fields = {}
     if strategy == "capvector":
         fields = {"vector": str(run.path("vector", "gamma")), "orth_lambda": c.orth_lambda if orth_lambda is None
