@@ -2,6 +2,7 @@
 
     python benchmarks/ortho_overhead.py                   # ~3M and ~110M transformers, full and LoRA, on CPU
     python benchmarks/ortho_overhead.py --sizes small --repeats 9
+    python benchmarks/ortho_overhead.py --sizes "" --engine    # sft / aux / capvector through the training engine
 
 For each model and finetuning mode it times, interleaved on one model so that machine load hits all alike:
 `sft`, `fused` (backward, then reg.add_grad_), `autograd` (backward of task + lambda * reg.loss()) and `hard`
@@ -149,6 +150,62 @@ def measure(size: str, lora: bool, repeats: int, batch_size: int, length: int, l
             "hard_alone": 1 + statistics.median(alone["project_grad_+project_"]) / sft}
 
 
+def engine_step_ms(config) -> float:
+    """Median per-step wall time of a training run (log intervals after the first, so start-up is left out)."""
+    import json
+
+    from capvector.training import train
+
+    out = train(config)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return statistics.median(1000 / r["steps_per_s"] for r in records[1:])
+
+
+def measure_engine(workdir: str, steps: int, rounds: int, batch_size: int) -> dict[str, float]:
+    """The three strategies through the training engine on the embedded benchmark's policy and demonstrations:
+    per-step time of `aux` and `capvector` (full and LoRA) against `sft`, median over interleaved rounds."""
+    import dataclasses
+    from pathlib import Path
+
+    from capvector.bench.demos import generate_demonstrations
+    from capvector.config import TrainConfig
+    from capvector.training import train
+    from capvector.vectors import extract
+
+    work = Path(workdir)
+    demos = work / "demos"
+    if not demos.exists():
+        generate_demonstrations(demos, "reach-v3,push-v3", episodes_per_task=4, workers=2)
+    base = TrainConfig(policy="capvector.bench.recipe:policy", policy_args={"dataset": str(demos)},
+                       dataset="capvector.bench.recipe:dataset", dataset_args={"root": str(demos)},
+                       auxiliary="capvector.bench.recipe:spatial", auxiliary_args={"dataset": str(demos)},
+                       batch_size=batch_size, checkpoint_every=0, log_every=max(1, steps // 5), progress=False,
+                       tensorboard=False, time_parts=False, lr=1e-4)
+    start = work / "theta_pt"
+    if not (start / "policy").exists():  # a starting point, and a real gamma from two short runs
+        run = lambda name, **kw: train(dataclasses.replace(base, out_dir=str(work / name), steps=4, **kw))
+        run("theta_pt", strategy="sft")
+        for strategy in ("sft", "aux"):
+            run(f"extract_{strategy}", strategy=strategy, init_from=str(start / "policy"), policy_args={})
+        extract(work / "extract_aux" / "policy", work / "extract_sft" / "policy", work / "gamma")
+    common = dict(init_from=str(start / "policy"), policy_args={}, steps=steps, vector=str(work / "gamma"))
+    variants = {f"{strategy}_{finetune}": dict(strategy=strategy, finetune=finetune, **common)
+                for finetune in ("full", "lora") for strategy in ("sft", "aux", "capvector")}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for round_ in range(rounds):
+        for name, fields in variants.items():
+            out = work / f"run_{name}_{round_}"
+            times[name].append(engine_step_ms(dataclasses.replace(base, out_dir=str(out), **fields)))
+    result = {}
+    print(f"engine, benchmark policy, batch {batch_size}, {steps} steps x {rounds} rounds")
+    for name, values in times.items():
+        baseline = times["sft_" + name.split("_")[1]]
+        ratio = median_ratio(values, baseline)
+        result[f"engine_{name}_ms"], result[f"engine_{name}_vs_sft"] = statistics.median(values), ratio
+        print(f"  {name:15s} {statistics.median(values):8.1f} ms/step  x{ratio:.3f}")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="small,large")
@@ -158,17 +215,25 @@ def main() -> None:
     parser.add_argument("--lora-form", default="olora", choices=["olora", "exact"])
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); on a "
                         "machine shared with other jobs, 1 avoids OpenMP threads waiting on each other")
+    parser.add_argument("--engine", action="store_true", help="also time sft/aux/capvector through the training "
+                        "engine on the embedded benchmark's policy (makes a few demonstrations first)")
+    parser.add_argument("--engine-steps", type=int, default=30)
+    parser.add_argument("--engine-rounds", type=int, default=3)
+    parser.add_argument("--engine-batch", type=int, default=32)
+    parser.add_argument("--workdir", default="/tmp/capvector-ortho-bench")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}, "
           f"batch {args.batch} x {args.length} tokens")
     result = {}
-    for size in args.sizes.split(","):
+    for size in filter(None, args.sizes.split(",")):
         for lora in (False, True):
             ratios = measure(size, lora, args.repeats, args.batch, args.length, args.lora_form)
             mode = "lora" if lora else "full"
             result.update({f"{size}_{mode}_{k}": v for k, v in ratios.items()})
+    if args.engine:
+        result.update(measure_engine(args.workdir, args.engine_steps, args.engine_rounds, args.engine_batch))
     print("RESULT " + " ".join(f"{k}={v:.4f}" for k, v in result.items()))
 
 
