@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from capvector.bench import recipe
 from capvector.bench.configuration_policy import PolicyConfig
-from capvector.bench.modeling_policy import (Policy, load_policy, make_policy, masked_l1, normalize, tokenize,
-                                             unnormalize)
+from capvector.bench.modeling_policy import Policy, masked_l1, normalize, tokenize, unnormalize
+from capvector.bench.recipe import load_trained
 from capvector.bench.spatial import SpatialObjective, cosine_alignment_loss, patch_point_features, pixel_rays
 from capvector.errors import CapvectorError
 
@@ -81,14 +82,14 @@ def test_save_load_round_trip(policy, tmp_path):
     policy.save_pretrained(tmp_path / "policy")
     policy.save_pretrained(tmp_path / "policy")  # replaces the folder whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["policy"]
-    loaded = load_policy(tmp_path / "policy")
+    loaded = load_trained(tmp_path / "policy")
     assert loaded.config == config
     batch = synthetic_batch()
     assert torch.equal(loaded.predict_normalized(batch), policy.predict_normalized(batch))
     observation = {key: value[0].numpy() for key, value in batch.items()
                    if key.startswith("observation.images") or key == "observation.state"}
     observation["instruction"] = batch["instruction"][0]
-    chunk = pickle.loads(pickle.dumps(functools.partial(load_policy, tmp_path / "policy")))().predict_chunk(observation)
+    chunk = pickle.loads(pickle.dumps(functools.partial(load_trained, tmp_path / "policy")))().predict_chunk(observation)
     assert chunk.shape == (8, 4) and np.abs(chunk).max() <= 1
     assert np.array_equal(chunk, policy.predict_chunk(observation))
 
@@ -102,14 +103,15 @@ def test_from_pretrained_names_the_problem(tmp_path):
         Policy.from_pretrained(tmp_path / "small")
 
 
-def test_make_policy_for_the_training_engine(tmp_path):
-    assert make_policy(dim=64).config.dim == 64
+def test_policy_factory_for_the_training_engine(tmp_path):
     Policy(PolicyConfig(dim=64)).save_pretrained(tmp_path / "policy")
-    assert make_policy(str(tmp_path / "policy")).config.dim == 64
-    with pytest.raises(CapvectorError, match="drop the overrides"):
-        make_policy(str(tmp_path / "policy"), dim=32)
-    with pytest.raises(CapvectorError, match="does not exist"):
-        make_policy(dataset=tmp_path / "no-such-dataset")
+    assert recipe.policy(str(tmp_path / "policy")).config.dim == 64
+    with pytest.raises(CapvectorError, match="drop them"):
+        recipe.policy(str(tmp_path / "policy"), dim=32)
+    with pytest.raises(CapvectorError, match="policy_args.dataset"):
+        recipe.policy(None, dim=32)
+    with pytest.raises(CapvectorError, match="no-such-dataset"):
+        recipe.policy(None, dataset=str(tmp_path / "no-such-dataset"))
 
 
 def test_benchmark_instructions_get_distinct_word_ids():
@@ -195,13 +197,12 @@ def test_policy_overfits_demonstrations_and_succeeds_closed_loop(tmp_path):
     demos = pytest.importorskip("capvector.bench.demos")
     from capvector.bench.dataset import DemoDataset
     from capvector.bench.evaluation import run_episode
-    from capvector.bench.modeling_policy import make_policy
     from capvector.bench.sim import SimEnv
 
     root = demos.generate_demonstrations(tmp_path / "demos", tasks="reach-v3", episodes_per_task=2, workers=1)
     dataset = DemoDataset(root, depth=False)
     torch.manual_seed(0)
-    policy = make_policy(dataset=root)
+    policy = recipe.policy(None, dataset=str(root))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3, weight_decay=0.0)
     loader = torch.utils.data.DataLoader(dataset, batch_size=16, shuffle=True, drop_last=True)
     losses = []
@@ -215,7 +216,7 @@ def test_policy_overfits_demonstrations_and_succeeds_closed_loop(tmp_path):
     assert np.mean(losses[:10]) > 0.3 and np.mean(losses[-20:]) < 0.08
     policy.save_pretrained(tmp_path / "policy")
 
-    loaded = functools.partial(load_policy, tmp_path / "policy")()
+    loaded = functools.partial(load_trained, tmp_path / "policy")()
     env = SimEnv("reach-v3")
     successes = [run_episode(env, loaded, episode["placement_seed"], record=False)[0] for episode in dataset.episodes]
     env.close()

@@ -237,24 +237,3 @@ class Policy(nn.Module):
                                  f"{missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
         policy.load_state_dict(weights)
         return policy.to(device)
-
-
-def make_policy(init_from: str | Path | None = None, dataset: str | Path | None = None, **config) -> Policy:
-    """The training engine's policy factory: the saved policy `init_from`, else a new one normalized by
-    the stats of the dataset folder `dataset`, with `config` overriding PolicyConfig's defaults."""
-    if init_from is not None:
-        if config or dataset is not None:
-            raise CapvectorError(f"policy: init_from {init_from} fixes the policy; drop the overrides {sorted(config)}"
-                                 f"{' and dataset' if dataset is not None else ''}")
-        return Policy.from_pretrained(init_from)
-    if dataset is None:
-        return Policy(PolicyConfig(**config))
-    from .dataset import read_meta
-
-    stats = read_meta(Path(dataset))[3]
-    return Policy(PolicyConfig.from_dataset_stats(stats, **config))
-
-
-def load_policy(path: str | Path, device: str = "cpu") -> Policy:
-    """A saved policy ready for evaluation; `functools.partial(load_policy, path)` is a picklable factory."""
-    return Policy.from_pretrained(path, device).eval()

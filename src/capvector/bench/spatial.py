@@ -125,11 +125,3 @@ class SpatialObjective(AuxiliaryObjective):
 
     def compute(self, features: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
         return cosine_alignment_loss(self.projector(features[:, self._visual]), self.targets(batch))
-
-
-def spatial_objective(dataset: str | Path, **options) -> SpatialObjective:
-    """The training engine's auxiliary factory: the cameras' fields of view come from the dataset's meta."""
-    from .dataset import read_meta
-
-    cameras = read_meta(Path(dataset))[0]["capvector"]["cameras"]
-    return SpatialObjective({camera: facts["fovy"] for camera, facts in cameras.items()}, **options)
