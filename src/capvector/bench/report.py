@@ -205,9 +205,11 @@ def findings(results: Mapping) -> list[str]:
     gamma = results["gamma"]
     out.append(f"|gamma| is {gamma['relative_to_pretrained']:.3g} of |theta_pt|; its cosine with the task vector "
                f"tau = theta_ft - theta_pt is {gamma['cosine_with_tau']:.3f}"
-               + (": gamma lies largely along the task-fitting direction, so it may carry D_ext fitting rather than a "
-                  "transferable capability." if abs(gamma["cosine_with_tau"]) > 0.3 else
-                  ", so gamma is mostly a direction of its own rather than more of the task fitting."))
+               + (": gamma lies largely along the task-fitting direction, so it may carry more D_ext fitting rather "
+                  "than a transferable capability." if gamma["cosine_with_tau"] > 0.3 else
+                  ": gamma points partly against the task-fitting direction (the auxiliary run fitted D_ext's actions "
+                  "less), so adding it also undoes part of a finetuning update." if gamma["cosine_with_tau"] < -0.3 else
+                  ", so gamma is mostly a direction of its own rather than more (or less) of the task fitting."))
     out.append("Not shown: whether any of this holds at the paper's scale (a large pretrained VLA, LIBERO/RoboTwin, "
                "tens of thousands of steps). alpha and lambda were fixed by the preset before any evaluation; the "
                "sweeps are reported, not used to choose them.")
