@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from checkpoint_factory import perturbed, random_state, write_checkpoint
@@ -27,8 +28,8 @@ def test_every_command_is_listed():
 
 
 def test_console_script_exit_codes(tmp_path):
-    script = shutil.which("capvector")
-    assert script, "the capvector console script is not installed"
+    script = Path(sys.executable).with_name("capvector")  # installed beside the interpreter, on PATH or not
+    assert script.is_file(), "the capvector console script is not installed"
     pt = random_state({"w": (8, 4)})
     write_checkpoint(tmp_path / "ft", pt)
     write_checkpoint(tmp_path / "ao", perturbed(pt, 1))
