@@ -7,7 +7,8 @@ config.json), random weights, nothing downloaded; then, each in a fresh process 
   - mergekit's task_arithmetic (pt + (ao - pt) - (ft - pt), the same theta_meta) when mergekit is installed in a
     separate environment:  python3 -m venv .venv-mergekit && .venv-mergekit/bin/pip install torch==2.13.0 mergekit
     (torch first, so that pip does not pull a CUDA build), then pass --mergekit .venv-mergekit.
-Files are read from the page cache when the machine has the memory for it (both ours and the floors alike).
+Before each measurement, earlier outputs are flushed (sync) and its inputs read once, so that every one of them,
+ours and the floors alike, starts with its inputs in the page cache and no writeback pending.
 
   python benchmarks/merge_throughput.py [--layers 16 8] [--workdir /tmp/capvector-bench] [--mergekit .venv-mergekit]
 """
@@ -120,7 +121,17 @@ print(json.dumps({"seconds": seconds, "peak_rss_gb": peak_kb / 2**20}))
 """
 
 
-def run_child(op: str, python: str = sys.executable, argv: list[str] | None = None, **args) -> dict:
+def settle(inputs: list[str]) -> None:
+    """The same start for every measurement: earlier outputs flushed to disk, this one's inputs in the page cache."""
+    os.sync()
+    for path in inputs:
+        with open(path, "rb", buffering=0) as f:
+            while f.read(64 << 20):
+                pass
+
+
+def run_child(op: str, inputs: list[str], python: str = sys.executable, argv: list[str] | None = None, **args) -> dict:
+    settle(inputs)
     command = argv or [python, "-c", CHILD, op, json.dumps(args)]
     begin = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -155,8 +166,8 @@ def measure(workdir: Path, layers: int, mergekit: Path | None) -> dict:
     out = Path(tempfile.mkdtemp(dir=workdir))
     result = {"layers": layers, "params_b": params / 1e9, "model_gb": bytes_of(weight_files(root / "pt")) / 1e9}
 
-    def timed(label: str, op: str, moved: int, **args) -> None:
-        run = run_child(op, **args)
+    def timed(label: str, op: str, moved: int, inputs: list[str], **args) -> None:
+        run = run_child(op, inputs, **args)
         run["gb_per_s"] = moved / run["seconds"] / 1e9
         result[label] = run
         print(f"  {label:<16} {run['seconds']:6.2f} s  {run['gb_per_s']:5.2f} GB/s  peak RSS {run['peak_rss_gb']:.2f} GB",
@@ -165,20 +176,22 @@ def measure(workdir: Path, layers: int, mergekit: Path | None) -> dict:
     ao, ft, pt = weight_files(root / "ao"), weight_files(root / "ft"), weight_files(root / "pt")
     moved = bytes_of(ao) + bytes_of(ft) + bytes_of(ao)  # read two models, write one of the same size
     print(f"{layers} layers, {result['params_b']:.2f} B parameters, {result['model_gb']:.2f} GB per model")
-    timed("extract_floor", "floor", moved, read_only=ft, copy=ao, out=str(out / "floor_extract"))
-    timed("extract", "extract", moved, aux=str(root / "ao"), sft=str(root / "ft"), out=str(out / "gamma"), hash=False)
-    timed("extract_hashed", "extract", moved, aux=str(root / "ao"), sft=str(root / "ft"), out=str(out / "gamma_h"), hash=True)
+    timed("extract_floor", "floor", moved, ao + ft, read_only=ft, copy=ao, out=str(out / "floor_extract"))
+    timed("extract", "extract", moved, ao + ft, aux=str(root / "ao"), sft=str(root / "ft"), out=str(out / "gamma"),
+          hash=False)
+    timed("extract_hashed", "extract", moved, ao + ft, aux=str(root / "ao"), sft=str(root / "ft"),
+          out=str(out / "gamma_h"), hash=True)
     gamma = weight_files(out / "gamma")
     moved = bytes_of(pt) + bytes_of(gamma) + bytes_of(pt)
-    timed("merge_floor", "floor", moved, read_only=gamma, copy=pt, out=str(out / "floor_merge"))
-    timed("merge", "merge", moved, pt=str(root / "pt"), vector=str(out / "gamma"), out=str(out / "meta"))
+    timed("merge_floor", "floor", moved, pt + gamma, read_only=gamma, copy=pt, out=str(out / "floor_merge"))
+    timed("merge", "merge", moved, pt + gamma, pt=str(root / "pt"), vector=str(out / "gamma"), out=str(out / "meta"))
     if mergekit:
         config = out / "mergekit.yml"
         config.write_text(f"merge_method: task_arithmetic\nbase_model: {root / 'pt'}\ndtype: bfloat16\nmodels:\n"
                           f"  - model: {root / 'ao'}\n    parameters: {{weight: 1.0}}\n"
                           f"  - model: {root / 'ft'}\n    parameters: {{weight: -1.0}}\n")
         argv = [str(mergekit / "bin" / "mergekit-yaml"), str(config), str(out / "mergekit_out"), "--lazy-unpickle"]
-        timed("mergekit", "mergekit", moved, argv=argv)
+        timed("mergekit", "mergekit", moved, pt + ao + ft, argv=argv)
         check = subprocess.run([sys.executable, "-c", (
             "import sys, torch; from capvector.checkpoints import open_checkpoint as o;"
             "a, b = o(sys.argv[1]), o(sys.argv[2]); n = 'model.layers.0.mlp.up_proj.weight';"

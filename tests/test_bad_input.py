@@ -101,6 +101,16 @@ def test_nan_in_an_input(models, capsys):
     assert digest(tmp / "ao_nan") == before  # inputs are never modified
 
 
+def test_nan_in_the_pretrained_model_stops_a_merge(models, capsys):
+    tmp, states = models
+    main(["extract", "--aux", str(tmp / "ao"), "--sft", str(tmp / "ft"), "-o", str(tmp / "gamma")])
+    pt = dict(states["pt"], **{"layers.1.weight": torch.full((16, 64), float("inf"))})
+    write_checkpoint(tmp / "pt_inf", pt, "sharded")
+    message = run_cli(capsys, "merge", "--pretrained", tmp / "pt_inf", "--vector", tmp / "gamma", "-o", tmp / "out")
+    assert "layers.1.weight" in message and "NaN or Inf" in message and "pt_inf" in message
+    assert_nothing_left(tmp / "out")
+
+
 def test_output_exists_or_overlaps_an_input(models, capsys):
     tmp, _ = models
     before = digest(tmp / "ft")

@@ -92,7 +92,8 @@ def evaluate_chunk(tensor: OutputTensor, start: int, stop: int, statistics: bool
     """(the rows' bytes in the output dtype, the sum of squares of the stored values or nan).
 
     Computed rows are checked for NaN/Inf through a cheap reduction (their sum of squares with `statistics`, else
-    their sum), and only searched element by element when it is not finite. Rows copied byte for byte are not checked.
+    their min and max, which propagate NaN, in one pass over the stored dtype), and only searched element by element
+    when it is not finite. Rows copied byte for byte are not checked.
     """
     source = tensor.source
     stored = source.read_native(start, stop) if source.dtype == tensor.dtype else None
@@ -106,7 +107,7 @@ def evaluate_chunk(tensor: OutputTensor, start: int, stop: int, statistics: bool
         values = stored.to(torch.float32)
         sumsq = check = float(torch.dot(values, values))
     else:
-        sumsq, check = math.nan, float(stored.sum(dtype=torch.float32))
+        sumsq, check = math.nan, float(torch.stack(torch.aminmax(stored)).float().sum())
     if not math.isfinite(check):
         ensure_finite(source, stored, start, stop)
     return stored.view(torch.uint8), sumsq
