@@ -11,7 +11,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from capvector.checkpoints import open_checkpoint
-from capvector.errors import CapvectorError
 from capvector.inspection import inspect, layer_of
 from capvector.lowrank import truncated_svd
 from capvector.merging import alpha_for, merge, parse_alpha_arguments

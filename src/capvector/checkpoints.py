@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .errors import CapvectorError
-from .lazy import SAFETENSORS_DTYPES, Combination, InMemoryTensor, LazyTensor, LoraDelta, StoredTensor
+from .lazy import SAFETENSORS_DTYPES, Combination, InMemoryTensor, LazyTensor, LazyTensorMapping, LoraDelta, StoredTensor
 
 SAFETENSORS_SUFFIX = ".safetensors"
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
@@ -36,7 +35,7 @@ class WeightFile:
 
 
 @dataclass
-class Checkpoint(Mapping[str, torch.Tensor]):
+class Checkpoint(LazyTensorMapping):
     """A lazily read checkpoint. `checkpoint[name]` reads one tensor; `checkpoint.lazy(name)` gives it unread."""
 
     root: Path  # a folder, or the file itself for single-file checkpoints
@@ -47,18 +46,6 @@ class Checkpoint(Mapping[str, torch.Tensor]):
     base: Checkpoint | None = None  # the base model of a LoRA adapter
     sources: list[Path] = field(default_factory=list)  # every file whose bytes make up the tensors
     _fds: list[int] = field(default_factory=list, repr=False)
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.tensors[name].materialize()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.tensors)
-
-    def __len__(self) -> int:
-        return len(self.tensors)
-
-    def lazy(self, name: str) -> LazyTensor:
-        return self.tensors[name]
 
     @property
     def is_folder(self) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
@@ -186,3 +186,22 @@ class Combination(LazyTensor):
             return a_rows
         b_rows = rest[0][1].read_native(start, stop)
         return None if b_rows is None else torch.add(a_rows, b_rows, alpha=rest[0][0])
+
+
+class LazyTensorMapping(Mapping[str, torch.Tensor]):
+    """Names to tensors read only when asked for (`mapping[name]`); `lazy(name)` gives the tensor unread.
+    Subclasses (a checkpoint, a capability vector) set `self.tensors`."""
+
+    tensors: dict[str, LazyTensor]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name].materialize()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def lazy(self, name: str) -> LazyTensor:
+        return self.tensors[name]

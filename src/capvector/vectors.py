@@ -16,7 +16,7 @@ import json
 import math
 import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ import torch
 from . import __version__
 from .checkpoints import Checkpoint, open_checkpoint
 from .errors import CapvectorError
-from .lazy import SAFETENSORS_DTYPES, Combination, LazyTensor, LowRankTensor, row_chunks
+from .lazy import SAFETENSORS_DTYPES, Combination, LazyTensor, LazyTensorMapping, LowRankTensor, row_chunks
 from .lowrank import Factorization
 from .streaming import OutputFile, OutputTensor, atomic_output, ensure_finite, rewrite_safetensors_metadata, write_files
 
@@ -36,7 +36,7 @@ MAX_SHARD_BYTES = 5_000_000_000
 REDUCE_CHUNK_ELEMENTS = 4 << 20
 
 
-class CapabilityVector(Mapping[str, torch.Tensor]):
+class CapabilityVector(LazyTensorMapping):
     """A mapping from parameter name to a tensor of the vector, read on demand.
 
     Arithmetic (`a + b`, `a - b`, `2.0 * a`) builds new lazy vectors without reading anything; reductions (`dot`,
@@ -48,18 +48,6 @@ class CapabilityVector(Mapping[str, torch.Tensor]):
         self.tensors = dict(tensors)
         self.metadata = metadata or {}
         self._checkpoints = list(checkpoints)  # kept open while this vector (or one built from it) is used
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.tensors[name].materialize()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.tensors)
-
-    def __len__(self) -> int:
-        return len(self.tensors)
-
-    def lazy(self, name: str) -> LazyTensor:
-        return self.tensors[name]
 
     def close(self) -> None:
         for checkpoint in self._checkpoints:
