@@ -42,7 +42,6 @@ class Checkpoint(LazyTensorMapping):
     files: list[WeightFile]
     tensors: dict[str, LazyTensor]
     index_name: str | None = None  # e.g. "model.safetensors.index.json" for sharded checkpoints
-    index_metadata: dict = field(default_factory=dict)
     base: Checkpoint | None = None  # the base model of a LoRA adapter
     sources: list[Path] = field(default_factory=list)  # every file whose bytes make up the tensors
     _fds: list[int] = field(default_factory=list, repr=False)
@@ -155,10 +154,10 @@ def _open_torch_file(path: Path) -> tuple[WeightFile, dict[str, LazyTensor]]:
     return WeightFile(path.name, list(state), None, "torch"), tensors
 
 
-def _open_files(root: Path, names: list[str], index_name: str | None, index_metadata: dict,
+def _open_files(root: Path, names: list[str], index_name: str | None,
                 weight_map: dict[str, str] | None) -> Checkpoint:
     folder = root if root.is_dir() else root.parent
-    checkpoint = Checkpoint(root=root, files=[], tensors={}, index_name=index_name, index_metadata=index_metadata)
+    checkpoint = Checkpoint(root=root, files=[], tensors={}, index_name=index_name)
     try:
         for name in names:
             path = folder / name
@@ -195,7 +194,7 @@ def _open_index(index_path: Path) -> Checkpoint:
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise CapvectorError(f"{index_path}: not a valid shard index (needs a 'weight_map'): {error}") from None
     shards = list(dict.fromkeys(weight_map.values()))
-    return _open_files(index_path.parent, shards, index_path.name, index.get("metadata", {}), weight_map)
+    return _open_files(index_path.parent, shards, index_path.name, weight_map)
 
 
 def _find_weights(folder: Path) -> Path:
@@ -231,7 +230,7 @@ def open_checkpoint(path: str | os.PathLike, base: str | os.PathLike | Checkpoin
         return _open_index(weights)
     if not weights.name.endswith((SAFETENSORS_SUFFIX, *TORCH_SUFFIXES)):
         raise CapvectorError(f"{path}: unknown checkpoint format; expected .safetensors, .bin, .pt or a folder")
-    return _open_files(path, [weights.name], None, {}, None)
+    return _open_files(path, [weights.name], None, None)
 
 
 # --- PEFT LoRA adapters -------------------------------------------------------------------------------------------
@@ -272,7 +271,7 @@ def open_lora_adapter(adapter: Path, base=None) -> Checkpoint:
     weights = next((adapter / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (adapter / n).is_file()), None)
     if weights is None:
         raise CapvectorError(f"{adapter}: adapter_config.json found but no adapter_model.safetensors (or .bin)")
-    adapter_checkpoint = _open_files(weights, [weights.name], None, {}, None)
+    adapter_checkpoint = _open_files(weights, [weights.name], None, None)
     base_checkpoint = _resolve_base(adapter, config, base)
     try:
         tensors = dict(base_checkpoint.tensors)
@@ -305,7 +304,7 @@ def open_lora_adapter(adapter: Path, base=None) -> Checkpoint:
         base_checkpoint.close()
         raise
     return Checkpoint(root=adapter, files=base_checkpoint.files, tensors=tensors, index_name=base_checkpoint.index_name,
-                      index_metadata=base_checkpoint.index_metadata, base=base_checkpoint,
+                      base=base_checkpoint,
                       sources=[weights, adapter / ADAPTER_CONFIG, *base_checkpoint.sources], _fds=adapter_checkpoint._fds)
 
 
