@@ -109,10 +109,12 @@ def inspect(vector: str | os.PathLike | CapabilityVector, against: str | os.Path
     if base is not None:
         checkpoint = open_checkpoint(base)
         base_vector = CapabilityVector({n: checkpoint.lazy(n) for n in gamma if n in checkpoint}, checkpoints=[checkpoint])
-    norms = gamma.tensor_dots()
+    products = gamma.tensor_products(other) if other else {}  # one pass over both for the shared tensors
+    norms = {name: aa for name, (aa, _, _) in products.items()}
+    norms |= CapabilityVector({n: t for n, t in gamma.tensors.items() if n not in products}).tensor_dots()
+    other_norms = {name: bb for name, (_, bb, _) in products.items()}
+    dots = {name: ab for name, (_, _, ab) in products.items()}
     base_norms = base_vector.tensor_dots() if base_vector else {}
-    other_norms = other.tensor_dots() if other else {}
-    dots = gamma.tensor_dots(other) if other else {}
     rows = []
     for name in gamma:
         rows.append(Row(name, gamma.lazy(name).numel, math.sqrt(norms[name]),

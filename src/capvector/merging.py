@@ -62,6 +62,8 @@ def merge(pretrained: str | os.PathLike | Checkpoint, vector: str | os.PathLike 
                 "is --pretrained the model the vector was extracted from?"
             )
         scales = {name: alpha_for(name, alpha, patterns) for name in gamma}
+        record = _record(base, gamma, alpha, patterns)
+        header_record = {"capvector_merge": json.dumps(record, separators=(",", ":"))}
         files = []
         for file in base.files:
             tensors = []
@@ -70,8 +72,7 @@ def merge(pretrained: str | os.PathLike | Checkpoint, vector: str | os.PathLike 
                 if scales.get(name, 0.0) != 0.0:
                     source = Combination([(1.0, source), (scales[name], gamma.lazy(name))], dtype=source.dtype)
                 tensors.append(OutputTensor(name, source, source.dtype))
-            record = {"capvector_merge": json.dumps(_record(base, gamma, alpha, patterns), separators=(",", ":"))}
-            metadata = {**(file.metadata or {}), **record} if file.format == "safetensors" else None
+            metadata = {**(file.metadata or {}), **header_record} if file.format == "safetensors" else None
             files.append(OutputFile(file.name, tensors, metadata, file.format))
         output = Path(output)
         if not base.is_folder:
@@ -81,7 +82,7 @@ def merge(pretrained: str | os.PathLike | Checkpoint, vector: str | os.PathLike 
             write_files(folder, files, statistics=False, description=f"merging into {output.name}")
             if base.is_folder:
                 _copy_other_files(_weights_folder(base), folder, base)
-                (folder / MERGE_RECORD).write_text(json.dumps(_record(base, gamma, alpha, patterns), indent=2) + "\n")
+                (folder / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         return output
     finally:
         if not isinstance(vector, CapabilityVector):

@@ -80,20 +80,24 @@ class CapabilityVector(LazyTensorMapping):
 
     # --- reductions -------------------------------------------------------------------------------------------------
 
-    def tensor_dots(self, other: CapabilityVector | None = None) -> dict[str, float]:
-        """Per shared tensor, <self, other> (or |self|^2 when other is None), streamed in float32 chunks."""
-        other = other or self
-        dots = {}
+    def tensor_products(self, other: CapabilityVector) -> dict[str, tuple[float, float, float]]:
+        """Per shared tensor (|self|^2, |other|^2, <self, other>), in one streamed pass over both."""
+        products = {}
         for name in self.tensors.keys() & other.tensors.keys():
             a, b = self.tensors[name], other.tensors[name]
             if a.numel != b.numel:
                 raise CapvectorError(f"tensor '{name}' has shape {list(a.shape)} in one vector and {list(b.shape)} in the other")
-            total = 0.0
+            aa = bb = ab = 0.0
             for start, stop in row_chunks(a, REDUCE_CHUNK_ELEMENTS):
                 x = a.read(start, stop).reshape(-1)
-                total += float(torch.dot(x, x if b is a else b.read(start, stop).reshape(-1)))
-            dots[name] = total
-        return dots
+                y = x if b is a else b.read(start, stop).reshape(-1)
+                aa, bb, ab = aa + float(torch.dot(x, x)), bb + float(torch.dot(y, y)), ab + float(torch.dot(x, y))
+            products[name] = (aa, bb, ab)
+        return products
+
+    def tensor_dots(self, other: CapabilityVector | None = None) -> dict[str, float]:
+        """Per shared tensor, <self, other> (or |self|^2 when other is None)."""
+        return {name: ab for name, (_, _, ab) in self.tensor_products(other or self).items()}
 
     def dot(self, other: CapabilityVector) -> float:
         return sum(self.tensor_dots(other).values())
@@ -164,11 +168,10 @@ def _terms(tensor: LazyTensor | None, scale: float) -> list[tuple[float, LazyTen
 
 def cosine(a: CapabilityVector, b: CapabilityVector) -> float:
     """Cosine similarity over the tensors both vectors hold."""
-    shared = a.tensors.keys() & b.tensors.keys()
-    a_shared = CapabilityVector({n: a.tensors[n] for n in shared})
-    b_shared = CapabilityVector({n: b.tensors[n] for n in shared})
-    denominator = a_shared.norm() * b_shared.norm()
-    return a_shared.dot(b_shared) / denominator if denominator else 0.0
+    products = a.tensor_products(b).values()
+    aa, bb, ab = (sum(p[i] for p in products) for i in range(3))
+    denominator = math.sqrt(aa * bb)
+    return ab / denominator if denominator else 0.0
 
 
 def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
