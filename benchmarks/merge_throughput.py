@@ -36,13 +36,19 @@ def llama_shapes(layers: int) -> dict[str, tuple[int, ...]]:
     shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN), p + "self_attn.k_proj.weight": (KV_DIM, HIDDEN),
-            p + "self_attn.v_proj.weight": (KV_DIM, HIDDEN), p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
-            p + "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN), p + "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
-            p + "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
-            p + "input_layernorm.weight": (HIDDEN,), p + "post_attention_layernorm.weight": (HIDDEN,),
-        })
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN),
+                p + "self_attn.k_proj.weight": (KV_DIM, HIDDEN),
+                p + "self_attn.v_proj.weight": (KV_DIM, HIDDEN),
+                p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+                p + "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN),
+                p + "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
+                p + "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
+                p + "input_layernorm.weight": (HIDDEN,),
+                p + "post_attention_layernorm.weight": (HIDDEN,),
+            }
+        )
     shapes.update({"model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)})
     return shapes
 
@@ -78,13 +84,27 @@ def write_model(folder: Path, shapes: dict, seed: int, layers: int) -> None:
         (folder / f"model-{i:05d}.safetensors").rename(folder / new)
         renamed[f"model-{i:05d}.safetensors"] = new
     total = sum(2 * torch.Size(s).numel() for s in shapes.values())
-    (folder / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": {k: renamed[v] for k, v in weight_map.items()}}))
-    (folder / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
-        "intermediate_size": INTERMEDIATE, "num_hidden_layers": layers, "num_attention_heads": 32,
-        "num_key_value_heads": 4, "vocab_size": VOCAB, "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16",
-        "tie_word_embeddings": False, "max_position_embeddings": 2048}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": {k: renamed[v] for k, v in weight_map.items()}})
+    )
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "hidden_size": HIDDEN,
+                "intermediate_size": INTERMEDIATE,
+                "num_hidden_layers": layers,
+                "num_attention_heads": 32,
+                "num_key_value_heads": 4,
+                "vocab_size": VOCAB,
+                "rms_norm_eps": 1e-5,
+                "torch_dtype": "bfloat16",
+                "tie_word_embeddings": False,
+                "max_position_embeddings": 2048,
+            }
+        )
+    )
 
 
 # --- the operations, each run in a child process --------------------------------------------------------------------
@@ -94,10 +114,10 @@ import sys, time, json, os
 op, args = sys.argv[1], json.loads(sys.argv[2])
 start = time.perf_counter()
 if op == "extract":
-    from capvector.vectors import extract
+    from capvector.params.vectors import extract
     extract(args["aux"], args["sft"], args["out"], hash_sources=args["hash"]).close()
 elif op == "merge":
-    from capvector.merging import merge
+    from capvector.params.merging import merge
     merge(args["pt"], args["vector"], args["out"])
 elif op == "floor":  # read every input file, write an output of the given size: no arithmetic, no parsing
     import threading
@@ -170,33 +190,63 @@ def measure(workdir: Path, layers: int, mergekit: Path | None) -> dict:
         run = run_child(op, inputs, **args)
         run["gb_per_s"] = moved / run["seconds"] / 1e9
         result[label] = run
-        print(f"  {label:<16} {run['seconds']:6.2f} s  {run['gb_per_s']:5.2f} GB/s  peak RSS {run['peak_rss_gb']:.2f} GB",
-              flush=True)
+        print(
+            f"  {label:<16} {run['seconds']:6.2f} s  {run['gb_per_s']:5.2f} GB/s  peak RSS {run['peak_rss_gb']:.2f} GB",
+            flush=True,
+        )
 
     ao, ft, pt = weight_files(root / "ao"), weight_files(root / "ft"), weight_files(root / "pt")
     moved = bytes_of(ao) + bytes_of(ft) + bytes_of(ao)  # read two models, write one of the same size
     print(f"{layers} layers, {result['params_b']:.2f} B parameters, {result['model_gb']:.2f} GB per model")
     timed("extract_floor", "floor", moved, ao + ft, read_only=ft, copy=ao, out=str(out / "floor_extract"))
-    timed("extract", "extract", moved, ao + ft, aux=str(root / "ao"), sft=str(root / "ft"), out=str(out / "gamma"),
-          hash=False)
-    timed("extract_hashed", "extract", moved, ao + ft, aux=str(root / "ao"), sft=str(root / "ft"),
-          out=str(out / "gamma_h"), hash=True)
+    timed(
+        "extract",
+        "extract",
+        moved,
+        ao + ft,
+        aux=str(root / "ao"),
+        sft=str(root / "ft"),
+        out=str(out / "gamma"),
+        hash=False,
+    )
+    timed(
+        "extract_hashed",
+        "extract",
+        moved,
+        ao + ft,
+        aux=str(root / "ao"),
+        sft=str(root / "ft"),
+        out=str(out / "gamma_h"),
+        hash=True,
+    )
     gamma = weight_files(out / "gamma")
     moved = bytes_of(pt) + bytes_of(gamma) + bytes_of(pt)
     timed("merge_floor", "floor", moved, pt + gamma, read_only=gamma, copy=pt, out=str(out / "floor_merge"))
     timed("merge", "merge", moved, pt + gamma, pt=str(root / "pt"), vector=str(out / "gamma"), out=str(out / "meta"))
     if mergekit:
         config = out / "mergekit.yml"
-        config.write_text(f"merge_method: task_arithmetic\nbase_model: {root / 'pt'}\ndtype: bfloat16\nmodels:\n"
-                          f"  - model: {root / 'ao'}\n    parameters: {{weight: 1.0}}\n"
-                          f"  - model: {root / 'ft'}\n    parameters: {{weight: -1.0}}\n")
+        config.write_text(
+            f"merge_method: task_arithmetic\nbase_model: {root / 'pt'}\ndtype: bfloat16\nmodels:\n"
+            f"  - model: {root / 'ao'}\n    parameters: {{weight: 1.0}}\n"
+            f"  - model: {root / 'ft'}\n    parameters: {{weight: -1.0}}\n"
+        )
         argv = [str(mergekit / "bin" / "mergekit-yaml"), str(config), str(out / "mergekit_out"), "--lazy-unpickle"]
         timed("mergekit", "mergekit", moved, pt + ao + ft, argv=argv)
-        check = subprocess.run([sys.executable, "-c", (
-            "import sys, torch; from capvector.checkpoints import open_checkpoint as o;"
-            "a, b = o(sys.argv[1]), o(sys.argv[2]); n = 'model.layers.0.mlp.up_proj.weight';"
-            "print(float((a[n].float() - b[n].float()).abs().max()))"), str(out / "meta"), str(out / "mergekit_out")],
-            capture_output=True, text=True)
+        check = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                (
+                    "import sys, torch; from capvector.params.checkpoints import open_checkpoint as o;"
+                    "a, b = o(sys.argv[1]), o(sys.argv[2]); n = 'model.layers.0.mlp.up_proj.weight';"
+                    "print(float((a[n].float() - b[n].float()).abs().max()))"
+                ),
+                str(out / "meta"),
+                str(out / "mergekit_out"),
+            ],
+            capture_output=True,
+            text=True,
+        )
         result["mergekit_max_abs_difference"] = check.stdout.strip()
     shutil.rmtree(out)
     return result
@@ -204,7 +254,9 @@ def measure(workdir: Path, layers: int, mergekit: Path | None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, nargs="+", default=[16, 8], help="model sizes (16 layers = 0.84 B params)")
+    parser.add_argument(
+        "--layers", type=int, nargs="+", default=[16, 8], help="model sizes (16 layers = 0.84 B params)"
+    )
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "capvector-bench")
     parser.add_argument("--mergekit", type=Path, help="a virtualenv with mergekit installed")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints for the next run")
@@ -220,21 +272,27 @@ def main() -> None:
             shutil.rmtree(args.workdir / f"llama-{layers}l", ignore_errors=True)
     big = results[0]
     figures = {
-        "params_b": round(big["params_b"], 3), "model_gb": round(big["model_gb"], 3),
-        "extract_s": round(big["extract"]["seconds"], 2), "extract_hashed_s": round(big["extract_hashed"]["seconds"], 2),
+        "params_b": round(big["params_b"], 3),
+        "model_gb": round(big["model_gb"], 3),
+        "extract_s": round(big["extract"]["seconds"], 2),
+        "extract_hashed_s": round(big["extract_hashed"]["seconds"], 2),
         "extract_floor_s": round(big["extract_floor"]["seconds"], 2),
         "extract_vs_floor": round(big["extract_floor"]["seconds"] / big["extract"]["seconds"], 3),
-        "merge_s": round(big["merge"]["seconds"], 2), "merge_gb_s": round(big["merge"]["gb_per_s"], 2),
+        "merge_s": round(big["merge"]["seconds"], 2),
+        "merge_gb_s": round(big["merge"]["gb_per_s"], 2),
         "merge_floor_s": round(big["merge_floor"]["seconds"], 2),
         "merge_vs_floor": round(big["merge_floor"]["seconds"] / big["merge"]["seconds"], 3),
-        "extract_peak_rss_gb": round(big["extract"]["peak_rss_gb"], 2), "merge_peak_rss_gb": round(big["merge"]["peak_rss_gb"], 2),
+        "extract_peak_rss_gb": round(big["extract"]["peak_rss_gb"], 2),
+        "merge_peak_rss_gb": round(big["merge"]["peak_rss_gb"], 2),
     }
     for other in results[1:]:
         figures[f"merge_peak_rss_gb_{other['params_b']:.2f}b"] = round(other["merge"]["peak_rss_gb"], 2)
         figures[f"extract_peak_rss_gb_{other['params_b']:.2f}b"] = round(other["extract"]["peak_rss_gb"], 2)
     if "mergekit" in big:
         figures["mergekit_s"] = round(big["mergekit"]["wall_with_startup"], 2)
-        figures["merge_speedup_vs_mergekit"] = round(big["mergekit"]["wall_with_startup"] / big["merge"]["wall_with_startup"], 2)
+        figures["merge_speedup_vs_mergekit"] = round(
+            big["mergekit"]["wall_with_startup"] / big["merge"]["wall_with_startup"], 2
+        )
         figures["mergekit_max_abs_difference"] = big["mergekit_max_abs_difference"]
     print("RESULT " + " ".join(f"{k}={v}" for k, v in figures.items()))
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from capvector.orthogonal import build_regularizer
+from capvector.training.orthogonal import build_regularizer
 
 SIZES = {  # name: (vocab, width, layers, heads)
     "small": (1024, 256, 4, 4),  # ~3.4 M parameters
@@ -131,30 +131,41 @@ def measure(size: str, lora: bool, repeats: int, batch_size: int, length: int, l
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     batch = torch.randint(0, SIZES[size][0], (batch_size, length + 1), generator=torch.Generator().manual_seed(1))
     steps = time_interleaved(step_functions(model, reg, batch), repeats)
-    alone = time_interleaved({"add_grad_": lambda: reg.add_grad_(1.0),
-                              "loss+backward": lambda: reg.loss().backward(),
-                              "project_grad_+project_": lambda: (reg.project_grad_(), reg.project_())}, repeats)
+    alone = time_interleaved(
+        {
+            "add_grad_": lambda: reg.add_grad_(1.0),
+            "loss+backward": lambda: reg.loss().backward(),
+            "project_grad_+project_": lambda: (reg.project_grad_(), reg.project_()),
+        },
+        repeats,
+    )
     sft = statistics.median(steps["sft"])
     ratios = {name: median_ratio(times, steps["sft"]) for name, times in steps.items()}
     mode = f"lora({lora_form})" if lora else "full"
     print(f"{size} {mode}: {total / 1e6:.1f} M parameters, {trainable / 1e6:.2f} M trained, {reg}")
     for name, times in steps.items():
-        print(f"  {name:9s} {statistics.median(times) * 1e3:9.1f} ms/step  x{ratios[name]:.3f} "
-              f"(rounds: {min(times) * 1e3:.0f}..{max(times) * 1e3:.0f} ms)")
+        print(
+            f"  {name:9s} {statistics.median(times) * 1e3:9.1f} ms/step  x{ratios[name]:.3f} "
+            f"(rounds: {min(times) * 1e3:.0f}..{max(times) * 1e3:.0f} ms)"
+        )
     for name, times in alone.items():
         seconds = statistics.median(times)
         print(f"  {name:22s} alone {seconds * 1e3:8.2f} ms = {100 * seconds / sft:.2f}% of an sft step")
-    return {"fused": ratios["fused"], "autograd": ratios["autograd"], "hard": ratios["hard"],
-            "fused_alone": 1 + statistics.median(alone["add_grad_"]) / sft,
-            "autograd_alone": 1 + statistics.median(alone["loss+backward"]) / sft,
-            "hard_alone": 1 + statistics.median(alone["project_grad_+project_"]) / sft}
+    return {
+        "fused": ratios["fused"],
+        "autograd": ratios["autograd"],
+        "hard": ratios["hard"],
+        "fused_alone": 1 + statistics.median(alone["add_grad_"]) / sft,
+        "autograd_alone": 1 + statistics.median(alone["loss+backward"]) / sft,
+        "hard_alone": 1 + statistics.median(alone["project_grad_+project_"]) / sft,
+    }
 
 
 def engine_step_ms(config) -> float:
     """Median per-step wall time of a training run (log intervals after the first, so start-up is left out)."""
     import json
 
-    from capvector.training import train
+    from capvector.training.engine import train
 
     out = train(config)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -167,20 +178,30 @@ def measure_engine(workdir: str, steps: int, rounds: int, batch_size: int) -> di
     import dataclasses
     from pathlib import Path
 
-    from capvector.bench.demos import generate_demonstrations
-    from capvector.config import TrainConfig
-    from capvector.training import train
-    from capvector.vectors import extract
+    from capvector.bench.env.demos import generate_demonstrations
+    from capvector.training.config import TrainConfig
+    from capvector.training.engine import train
+    from capvector.params.vectors import extract
 
     work = Path(workdir)
     demos = work / "demos"
     if not demos.exists():
         generate_demonstrations(demos, "reach-v3,push-v3", episodes_per_task=4, workers=2)
-    base = TrainConfig(policy="capvector.bench.recipe:policy", policy_args={"dataset": str(demos)},
-                       dataset="capvector.bench.recipe:dataset", dataset_args={"root": str(demos)},
-                       auxiliary="capvector.bench.recipe:spatial", auxiliary_args={"dataset": str(demos)},
-                       batch_size=batch_size, checkpoint_every=0, log_every=max(1, steps // 5), progress=False,
-                       tensorboard=False, time_parts=False, lr=1e-4)
+    base = TrainConfig(
+        policy="capvector.bench.recipe:policy",
+        policy_args={"dataset": str(demos)},
+        dataset="capvector.bench.recipe:dataset",
+        dataset_args={"root": str(demos)},
+        auxiliary="capvector.bench.recipe:spatial",
+        auxiliary_args={"dataset": str(demos)},
+        batch_size=batch_size,
+        checkpoint_every=0,
+        log_every=max(1, steps // 5),
+        progress=False,
+        tensorboard=False,
+        time_parts=False,
+        lr=1e-4,
+    )
     start = work / "theta_pt"
     if not (start / "policy").exists():  # a starting point, and a real gamma from two short runs
         run = lambda name, **kw: train(dataclasses.replace(base, out_dir=str(work / name), steps=4, **kw))
@@ -189,8 +210,11 @@ def measure_engine(workdir: str, steps: int, rounds: int, batch_size: int) -> di
             run(f"extract_{strategy}", strategy=strategy, init_from=str(start / "policy"), policy_args={})
         extract(work / "extract_aux" / "policy", work / "extract_sft" / "policy", work / "gamma")
     common = dict(init_from=str(start / "policy"), policy_args={}, steps=steps, vector=str(work / "gamma"))
-    variants = {f"{strategy}_{finetune}": dict(strategy=strategy, finetune=finetune, **common)
-                for finetune in ("full", "lora") for strategy in ("sft", "aux", "capvector")}
+    variants = {
+        f"{strategy}_{finetune}": dict(strategy=strategy, finetune=finetune, **common)
+        for finetune in ("full", "lora")
+        for strategy in ("sft", "aux", "capvector")
+    }
     times: dict[str, list[float]] = {name: [] for name in variants}
     for round_ in range(rounds):
         for name, fields in variants.items():
@@ -213,10 +237,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--lora-form", default="olora", choices=["olora", "exact"])
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); on a "
-                        "machine shared with other jobs, 1 avoids OpenMP threads waiting on each other")
-    parser.add_argument("--engine", action="store_true", help="also time sft/aux/capvector through the training "
-                        "engine on the embedded benchmark's policy (makes a few demonstrations first)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0: torch's default); on a "
+        "machine shared with other jobs, 1 avoids OpenMP threads waiting on each other",
+    )
+    parser.add_argument(
+        "--engine",
+        action="store_true",
+        help="also time sft/aux/capvector through the training "
+        "engine on the embedded benchmark's policy (makes a few demonstrations first)",
+    )
     parser.add_argument("--engine-steps", type=int, default=30)
     parser.add_argument("--engine-rounds", type=int, default=3)
     parser.add_argument("--engine-batch", type=int, default=32)
@@ -224,8 +257,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}, "
-          f"batch {args.batch} x {args.length} tokens")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}, "
+        f"batch {args.batch} x {args.length} tokens"
+    )
     result = {}
     for size in filter(None, args.sizes.split(",")):
         for lora in (False, True):

@@ -16,19 +16,21 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from capvector.bench.configuration_policy import PolicyConfig
-from capvector.bench.modeling_policy import Policy
-from capvector.bench.spatial import SpatialObjective
+from capvector.bench.policy.configuration_policy import PolicyConfig
+from capvector.bench.policy.modeling_policy import Policy
+from capvector.bench.objectives.spatial import SpatialObjective
 
 INSTRUCTIONS = ["pick the puck and place it at the goal", "open the drawer", "push the button down"]
 
 
 def random_batch(config: PolicyConfig, batch_size: int, device: torch.device) -> dict:
     size = config.image_size
-    batch = {"instruction": [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(batch_size)],
-             "observation.state": torch.rand(batch_size, config.state_dim),
-             "action": torch.rand(batch_size, config.chunk_size, config.action_dim) * 2 - 1,
-             "action_is_pad": torch.zeros(batch_size, config.chunk_size, dtype=torch.bool)}
+    batch = {
+        "instruction": [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(batch_size)],
+        "observation.state": torch.rand(batch_size, config.state_dim),
+        "action": torch.rand(batch_size, config.chunk_size, config.action_dim) * 2 - 1,
+        "action_is_pad": torch.zeros(batch_size, config.chunk_size, dtype=torch.bool),
+    }
     for camera in config.cameras:
         batch[f"observation.images.{camera}"] = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8)
         batch[f"observation.depth.{camera}"] = 0.3 + torch.rand(batch_size, 1, size, size)
@@ -95,8 +97,11 @@ def main() -> None:
     objective.detach()
     peak = matmul_gflops(device)
 
-    observation = {key: value[0].cpu().numpy() for key, value in batch.items()
-                   if key.startswith("observation.images") or key == "observation.state"}
+    observation = {
+        key: value[0].cpu().numpy()
+        for key, value in batch.items()
+        if key.startswith("observation.images") or key == "observation.state"
+    }
     observation["instruction"] = batch["instruction"][0]
     policy.eval()
     latencies = []
@@ -108,18 +113,26 @@ def main() -> None:
 
     sft_rate, aux_rate = args.batch_size / sft, args.batch_size / aux
     achieved = gflop_per_sample * sft_rate
-    print(f"device {device}, threads {torch.get_num_threads()}, parameters {params / 1e6:.2f}M, "
-          f"{gflop_per_sample:.3f} GFLOP per training sample")
-    print(f"training, batch {args.batch_size}: SFT {sft_rate:.0f} samples/s ({1000 * sft:.0f} ms/step), with the "
-          f"spatial objective {aux_rate:.0f} samples/s ({1000 * aux:.0f} ms/step): x{aux / sft:.2f} time per step")
+    print(
+        f"device {device}, threads {torch.get_num_threads()}, parameters {params / 1e6:.2f}M, "
+        f"{gflop_per_sample:.3f} GFLOP per training sample"
+    )
+    print(
+        f"training, batch {args.batch_size}: SFT {sft_rate:.0f} samples/s ({1000 * sft:.0f} ms/step), with the "
+        f"spatial objective {aux_rate:.0f} samples/s ({1000 * aux:.0f} ms/step): x{aux / sft:.2f} time per step"
+    )
     # On a shared machine wall-clock rates fall with the load; CPU time shows the rate on idle cores.
-    print(f"CPU time: {args.batch_size / sft_cpu:.0f} SFT samples per CPU-second (the rate of one idle core with "
-          f"--threads 1); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(
+        f"CPU time: {args.batch_size / sft_cpu:.0f} SFT samples per CPU-second (the rate of one idle core with "
+        f"--threads 1); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
     print(f"achieved {achieved:.1f} GFLOP/s against a {peak:.1f} GFLOP/s float32 matmul: {achieved / peak:.2f}")
     print(f"inference: {infer_ms:.1f} ms per chunk of {config.chunk_size} actions (batch 1, median)")
-    print(f"RESULT params={params} sft_samples_per_s={sft_rate:.1f} aux_samples_per_s={aux_rate:.1f} "
-          f"sft_samples_per_cpu_s={args.batch_size / sft_cpu:.1f} aux_time_ratio={aux / sft:.3f} gflop_per_sample={gflop_per_sample:.3f} matmul_gflops={peak:.1f} "
-          f"peak_fraction={achieved / peak:.3f} infer_ms_per_chunk={infer_ms:.2f} threads={torch.get_num_threads()}")
+    print(
+        f"RESULT params={params} sft_samples_per_s={sft_rate:.1f} aux_samples_per_s={aux_rate:.1f} "
+        f"sft_samples_per_cpu_s={args.batch_size / sft_cpu:.1f} aux_time_ratio={aux / sft:.3f} gflop_per_sample={gflop_per_sample:.3f} matmul_gflops={peak:.1f} "
+        f"peak_fraction={achieved / peak:.3f} infer_ms_per_chunk={infer_ms:.2f} threads={torch.get_num_threads()}"
+    )
 
 
 if __name__ == "__main__":

@@ -17,10 +17,10 @@ import warnings
 
 import numpy as np
 
-from capvector.bench.demos import generate_demonstrations
-from capvector.bench.evaluation import ExpertPolicy, evaluate
-from capvector.bench.sim import FastRenderer, SimEnv, mujoco, parallel_map
-from capvector.bench.tasks import SPLITS
+from capvector.bench.env.demos import generate_demonstrations
+from capvector.bench.env.evaluation import ExpertPolicy, evaluate
+from capvector.bench.env.sim import FastRenderer, SimEnv, mujoco, parallel_map
+from capvector.bench.env.tasks import SPLITS
 
 warnings.filterwarnings("ignore", message="Constant")  # Meta-World's experts warn about their own gains
 
@@ -43,6 +43,7 @@ def frames_per_second(renderer: str, seconds: float = 3.0) -> float:
 
         def frame():
             ours.render(model, data, camera)
+
     frame()
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -68,13 +69,15 @@ def main():
     parser.add_argument("--evals", type=int, default=20, help="evaluation episodes per task")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    tasks = SPLITS["pretrain"][:args.tasks]
+    tasks = SPLITS["pretrain"][: args.tasks]
 
     fps = {name: frames_per_second(name) for name in ("stock", "full", "decimated")}
     fps["decimated_2proc"] = sum(parallel_map(frames_per_second, [("decimated",)] * 2, 2))
     for name, value in fps.items():
         print(f"render 64x64 rgb+depth, {name:16s}: {value:7.1f} frames/s")
-    print(f"decimated vs stock: {fps['decimated'] / fps['stock']:.1f}x, vs full meshes: {fps['decimated'] / fps['full']:.1f}x")
+    print(
+        f"decimated vs stock: {fps['decimated'] / fps['stock']:.1f}x, vs full meshes: {fps['decimated'] / fps['full']:.1f}x"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -87,11 +90,13 @@ def main():
     worst = evaluate(ConstantChunk, tasks, args.evals, workers=args.workers)
     print(f"chunk-8 policy, all episodes at the 500-step cap: {args.evals} x {len(tasks)} in {worst.wall_s:.1f} s")
 
-    print(f"RESULT fps_stock={fps['stock']:.1f} fps_full={fps['full']:.1f} fps_decimated={fps['decimated']:.1f} "
-          f"fps_decimated_2proc={fps['decimated_2proc']:.1f} speedup_vs_stock={fps['decimated'] / fps['stock']:.2f} "
-          f"demo_s={demo_s:.1f} demo_episodes={args.demos * len(tasks)} eval_expert_s={expert.wall_s:.1f} "
-          f"eval_expert_success={expert.success_rate:.3f} eval_chunk8_worst_s={worst.wall_s:.1f} "
-          f"eval_episodes={args.evals * len(tasks)}")
+    print(
+        f"RESULT fps_stock={fps['stock']:.1f} fps_full={fps['full']:.1f} fps_decimated={fps['decimated']:.1f} "
+        f"fps_decimated_2proc={fps['decimated_2proc']:.1f} speedup_vs_stock={fps['decimated'] / fps['stock']:.2f} "
+        f"demo_s={demo_s:.1f} demo_episodes={args.demos * len(tasks)} eval_expert_s={expert.wall_s:.1f} "
+        f"eval_expert_success={expert.success_rate:.3f} eval_chunk8_worst_s={worst.wall_s:.1f} "
+        f"eval_episodes={args.evals * len(tasks)}"
+    )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from capvector.auxiliary import AuxiliaryObjective
+from capvector.training.auxiliary import AuxiliaryObjective
 
 KILL_ENV = "CAPVECTOR_TOY_KILL_AT"  # SIGKILL this process at that forward call (a crash that skips all cleanup)
 

@@ -16,8 +16,12 @@ def random_state(shapes: dict[str, tuple[int, ...]], dtype=torch.float32, seed: 
 
 def perturbed(state: dict, seed: int, scale: float = 0.01) -> dict:
     generator = torch.Generator().manual_seed(seed)
-    return {name: (t.double() + scale * torch.randn(t.shape, generator=generator, dtype=torch.float64)).to(t.dtype)
-            if t.is_floating_point() else t.clone() for name, t in state.items()}
+    return {
+        name: (t.double() + scale * torch.randn(t.shape, generator=generator, dtype=torch.float64)).to(t.dtype)
+        if t.is_floating_point()
+        else t.clone()
+        for name, t in state.items()
+    }
 
 
 def write_checkpoint(folder: Path, state: dict, layout: str = "single", extra_files: bool = True) -> Path:
@@ -49,7 +53,8 @@ def write_checkpoint(folder: Path, state: dict, layout: str = "single", extra_fi
             weight_map.update({n: shard for n in part})
         total = sum(t.numel() * t.element_size() for t in state.values())
         (folder / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+        )
     else:
         raise ValueError(layout)
     return folder

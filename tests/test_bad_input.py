@@ -58,8 +58,22 @@ def test_dtype_mismatch(models, capsys):
     message = run_cli(capsys, "extract", "--aux", tmp / "ao_bf16", "--sft", tmp / "ft", "-o", tmp / "out")
     assert "dtype mismatch" in message and "--dtype" in message
     assert_nothing_left(tmp / "out")
-    assert main(["extract", "--aux", str(tmp / "ao_bf16"), "--sft", str(tmp / "ft"), "-o", str(tmp / "out"),
-                 "--dtype", "float32"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--aux",
+                str(tmp / "ao_bf16"),
+                "--sft",
+                str(tmp / "ft"),
+                "-o",
+                str(tmp / "out"),
+                "--dtype",
+                "float32",
+            ]
+        )
+        == 0
+    )
 
 
 def test_missing_shard_and_missing_index(models, capsys):
@@ -146,10 +160,12 @@ def test_unsafe_pickle_is_refused(tmp_path, capsys):
 
 def test_bad_arguments(models, capsys):
     tmp, _ = models
-    assert "GLOB=NUMBER" in run_cli(capsys, "merge", "--pretrained", tmp / "pt", "--vector", tmp / "ao", "-o", tmp / "o",
-                                     "--alpha", "x=y")
-    assert "unknown dtype" in run_cli(capsys, "extract", "--aux", tmp / "ao", "--sft", tmp / "ft", "-o", tmp / "o",
-                                      "--dtype", "int8")
+    assert "GLOB=NUMBER" in run_cli(
+        capsys, "merge", "--pretrained", tmp / "pt", "--vector", tmp / "ao", "-o", tmp / "o", "--alpha", "x=y"
+    )
+    assert "unknown dtype" in run_cli(
+        capsys, "extract", "--aux", tmp / "ao", "--sft", tmp / "ft", "-o", tmp / "o", "--dtype", "int8"
+    )
     assert "no such file" in run_cli(capsys, "inspect", tmp / "nowhere")
 
 
@@ -162,7 +178,7 @@ def test_disk_full_leaves_nothing(models):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
         from capvector.cli import main
-        sys.exit(main(["merge", "--pretrained", "{tmp / 'pt'}", "--vector", "{tmp / 'ao'}", "-o", "{tmp / 'out'}"]))
+        sys.exit(main(["merge", "--pretrained", "{tmp / "pt"}", "--vector", "{tmp / "ao"}", "-o", "{tmp / "out"}"]))
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr

@@ -33,11 +33,17 @@ def test_console_script_exit_codes(tmp_path):
     pt = random_state({"w": (8, 4)})
     write_checkpoint(tmp_path / "ft", pt)
     write_checkpoint(tmp_path / "ao", perturbed(pt, 1))
-    ok = subprocess.run([script, "extract", "--aux", tmp_path / "ao", "--sft", tmp_path / "ft", "-o", tmp_path / "g"],
-                        capture_output=True, text=True)
+    ok = subprocess.run(
+        [script, "extract", "--aux", tmp_path / "ao", "--sft", tmp_path / "ft", "-o", tmp_path / "g"],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0 and "wrote" in ok.stdout, ok.stderr
-    again = subprocess.run([script, "extract", "--aux", tmp_path / "ao", "--sft", tmp_path / "ft", "-o", tmp_path / "g"],
-                           capture_output=True, text=True)
+    again = subprocess.run(
+        [script, "extract", "--aux", tmp_path / "ao", "--sft", tmp_path / "ft", "-o", tmp_path / "g"],
+        capture_output=True,
+        text=True,
+    )
     assert again.returncode == 2 and "already exists" in again.stderr
 
 

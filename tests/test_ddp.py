@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from test_training import TESTS, toy_config, weights
-from capvector.training import train
+from capvector.training.engine import train
 
 # Two processes average two half-batch gradients where one process takes one full-batch mean: the same sum in
 # another order, so float32 rounding differs (3e-8 after 8 steps when this was written).
@@ -26,9 +26,21 @@ def test_two_processes_match_one(tmp_path: Path):
     config_file = tmp_path / "run.yaml"
     config_file.write_text(json.dumps(dataclasses.asdict(toy_config(tmp_path / "ddp", **fields))))
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "capvector.training", "--config", str(config_file)],
-        env=os.environ | {"PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "capvector.training",
+            "--config",
+            str(config_file),
+        ],
+        env=os.environ | {"PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from capvector.checkpoints import open_checkpoint
+from capvector.params.checkpoints import open_checkpoint
 from capvector.errors import CapvectorError
-from capvector.vectors import extract
+from capvector.params.vectors import extract
 
 peft = pytest.importorskip("peft")
 
@@ -36,8 +36,9 @@ def save_adapter(folder, base_folder, seed: int, rslora: bool) -> nn.Module:
     """A real PEFT adapter with non-zero B (PEFT initializes B at zero), saved with peft's own save_pretrained."""
     model = Toy()
     model.load_state_dict(open_checkpoint(base_folder))
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "embed"], modules_to_save=["head"],
-                             use_rslora=rslora)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q", "embed"], modules_to_save=["head"], use_rslora=rslora
+    )
     wrapped = peft.get_peft_model(model, config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -53,10 +54,13 @@ def test_adapter_delta_equals_dense_formula_and_peft_merge(tmp_path, rslora):
     base = save_base(tmp_path / "base")
     wrapped = save_adapter(tmp_path / "adapter", tmp_path / "base", seed=1, rslora=rslora)
     adapter_weights = {k: v for k, v in wrapped.state_dict().items()}
-    scaling = 8 / (4 ** 0.5 if rslora else 4)
+    scaling = 8 / (4**0.5 if rslora else 4)
     lora = {k.split("base_model.model.")[1]: v for k, v in adapter_weights.items() if "lora_" in k}
     expected_q = base["q.weight"] + scaling * lora["q.lora_B.default.weight"] @ lora["q.lora_A.default.weight"]
-    expected_embed = base["embed.weight"] + scaling * (lora["embed.lora_embedding_B.default"] @ lora["embed.lora_embedding_A.default"]).T
+    expected_embed = (
+        base["embed.weight"]
+        + scaling * (lora["embed.lora_embedding_B.default"] @ lora["embed.lora_embedding_A.default"]).T
+    )
     merged_by_peft = wrapped.merge_and_unload().state_dict()
 
     checkpoint = open_checkpoint(tmp_path / "adapter", base=tmp_path / "base")
@@ -75,11 +79,21 @@ def test_fan_in_fan_out_adapter(tmp_path):
     save_file(base, tmp_path / "base" / "model.safetensors")
     a, b = torch.randn(2, 6, generator=generator), torch.randn(10, 2, generator=generator)
     (tmp_path / "adapter").mkdir()
-    save_file({"base_model.model.h.0.attn.c_attn.lora_A.weight": a, "base_model.model.h.0.attn.c_attn.lora_B.weight": b},
-              tmp_path / "adapter" / "adapter_model.safetensors")
-    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": 2, "lora_alpha": 3, "fan_in_fan_out": True,
-         "base_model_name_or_path": str(tmp_path / "base")}))
+    save_file(
+        {"base_model.model.h.0.attn.c_attn.lora_A.weight": a, "base_model.model.h.0.attn.c_attn.lora_B.weight": b},
+        tmp_path / "adapter" / "adapter_model.safetensors",
+    )
+    (tmp_path / "adapter" / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": 2,
+                "lora_alpha": 3,
+                "fan_in_fan_out": True,
+                "base_model_name_or_path": str(tmp_path / "base"),
+            }
+        )
+    )
     checkpoint = open_checkpoint(tmp_path / "adapter")  # base found through base_model_name_or_path
     torch.testing.assert_close(checkpoint["h.0.attn.c_attn.weight"], base["h.0.attn.c_attn.weight"] + 1.5 * (b @ a).T)
 
@@ -98,8 +112,15 @@ def test_adapter_on_the_wrong_base(tmp_path):
     save_base(tmp_path / "base")
     save_adapter(tmp_path / "adapter", tmp_path / "base", seed=1, rslora=False)
     (tmp_path / "other").mkdir()
-    save_file({"q.weight": torch.zeros(5, 8), "embed.weight": torch.zeros(20, 8), "head.weight": torch.zeros(4, 12),
-               "head.bias": torch.zeros(4)}, tmp_path / "other" / "model.safetensors")
+    save_file(
+        {
+            "q.weight": torch.zeros(5, 8),
+            "embed.weight": torch.zeros(20, 8),
+            "head.weight": torch.zeros(4, 12),
+            "head.bias": torch.zeros(4),
+        },
+        tmp_path / "other" / "model.safetensors",
+    )
     with pytest.raises(CapvectorError, match=r"q\.weight.*another base"):
         open_checkpoint(tmp_path / "adapter", base=tmp_path / "other")
     with pytest.raises(CapvectorError, match="--pretrained"):

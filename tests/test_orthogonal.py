@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from capvector.errors import CapvectorError
-from capvector.orthogonal import build_regularizer
+from capvector.training.orthogonal import build_regularizer
 
 
 def mlp(widths, dtype=torch.float64, seed=0):
@@ -21,8 +21,11 @@ def mlp(widths, dtype=torch.float64, seed=0):
 
 def random_gamma(model, seed=1, scale=1e-2, skip=()):
     generator = torch.Generator().manual_seed(seed)
-    return {k: scale * torch.randn(v.shape, generator=generator, dtype=v.dtype)
-            for k, v in model.state_dict().items() if k not in skip}
+    return {
+        k: scale * torch.randn(v.shape, generator=generator, dtype=v.dtype)
+        for k, v in model.state_dict().items()
+        if k not in skip
+    }
 
 
 def perturb_(params, seed=2, scale=0.1):
@@ -51,8 +54,11 @@ def check_fused_matches(reg, params, weight, expected_value, expected_grads):
 
 
 @settings(max_examples=15, deadline=None)
-@given(widths=st.lists(st.integers(1, 9), min_size=2, max_size=4),
-       reduction=st.sampled_from(["abs", "square", "normalized"]), seed=st.integers(0, 1000))
+@given(
+    widths=st.lists(st.integers(1, 9), min_size=2, max_size=4),
+    reduction=st.sampled_from(["abs", "square", "normalized"]),
+    seed=st.integers(0, 1000),
+)
 def test_full_value_and_gradient_match_float64(widths, reduction, seed):
     model = mlp(widths, seed=seed)
     gamma = random_gamma(model, seed=seed + 1, skip=("0.bias",))
@@ -73,8 +79,9 @@ def test_full_value_and_gradient_match_float64(widths, reduction, seed):
     params = list(model.parameters())
     for p, want in zip(params, expected_grads):
         torch.testing.assert_close(p.grad if p.grad is not None else torch.zeros_like(p), want, rtol=1e-9, atol=1e-15)
-    check_fused_matches(reg, [p for k, p in model.named_parameters() if k in gamma], 3.0, expected,
-                        [theta[k].grad for k in gamma])
+    check_fused_matches(
+        reg, [p for k, p in model.named_parameters() if k in gamma], 3.0, expected, [theta[k].grad for k in gamma]
+    )
 
 
 def test_full_float32_close_to_float64():
@@ -93,6 +100,7 @@ class TwoLayer(nn.Module):
         super().__init__()
         if transposed:  # GPT-2 style Conv1D: weight is (in, out); PEFT needs fan_in_fan_out
             from transformers.pytorch_utils import Conv1D
+
             self.up, self.down = Conv1D(40, 24), Conv1D(20, 40)
         else:
             self.up, self.down = nn.Linear(24, 40), nn.Linear(40, 20)
@@ -117,8 +125,12 @@ def adapters(model):
     out = {}
     for name in ("up", "down"):
         layer = getattr(model.base_model.model, name)
-        out[f"{name}.weight"] = (layer.lora_A["default"].weight, layer.lora_B["default"].weight,
-                                 layer.scaling["default"], layer.fan_in_fan_out)
+        out[f"{name}.weight"] = (
+            layer.lora_A["default"].weight,
+            layer.lora_B["default"].weight,
+            layer.scaling["default"],
+            layer.fan_in_fan_out,
+        )
     return out
 
 

@@ -14,16 +14,27 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from _toy import KILL_ENV, TOY, ToyAuxiliary, ToyDataset, make_policy
-from capvector.config import TrainConfig, load_config
+from capvector.training.config import TrainConfig, load_config
 from capvector.errors import CapvectorError
-from capvector.training import global_batches, main, train
+from capvector.cli import main
+from capvector.training.engine import global_batches, train
 
 TESTS = Path(__file__).parent
 
 
 def toy_config(out_dir: Path, **fields) -> TrainConfig:
-    base = dict(TOY, out_dir=str(out_dir), steps=12, batch_size=8, lr=1e-2, warmup_steps=2, checkpoint_every=0,
-                log_every=4, progress=False, tensorboard=False)
+    base = dict(
+        TOY,
+        out_dir=str(out_dir),
+        steps=12,
+        batch_size=8,
+        lr=1e-2,
+        warmup_steps=2,
+        checkpoint_every=0,
+        log_every=4,
+        progress=False,
+        tensorboard=False,
+    )
     return TrainConfig(**(base | fields))
 
 
@@ -51,8 +62,9 @@ def test_sft_and_aux_see_the_same_batches_and_aux_trains_its_projector_only_outs
         torch.manual_seed(123 if strategy == "sft" else 456)  # the global RNG before the run must not matter
         policy, auxiliary = make_policy(None, dropout=0.1), ToyAuxiliary()
         projector = auxiliary.projector.weight.detach().clone()
-        runs[strategy] = train(toy_config(tmp_path / strategy, strategy=strategy), policy=policy,
-                               dataset=ToyDataset(), auxiliary=auxiliary)
+        runs[strategy] = train(
+            toy_config(tmp_path / strategy, strategy=strategy), policy=policy, dataset=ToyDataset(), auxiliary=auxiliary
+        )
         seen[strategy] = policy.seen
         if strategy == "aux":
             assert not torch.equal(auxiliary.projector.weight, projector), "the projector was not trained"
@@ -62,7 +74,9 @@ def test_sft_and_aux_see_the_same_batches_and_aux_trains_its_projector_only_outs
     assert not torch.equal(sft["encoder.weight"], aux["encoder.weight"]), "the auxiliary loss changed nothing"
     lines = [json.loads(line) for line in (runs["aux"] / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [4, 8, 12]
-    assert {"loss/action", "loss/auxiliary", "time/forward_ms", "time/auxiliary_ms", "time/optimizer_ms"} <= set(lines[0])
+    assert {"loss/action", "loss/auxiliary", "time/forward_ms", "time/auxiliary_ms", "time/optimizer_ms"} <= set(
+        lines[0]
+    )
 
 
 def test_same_seed_same_weights_in_memory_or_through_a_dataloader_other_seed_other_weights(tmp_path):
@@ -81,8 +95,11 @@ def kill_and_resume(tmp_path: Path, **fields) -> tuple[Path, Path]:
     config_file = tmp_path / "run.yaml"
     config_file.write_text(json.dumps(dataclasses.asdict(config)))  # JSON is YAML
     killed = subprocess.run(
-        [sys.executable, "-c", f"import sys; from capvector.training import main; sys.exit(main({['--config', str(config_file)]!r}))"],
-        env=os.environ | {KILL_ENV: "7", "PYTHONPATH": str(TESTS)}, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "capvector.training", "--config", str(config_file)],
+        env=os.environ | {KILL_ENV: "7", "PYTHONPATH": str(TESTS)},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert killed.returncode == -9, killed.stderr
     assert [p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()] == ["step_0000004"]
@@ -118,7 +135,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, capsys):
     config = toy_config(tmp_path / "run", checkpoint_every=2, policy_args={"nan_at_call": 5})
     config_file = tmp_path / "run.yaml"
     config_file.write_text(json.dumps(dataclasses.asdict(config)))
-    assert main(["--config", str(config_file)]) == 2
+    assert main(["train", "--config", str(config_file)]) == 2
     message = capsys.readouterr().err
     assert "step 5: loss term 'action' is nan" in message and "step_0000004" in message
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
@@ -129,8 +146,9 @@ def test_lora_run_writes_a_peft_adapter_that_peft_loads(tmp_path):
     peft = pytest.importorskip("peft")
     base = saved_policy(tmp_path / "base")
     policy = make_policy(str(base))
-    run = train(toy_config(tmp_path / "lora", finetune="lora", lora_rank=4, init_from=str(base), lr=5e-2),
-                policy=policy)
+    run = train(
+        toy_config(tmp_path / "lora", finetune="lora", lora_rank=4, init_from=str(base), lr=5e-2), policy=policy
+    )
     adapter = run / "policy"
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
     keys = load_file(str(adapter / "adapter_model.safetensors"))
@@ -152,8 +170,11 @@ def test_capvector_regularizer_keeps_the_update_off_gamma(tmp_path, finetune):
         pytest.importorskip("peft")
     base = saved_policy(tmp_path / "meta")
     start = load_file(str(base / "model.safetensors"))
-    gamma = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(i)) for i, (k, v) in
-             enumerate(start.items()) if k.endswith("weight")}
+    gamma = {
+        k: torch.randn(v.shape, generator=torch.Generator().manual_seed(i))
+        for i, (k, v) in enumerate(start.items())
+        if k.endswith("weight")
+    }
     (tmp_path / "gamma").mkdir()
     save_file(gamma, str(tmp_path / "gamma" / "gamma.safetensors"))
 
@@ -161,15 +182,25 @@ def test_capvector_regularizer_keeps_the_update_off_gamma(tmp_path, finetune):
         """Sum over tensors of |<theta - theta_meta, gamma>| / |gamma|, on the saved (for LoRA: merged) weights."""
         if finetune == "lora":
             from peft import PeftModel
+
             now = PeftModel.from_pretrained(make_policy(str(base)), run / "policy").merge_and_unload().state_dict()
         else:
             now = weights(run)
         return sum(((now[k] - start[k]) * g).sum().abs().item() / g.norm().item() for k, g in gamma.items())
 
-    common = dict(init_from=str(base), vector=str(tmp_path / "gamma"), finetune=finetune, lora_rank=4, lr=5e-2,
-                  lora_form="exact", orth_lambda=100.0)
-    found = {strategy: projection(train(toy_config(tmp_path / strategy, strategy=strategy, **common)))
-             for strategy in ("sft", "capvector")}
+    common = dict(
+        init_from=str(base),
+        vector=str(tmp_path / "gamma"),
+        finetune=finetune,
+        lora_rank=4,
+        lr=5e-2,
+        lora_form="exact",
+        orth_lambda=100.0,
+    )
+    found = {
+        strategy: projection(train(toy_config(tmp_path / strategy, strategy=strategy, **common)))
+        for strategy in ("sft", "capvector")
+    }
     assert found["sft"] > 0.05 and found["capvector"] < 0.1 * found["sft"], found
     hard = toy_config(tmp_path / "hard", strategy="capvector", orth_hard=True, **common | {"orth_lambda": 0.0})
     assert projection(train(hard)) < 1e-4

@@ -10,11 +10,11 @@ from checkpoint_factory import perturbed, random_state, read_state, write_checkp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from capvector.checkpoints import open_checkpoint
-from capvector.inspection import inspect, layer_of
-from capvector.lowrank import truncated_svd
-from capvector.merging import alpha_for, merge, parse_alpha_arguments
-from capvector.vectors import LEFT, RIGHT, extract, open_vector
+from capvector.params.checkpoints import open_checkpoint
+from capvector.params.inspection import inspect, layer_of
+from capvector.params.lowrank import truncated_svd
+from capvector.params.merging import alpha_for, merge, parse_alpha_arguments
+from capvector.params.vectors import LEFT, RIGHT, extract, open_vector
 
 SHAPES = {
     "model.embed.weight": (40, 16),
@@ -30,8 +30,9 @@ def three_models(tmp_path, layout="single", dtype=torch.float32):
     pt = random_state(SHAPES, dtype)
     ft, ao = perturbed(pt, 1), perturbed(pt, 2, scale=0.02)
     ao["aux_projector.weight"] = torch.randn(4, 16).to(dtype)  # only in the auxiliary model
-    paths = {name: write_checkpoint(tmp_path / name, state, layout) for name, state in
-             (("pt", pt), ("ft", ft), ("ao", ao))}
+    paths = {
+        name: write_checkpoint(tmp_path / name, state, layout) for name, state in (("pt", pt), ("ft", ft), ("ao", ao))
+    }
     return paths, pt, ft, ao
 
 
@@ -70,12 +71,15 @@ def test_merge_of_extract_equals_float64_arithmetic(tmp_path, layout):
         outputs = sorted(p.relative_to(out) for p in out.rglob("*"))
         assert set(inputs) <= set(outputs)
         assert {str(p) for p in set(outputs) - set(inputs)} == {"capvector_merge.json"}
-        assert (out / "normalization" / "stats.json").read_text() == (paths["pt"] / "normalization" / "stats.json").read_text()
+        assert (out / "normalization" / "stats.json").read_text() == (
+            paths["pt"] / "normalization" / "stats.json"
+        ).read_text()
         record = json.loads((out / "capvector_merge.json").read_text())
         assert record["alpha"] == 1.0 and record["vector"]["formula"] == "gamma = theta_ao - theta_ft"
     if layout == "sharded":
-        assert json.loads((out / "model.safetensors.index.json").read_text()) == \
-            json.loads((paths["pt"] / "model.safetensors.index.json").read_text())
+        assert json.loads((out / "model.safetensors.index.json").read_text()) == json.loads(
+            (paths["pt"] / "model.safetensors.index.json").read_text()
+        )
 
 
 def test_alpha_scalar_and_patterns(tmp_path):
@@ -84,7 +88,11 @@ def test_alpha_scalar_and_patterns(tmp_path):
     alpha, patterns = parse_alpha_arguments(["0.5", "model.layers.*=2", "model.layers.1.*=-1", "action_head.*=0"])
     merge(paths["pt"], tmp_path / "gamma", tmp_path / "meta", alpha=alpha, alpha_patterns=patterns)
     scale = lambda name: alpha_for(name, alpha, patterns)
-    assert scale("model.layers.1.mlp.weight") == -1 and scale("model.layers.0.attn.bias") == 2 and scale("model.embed.weight") == 0.5
+    assert (
+        scale("model.layers.1.mlp.weight") == -1
+        and scale("model.layers.0.attn.bias") == 2
+        and scale("model.embed.weight") == 0.5
+    )
     expected = reference_merge(pt, ao, ft, scale, set(SHAPES), torch.bfloat16)
     actual = read_state(tmp_path / "meta")
     assert_states_close(actual, expected, torch.bfloat16)
@@ -93,10 +101,15 @@ def test_alpha_scalar_and_patterns(tmp_path):
 
 def test_include_exclude_and_dtype(tmp_path):
     paths, pt, ft, ao = three_models(tmp_path)
-    gamma = extract(paths["ao"], paths["ft"], tmp_path / "gamma", include=["model.*"], exclude=["*.bias"],
-                    dtype="bfloat16")
-    assert set(gamma) == {"model.embed.weight", "model.layers.0.attn.weight", "model.layers.1.mlp.weight",
-                          "model.layers.1.norm.weight"}
+    gamma = extract(
+        paths["ao"], paths["ft"], tmp_path / "gamma", include=["model.*"], exclude=["*.bias"], dtype="bfloat16"
+    )
+    assert set(gamma) == {
+        "model.embed.weight",
+        "model.layers.0.attn.weight",
+        "model.layers.1.mlp.weight",
+        "model.layers.1.norm.weight",
+    }
     assert sorted(gamma.metadata["skipped"]["excluded"]) == ["action_head.weight", "model.layers.0.attn.bias"]
     assert all(gamma.lazy(name).dtype == torch.bfloat16 for name in gamma)
     header = json.loads(open_checkpoint(tmp_path / "gamma").files[0].metadata["capvector"])
@@ -104,8 +117,10 @@ def test_include_exclude_and_dtype(tmp_path):
     for name in gamma:
         torch.testing.assert_close(gamma[name], (ao[name] - ft[name]).to(torch.bfloat16))
         assert header["norms"][name] == pytest.approx(float(gamma[name].double().norm()), rel=1e-5)
-    assert header["sources"]["aux"]["sha256"]["model.safetensors"] == \
-        __import__("hashlib").sha256((paths["ao"] / "model.safetensors").read_bytes()).hexdigest()
+    assert (
+        header["sources"]["aux"]["sha256"]["model.safetensors"]
+        == __import__("hashlib").sha256((paths["ao"] / "model.safetensors").read_bytes()).hexdigest()
+    )
 
 
 def test_task_vector_and_inspect(tmp_path):
@@ -120,7 +135,9 @@ def test_task_vector_and_inspect(tmp_path):
     pt_flat = torch.cat([pt[n].double().flatten() for n in SHAPES])
     assert report.total.norm == pytest.approx(float(gamma_flat.norm()), rel=1e-5)
     assert report.total.relative == pytest.approx(float(gamma_flat.norm() / pt_flat.norm()), rel=1e-5)
-    assert report.total.cosine == pytest.approx(float(torch.nn.functional.cosine_similarity(gamma_flat, tau_flat, dim=0)), abs=1e-5)
+    assert report.total.cosine == pytest.approx(
+        float(torch.nn.functional.cosine_similarity(gamma_flat, tau_flat, dim=0)), abs=1e-5
+    )
     assert {row.name for row in report.layers} == {"model.embed", "model.layers.0", "model.layers.1", "action_head"}
     assert "model.layers.1" in report.table()
     assert report.plot(tmp_path / "plot.png").stat().st_size > 1000
@@ -132,9 +149,15 @@ def test_vector_arithmetic_is_lazy_and_exact(tmp_path):
     tau = extract(paths["ft"], paths["pt"])
     combined = 2.0 * gamma - tau
     for name in SHAPES:
-        torch.testing.assert_close(combined[name].double(), 2 * (ao[name].double() - ft[name].double())
-                                   - (ft[name].double() - pt[name].double()), rtol=1e-5, atol=1e-6)
-    expected_dot = sum(float(((ao[n].double() - ft[n].double()) * (ft[n].double() - pt[n].double())).sum()) for n in SHAPES)
+        torch.testing.assert_close(
+            combined[name].double(),
+            2 * (ao[name].double() - ft[name].double()) - (ft[name].double() - pt[name].double()),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+    expected_dot = sum(
+        float(((ao[n].double() - ft[n].double()) * (ft[n].double() - pt[n].double())).sum()) for n in SHAPES
+    )
     assert gamma.dot(tau) == pytest.approx(expected_dot, rel=1e-4)
     assert gamma.cosine(gamma) == pytest.approx(1.0)
     saved = combined.save(tmp_path / "combined")
@@ -149,6 +172,7 @@ def test_layer_names():
 
 # --- low rank -----------------------------------------------------------------------------------------------------
 
+
 def test_truncated_svd_error_matches_dropped_singular_values():
     generator = torch.Generator().manual_seed(0)
     u, _ = torch.linalg.qr(torch.randn(60, 30, generator=generator))
@@ -159,8 +183,9 @@ def test_truncated_svd_error_matches_dropped_singular_values():
         left, right, error = truncated_svd(matrix, rank)
         expected = float(singular[rank:].square().sum().sqrt() / singular.square().sum().sqrt())
         assert error == pytest.approx(expected, rel=1e-3, abs=1e-6)
-        assert float(torch.linalg.matrix_norm(matrix - left @ right) / torch.linalg.matrix_norm(matrix)) == \
-            pytest.approx(error, rel=1e-3, abs=1e-6)
+        assert float(
+            torch.linalg.matrix_norm(matrix - left @ right) / torch.linalg.matrix_norm(matrix)
+        ) == pytest.approx(error, rel=1e-3, abs=1e-6)
 
 
 def test_low_rank_vector_round_trip_and_merge(tmp_path):
@@ -186,10 +211,16 @@ shape = st.lists(st.integers(1, 9), min_size=1, max_size=3).map(tuple)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(shapes=st.dictionaries(st.from_regex(r"[a-z]{1,6}(\.[0-9]){0,2}\.weight", fullmatch=True), shape, min_size=1, max_size=5),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
-       extra_ft=st.booleans(), alpha=st.floats(-2, 2, allow_nan=False), layout=st.sampled_from(["single", "sharded", "bin"]),
-       seed=st.integers(0, 1000))
+@given(
+    shapes=st.dictionaries(
+        st.from_regex(r"[a-z]{1,6}(\.[0-9]){0,2}\.weight", fullmatch=True), shape, min_size=1, max_size=5
+    ),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    extra_ft=st.booleans(),
+    alpha=st.floats(-2, 2, allow_nan=False),
+    layout=st.sampled_from(["single", "sharded", "bin"]),
+    seed=st.integers(0, 1000),
+)
 def test_property_merge_extract(tmp_path_factory, shapes, dtype, extra_ft, alpha, layout, seed):
     tmp_path = tmp_path_factory.mktemp("prop")
     pt = random_state(shapes, dtype, seed)
@@ -210,7 +241,7 @@ def test_property_merge_extract(tmp_path_factory, shapes, dtype, extra_ft, alpha
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_native_fast_path_equals_float32_arithmetic_bitwise(dtype, sign):
     """a ± b computed in the stored dtype must round exactly like float32 arithmetic followed by one rounding."""
-    from capvector.lazy import Combination, InMemoryTensor
+    from capvector.params.lazy import Combination, InMemoryTensor
 
     generator = torch.Generator().manual_seed(0)
     a = InMemoryTensor("w", torch.randn(512, 1024, generator=generator).to(dtype))

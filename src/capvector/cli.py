@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from .errors import CapvectorError
+from capvector.errors import CapvectorError
 
 EXAMPLES = {
     "extract": """example:
@@ -38,19 +38,30 @@ EXAMPLES = {
 
 
 def _command_extract(args: argparse.Namespace) -> None:
-    from .vectors import extract
+    from capvector.params.vectors import extract
 
-    vector = extract(args.aux, args.sft, args.output, pretrained=args.pretrained, include=args.include,
-                     exclude=args.exclude, dtype=args.dtype, rank=args.rank, task_vector_output=args.task_vector,
-                     hash_sources=not args.no_hash)
+    vector = extract(
+        args.aux,
+        args.sft,
+        args.output,
+        pretrained=args.pretrained,
+        include=args.include,
+        exclude=args.exclude,
+        dtype=args.dtype,
+        rank=args.rank,
+        task_vector_output=args.task_vector,
+        hash_sources=not args.no_hash,
+    )
     skipped = {k: len(v) for k, v in vector.metadata.get("skipped", {}).items() if v}
-    print(f"wrote {args.output}: {len(vector)} tensors, |gamma| = {vector.metadata['global_norm']:.6g}"
-          + (f"; skipped {skipped}" if skipped else ""))
+    print(
+        f"wrote {args.output}: {len(vector)} tensors, |gamma| = {vector.metadata['global_norm']:.6g}"
+        + (f"; skipped {skipped}" if skipped else "")
+    )
     vector.close()
 
 
 def _command_merge(args: argparse.Namespace) -> None:
-    from .merging import merge, parse_alpha_arguments
+    from capvector.params.merging import merge, parse_alpha_arguments
 
     alpha, patterns = parse_alpha_arguments(args.alpha or ["1.0"])
     output = merge(args.pretrained, args.vector, args.output, alpha=alpha, alpha_patterns=patterns)
@@ -58,7 +69,7 @@ def _command_merge(args: argparse.Namespace) -> None:
 
 
 def _command_inspect(args: argparse.Namespace) -> None:
-    from .inspection import inspect
+    from capvector.params.inspection import inspect
 
     report = inspect(args.vector, against=args.against, base=args.base)
     if args.json:
@@ -70,13 +81,18 @@ def _command_inspect(args: argparse.Namespace) -> None:
 
 
 def _command_train(args: argparse.Namespace) -> None:
-    from .training import command
+    import os
 
-    command(args)
+    from capvector.training.config import load_config
+    from capvector.training.engine import train
+
+    out_dir = train(load_config(args.config, args.overrides + (["resume=true"] if args.resume else [])))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"wrote {out_dir / 'policy'}")
 
 
 def _command_tasks(args: argparse.Namespace) -> None:
-    from .bench.tasks import list_tasks, resolve_tasks
+    from capvector.bench.env.tasks import list_tasks, resolve_tasks
 
     chosen = set(resolve_tasks(args.split)) if args.split else None
     rows = [row for row in list_tasks() if chosen is None or row["name"] in chosen]
@@ -86,27 +102,44 @@ def _command_tasks(args: argparse.Namespace) -> None:
 
 
 def _command_demos(args: argparse.Namespace) -> None:
-    from .bench.demos import generate_demonstrations
+    from capvector.bench.env.demos import generate_demonstrations
 
-    path = generate_demonstrations(args.output, args.tasks, episodes_per_task=args.episodes, seed=args.seed,
-                                   image_size=args.image_size, workers=args.workers, variant=args.variant)
+    path = generate_demonstrations(
+        args.output,
+        args.tasks,
+        episodes_per_task=args.episodes,
+        seed=args.seed,
+        image_size=args.image_size,
+        workers=args.workers,
+        variant=args.variant,
+    )
     print(f"wrote {path}")
 
 
 def _command_evaluate(args: argparse.Namespace) -> None:
     import functools
 
-    from .bench.evaluation import ExpertPolicy, evaluate
-    from .bench.recipe import load_trained
+    from capvector.bench.env.evaluation import ExpertPolicy, evaluate
+    from capvector.bench.recipe import load_trained
 
     if (args.policy is None) == (not args.expert):
         raise CapvectorError("give a policy folder to evaluate, or --expert for the scripted experts (not both)")
     factory = ExpertPolicy if args.expert else functools.partial(load_trained, args.policy)
-    result = evaluate(factory, args.tasks, episodes=args.episodes, seed=args.seed, workers=args.workers,
-                      variant=args.variant, gif_dir=args.gifs, image_size=args.image_size)
+    result = evaluate(
+        factory,
+        args.tasks,
+        episodes=args.episodes,
+        seed=args.seed,
+        workers=args.workers,
+        variant=args.variant,
+        gif_dir=args.gifs,
+        image_size=args.image_size,
+    )
     for task in result.tasks:
-        print(f"{task.task:<24} {task.success_rate:6.1%}  [{task.ci_low:.2f}, {task.ci_high:.2f}]  "
-              f"({task.successes}/{task.episodes}, {task.mean_steps:.0f} steps)")
+        print(
+            f"{task.task:<24} {task.success_rate:6.1%}  [{task.ci_low:.2f}, {task.ci_high:.2f}]  "
+            f"({task.successes}/{task.episodes}, {task.mean_steps:.0f} steps)"
+        )
     print(f"{'mean':<24} {result.success_rate:6.1%}  ({result.variant}, {result.wall_s:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:
@@ -114,7 +147,7 @@ def _command_evaluate(args: argparse.Namespace) -> None:
 
 
 def _command_reproduce(args: argparse.Namespace) -> None:
-    from .bench.reproduce import reproduce
+    from capvector.bench.experiment.reproduce import reproduce
 
     folder = reproduce(args.preset, out_dir=args.out, force=args.force, device=args.device)
     print(f"report: {folder / 'report' / 'report.md'}")
@@ -125,8 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str, run) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help, description=help, epilog=EXAMPLES.get(name),
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub = commands.add_parser(
+            name,
+            help=help,
+            description=help,
+            epilog=EXAMPLES.get(name),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         sub.set_defaults(run=run)
         return sub
 
@@ -142,14 +180,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-vector", metavar="DIR", help="also save tau = theta_ft - theta_pt here (needs --pretrained)")
     p.add_argument("--no-hash", action="store_true", help="skip the SHA-256 of the sources (faster on huge models)")
 
-    p = command("merge", "Write theta_meta = theta_pt + alpha * gamma in the pretrained model's layout.", _command_merge)
+    p = command(
+        "merge", "Write theta_meta = theta_pt + alpha * gamma in the pretrained model's layout.", _command_merge
+    )
     p.add_argument("--pretrained", required=True, help="pretrained checkpoint (folder or file)")
     p.add_argument("--vector", required=True, help="capability vector folder (dense or low-rank)")
     p.add_argument("-o", "--output", required=True, help="new folder (or file, for a single-file checkpoint)")
-    p.add_argument("--alpha", action="append", metavar="VALUE|GLOB=VALUE",
-                   help="global scale (default 1.0), or a per-tensor scale by pattern; repeatable, later ones win")
+    p.add_argument(
+        "--alpha",
+        action="append",
+        metavar="VALUE|GLOB=VALUE",
+        help="global scale (default 1.0), or a per-tensor scale by pattern; repeatable, later ones win",
+    )
 
-    p = command("inspect", "Norms of a vector per layer, relative to a base, and cosine with another.", _command_inspect)
+    p = command(
+        "inspect", "Norms of a vector per layer, relative to a base, and cosine with another.", _command_inspect
+    )
     p.add_argument("vector")
     p.add_argument("--against", help="another vector for cosine similarity (e.g. the task vector)")
     p.add_argument("--base", help="pretrained checkpoint, for |gamma| / |theta_pt|")
@@ -157,11 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-tensor", action="store_true", help="one row per tensor instead of per layer")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    p = command("train", "Finetune a policy: strategy sft, aux or capvector; full or LoRA; DDP under torchrun.",
-                _command_train)
+    p = command(
+        "train", "Finetune a policy: strategy sft, aux or capvector; full or LoRA; DDP under torchrun.", _command_train
+    )
     p.add_argument("--config", help="a YAML or TOML file of TrainConfig fields (defaults when omitted)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field (values are YAML; dotted keys reach into *_args: policy_args.dim=64)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field (values are YAML; dotted keys reach into *_args: policy_args.dim=64)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from out_dir's latest checkpoint")
 
     p = command("tasks", "List the embedded benchmark's Meta-World tasks, splits and instructions.", _command_tasks)
@@ -188,8 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gifs", metavar="DIR", help="save one rollout per task as a GIF here")
     p.add_argument("--json", metavar="FILE", help="write every number as JSON")
 
-    p = command("reproduce", "The paper's experiment end to end on the embedded benchmark, with a report.",
-                _command_reproduce)
+    p = command(
+        "reproduce", "The paper's experiment end to end on the embedded benchmark, with a report.", _command_reproduce
+    )
     p.add_argument("--preset", default="quick", help="quick (minutes, proves the pipeline) or full (the experiment)")
     p.add_argument("--out", default="runs/reproduce", help="parent of the run folder <out>/<preset>")
     p.add_argument("--force", action="append", default=[], metavar="STAGE", help="redo a stage (repeatable)")

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from capvector.bench.dataset import DemoDataset, episode_path
-from capvector.bench.demos import generate_demonstrations
-from capvector.bench.sim import SimEnv
+from capvector.bench.env.dataset import DemoDataset, episode_path
+from capvector.bench.env.demos import generate_demonstrations
+from capvector.bench.env.sim import SimEnv
 from capvector.errors import CapvectorError
 
 TASKS = ["reach-v3", "drawer-open-v3"]
@@ -15,7 +15,9 @@ TASKS = ["reach-v3", "drawer-open-v3"]
 
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory):
-    return generate_demonstrations(tmp_path_factory.mktemp("demos") / "ds", TASKS, episodes_per_task=2, seed=3, workers=2)
+    return generate_demonstrations(
+        tmp_path_factory.mktemp("demos") / "ds", TASKS, episodes_per_task=2, seed=3, workers=2
+    )
 
 
 def test_samples_follow_the_contract(dataset_dir):
@@ -24,8 +26,14 @@ def test_samples_follow_the_contract(dataset_dir):
     assert sorted(ds.task_names.values()) == sorted(TASKS)
     assert ds.camera_fovy["wrist"] == 90.0 and 10 < ds.camera_fovy["scene"] < 90
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=5)))
-    assert batch["observation.images.scene"].shape == (5, 3, 64, 64) and batch["observation.images.scene"].dtype == torch.uint8
-    assert batch["observation.depth.wrist"].shape == (5, 1, 64, 64) and batch["observation.depth.wrist"].dtype == torch.float32
+    assert (
+        batch["observation.images.scene"].shape == (5, 3, 64, 64)
+        and batch["observation.images.scene"].dtype == torch.uint8
+    )
+    assert (
+        batch["observation.depth.wrist"].shape == (5, 1, 64, 64)
+        and batch["observation.depth.wrist"].dtype == torch.float32
+    )
     assert batch["observation.state"].shape == (5, 4) and batch["action"].shape == (5, 8, 4)
     assert batch["task_index"].dtype == torch.int64 and isinstance(batch["instruction"][0], str)
     for key in ("observation.state", "action", "observation.images.scene", "observation.depth.scene"):
@@ -49,7 +57,7 @@ def test_demonstration_replays_to_success(dataset_dir):
     env = SimEnv(episode["name"])
     env.reset(episode["placement_seed"])
     assert np.allclose(env.obs[:4], ds.state[start], atol=1e-5)
-    successes = [env.step(a)[1] for a in ds.action[start:start + episode["length"]]]
+    successes = [env.step(a)[1] for a in ds.action[start : start + episode["length"]]]
     env.close()
     assert successes[-1] and not any(successes[:-1])
 

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from capvector.bench.evaluation import ExpertPolicy, evaluate, wilson_interval
-from capvector.bench.sim import EVAL_SEED_OFFSET, MAX_ATTEMPTS, demo_placement_seed, eval_placement_seed
+from capvector.bench.env.evaluation import ExpertPolicy, evaluate, wilson_interval
+from capvector.bench.env.sim import EVAL_SEED_OFFSET, MAX_ATTEMPTS, demo_placement_seed, eval_placement_seed
 from capvector.errors import CapvectorError
 
 

@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from capvector.bench import recipe
-from capvector.bench.configuration_policy import PolicyConfig
-from capvector.bench.modeling_policy import Policy, masked_l1, normalize, tokenize, unnormalize
+from capvector.bench.policy.configuration_policy import PolicyConfig
+from capvector.bench.policy.modeling_policy import Policy, masked_l1, normalize, tokenize, unnormalize
 from capvector.bench.recipe import load_trained
-from capvector.bench.spatial import SpatialObjective, cosine_alignment_loss, patch_point_features, pixel_rays
+from capvector.bench.objectives.spatial import SpatialObjective, cosine_alignment_loss, patch_point_features, pixel_rays
 from capvector.errors import CapvectorError
 
 FOVY = {"scene": 40.0, "wrist": 90.0}
@@ -23,8 +23,9 @@ def synthetic_batch(batch_size=4, config=PolicyConfig(), seed=0):
     size = config.image_size
     batch = {"instruction": ["pick the puck and place it at the goal", "open the drawer"] * (batch_size // 2)}
     for camera in config.cameras:
-        batch[f"observation.images.{camera}"] = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8,
-                                                              generator=generator)
+        batch[f"observation.images.{camera}"] = torch.randint(
+            0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=generator
+        )
         batch[f"observation.depth.{camera}"] = 0.3 + torch.rand(batch_size, 1, size, size, generator=generator)
     batch["observation.state"] = torch.rand(batch_size, config.state_dim, generator=generator) * 0.5
     batch["action"] = torch.rand(batch_size, config.chunk_size, config.action_dim, generator=generator) * 2 - 1
@@ -74,10 +75,12 @@ def test_instruction_tokens_are_stable_words():
 
 
 def test_save_load_round_trip(policy, tmp_path):
-    config = PolicyConfig.from_dataset_stats({
-        "observation.state": {"q01": [0, 0, 0, 0], "q99": [1, 1, 1, 1]},
-        "action": {"q01": [-1, -1, -1, -0.5], "q99": [1, 1, 1, 0.5]},
-    })
+    config = PolicyConfig.from_dataset_stats(
+        {
+            "observation.state": {"q01": [0, 0, 0, 0], "q99": [1, 1, 1, 1]},
+            "action": {"q01": [-1, -1, -1, -0.5], "q99": [1, 1, 1, 0.5]},
+        }
+    )
     policy = Policy(config)
     policy.save_pretrained(tmp_path / "policy")
     policy.save_pretrained(tmp_path / "policy")  # replaces the folder whole
@@ -86,10 +89,15 @@ def test_save_load_round_trip(policy, tmp_path):
     assert loaded.config == config
     batch = synthetic_batch()
     assert torch.equal(loaded.predict_normalized(batch), policy.predict_normalized(batch))
-    observation = {key: value[0].numpy() for key, value in batch.items()
-                   if key.startswith("observation.images") or key == "observation.state"}
+    observation = {
+        key: value[0].numpy()
+        for key, value in batch.items()
+        if key.startswith("observation.images") or key == "observation.state"
+    }
     observation["instruction"] = batch["instruction"][0]
-    chunk = pickle.loads(pickle.dumps(functools.partial(load_trained, tmp_path / "policy")))().predict_chunk(observation)
+    chunk = pickle.loads(pickle.dumps(functools.partial(load_trained, tmp_path / "policy")))().predict_chunk(
+        observation
+    )
     assert chunk.shape == (8, 4) and np.abs(chunk).max() <= 1
     assert np.array_equal(chunk, policy.predict_chunk(observation))
 
@@ -115,7 +123,7 @@ def test_policy_factory_for_the_training_engine(tmp_path):
 
 
 def test_benchmark_instructions_get_distinct_word_ids():
-    tasks = pytest.importorskip("capvector.bench.tasks")
+    tasks = pytest.importorskip("capvector.bench.env.tasks")
     config = PolicyConfig()
     words = {word for text in tasks.TASKS.values() for word in text.lower().split()}
     ids = {tokenize(word, config.text_buckets, config.max_words)[0] for word in words}
@@ -142,8 +150,13 @@ def test_spatial_gradient_reaches_layers_below_the_hook_only(policy):
     policy.zero_grad()
     loss.backward()
     grads = {name: p.grad for name, p in policy.named_parameters()}
-    for name in ("trunk.layers.0.qkv.weight", "trunk.layers.2.mlp.2.weight", "vision.stem.0.weight",
-                 "text.embed.weight", "state.weight"):
+    for name in (
+        "trunk.layers.0.qkv.weight",
+        "trunk.layers.2.mlp.2.weight",
+        "vision.stem.0.weight",
+        "text.embed.weight",
+        "state.weight",
+    ):
         assert grads[name] is not None and grads[name].abs().sum() > 0, name
     assert grads["trunk.layers.3.qkv.weight"] is None and grads["head.2.weight"] is None
     assert objective.projector[1].weight.grad.abs().sum() > 0
@@ -156,7 +169,7 @@ def test_cosine_loss_values():
 
 
 def test_pixel_rays_follow_the_simulator_camera_model():
-    sim = pytest.importorskip("capvector.bench.sim")
+    sim = pytest.importorskip("capvector.bench.env.sim")
     depth = np.random.default_rng(0).uniform(0.2, 2.0, (64, 64)).astype(np.float32)
     points = pixel_rays(40.0, 64, 64) * torch.from_numpy(depth)[..., None]
     assert np.allclose(points.numpy(), sim.depth_to_points(depth, 40.0), atol=1e-5)
@@ -194,10 +207,10 @@ def test_policy_overfits_synthetic_demonstrations():
 @pytest.mark.slow
 def test_policy_overfits_demonstrations_and_succeeds_closed_loop(tmp_path):
     """Two reach demonstrations; ~70 s on two idle cores."""
-    demos = pytest.importorskip("capvector.bench.demos")
-    from capvector.bench.dataset import DemoDataset
-    from capvector.bench.evaluation import run_episode
-    from capvector.bench.sim import SimEnv
+    demos = pytest.importorskip("capvector.bench.env.demos")
+    from capvector.bench.env.dataset import DemoDataset
+    from capvector.bench.env.evaluation import run_episode
+    from capvector.bench.env.sim import SimEnv
 
     root = demos.generate_demonstrations(tmp_path / "demos", tasks="reach-v3", episodes_per_task=2, workers=1)
     dataset = DemoDataset(root, depth=False)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from capvector.bench.modeling_policy import Policy
-from capvector.bench.reproduce import METHODS, PRESETS, STAGES, reproduce
+from capvector.bench.policy.modeling_policy import Policy
+from capvector.bench.experiment.reproduce import METHODS, PRESETS, STAGES, reproduce
 from capvector.errors import CapvectorError
 
 pytestmark = pytest.mark.slow

@@ -18,16 +18,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..checkpoints import ADAPTER_CONFIG, open_checkpoint
-from ..errors import CapvectorError
-from .configuration_policy import PolicyConfig
-from .dataset import DemoDataset, read_meta
-from .modeling_policy import CONFIG_NAME, Policy
-from .spatial import SpatialObjective
+from capvector.params.checkpoints import ADAPTER_CONFIG, open_checkpoint
+from capvector.errors import CapvectorError
+from capvector.bench.policy.configuration_policy import PolicyConfig
+from capvector.bench.env.dataset import DemoDataset, read_meta
+from capvector.bench.policy.modeling_policy import CONFIG_NAME, Policy
+from capvector.bench.objectives.spatial import SpatialObjective
 
 
 def dataset_info(root: str | Path) -> tuple[dict, dict]:
-    """The dataset folder's meta/info.json and meta/stats.json (checked by capvector.bench.dataset)."""
+    """The dataset folder's meta/info.json and meta/stats.json (checked by capvector.bench.env.dataset)."""
     info, _, _, stats = read_meta(Path(root))
     return info, stats
 
@@ -37,12 +37,16 @@ def policy(init_from: str | None, dataset: str | None = None, **config: object) 
     `config`."""
     if init_from is not None:
         if config:
-            raise CapvectorError(f"policy_args {sorted(config)} shape a new policy, but init_from {init_from} is "
-                                 "loaded with its own config.json; drop them or set init_from to null")
+            raise CapvectorError(
+                f"policy_args {sorted(config)} shape a new policy, but init_from {init_from} is "
+                "loaded with its own config.json; drop them or set init_from to null"
+            )
         return Policy.from_pretrained(init_from)
     if dataset is None:
-        raise CapvectorError("a new benchmark policy needs policy_args.dataset: the demonstration folder whose "
-                             "meta/stats.json gives its normalization")
+        raise CapvectorError(
+            "a new benchmark policy needs policy_args.dataset: the demonstration folder whose "
+            "meta/stats.json gives its normalization"
+        )
     info, stats = dataset_info(dataset)
     config.setdefault("image_size", info["capvector"]["image_size"])
     return Policy(PolicyConfig.from_dataset_stats(stats, **config))

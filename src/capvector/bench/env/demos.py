@@ -1,4 +1,4 @@
-"""Scripted-expert demonstrations written as a dataset folder (format: capvector.bench.dataset).
+"""Scripted-expert demonstrations written as a dataset folder (format: capvector.bench.env.dataset).
 
 Each task's episode slot e tries placements demo_placement_seed(seed, e, 0), (seed, e, 1), ... and keeps
 the first episode the expert finishes successfully, so the dataset is a pure function of
@@ -17,10 +17,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from capvector.bench import dataset as fmt
-from capvector.bench.sim import (ACTION_DIM, CAMERAS, MAX_ATTEMPTS, MAX_EPISODE_STEPS, SimEnv, demo_placement_seed,
-                                 parallel_map, shards)
-from capvector.bench.tasks import instruction, resolve_tasks, task_index
+from capvector.bench.env import dataset as fmt
+from capvector.bench.env.sim import (
+    ACTION_DIM,
+    CAMERAS,
+    MAX_ATTEMPTS,
+    MAX_EPISODE_STEPS,
+    SimEnv,
+    demo_placement_seed,
+    parallel_map,
+    shards,
+)
+from capvector.bench.env.tasks import instruction, resolve_tasks, task_index
 from capvector.errors import CapvectorError
 
 
@@ -38,7 +46,9 @@ def record_episode(env: SimEnv, expert, placement_seed: int) -> dict | None:
             episode = {key: np.stack([f[key] for f in frames]) for key in frames[0]}
             for camera in CAMERAS:  # stored as uint16 millimetres
                 depth = episode.pop(f"observation.depth.{camera}")
-                episode[f"observation.depth.{camera}"] = np.clip(np.round(depth * fmt.DEPTH_SCALE), 0, 65535).astype(np.uint16)
+                episode[f"observation.depth.{camera}"] = np.clip(np.round(depth * fmt.DEPTH_SCALE), 0, 65535).astype(
+                    np.uint16
+                )
             return episode
     return None
 
@@ -67,57 +77,110 @@ def frame_table(frames: dict, episode_index: int, first_index: int, task: int, f
     for key in sorted(k for k in frames if k.startswith(("observation.images", "observation.depth"))):
         rows = frames[key].reshape(length, -1)
         columns[key] = pa.FixedSizeBinaryArray.from_buffers(
-            pa.binary(rows.strides[0]), length, [None, pa.py_buffer(np.ascontiguousarray(rows).tobytes())])
+            pa.binary(rows.strides[0]), length, [None, pa.py_buffer(np.ascontiguousarray(rows).tobytes())]
+        )
     for key in ("observation.state", "action"):
-        columns[key] = pa.FixedSizeListArray.from_arrays(pa.array(frames[key].reshape(-1), pa.float32()), frames[key].shape[1])
+        columns[key] = pa.FixedSizeListArray.from_arrays(
+            pa.array(frames[key].reshape(-1), pa.float32()), frames[key].shape[1]
+        )
     steps = np.arange(length)
-    columns.update({
-        "timestamp": pa.array((steps / fps).astype(np.float32)),
-        "frame_index": pa.array(steps),
-        "episode_index": pa.array(np.full(length, episode_index)),
-        "index": pa.array(first_index + steps),
-        "task_index": pa.array(np.full(length, task)),
-        "next.success": pa.array(steps == length - 1),
-        "next.done": pa.array(steps == length - 1),
-    })
+    columns.update(
+        {
+            "timestamp": pa.array((steps / fps).astype(np.float32)),
+            "frame_index": pa.array(steps),
+            "episode_index": pa.array(np.full(length, episode_index)),
+            "index": pa.array(first_index + steps),
+            "task_index": pa.array(np.full(length, task)),
+            "next.success": pa.array(steps == length - 1),
+            "next.done": pa.array(steps == length - 1),
+        }
+    )
     return pa.table(columns)
 
 
-def info_json(episodes: list[dict], tasks: list[str], image_size: int, seed: int, variant: str,
-              camera_fovy: dict[str, float], fps: float) -> dict:
+def info_json(
+    episodes: list[dict],
+    tasks: list[str],
+    image_size: int,
+    seed: int,
+    variant: str,
+    camera_fovy: dict[str, float],
+    fps: float,
+) -> dict:
     size = image_size
-    features = {f"observation.images.{c}": {"dtype": "uint8", "shape": [3, size, size],
-                                            "names": ["channels", "height", "width"]} for c in CAMERAS}
-    features |= {f"observation.depth.{c}": {"dtype": "uint16", "shape": [1, size, size], "names": ["channels", "height", "width"],
-                                            "info": {"unit": "mm", "clip": 65535}} for c in CAMERAS}
+    features = {
+        f"observation.images.{c}": {
+            "dtype": "uint8",
+            "shape": [3, size, size],
+            "names": ["channels", "height", "width"],
+        }
+        for c in CAMERAS
+    }
+    features |= {
+        f"observation.depth.{c}": {
+            "dtype": "uint16",
+            "shape": [1, size, size],
+            "names": ["channels", "height", "width"],
+            "info": {"unit": "mm", "clip": 65535},
+        }
+        for c in CAMERAS
+    }
     features |= {
         "observation.state": {"dtype": "float32", "shape": [4], "names": ["hand_x", "hand_y", "hand_z", "gripper"]},
         "action": {"dtype": "float32", "shape": [ACTION_DIM], "names": ["dx", "dy", "dz", "gripper"]},
-        "timestamp": {"dtype": "float32", "shape": [1]}, "frame_index": {"dtype": "int64", "shape": [1]},
-        "episode_index": {"dtype": "int64", "shape": [1]}, "index": {"dtype": "int64", "shape": [1]},
-        "task_index": {"dtype": "int64", "shape": [1]}, "next.success": {"dtype": "bool", "shape": [1]},
+        "timestamp": {"dtype": "float32", "shape": [1]},
+        "frame_index": {"dtype": "int64", "shape": [1]},
+        "episode_index": {"dtype": "int64", "shape": [1]},
+        "index": {"dtype": "int64", "shape": [1]},
+        "task_index": {"dtype": "int64", "shape": [1]},
+        "next.success": {"dtype": "bool", "shape": [1]},
         "next.done": {"dtype": "bool", "shape": [1]},
     }
     total_frames = sum(len(e["frames"]["action"]) for e in episodes)
     return {
-        "codebase_version": fmt.CODEBASE_VERSION, "robot_type": "sawyer", "fps": fps,
-        "total_episodes": len(episodes), "total_frames": total_frames, "total_tasks": len(tasks),
-        "total_chunks": (len(episodes) - 1) // fmt.CHUNKS_SIZE + 1, "chunks_size": fmt.CHUNKS_SIZE,
+        "codebase_version": fmt.CODEBASE_VERSION,
+        "robot_type": "sawyer",
+        "fps": fps,
+        "total_episodes": len(episodes),
+        "total_frames": total_frames,
+        "total_tasks": len(tasks),
+        "total_chunks": (len(episodes) - 1) // fmt.CHUNKS_SIZE + 1,
+        "chunks_size": fmt.CHUNKS_SIZE,
         "splits": {"train": f"0:{len(episodes)}"},
-        "data_path": "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet", "video_path": None,
+        "data_path": "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
+        "video_path": None,
         "features": features,
         "capvector": {
-            "format_version": fmt.FORMAT_VERSION, "image_size": size, "variant": variant, "seed": seed,
+            "format_version": fmt.FORMAT_VERSION,
+            "image_size": size,
+            "variant": variant,
+            "seed": seed,
             "source": "metaworld scripted experts (metaworld.policies), successful episodes only",
-            "cameras": {c: {"fovy": camera_fovy[c], "height": size, "width": size,
-                            "cx": (size - 1) / 2, "cy": (size - 1) / 2,
-                            "f": (size / 2) / np.tan(np.radians(camera_fovy[c]) / 2)} for c in CAMERAS},
+            "cameras": {
+                c: {
+                    "fovy": camera_fovy[c],
+                    "height": size,
+                    "width": size,
+                    "cx": (size - 1) / 2,
+                    "cy": (size - 1) / 2,
+                    "f": (size / 2) / np.tan(np.radians(camera_fovy[c]) / 2),
+                }
+                for c in CAMERAS
+            },
         },
     }
 
 
-def write_dataset(root: Path, episodes: list[dict], tasks: list[str], image_size: int, seed: int, variant: str,
-                  camera_fovy: dict[str, float], fps: float) -> None:
+def write_dataset(
+    root: Path,
+    episodes: list[dict],
+    tasks: list[str],
+    image_size: int,
+    seed: int,
+    variant: str,
+    camera_fovy: dict[str, float],
+    fps: float,
+) -> None:
     (root / "meta").mkdir(parents=True)
     first = 0
     rows = []
@@ -127,23 +190,43 @@ def write_dataset(root: Path, episodes: list[dict], tasks: list[str], image_size
         table = frame_table(episode["frames"], episode_index, first, task_index(episode["name"]), fps)
         pq.write_table(table, path, compression="zstd")
         first += len(table)
-        rows.append({"episode_index": episode_index, "tasks": [instruction(episode["name"])], "length": len(table),
-                     "name": episode["name"], "placement_seed": episode["placement_seed"]})
+        rows.append(
+            {
+                "episode_index": episode_index,
+                "tasks": [instruction(episode["name"])],
+                "length": len(table),
+                "name": episode["name"],
+                "placement_seed": episode["placement_seed"],
+            }
+        )
     frames = {key: np.concatenate([e["frames"][key] for e in episodes]) for key in episodes[0]["frames"]}
-    stats = fmt.dataset_stats(frames["observation.state"], frames["action"],
-                              {c: frames[f"observation.images.{c}"] for c in CAMERAS},
-                              {c: frames[f"observation.depth.{c}"] for c in CAMERAS})
+    stats = fmt.dataset_stats(
+        frames["observation.state"],
+        frames["action"],
+        {c: frames[f"observation.images.{c}"] for c in CAMERAS},
+        {c: frames[f"observation.depth.{c}"] for c in CAMERAS},
+    )
     meta = root / "meta"
     (meta / "stats.json").write_text(json.dumps(stats, indent=1))
-    (meta / "tasks.jsonl").write_text("".join(
-        json.dumps({"task_index": task_index(t), "task": instruction(t), "name": t}) + "\n" for t in tasks))
+    (meta / "tasks.jsonl").write_text(
+        "".join(json.dumps({"task_index": task_index(t), "task": instruction(t), "name": t}) + "\n" for t in tasks)
+    )
     (meta / "episodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (meta / "info.json").write_text(json.dumps(info_json(episodes, tasks, image_size, seed, variant, camera_fovy, fps), indent=1))
+    (meta / "info.json").write_text(
+        json.dumps(info_json(episodes, tasks, image_size, seed, variant, camera_fovy, fps), indent=1)
+    )
 
 
-def generate_demonstrations(out_dir: str | Path, tasks: str | list[str] = "pretrain", episodes_per_task: int = 50,
-                            seed: int = 0, image_size: int = 64, workers: int = 2, variant: str = "default",
-                            overwrite: bool = False) -> Path:
+def generate_demonstrations(
+    out_dir: str | Path,
+    tasks: str | list[str] = "pretrain",
+    episodes_per_task: int = 50,
+    seed: int = 0,
+    image_size: int = 64,
+    workers: int = 2,
+    variant: str = "default",
+    overwrite: bool = False,
+) -> Path:
     """Record `episodes_per_task` successful expert demonstrations per task into the dataset folder `out_dir`.
 
     `tasks`: task or split names (list or comma-separated). Written to a temporary folder beside

@@ -21,12 +21,26 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .checkpoints import Checkpoint, open_checkpoint
-from .errors import CapvectorError
-from .lazy import SAFETENSORS_DTYPES, Combination, LazyTensor, LazyTensorMapping, LowRankTensor, row_chunks
-from .lowrank import Factorization
-from .streaming import OutputFile, OutputTensor, atomic_output, ensure_finite, rewrite_safetensors_metadata, write_files
+from capvector import __version__
+from capvector.params.checkpoints import Checkpoint, open_checkpoint
+from capvector.errors import CapvectorError
+from capvector.params.lazy import (
+    SAFETENSORS_DTYPES,
+    Combination,
+    LazyTensor,
+    LazyTensorMapping,
+    LowRankTensor,
+    row_chunks,
+)
+from capvector.params.lowrank import Factorization
+from capvector.params.streaming import (
+    OutputFile,
+    OutputTensor,
+    atomic_output,
+    ensure_finite,
+    rewrite_safetensors_metadata,
+    write_files,
+)
 
 METADATA_FILE = "capvector.json"
 WEIGHTS_STEM = "capvector"
@@ -43,8 +57,9 @@ class CapabilityVector(LazyTensorMapping):
     `norm`, `cosine`) stream through the files a few megabytes at a time; `save` writes one.
     """
 
-    def __init__(self, tensors: Mapping[str, LazyTensor], metadata: dict | None = None,
-                 checkpoints: Sequence[Checkpoint] = ()):
+    def __init__(
+        self, tensors: Mapping[str, LazyTensor], metadata: dict | None = None, checkpoints: Sequence[Checkpoint] = ()
+    ):
         self.tensors = dict(tensors)
         self.metadata = metadata or {}
         self._checkpoints = list(checkpoints)  # kept open while this vector (or one built from it) is used
@@ -86,7 +101,9 @@ class CapabilityVector(LazyTensorMapping):
         for name in self.tensors.keys() & other.tensors.keys():
             a, b = self.tensors[name], other.tensors[name]
             if a.numel != b.numel:
-                raise CapvectorError(f"tensor '{name}' has shape {list(a.shape)} in one vector and {list(b.shape)} in the other")
+                raise CapvectorError(
+                    f"tensor '{name}' has shape {list(a.shape)} in one vector and {list(b.shape)} in the other"
+                )
             aa = bb = ab = 0.0
             for start, stop in row_chunks(a, REDUCE_CHUNK_ELEMENTS):
                 x = a.read(start, stop).reshape(-1)
@@ -110,8 +127,15 @@ class CapabilityVector(LazyTensorMapping):
 
     # --- saving -----------------------------------------------------------------------------------------------------
 
-    def save(self, output: str | os.PathLike, *, dtype: torch.dtype | str | None = None, rank: int | None = None,
-             max_shard_bytes: int = MAX_SHARD_BYTES, hash_sources: bool = True) -> CapabilityVector:
+    def save(
+        self,
+        output: str | os.PathLike,
+        *,
+        dtype: torch.dtype | str | None = None,
+        rank: int | None = None,
+        max_shard_bytes: int = MAX_SHARD_BYTES,
+        hash_sources: bool = True,
+    ) -> CapabilityVector:
         """Write the vector to a new folder (atomically) and return it opened from there."""
         output = Path(output)
         dtype = parse_dtype(dtype) if dtype is not None else None
@@ -122,15 +146,21 @@ class CapabilityVector(LazyTensorMapping):
             if rank and len(tensor.shape) == 2 and min(tensor.shape) > rank:
                 job = Factorization(tensor, rank, lambda m, t=tensor: ensure_finite(t, m, 0, t.rows))
                 factorizations[name] = job
-                entries += [OutputTensor(name + LEFT, job.part("left"), out_dtype),
-                            OutputTensor(name + RIGHT, job.part("right"), out_dtype)]
+                entries += [
+                    OutputTensor(name + LEFT, job.part("left"), out_dtype),
+                    OutputTensor(name + RIGHT, job.part("right"), out_dtype),
+                ]
             else:
                 entries.append(OutputTensor(name, tensor, out_dtype))
         files = _shard(entries, max_shard_bytes)
         metadata = {
-            **self.metadata, "format": "capvector", "format_version": FORMAT_VERSION, "tool": f"capvector {__version__}",
+            **self.metadata,
+            "format": "capvector",
+            "format_version": FORMAT_VERSION,
+            "tool": f"capvector {__version__}",
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "dtype": str(dtype).removeprefix("torch.") if dtype else "as inputs", "rank": rank,
+            "dtype": str(dtype).removeprefix("torch.") if dtype else "as inputs",
+            "rank": rank,
         }
         sources = metadata.get("sources", {})
         inputs = [p for checkpoint in self._checkpoints for p in checkpoint.input_paths()]
@@ -151,9 +181,13 @@ class CapabilityVector(LazyTensorMapping):
             for file in files:
                 rewrite_safetensors_metadata(folder / file.name, _header_metadata(metadata))
             if len(files) > 1:
-                _write_json(folder / f"{WEIGHTS_STEM}.safetensors.index.json", {
-                    "metadata": {"total_size": sum(e.nbytes for e in entries)},
-                    "weight_map": {t.name: f.name for f in files for t in f.tensors}})
+                _write_json(
+                    folder / f"{WEIGHTS_STEM}.safetensors.index.json",
+                    {
+                        "metadata": {"total_size": sum(e.nbytes for e in entries)},
+                        "weight_map": {t.name: f.name for f in files for t in f.tensors},
+                    },
+                )
             _write_json(folder / METADATA_FILE, metadata)
         return open_vector(output)
 
@@ -177,8 +211,15 @@ def cosine(a: CapabilityVector, b: CapabilityVector) -> float:
 def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32",
-               "fp64": "float64", "double": "float64"}
+    aliases = {
+        "bf16": "bfloat16",
+        "fp16": "float16",
+        "half": "float16",
+        "fp32": "float32",
+        "float": "float32",
+        "fp64": "float64",
+        "double": "float64",
+    }
     parsed = getattr(torch, aliases.get(dtype.lower(), dtype.lower()), None)
     if not isinstance(parsed, torch.dtype) or not parsed.is_floating_point or parsed not in SAFETENSORS_DTYPES.values():
         raise CapvectorError(f"unknown dtype {dtype!r}; use one of bfloat16, float16, float32, float64")
@@ -197,8 +238,10 @@ def _shard(entries: list[OutputTensor], max_shard_bytes: int) -> list[OutputFile
     if len(shards) == 1:
         return [OutputFile(f"{WEIGHTS_STEM}.safetensors", shards[0], {})]
     count = len(shards)
-    return [OutputFile(f"{WEIGHTS_STEM}-{i + 1:05d}-of-{count:05d}.safetensors", shard, {})
-            for i, shard in enumerate(shards)]
+    return [
+        OutputFile(f"{WEIGHTS_STEM}-{i + 1:05d}-of-{count:05d}.safetensors", shard, {})
+        for i, shard in enumerate(shards)
+    ]
 
 
 def _header_metadata(metadata: dict) -> dict[str, str]:
@@ -208,10 +251,17 @@ def _header_metadata(metadata: dict) -> dict[str, str]:
 def _worst_case(metadata: dict, tensors: Mapping, factorizations: Mapping) -> dict:
     """The metadata with the longest values it can end with, to reserve header space before they are known."""
     longest = -1.2345678901234567e-300
-    sources = {role: {**info, "sha256": {f: "f" * 64 for f in info.get("files", [])}}
-               for role, info in metadata.get("sources", {}).items()}
-    return {**metadata, "sources": sources, "norms": {name: longest for name in tensors}, "global_norm": longest,
-            "lowrank_relative_error": {name: longest for name in factorizations}}
+    sources = {
+        role: {**info, "sha256": {f: "f" * 64 for f in info.get("files", [])}}
+        for role, info in metadata.get("sources", {}).items()
+    }
+    return {
+        **metadata,
+        "sources": sources,
+        "norms": {name: longest for name in tensors},
+        "global_norm": longest,
+        "lowrank_relative_error": {name: longest for name in factorizations},
+    }
 
 
 def _write_json(path: Path, value) -> None:
@@ -252,11 +302,14 @@ def sha256_file(path: Path) -> str:
 
 def _source_info(checkpoint: Checkpoint) -> dict:
     folder = checkpoint.root if checkpoint.is_folder else checkpoint.root.parent
-    return {"path": str(checkpoint.root.resolve()),
-            "files": [os.path.relpath(p, folder) for p in checkpoint.weight_paths()]}
+    return {
+        "path": str(checkpoint.root.resolve()),
+        "files": [os.path.relpath(p, folder) for p in checkpoint.weight_paths()],
+    }
 
 
 # --- extraction ---------------------------------------------------------------------------------------------------
+
 
 def _selected(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
     if include and not any(fnmatch.fnmatchcase(name, pattern) for pattern in include):
@@ -264,14 +317,24 @@ def _selected(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool
     return not any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude)
 
 
-def difference(minuend: Checkpoint, subtrahend: Checkpoint, *, include: Sequence[str] = (),
-               exclude: Sequence[str] = (), dtype: torch.dtype | str | None = None,
-               roles: tuple[str, str] = ("aux", "sft"), formula: str = "") -> CapabilityVector:
+def difference(
+    minuend: Checkpoint,
+    subtrahend: Checkpoint,
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    dtype: torch.dtype | str | None = None,
+    roles: tuple[str, str] = ("aux", "sft"),
+    formula: str = "",
+) -> CapabilityVector:
     """minuend - subtrahend over the floating-point tensors both hold with equal shapes; the rest is listed."""
     dtype = parse_dtype(dtype) if dtype is not None else None
-    skipped: dict[str, list[str]] = {f"only_in_{roles[0]}": sorted(minuend.keys() - subtrahend.keys()),
-                                     f"only_in_{roles[1]}": sorted(subtrahend.keys() - minuend.keys()),
-                                     "excluded": [], "not_floating_point": []}
+    skipped: dict[str, list[str]] = {
+        f"only_in_{roles[0]}": sorted(minuend.keys() - subtrahend.keys()),
+        f"only_in_{roles[1]}": sorted(subtrahend.keys() - minuend.keys()),
+        "excluded": [],
+        "not_floating_point": [],
+    }
     tensors = {}
     for name in minuend:
         if name not in subtrahend:
@@ -300,16 +363,28 @@ def difference(minuend: Checkpoint, subtrahend: Checkpoint, *, include: Sequence
             "check the paths and the patterns"
         )
     metadata = {
-        "formula": formula, "sources": {roles[0]: _source_info(minuend), roles[1]: _source_info(subtrahend)},
-        "include": list(include), "exclude": list(exclude), "skipped": skipped,
+        "formula": formula,
+        "sources": {roles[0]: _source_info(minuend), roles[1]: _source_info(subtrahend)},
+        "include": list(include),
+        "exclude": list(exclude),
+        "skipped": skipped,
     }
     return CapabilityVector(tensors, metadata, [minuend, subtrahend])
 
 
-def extract(aux: str | os.PathLike, sft: str | os.PathLike, output: str | os.PathLike | None = None, *,
-            pretrained: str | os.PathLike | None = None, include: Sequence[str] = (), exclude: Sequence[str] = (),
-            dtype: torch.dtype | str | None = None, rank: int | None = None,
-            task_vector_output: str | os.PathLike | None = None, hash_sources: bool = True) -> CapabilityVector:
+def extract(
+    aux: str | os.PathLike,
+    sft: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    *,
+    pretrained: str | os.PathLike | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    dtype: torch.dtype | str | None = None,
+    rank: int | None = None,
+    task_vector_output: str | os.PathLike | None = None,
+    hash_sources: bool = True,
+) -> CapabilityVector:
     """gamma = theta_ao - theta_ft. LoRA adapter folders are applied to their base (or to `pretrained`).
 
     With `output`, the vector is saved there and returned opened from disk; otherwise it is returned lazy. With
@@ -317,13 +392,26 @@ def extract(aux: str | os.PathLike, sft: str | os.PathLike, output: str | os.Pat
     """
     aux_checkpoint = open_checkpoint(aux, base=pretrained)
     sft_checkpoint = open_checkpoint(sft, base=pretrained)
-    gamma = difference(aux_checkpoint, sft_checkpoint, include=include, exclude=exclude, dtype=dtype,
-                       formula="gamma = theta_ao - theta_ft")
+    gamma = difference(
+        aux_checkpoint,
+        sft_checkpoint,
+        include=include,
+        exclude=exclude,
+        dtype=dtype,
+        formula="gamma = theta_ao - theta_ft",
+    )
     if task_vector_output is not None:
         if pretrained is None:
             raise CapvectorError("a task vector (tau = theta_ft - theta_pt) needs --pretrained DIR")
-        tau = difference(open_checkpoint(sft, base=pretrained), open_checkpoint(pretrained), include=include,
-                         exclude=exclude, dtype=dtype, roles=("sft", "pretrained"), formula="tau = theta_ft - theta_pt")
+        tau = difference(
+            open_checkpoint(sft, base=pretrained),
+            open_checkpoint(pretrained),
+            include=include,
+            exclude=exclude,
+            dtype=dtype,
+            roles=("sft", "pretrained"),
+            formula="tau = theta_ft - theta_pt",
+        )
         tau.save(task_vector_output, dtype=dtype, rank=rank, hash_sources=hash_sources).close()
         tau.close()
     if output is None:

@@ -6,7 +6,7 @@ import threading
 
 import torch
 
-from .lazy import LazyTensor
+from capvector.params.lazy import LazyTensor
 
 OVERSAMPLE = 8
 POWER_ITERATIONS = 4
@@ -24,8 +24,11 @@ def truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     total = matrix.double().square().sum()
     if total == 0:
         return left, right, 0.0
-    residual = total - 2 * (left.double() * (matrix.double() @ right.double().T)).sum() \
+    residual = (
+        total
+        - 2 * (left.double() * (matrix.double() @ right.double().T)).sum()
         + ((left.double().T @ left.double()) * (right.double() @ right.double().T)).sum()
+    )
     return left, right, float(residual.clamp(min=0).sqrt() / total.sqrt())
 
 

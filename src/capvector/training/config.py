@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from . import orthogonal
-from .errors import CapvectorError
+from capvector.training import orthogonal
+from capvector.errors import CapvectorError
 
 
 @dataclass
@@ -41,7 +41,7 @@ class TrainConfig:
     # theta_meta = the weights of init_from (the merged checkpoint) and gamma read from `vector`.
     vector: str | None = None
     orth_lambda: float = 10.0  # 0 with orth_hard: the hard variant alone
-    orth_reduction: str = "normalized"  # per-tensor projections combined as in capvector.orthogonal
+    orth_reduction: str = "normalized"  # per-tensor projections combined as in capvector.training.orthogonal
     orth_hard: bool = False  # also project the update off gamma after every optimizer step (exact)
     lora_form: str = "olora"  # with finetune "lora": "olora" (A against gamma's input subspace) or "exact"
     orth_rank: int = 8  # the size of gamma's input subspace for lora_form "olora"
@@ -92,8 +92,18 @@ CHOICES = {
 }
 # Fields that change nothing in the trained weights: a run may be resumed with other values for them.
 BOOKKEEPING = frozenset(
-    {"out_dir", "resume", "checkpoint_every", "keep_checkpoints", "log_every", "progress", "tensorboard",
-     "time_parts", "num_workers", "cache_dataset_mb"}
+    {
+        "out_dir",
+        "resume",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "log_every",
+        "progress",
+        "tensorboard",
+        "time_parts",
+        "num_workers",
+        "cache_dataset_mb",
+    }
 )
 
 
@@ -116,8 +126,9 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
             return value
         if option is not list and option is not type(None) and isinstance(value, option):
             return value
-    expected = " or ".join("null" if o is type(None) else "list of strings" if o is list else o.__name__
-                           for o in options)
+    expected = " or ".join(
+        "null" if o is type(None) else "list of strings" if o is list else o.__name__ for o in options
+    )
     raise CapvectorError(f"config field '{name}': expected {expected}, got {value!r} ({type(value).__name__})")
 
 
@@ -128,14 +139,10 @@ def config_from_dict(values: dict[str, Any], origin: str = "config") -> TrainCon
         if name not in hints:
             close = difflib.get_close_matches(name, hints, n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
-            raise CapvectorError(
-                f"{origin}: unknown field '{name}'; {hint}valid fields: {', '.join(hints)}"
-            )
+            raise CapvectorError(f"{origin}: unknown field '{name}'; {hint}valid fields: {', '.join(hints)}")
         checked[name] = _check_type(name, value, hints[name])
         if name in CHOICES and checked[name] not in CHOICES[name]:
-            raise CapvectorError(
-                f"{origin}: field '{name}' is {value!r}; choose one of: {', '.join(CHOICES[name])}"
-            )
+            raise CapvectorError(f"{origin}: field '{name}' is {value!r}; choose one of: {', '.join(CHOICES[name])}")
     return TrainConfig(**checked)
 
 

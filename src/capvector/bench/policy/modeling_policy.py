@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import CapvectorError
-from .configuration_policy import ACTION_KEY, STATE_KEY, PolicyConfig
+from capvector.errors import CapvectorError
+from capvector.bench.policy.configuration_policy import ACTION_KEY, STATE_KEY, PolicyConfig
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -140,7 +140,9 @@ class Policy(nn.Module):
         self.action_queries = nn.Parameter(torch.randn(config.chunk_size, config.dim) * 0.02)
         self.trunk = Transformer(config, config.trunk_layers)
         self.norm = nn.LayerNorm(config.dim)
-        self.head = nn.Sequential(nn.Linear(config.dim, config.dim), nn.GELU(), nn.Linear(config.dim, config.action_dim))
+        self.head = nn.Sequential(
+            nn.Linear(config.dim, config.dim), nn.GELU(), nn.Linear(config.dim, config.action_dim)
+        )
         # Normalization bounds come from config.json, never from the weights file.
         for name in ("state_q01", "state_q99", "action_q01", "action_q99"):
             self.register_buffer(name, torch.tensor(getattr(config, name), dtype=torch.float32), persistent=False)
@@ -160,12 +162,15 @@ class Policy(nn.Module):
         for camera in self.config.cameras:
             key = f"observation.images.{camera}"
             if key not in batch:
-                raise CapvectorError(f"policy: the batch has no '{key}'; the policy was built for cameras "
-                                     f"{list(self.config.cameras)}")
+                raise CapvectorError(
+                    f"policy: the batch has no '{key}'; the policy was built for cameras {list(self.config.cameras)}"
+                )
             image = torch.as_tensor(batch[key], device=self.device)
             if tuple(image.shape[-3:]) != (3, self.config.image_size, self.config.image_size):
-                raise CapvectorError(f"policy: '{key}' has shape {tuple(image.shape)}, expected (B, 3, "
-                                     f"{self.config.image_size}, {self.config.image_size}) as in the policy's config")
+                raise CapvectorError(
+                    f"policy: '{key}' has shape {tuple(image.shape)}, expected (B, 3, "
+                    f"{self.config.image_size}, {self.config.image_size}) as in the policy's config"
+                )
             images.append(image)
         return torch.stack(images, dim=1)
 
@@ -178,13 +183,16 @@ class Policy(nn.Module):
     def predict_normalized(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """The action chunk in normalized units, (B, chunk_size, action_dim)."""
         state = torch.as_tensor(batch[STATE_KEY], device=self.device, dtype=torch.float32)
-        tokens = torch.cat([
-            self.text(self._instruction_ids(batch["instruction"])),
-            self.vision(self._images(batch)),
-            self.state(normalize(state, self.state_q01, self.state_q99)).unsqueeze(1),
-            self.action_queries.expand(state.shape[0], -1, -1),
-        ], dim=1)
-        queries = self.trunk(tokens)[:, -self.config.chunk_size:]
+        tokens = torch.cat(
+            [
+                self.text(self._instruction_ids(batch["instruction"])),
+                self.vision(self._images(batch)),
+                self.state(normalize(state, self.state_q01, self.state_q99)).unsqueeze(1),
+                self.action_queries.expand(state.shape[0], -1, -1),
+            ],
+            dim=1,
+        )
+        queries = self.trunk(tokens)[:, -self.config.chunk_size :]
         return self.head(self.norm(queries))
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -209,8 +217,10 @@ class Policy(nn.Module):
         temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
-        save_file({name: value.detach().cpu().contiguous() for name, value in self.state_dict().items()},
-                  temporary / WEIGHTS_NAME)
+        save_file(
+            {name: value.detach().cpu().contiguous() for name, value in self.state_dict().items()},
+            temporary / WEIGHTS_NAME,
+        )
         self.config.to_json(temporary / CONFIG_NAME)
         if target.exists():
             previous = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -225,15 +235,19 @@ class Policy(nn.Module):
         folder = Path(directory)
         for name in (WEIGHTS_NAME, CONFIG_NAME):
             if not (folder / name).is_file():
-                raise CapvectorError(f"policy: {folder / name} is missing; a policy folder holds {WEIGHTS_NAME} and "
-                                     f"{CONFIG_NAME}, written by save_pretrained")
+                raise CapvectorError(
+                    f"policy: {folder / name} is missing; a policy folder holds {WEIGHTS_NAME} and "
+                    f"{CONFIG_NAME}, written by save_pretrained"
+                )
         policy = cls(PolicyConfig.from_json(folder / CONFIG_NAME))
         weights = load_file(folder / WEIGHTS_NAME)
         expected = policy.state_dict()
         missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
         wrong = sorted(name for name in set(expected) & set(weights) if weights[name].shape != expected[name].shape)
         if missing or unexpected or wrong:
-            raise CapvectorError(f"policy: {folder / WEIGHTS_NAME} does not match {folder / CONFIG_NAME}: missing "
-                                 f"{missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
+            raise CapvectorError(
+                f"policy: {folder / WEIGHTS_NAME} does not match {folder / CONFIG_NAME}: missing "
+                f"{missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]}"
+            )
         policy.load_state_dict(weights)
         return policy.to(device)

@@ -34,7 +34,7 @@ FORMAT_VERSION = 1  # bump when the capvector-specific parts of the layout chang
 CHUNKS_SIZE = 1000
 CAMERAS = ("scene", "wrist")
 DEPTH_SCALE = 1000.0  # stored depth units per metre
-REGENERATE = "regenerate it with `capvector demos --out DIR` (or capvector.bench.demos.generate_demonstrations)"
+REGENERATE = "regenerate it with `capvector demos --out DIR` (or capvector.bench.env.demos.generate_demonstrations)"
 
 
 def episode_path(episode_index: int) -> str:
@@ -44,13 +44,23 @@ def episode_path(episode_index: int) -> str:
 def feature_stats(values: np.ndarray, axis: tuple[int, ...]) -> dict[str, list[float]]:
     """min/max/mean/std and 1st/99th percentiles over `axis`, as lists of floats (LeRobot's stats.json)."""
     values = values.astype(np.float64)
-    return {"min": values.min(axis=axis), "max": values.max(axis=axis), "mean": values.mean(axis=axis),
-            "std": values.std(axis=axis), "q01": np.quantile(values, 0.01, axis=axis),
-            "q99": np.quantile(values, 0.99, axis=axis)}
+    return {
+        "min": values.min(axis=axis),
+        "max": values.max(axis=axis),
+        "mean": values.mean(axis=axis),
+        "std": values.std(axis=axis),
+        "q01": np.quantile(values, 0.01, axis=axis),
+        "q99": np.quantile(values, 0.99, axis=axis),
+    }
 
 
-def dataset_stats(state: np.ndarray, action: np.ndarray, images: dict[str, np.ndarray],
-                  depth: dict[str, np.ndarray], max_image_frames: int = 2000) -> dict:
+def dataset_stats(
+    state: np.ndarray,
+    action: np.ndarray,
+    images: dict[str, np.ndarray],
+    depth: dict[str, np.ndarray],
+    max_image_frames: int = 2000,
+) -> dict:
     """Statistics per feature; image and depth statistics use an evenly spaced subset of frames."""
     stats = {"observation.state": feature_stats(state, (0,)), "action": feature_stats(action, (0,))}
     for camera in images:
@@ -70,22 +80,37 @@ def read_meta(root: Path) -> tuple[dict, list[dict], list[dict], dict]:
     """info, tasks, episodes and stats of a dataset folder, with a clear error when it is not a usable one."""
     if not root.is_dir():
         raise CapvectorError(f"dataset folder {root} does not exist; {REGENERATE}")
-    missing = [name for name in ("info.json", "tasks.jsonl", "episodes.jsonl", "stats.json")
-               if not (root / "meta" / name).is_file()]
+    missing = [
+        name
+        for name in ("info.json", "tasks.jsonl", "episodes.jsonl", "stats.json")
+        if not (root / "meta" / name).is_file()
+    ]
     if missing:
-        raise CapvectorError(f"dataset folder {root} is incomplete: meta/{', meta/'.join(missing)} missing; {REGENERATE}")
+        raise CapvectorError(
+            f"dataset folder {root} is incomplete: meta/{', meta/'.join(missing)} missing; {REGENERATE}"
+        )
     info = json.loads((root / "meta" / "info.json").read_text())
     ours = info.get("capvector", {})
     if info.get("codebase_version") != CODEBASE_VERSION or ours.get("format_version") != FORMAT_VERSION:
         raise CapvectorError(
             f"dataset {root} has format {info.get('codebase_version')}/capvector {ours.get('format_version')}, "
-            f"this version reads {CODEBASE_VERSION}/capvector {FORMAT_VERSION}; {REGENERATE}")
+            f"this version reads {CODEBASE_VERSION}/capvector {FORMAT_VERSION}; {REGENERATE}"
+        )
     episodes = read_jsonl(root / "meta" / "episodes.jsonl")
-    absent = [episode_path(e["episode_index"]) for e in episodes if not (root / episode_path(e["episode_index"])).is_file()]
+    absent = [
+        episode_path(e["episode_index"]) for e in episodes if not (root / episode_path(e["episode_index"])).is_file()
+    ]
     if len(episodes) != info["total_episodes"] or absent:
-        raise CapvectorError(f"dataset {root} is incomplete: {len(episodes)} of {info['total_episodes']} episodes "
-                             f"listed, {len(absent)} episode files missing (e.g. {absent[:1]}); {REGENERATE}")
-    return info, read_jsonl(root / "meta" / "tasks.jsonl"), episodes, json.loads((root / "meta" / "stats.json").read_text())
+        raise CapvectorError(
+            f"dataset {root} is incomplete: {len(episodes)} of {info['total_episodes']} episodes "
+            f"listed, {len(absent)} episode files missing (e.g. {absent[:1]}); {REGENERATE}"
+        )
+    return (
+        info,
+        read_jsonl(root / "meta" / "tasks.jsonl"),
+        episodes,
+        json.loads((root / "meta" / "stats.json").read_text()),
+    )
 
 
 def column_array(table, name: str, dtype, shape: tuple[int, ...]) -> np.ndarray:
@@ -93,7 +118,9 @@ def column_array(table, name: str, dtype, shape: tuple[int, ...]) -> np.ndarray:
     column = table.column(name).combine_chunks()
     size = int(np.prod(shape))
     if pa.types.is_fixed_size_binary(column.type):  # the data buffer holds the rows back to back
-        flat = np.frombuffer(column.buffers()[1], dtype=dtype)[column.offset * size:(column.offset + len(column)) * size]
+        flat = np.frombuffer(column.buffers()[1], dtype=dtype)[
+            column.offset * size : (column.offset + len(column)) * size
+        ]
     else:  # fixed-size list
         flat = column.flatten().to_numpy(zero_copy_only=False)
     return flat.astype(dtype, copy=False).reshape(len(column), *shape)
@@ -119,10 +146,20 @@ class DemoDataset(torch.utils.data.Dataset):
         self.image_size = ours["image_size"]
         size = self.image_size
         tables = [pq.read_table(self.root / episode_path(e["episode_index"])) for e in self.episodes]
-        self.images = {c: np.concatenate([column_array(t, f"observation.images.{c}", np.uint8, (3, size, size)) for t in tables])
-                       for c in CAMERAS}
-        self.depth = {c: np.concatenate([column_array(t, f"observation.depth.{c}", np.uint16, (1, size, size)) for t in tables])
-                      for c in CAMERAS} if depth else {}
+        self.images = {
+            c: np.concatenate([column_array(t, f"observation.images.{c}", np.uint8, (3, size, size)) for t in tables])
+            for c in CAMERAS
+        }
+        self.depth = (
+            {
+                c: np.concatenate(
+                    [column_array(t, f"observation.depth.{c}", np.uint16, (1, size, size)) for t in tables]
+                )
+                for c in CAMERAS
+            }
+            if depth
+            else {}
+        )
         self.state = np.concatenate([column_array(t, "observation.state", np.float32, (4,)) for t in tables])
         self.action = np.concatenate([column_array(t, "action", np.float32, (4,)) for t in tables])
         self.task_index = np.concatenate([t.column("task_index").to_numpy() for t in tables]).astype(np.int64)
@@ -140,11 +177,13 @@ class DemoDataset(torch.utils.data.Dataset):
         sample = {f"observation.images.{c}": torch.from_numpy(self.images[c][i]) for c in CAMERAS}
         for c in self.depth:
             sample[f"observation.depth.{c}"] = torch.from_numpy(self.depth[c][i].astype(np.float32) / DEPTH_SCALE)
-        sample.update({
-            "observation.state": torch.from_numpy(self.state[i]),
-            "task_index": torch.tensor(task, dtype=torch.int64),
-            "instruction": self.tasks[task],
-            "action": torch.from_numpy(self.action[steps]),
-            "action_is_pad": torch.from_numpy(is_pad),
-        })
+        sample.update(
+            {
+                "observation.state": torch.from_numpy(self.state[i]),
+                "task_index": torch.tensor(task, dtype=torch.int64),
+                "instruction": self.tasks[task],
+                "action": torch.from_numpy(self.action[steps]),
+                "action_is_pad": torch.from_numpy(is_pad),
+            }
+        )
         return sample

@@ -15,8 +15,16 @@ from pathlib import Path
 
 import torch
 
-from .errors import CapvectorError
-from .lazy import SAFETENSORS_DTYPES, Combination, InMemoryTensor, LazyTensor, LazyTensorMapping, LoraDelta, StoredTensor
+from capvector.errors import CapvectorError
+from capvector.params.lazy import (
+    SAFETENSORS_DTYPES,
+    Combination,
+    InMemoryTensor,
+    LazyTensor,
+    LazyTensorMapping,
+    LoraDelta,
+    StoredTensor,
+)
 
 SAFETENSORS_SUFFIX = ".safetensors"
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
@@ -88,7 +96,9 @@ def read_safetensors_header(path: Path) -> tuple[dict, dict[str, str] | None, in
         try:
             header = json.loads(f.read(header_size))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise CapvectorError(f"{path}: safetensors header is not valid JSON ({error}); the file is corrupted") from None
+            raise CapvectorError(
+                f"{path}: safetensors header is not valid JSON ({error}); the file is corrupted"
+            ) from None
     metadata = header.pop("__metadata__", None)
     data_start, data_size = 8 + header_size, size - 8 - header_size
     for name, entry in header.items():
@@ -98,7 +108,9 @@ def read_safetensors_header(path: Path) -> tuple[dict, dict[str, str] | None, in
         begin, end = entry["data_offsets"]
         expected = torch.empty((), dtype=dtype).element_size() * _numel(entry["shape"])
         if end - begin != expected:
-            raise CapvectorError(f"{path}: tensor '{name}' is {end - begin} bytes, its shape needs {expected}; the file is corrupted")
+            raise CapvectorError(
+                f"{path}: tensor '{name}' is {end - begin} bytes, its shape needs {expected}; the file is corrupted"
+            )
         if end > data_size:
             raise CapvectorError(
                 f"{path}: file is truncated: tensor '{name}' ends at byte {data_start + end} of {size}; "
@@ -120,8 +132,14 @@ def _open_safetensors_file(path: Path, checkpoint_fds: list[int]) -> tuple[Weigh
     checkpoint_fds.append(fd)
     ordered = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
     tensors = {
-        name: StoredTensor(name, str(path), fd, data_start + entry["data_offsets"][0],
-                           SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"])
+        name: StoredTensor(
+            name,
+            str(path),
+            fd,
+            data_start + entry["data_offsets"][0],
+            SAFETENSORS_DTYPES[entry["dtype"]],
+            entry["shape"],
+        )
         for name, entry in ordered
     }
     return WeightFile(path.name, [name for name, _ in ordered], metadata, "safetensors"), tensors
@@ -154,8 +172,7 @@ def _open_torch_file(path: Path) -> tuple[WeightFile, dict[str, LazyTensor]]:
     return WeightFile(path.name, list(state), None, "torch"), tensors
 
 
-def _open_files(root: Path, names: list[str], index_name: str | None,
-                weight_map: dict[str, str] | None) -> Checkpoint:
+def _open_files(root: Path, names: list[str], index_name: str | None, weight_map: dict[str, str] | None) -> Checkpoint:
     folder = root if root.is_dir() else root.parent
     checkpoint = Checkpoint(root=root, files=[], tensors={}, index_name=index_name)
     try:
@@ -235,8 +252,10 @@ def open_checkpoint(path: str | os.PathLike, base: str | os.PathLike | Checkpoin
 
 # --- PEFT LoRA adapters -------------------------------------------------------------------------------------------
 
-_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
-                       r"(?:\.[A-Za-z0-9_-]+)?(?:\.weight)?$")
+_LORA_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+    r"(?:\.[A-Za-z0-9_-]+)?(?:\.weight)?$"
+)
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -265,10 +284,14 @@ def open_lora_adapter(adapter: Path, base=None) -> Checkpoint:
     """The full weights of base + adapter: each adapted matrix is base + scaling * B @ A, read row chunk by row chunk."""
     config = json.loads((adapter / ADAPTER_CONFIG).read_text())
     if config.get("peft_type", "LORA") != "LORA":
-        raise CapvectorError(f"{adapter}: PEFT type {config.get('peft_type')!r} is not supported; only LoRA adapters are")
+        raise CapvectorError(
+            f"{adapter}: PEFT type {config.get('peft_type')!r} is not supported; only LoRA adapters are"
+        )
     if config.get("use_dora"):
         raise CapvectorError(f"{adapter}: DoRA adapters are not supported; merge it with peft's merge_and_unload first")
-    weights = next((adapter / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (adapter / n).is_file()), None)
+    weights = next(
+        (adapter / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (adapter / n).is_file()), None
+    )
     if weights is None:
         raise CapvectorError(f"{adapter}: adapter_config.json found but no adapter_model.safetensors (or .bin)")
     adapter_checkpoint = _open_files(weights, [weights.name], None, None)
@@ -289,23 +312,37 @@ def open_lora_adapter(adapter: Path, base=None) -> Checkpoint:
                 tensors[name] = tensor
         for module, parts in factors.items():
             if set(parts) != {"lora_A", "lora_B"}:
-                raise CapvectorError(f"{weights}: module '{module}' has {sorted(parts)} but LoRA needs both lora_A and lora_B")
+                raise CapvectorError(
+                    f"{weights}: module '{module}' has {sorted(parts)} but LoRA needs both lora_A and lora_B"
+                )
             rank = parts["lora_A"].shape[0]
             alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank))
-            scaling = alpha / rank ** 0.5 if config.get("use_rslora") else alpha / rank
+            scaling = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
             name = f"{module}.weight"
-            delta = LoraDelta(name, parts["lora_A"], parts["lora_B"], scaling,
-                              transposed=module in embeddings or bool(config.get("fan_in_fan_out")))
+            delta = LoraDelta(
+                name,
+                parts["lora_A"],
+                parts["lora_B"],
+                scaling,
+                transposed=module in embeddings or bool(config.get("fan_in_fan_out")),
+            )
             _check_base_tensor(adapter, base_checkpoint, name, delta.shape)
-            tensors[name] = Combination([(1.0, base_checkpoint.tensors[name]), (1.0, delta)],
-                                        dtype=base_checkpoint.tensors[name].dtype)
+            tensors[name] = Combination(
+                [(1.0, base_checkpoint.tensors[name]), (1.0, delta)], dtype=base_checkpoint.tensors[name].dtype
+            )
     except BaseException:
         adapter_checkpoint.close()
         base_checkpoint.close()
         raise
-    return Checkpoint(root=adapter, files=base_checkpoint.files, tensors=tensors, index_name=base_checkpoint.index_name,
-                      base=base_checkpoint,
-                      sources=[weights, adapter / ADAPTER_CONFIG, *base_checkpoint.sources], _fds=adapter_checkpoint._fds)
+    return Checkpoint(
+        root=adapter,
+        files=base_checkpoint.files,
+        tensors=tensors,
+        index_name=base_checkpoint.index_name,
+        base=base_checkpoint,
+        sources=[weights, adapter / ADAPTER_CONFIG, *base_checkpoint.sources],
+        _fds=adapter_checkpoint._fds,
+    )
 
 
 def _check_base_tensor(adapter: Path, base: Checkpoint, name: str, shape: tuple[int, ...]) -> None:

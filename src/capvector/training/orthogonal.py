@@ -57,7 +57,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .errors import CapvectorError
+from capvector.errors import CapvectorError
 
 REDUCTIONS = ("normalized", "square", "abs")
 LORA_FORMS = ("olora", "exact")
@@ -205,8 +205,14 @@ class FullTerm:
 class LoraTerm:
     """LoRA-adapted linear layers: the update scaling * B A of each frozen base weight."""
 
-    def __init__(self, pairs: list[tuple[nn.Parameter, nn.Parameter, float]], gammas: list[torch.Tensor],
-                 form: str, reduction: str, rank: int):
+    def __init__(
+        self,
+        pairs: list[tuple[nn.Parameter, nn.Parameter, float]],
+        gammas: list[torch.Tensor],
+        form: str,
+        reduction: str,
+        rank: int,
+    ):
         self.pairs, self.gammas, self.form, self.reduction = pairs, gammas, form, reduction
         with torch.no_grad():
             self.norms = torch.stack([dot(g, g) for g in gammas]).sqrt()
@@ -301,16 +307,25 @@ class OrthogonalRegularizer:
         return "OrthogonalRegularizer(" + ", ".join(f"{k}={v}" for k, v in self.counts.items()) + ")"
 
 
-def build_regularizer(model: nn.Module, gamma: Mapping[str, torch.Tensor], mode: str = "auto",
-                      reduction: str = "normalized", lora_form: str = "olora", rank: int = 8) -> OrthogonalRegularizer:
+def build_regularizer(
+    model: nn.Module,
+    gamma: Mapping[str, torch.Tensor],
+    mode: str = "auto",
+    reduction: str = "normalized",
+    lora_form: str = "olora",
+    rank: int = 8,
+) -> OrthogonalRegularizer:
     """The regularizer for `model` as it is now (theta_meta), against capability vector `gamma`.
 
     mode: "full" regularizes every trainable parameter named in gamma; "lora" the LoRA adapters of the
     layers named in gamma (plus trainable non-LoRA parameters in gamma, e.g. PEFT's modules_to_save);
     "auto": "lora" if the model has LoRA adapters, else "full". rank: the O-LoRA subspace size.
     """
-    for field, value, allowed in (("mode", mode, MODES), ("reduction", reduction, REDUCTIONS),
-                                  ("lora_form", lora_form, LORA_FORMS)):
+    for field, value, allowed in (
+        ("mode", mode, MODES),
+        ("reduction", reduction, REDUCTIONS),
+        ("lora_form", lora_form, LORA_FORMS),
+    ):
         if value not in allowed:
             raise CapvectorError(f"orthogonal regularizer: {field} '{value}' is not one of {', '.join(allowed)}")
     if rank < 1:

@@ -23,15 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..auxiliary import AuxiliaryObjective
-from ..errors import CapvectorError
-from .configuration_policy import PolicyConfig
+from capvector.training.auxiliary import AuxiliaryObjective
+from capvector.errors import CapvectorError
+from capvector.bench.policy.configuration_policy import PolicyConfig
 
 
 def pixel_rays(fovy: float, height: int, width: int, stride: int = 1) -> torch.Tensor:
     """(h, w, 3) rays ((u - cx) / f, (v - cy) / f, 1) at pixels (v, u) on a grid of step `stride`.
 
-    The pinhole model of capvector.bench.sim.intrinsics: f = (H / 2) / tan(fovy / 2), principal point
+    The pinhole model of capvector.bench.env.sim.intrinsics: f = (H / 2) / tan(fovy / 2), principal point
     at ((W - 1) / 2, (H - 1) / 2), OpenCV axes; a ray times the depth is the camera-frame point.
     """
     f = (height / 2) / math.tan(math.radians(fovy) / 2)
@@ -61,9 +61,17 @@ class SpatialObjective(AuxiliaryObjective):
 
     LAYOUT = ("cameras", "image_size", "patch_grid", "dim")  # what the projector and rays were built for
 
-    def __init__(self, fovy: Mapping[str, float], layer: str | None = None, weight: float = 0.5,
-                 num_frequencies: int = 64, scales: tuple[float, float] = (0.01, 0.2), samples_per_patch: int = 4,
-                 max_depth: float = 3.0, seed: int = 0):
+    def __init__(
+        self,
+        fovy: Mapping[str, float],
+        layer: str | None = None,
+        weight: float = 0.5,
+        num_frequencies: int = 64,
+        scales: tuple[float, float] = (0.01, 0.2),
+        samples_per_patch: int = 4,
+        max_depth: float = 3.0,
+        seed: int = 0,
+    ):
         super().__init__(layer or "", weight)
         self.fovy = {camera: float(value) for camera, value in fovy.items()}
         self.samples_per_patch = samples_per_patch
@@ -79,8 +87,10 @@ class SpatialObjective(AuxiliaryObjective):
     def attach(self, policy: nn.Module) -> None:
         config = getattr(policy, "config", None)
         if not isinstance(config, PolicyConfig):
-            raise CapvectorError("spatial objective: the policy has no PolicyConfig; it works with "
-                                 "capvector.bench.modeling_policy.Policy")
+            raise CapvectorError(
+                "spatial objective: the policy has no PolicyConfig; it works with "
+                "capvector.bench.policy.modeling_policy.Policy"
+            )
         if self.config is None:
             self._build(config)
         elif any(getattr(config, name) != getattr(self.config, name) for name in self.LAYOUT):
@@ -92,8 +102,10 @@ class SpatialObjective(AuxiliaryObjective):
     def _build(self, config: PolicyConfig) -> None:
         missing = [camera for camera in config.cameras if camera not in self.fovy]
         if missing:
-            raise CapvectorError(f"spatial objective: no field of view for cameras {missing}; pass fovy per camera "
-                                 "(degrees), as in the dataset's meta")
+            raise CapvectorError(
+                f"spatial objective: no field of view for cameras {missing}; pass fovy per camera "
+                "(degrees), as in the dataset's meta"
+            )
         self.config = config
         size, grid = config.image_size, config.patch_grid
         # Points at a few pixels per patch side: the patch statistics barely change, the cost drops ~16x.
@@ -103,7 +115,9 @@ class SpatialObjective(AuxiliaryObjective):
             rays = pixel_rays(self.fovy[camera], size, size, self.stride).to(device)
             self.register_buffer(f"rays_{camera}", rays, persistent=False)
         self.projector = nn.Sequential(
-            nn.LayerNorm(config.dim), nn.Linear(config.dim, 2 * config.dim), nn.GELU(),
+            nn.LayerNorm(config.dim),
+            nn.Linear(config.dim, 2 * config.dim),
+            nn.GELU(),
             nn.Linear(2 * config.dim, 2 * len(self.frequencies)),
         ).to(device)
 
@@ -115,9 +129,11 @@ class SpatialObjective(AuxiliaryObjective):
         for camera in self.config.cameras:
             key = f"observation.depth.{camera}"
             if key not in batch:
-                raise CapvectorError(f"spatial objective: the batch has no '{key}'; the dataset must include depth "
-                                     "maps for the spatial objective")
-            depth = batch[key].to(self.frequencies.device)[:, 0, start::self.stride, start::self.stride]
+                raise CapvectorError(
+                    f"spatial objective: the batch has no '{key}'; the dataset must include depth "
+                    "maps for the spatial objective"
+                )
+            depth = batch[key].to(self.frequencies.device)[:, 0, start :: self.stride, start :: self.stride]
             points = getattr(self, f"rays_{camera}") * depth.clamp(0, self.max_depth).unsqueeze(-1)
             per_camera.append(patch_point_features(points, self.frequencies, self.config.patch_grid))
         return torch.cat(per_camera, dim=1)

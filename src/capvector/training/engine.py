@@ -16,14 +16,12 @@ their models consume from the other RNGs. Written to out_dir:
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import math
 import os
 import random
 import shutil
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
@@ -40,10 +38,10 @@ from torch import nn
 from torch.utils.data import DataLoader, default_collate
 from tqdm import tqdm
 
-from .config import TrainConfig, config_hash, load_config, result_fields, save_config
-from .errors import CapvectorError
-from .orthogonal import build_regularizer
-from .vectors import open_vector
+from capvector.training.config import TrainConfig, config_hash, load_config, result_fields, save_config
+from capvector.errors import CapvectorError
+from capvector.training.orthogonal import build_regularizer
+from capvector.params.vectors import open_vector
 
 STATE_FILE = "trainer_state.pt"
 
@@ -77,8 +75,9 @@ def wrap_lora(policy: nn.Module, config: TrainConfig) -> nn.Module:
             f"config field 'lora_targets' {config.lora_targets} matches no nn.Linear module of the policy; "
             f"its linear modules are: {', '.join(linear) or '(none)'}"
         )
-    lora = peft.LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                           target_modules=targets)
+    lora = peft.LoraConfig(
+        r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, target_modules=targets
+    )
     model = peft.get_peft_model(policy, lora)
     # the capability-vector tools find the base weights here
     model.peft_config["default"].base_model_name_or_path = config.init_from
@@ -140,7 +139,7 @@ def global_batches(size: int, batch_size: int, seed: int, start: int = 0) -> Ite
     while True:
         order = torch.randperm(size, generator=generator)
         for i in range(skip, per_epoch):
-            yield order[i * batch_size:(i + 1) * batch_size]
+            yield order[i * batch_size : (i + 1) * batch_size]
         skip = 0
 
 
@@ -158,23 +157,33 @@ def take(table: Mapping[str, Any], index: torch.Tensor) -> dict[str, Any]:
     return {k: v[index] if isinstance(v, torch.Tensor) else [v[i] for i in rows] for k, v in table.items()}
 
 
-def rank_batches(dataset, config: TrainConfig, rank: int, world: int, start: int,
-                 device: torch.device) -> Iterator[Any]:
+def rank_batches(
+    dataset, config: TrainConfig, rank: int, world: int, start: int, device: torch.device
+) -> Iterator[Any]:
     """This process's share of global batches start+1 .. steps. A small dataset of dict samples is collated
     once into memory (no loader processes: cheap on few cores); a larger one goes through a DataLoader."""
     size = len(dataset)
     if size < config.batch_size:
         raise CapvectorError(f"the dataset has {size} samples, fewer than batch_size {config.batch_size}")
-    indices = (b.view(world, -1)[rank] for b in
-               islice(global_batches(size, config.batch_size, config.seed, start), config.steps - start))
+    indices = (
+        b.view(world, -1)[rank]
+        for b in islice(global_batches(size, config.batch_size, config.seed, start), config.steps - start)
+    )
     first = dataset[0]
     if isinstance(first, Mapping) and size * sample_nbytes(first) <= config.cache_dataset_mb * 2**20:
         table = default_collate([first] + [dataset[i] for i in range(1, size)])
         return (take(table, index) for index in indices)
     # the loader's worker seeds come from this generator, not from the global RNG the training draws from
     generator = torch.Generator().manual_seed(config.seed + start)
-    return iter(DataLoader(dataset, batch_sampler=(index.tolist() for index in indices), generator=generator,
-                           num_workers=config.num_workers, pin_memory=device.type == "cuda"))
+    return iter(
+        DataLoader(
+            dataset,
+            batch_sampler=(index.tolist() for index in indices),
+            generator=generator,
+            num_workers=config.num_workers,
+            pin_memory=device.type == "cuda",
+        )
+    )
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -251,8 +260,9 @@ def export_policy(policy: nn.Module, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(out_dir: Path, step: int, epoch: int, model: TrainingModel, optimizer, config: TrainConfig,
-                    rank: int, world: int) -> None:
+def save_checkpoint(
+    out_dir: Path, step: int, epoch: int, model: TrainingModel, optimizer, config: TrainConfig, rank: int, world: int
+) -> None:
     rngs = [rng_state()]  # every process's: dropout streams differ between ranks
     if world > 1:
         rngs = [None] * world
@@ -262,21 +272,24 @@ def save_checkpoint(out_dir: Path, step: int, epoch: int, model: TrainingModel, 
         tmp = path.with_name(f".tmp-{path.name}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        torch.save({
-            "step": step,  # also the data position: global batches consumed (their order is a function of seed)
-            "epoch": epoch,
-            "config": result_fields(config),
-            "config_hash": config_hash(config),
-            "world_size": world,
-            "model": resumable_state(model),
-            "optimizer": optimizer.state_dict(),
-            "rng": rngs,
-        }, tmp / STATE_FILE)
+        torch.save(
+            {
+                "step": step,  # also the data position: global batches consumed (their order is a function of seed)
+                "epoch": epoch,
+                "config": result_fields(config),
+                "config_hash": config_hash(config),
+                "world_size": world,
+                "model": resumable_state(model),
+                "optimizer": optimizer.state_dict(),
+                "rng": rngs,
+            },
+            tmp / STATE_FILE,
+        )
         export_policy(model.policy, tmp / "policy")
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
         if config.keep_checkpoints:
-            for old in checkpoint_dirs(out_dir)[:-config.keep_checkpoints]:
+            for old in checkpoint_dirs(out_dir)[: -config.keep_checkpoints]:
                 shutil.rmtree(old)
     if world > 1:
         dist.barrier()
@@ -292,8 +305,11 @@ def read_checkpoint(out_dir: Path, config: TrainConfig, world: int) -> dict[str,
         )
     state = torch.load(found[-1] / STATE_FILE, map_location="cpu", weights_only=True)
     now = result_fields(config)
-    differences = [f"{k}: {state['config'].get(k)!r} in the checkpoint, {now.get(k)!r} now"
-                   for k in sorted(set(now) | set(state["config"])) if state["config"].get(k) != now.get(k)]
+    differences = [
+        f"{k}: {state['config'].get(k)!r} in the checkpoint, {now.get(k)!r} now"
+        for k in sorted(set(now) | set(state["config"]))
+        if state["config"].get(k) != now.get(k)
+    ]
     if differences:
         raise CapvectorError(
             f"resume: {found[-1]} was made with another config ({'; '.join(differences)}); resume with the config "
@@ -331,6 +347,7 @@ class MetricsLog:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
+
                 self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start + 1)
             except ImportError:
                 pass
@@ -378,8 +395,13 @@ def check_config(config: TrainConfig, policy, auxiliary, vector) -> None:
         raise CapvectorError("finetune 'lora' needs 'init_from': the base policy folder the adapter applies to")
 
 
-def train(config: TrainConfig, policy: nn.Module | None = None, dataset=None,
-          auxiliary: nn.Module | None = None, vector: Mapping[str, torch.Tensor] | None = None) -> Path:
+def train(
+    config: TrainConfig,
+    policy: nn.Module | None = None,
+    dataset=None,
+    auxiliary: nn.Module | None = None,
+    vector: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
     """Train per `config` and return out_dir (the policy is in out_dir / "policy").
 
     Objects given here replace those the config's import strings name; `auxiliary` is used by strategy "aux"
@@ -429,30 +451,41 @@ def run(config, out_dir, rank, world, device, state, policy, dataset, auxiliary,
     regularizer = None
     if config.strategy == "capvector":  # built while the policy still holds theta_meta (also when resuming)
         gamma = vector if vector is not None else open_vector(config.vector)
-        regularizer = build_regularizer(policy, gamma, mode=config.finetune, reduction=config.orth_reduction,
-                                        lora_form=config.lora_form, rank=config.orth_rank)
+        regularizer = build_regularizer(
+            policy,
+            gamma,
+            mode=config.finetune,
+            reduction=config.orth_reduction,
+            lora_form=config.lora_form,
+            rank=config.orth_rank,
+        )
         if vector is None:
             gamma.close()  # the regularizer holds its own copy of gamma's tensors
 
     stopwatch = Stopwatch(device, config.time_parts)
     model = TrainingModel(policy, auxiliary, stopwatch)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(config.beta1, config.beta2),
-                                  weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        params, lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
+    )
     start = 0
     if state is not None:
         missing, unexpected = model.load_state_dict(state["model"], strict=False)
         frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
         if unexpected or set(missing) - frozen:
-            raise CapvectorError(f"resume: the checkpoint's tensors do not match the model (missing "
-                                 f"{sorted(set(missing) - frozen)[:5]}, unexpected {unexpected[:5]})")
+            raise CapvectorError(
+                f"resume: the checkpoint's tensors do not match the model (missing "
+                f"{sorted(set(missing) - frozen)[:5]}, unexpected {unexpected[:5]})"
+            )
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
         set_rng_state(state["rng"][rank])
     else:
         seed_everything(config.seed + rank)  # the training stream (dropout): same in sft and aux whatever was built
     if world > 1:
-        forward = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        forward = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     else:
         forward = model
 
@@ -547,22 +580,3 @@ def run(config, out_dir, rank, world, device, state, policy, dataset, auxiliary,
     if world > 1:
         dist.barrier()
     return out_dir
-
-
-def command(args: argparse.Namespace) -> Path:
-    config = load_config(args.config, args.overrides + (["resume=true"] if args.resume else []))
-    out_dir = train(config)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"wrote {out_dir / 'policy'}")
-    return out_dir
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m capvector.training` (as `capvector train`), e.g. under torchrun --nproc_per_node N."""
-    from .cli import main as cli_main
-
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":  # torchrun --nproc_per_node N -m capvector.training --config run.yaml
-    sys.exit(main())

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CapvectorError
+from capvector.errors import CapvectorError
 
 
 class AuxiliaryObjective(nn.Module):

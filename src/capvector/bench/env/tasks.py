@@ -39,9 +39,20 @@ TASKS = {
 }
 
 SPLITS = {
-    "pretrain": ["reach-v3", "push-v3", "pick-place-v3", "button-press-v3", "button-press-topdown-v3",
-                 "drawer-open-v3", "drawer-close-v3", "window-open-v3", "window-close-v3", "faucet-open-v3",
-                 "handle-press-v3", "plate-slide-v3"],
+    "pretrain": [
+        "reach-v3",
+        "push-v3",
+        "pick-place-v3",
+        "button-press-v3",
+        "button-press-topdown-v3",
+        "drawer-open-v3",
+        "drawer-close-v3",
+        "window-open-v3",
+        "window-close-v3",
+        "faucet-open-v3",
+        "handle-press-v3",
+        "plate-slide-v3",
+    ],
     "extract": ["coffee-push-v3", "sweep-into-v3", "door-close-v3", "handle-pull-v3"],
     "downstream": ["button-press-wall-v3", "plate-slide-back-v3", "faucet-close-v3", "door-lock-v3"],
 }
@@ -49,8 +60,9 @@ SPLITS = {
 
 def check_task(name: str) -> str:
     if name not in TASKS:
-        raise CapvectorError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)} "
-                             f"(or a split: {', '.join(SPLITS)})")
+        raise CapvectorError(
+            f"unknown task {name!r}; valid tasks: {', '.join(TASKS)} (or a split: {', '.join(SPLITS)})"
+        )
     return name
 
 
@@ -79,5 +91,7 @@ def resolve_tasks(names: str | list[str]) -> list[str]:
 def list_tasks() -> list[dict]:
     """One row per task: name, task_index, instruction and the split it belongs to."""
     split_of = {task: split for split, tasks in SPLITS.items() for task in tasks}
-    return [{"name": name, "task_index": i, "instruction": text, "split": split_of.get(name, "")}
-            for i, (name, text) in enumerate(TASKS.items())]
+    return [
+        {"name": name, "task_index": i, "instruction": text, "split": split_of.get(name, "")}
+        for i, (name, text) in enumerate(TASKS.items())
+    ]

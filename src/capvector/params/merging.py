@@ -9,11 +9,11 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
-from .checkpoints import Checkpoint, open_checkpoint
-from .errors import CapvectorError
-from .lazy import Combination
-from .streaming import OutputFile, OutputTensor, atomic_output, write_files
-from .vectors import CapabilityVector, open_vector
+from capvector.params.checkpoints import Checkpoint, open_checkpoint
+from capvector.errors import CapvectorError
+from capvector.params.lazy import Combination
+from capvector.params.streaming import OutputFile, OutputTensor, atomic_output, write_files
+from capvector.params.vectors import CapabilityVector, open_vector
 
 MERGE_RECORD = "capvector_merge.json"
 SKIPPED_NAMES = {".git", ".cache", ".gitattributes"}
@@ -36,7 +36,9 @@ def parse_alpha_arguments(values: list[str]) -> tuple[float, dict[str, float]]:
         try:
             parsed = float(number)
         except ValueError:
-            raise CapvectorError(f"--alpha {value!r}: expected a number or GLOB=NUMBER (e.g. 'model.layers.*=0.5')") from None
+            raise CapvectorError(
+                f"--alpha {value!r}: expected a number or GLOB=NUMBER (e.g. 'model.layers.*=0.5')"
+            ) from None
         if pattern:
             patterns[pattern] = parsed
         else:
@@ -44,8 +46,14 @@ def parse_alpha_arguments(values: list[str]) -> tuple[float, dict[str, float]]:
     return alpha, patterns
 
 
-def merge(pretrained: str | os.PathLike | Checkpoint, vector: str | os.PathLike | CapabilityVector,
-          output: str | os.PathLike, *, alpha: float = 1.0, alpha_patterns: Mapping[str, float] | None = None) -> Path:
+def merge(
+    pretrained: str | os.PathLike | Checkpoint,
+    vector: str | os.PathLike | CapabilityVector,
+    output: str | os.PathLike,
+    *,
+    alpha: float = 1.0,
+    alpha_patterns: Mapping[str, float] | None = None,
+) -> Path:
     """Write theta_pt + alpha * gamma to `output`: same files, shards, index and non-weight files as `pretrained`.
 
     Arithmetic in float32, stored in each tensor's pretrained dtype. Tensors the vector does not hold, or whose alpha
@@ -96,8 +104,13 @@ def _weights_folder(checkpoint: Checkpoint) -> Path:
 
 
 def _record(base: Checkpoint, gamma: CapabilityVector, alpha: float, patterns: Mapping[str, float]) -> dict:
-    return {"formula": "theta_meta = theta_pt + alpha * gamma", "pretrained": str(base.root.resolve()),
-            "alpha": alpha, "alpha_patterns": dict(patterns), "vector": gamma.metadata}
+    return {
+        "formula": "theta_meta = theta_pt + alpha * gamma",
+        "pretrained": str(base.root.resolve()),
+        "alpha": alpha,
+        "alpha_patterns": dict(patterns),
+        "vector": gamma.metadata,
+    }
 
 
 def _copy_other_files(source: Path, destination: Path, checkpoint: Checkpoint) -> None:

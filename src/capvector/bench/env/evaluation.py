@@ -6,7 +6,7 @@ The observation has the dataset's keys as numpy arrays ("observation.images.scen
 (3, H, W), "observation.state" (4,), "task_index", "instruction") plus "observation.environment_state",
 Meta-World's full 39-d observation, which only the scripted expert reads (a learned policy must not).
 Episode e of a task starts from placement eval_placement_seed(seed, e) >= 10^9, while demonstrations use
-seeds below 10^9 (capvector.bench.sim). Workers build the policy from a picklable zero-argument factory.
+seeds below 10^9 (capvector.bench.env.sim). Workers build the policy from a picklable zero-argument factory.
 """
 
 from __future__ import annotations
@@ -18,9 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
-from capvector.bench.sim import (ACTION_DIM, CAMERAS, MAX_EPISODE_STEPS, SimEnv, eval_placement_seed, parallel_map,
-                                 shards)
-from capvector.bench.tasks import TASKS, instruction, resolve_tasks, task_index
+from capvector.bench.env.sim import (
+    ACTION_DIM,
+    CAMERAS,
+    MAX_EPISODE_STEPS,
+    SimEnv,
+    eval_placement_seed,
+    parallel_map,
+    shards,
+)
+from capvector.bench.env.tasks import TASKS, instruction, resolve_tasks, task_index
 from capvector.errors import CapvectorError
 
 
@@ -81,7 +88,9 @@ def check_policy(policy, env: SimEnv) -> None:
     config = getattr(policy, "config", None)
     declared_dim = getattr(config, "action_dim", ACTION_DIM)
     if declared_dim != ACTION_DIM:
-        raise CapvectorError(f"policy predicts {declared_dim}-d actions; Meta-World needs {ACTION_DIM}-d (dx, dy, dz, gripper)")
+        raise CapvectorError(
+            f"policy predicts {declared_dim}-d actions; Meta-World needs {ACTION_DIM}-d (dx, dy, dz, gripper)"
+        )
     cameras = getattr(config, "cameras", None)
     if cameras is not None and not set(cameras) <= set(CAMERAS):
         raise CapvectorError(f"policy expects cameras {list(cameras)}; this benchmark renders {list(CAMERAS)}")
@@ -93,8 +102,10 @@ def check_policy(policy, env: SimEnv) -> None:
 def check_chunk(chunk, task: str) -> np.ndarray:
     chunk = np.asarray(chunk, dtype=np.float32)
     if chunk.ndim != 2 or chunk.shape[1] != ACTION_DIM or len(chunk) == 0:
-        raise CapvectorError(f"policy returned actions of shape {chunk.shape} on {task}; "
-                             f"predict_chunk must return (k, {ACTION_DIM}) with k >= 1")
+        raise CapvectorError(
+            f"policy returned actions of shape {chunk.shape} on {task}; "
+            f"predict_chunk must return (k, {ACTION_DIM}) with k >= 1"
+        )
     if not np.isfinite(chunk).all():
         raise CapvectorError(f"policy returned non-finite actions on {task}")
     return chunk
@@ -108,8 +119,11 @@ def run_episode(env: SimEnv, policy, placement_seed: int, record: bool) -> tuple
     for step in range(MAX_EPISODE_STEPS):
         if not queue:
             observation = env.observe(depth=False)
-            observation |= {"observation.environment_state": raw, "task_index": np.int64(task_index(env.task)),
-                            "instruction": instruction(env.task)}
+            observation |= {
+                "observation.environment_state": raw,
+                "task_index": np.int64(task_index(env.task)),
+                "instruction": instruction(env.task),
+            }
             queue = list(check_chunk(policy.predict_chunk(observation), env.task))
             if record:
                 frames.append(np.concatenate([observation[f"observation.images.{c}"] for c in CAMERAS], axis=2))
@@ -119,8 +133,9 @@ def run_episode(env: SimEnv, policy, placement_seed: int, record: bool) -> tuple
     return False, MAX_EPISODE_STEPS, frames
 
 
-def evaluate_shard(policy_factory, task: str, episodes: list[int], seed: int, image_size: int, variant: str,
-                   gif_episodes: int) -> list[tuple]:
+def evaluate_shard(
+    policy_factory, task: str, episodes: list[int], seed: int, image_size: int, variant: str, gif_episodes: int
+) -> list[tuple]:
     """(task, episode, placement seed, success, steps, frames) per episode (runs in a worker process)."""
     env = SimEnv(task, image_size=image_size, variant=variant)
     policy = policy_factory()
@@ -142,9 +157,17 @@ def save_gif(path: Path, frames: list[np.ndarray]) -> None:
     imageio.mimsave(path, images, duration=0.1, loop=0)
 
 
-def evaluate(policy_factory, tasks: str | list[str] = "pretrain", episodes: int = 20, seed: int = 0, workers: int = 2,
-             variant: str = "default", gif_dir: str | Path | None = None, gifs_per_task: int = 1,
-             image_size: int = 64) -> EvalResult:
+def evaluate(
+    policy_factory,
+    tasks: str | list[str] = "pretrain",
+    episodes: int = 20,
+    seed: int = 0,
+    workers: int = 2,
+    variant: str = "default",
+    gif_dir: str | Path | None = None,
+    gifs_per_task: int = 1,
+    image_size: int = 64,
+) -> EvalResult:
     """Success rate per task over `episodes` held-out placements, with 95% Wilson intervals.
 
     `policy_factory`: picklable zero-argument callable returning a policy (e.g. functools.partial(load, path)),
@@ -156,8 +179,10 @@ def evaluate(policy_factory, tasks: str | list[str] = "pretrain", episodes: int 
     if episodes < 1:
         raise CapvectorError(f"episodes must be at least 1, got {episodes}")
     gif_episodes = gifs_per_task if gif_dir is not None else 0
-    jobs = [(policy_factory, task, eps, seed, image_size, variant, gif_episodes)
-            for task, eps in shards(tasks, episodes, workers)]
+    jobs = [
+        (policy_factory, task, eps, seed, image_size, variant, gif_episodes)
+        for task, eps in shards(tasks, episodes, workers)
+    ]
     rows = [row for shard in parallel_map(evaluate_shard, jobs, workers) for row in shard]
 
     results, gifs = [], []
@@ -165,12 +190,24 @@ def evaluate(policy_factory, tasks: str | list[str] = "pretrain", episodes: int 
         mine = sorted((r for r in rows if r[0] == task), key=lambda r: r[1])
         wins = sum(r[3] for r in mine)
         low, high = wilson_interval(wins, len(mine))
-        results.append(TaskResult(task, len(mine), wins, wins / len(mine), low, high,
-                                  float(np.mean([r[4] for r in mine])), [r[2] for r in mine]))
+        results.append(
+            TaskResult(
+                task,
+                len(mine),
+                wins,
+                wins / len(mine),
+                low,
+                high,
+                float(np.mean([r[4] for r in mine])),
+                [r[2] for r in mine],
+            )
+        )
         if gif_dir is not None:
             Path(gif_dir).mkdir(parents=True, exist_ok=True)
             for _, episode, _, success, _, frames in mine[:gifs_per_task]:
                 path = Path(gif_dir) / f"{variant}_{task}_ep{episode}_{'success' if success else 'fail'}.gif"
                 save_gif(path, frames)
                 gifs.append(str(path))
-    return EvalResult(variant, seed, results, float(np.mean([r.success_rate for r in results])), time.time() - start, gifs)
+    return EvalResult(
+        variant, seed, results, float(np.mean([r.success_rate for r in results])), time.time() - start, gifs
+    )

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .errors import CapvectorError
-from .lazy import DTYPE_NAMES, Combination, LazyTensor, row_chunks
+from capvector.errors import CapvectorError
+from capvector.params.lazy import DTYPE_NAMES, Combination, LazyTensor, row_chunks
 
 CHUNK_BYTES = 8 << 20  # output bytes per unit of work: small enough to keep memory flat, large enough to stream
 INFLIGHT_UNITS = 6
@@ -59,8 +59,11 @@ def safetensors_header(file: OutputFile, reserve: int = 0) -> bytes:
     entries: dict = {"__metadata__": file.metadata} if file.metadata is not None else {}
     offset = 0
     for tensor in file.tensors:
-        entries[tensor.name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.source.shape),
-                                "data_offsets": [offset, offset + tensor.nbytes]}
+        entries[tensor.name] = {
+            "dtype": DTYPE_NAMES[tensor.dtype],
+            "shape": list(tensor.source.shape),
+            "data_offsets": [offset, offset + tensor.nbytes],
+        }
         offset += tensor.nbytes
     header = json.dumps(entries, separators=(",", ":")).encode()
     padded = -(-(len(header) + reserve) // 8) * 8  # the data section starts 8-byte aligned
@@ -116,29 +119,41 @@ def evaluate_chunk(tensor: OutputTensor, start: int, stop: int, statistics: bool
 def ensure_finite(source: LazyTensor, values: torch.Tensor, start: int, stop: int) -> None:
     """Raise, naming the input tensor and file, if rows [start, stop) of `source` (= values) hold NaN or Inf."""
     if not torch.isfinite(values).all():
-        raise CapvectorError(f"{_non_finite_culprit(source, start, stop)}; fix or exclude it (--exclude '{source.name}')")
+        raise CapvectorError(
+            f"{_non_finite_culprit(source, start, stop)}; fix or exclude it (--exclude '{source.name}')"
+        )
 
 
 def _write_all(handle, data: torch.Tensor, path: Path, name: str) -> None:
     view = memoryview(data.numpy())
     try:
         while view:
-            view = view[handle.write(view):]
+            view = view[handle.write(view) :]
     except OSError as error:
         if error.errno in _DISK_FULL:
-            raise CapvectorError(f"{path}: no space left while writing tensor '{name}' ({error.strerror}); "
-                                 "free disk space or choose another output folder") from None
+            raise CapvectorError(
+                f"{path}: no space left while writing tensor '{name}' ({error.strerror}); "
+                "free disk space or choose another output folder"
+            ) from None
         raise
 
 
-def write_files(folder: Path, files: Sequence[OutputFile], *, statistics: bool = True, reserve: int = 0,
-                description: str = "writing") -> dict[str, float]:
+def write_files(
+    folder: Path,
+    files: Sequence[OutputFile],
+    *,
+    statistics: bool = True,
+    reserve: int = 0,
+    description: str = "writing",
+) -> dict[str, float]:
     """Write `files` into `folder`; returns each computed tensor's sum of squares (copies excluded), and raises if a
     computed tensor holds NaN or Inf (see evaluate_chunk)."""
     sums: dict[str, float] = {}
     total = sum(t.nbytes for f in files for t in f.tensors)
-    with tqdm(total=total, unit="B", unit_scale=True, desc=description, disable=None) as bar, \
-            ThreadPoolExecutor(WORKERS) as pool:
+    with (
+        tqdm(total=total, unit="B", unit_scale=True, desc=description, disable=None) as bar,
+        ThreadPoolExecutor(WORKERS) as pool,
+    ):
         for file in files:
             path = folder / file.name
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -148,12 +163,19 @@ def write_files(folder: Path, files: Sequence[OutputFile], *, statistics: bool =
                 bar.update(sum(t.nbytes for t in file.tensors))
                 continue
             header = safetensors_header(file, reserve)
-            units = ((t, start, stop) for t in file.tensors
-                     for start, stop in row_chunks(t.source, CHUNK_BYTES // t.itemsize))
+            units = (
+                (t, start, stop)
+                for t in file.tensors
+                for start, stop in row_chunks(t.source, CHUNK_BYTES // t.itemsize)
+            )
             pending: deque = deque()
             with open(path, "wb", buffering=0) as handle:
-                _write_all(handle, torch.frombuffer(bytearray(len(header).to_bytes(8, "little") + header),
-                                                     dtype=torch.uint8), path, "(header)")
+                _write_all(
+                    handle,
+                    torch.frombuffer(bytearray(len(header).to_bytes(8, "little") + header), dtype=torch.uint8),
+                    path,
+                    "(header)",
+                )
                 for unit in units:
                     pending.append((unit, pool.submit(evaluate_chunk, *unit, statistics)))
                     if len(pending) >= INFLIGHT_UNITS:
@@ -183,7 +205,9 @@ def _torch_save(state: dict[str, torch.Tensor], path: Path) -> None:
     except (OSError, RuntimeError) as error:
         if isinstance(error, OSError) and error.errno not in _DISK_FULL and "space" not in str(error):
             raise
-        raise CapvectorError(f"{path}: could not be written ({error}); free disk space or choose another output") from None
+        raise CapvectorError(
+            f"{path}: could not be written ({error}); free disk space or choose another output"
+        ) from None
 
 
 def check_output_path(output: Path, inputs: Sequence[Path]) -> None:
@@ -193,7 +217,9 @@ def check_output_path(output: Path, inputs: Sequence[Path]) -> None:
     for path in inputs:
         source = Path(path).resolve()
         if resolved == source or source.is_relative_to(resolved) or resolved.is_relative_to(source):
-            raise CapvectorError(f"{output}: output path overlaps the input {path}; choose an output outside the inputs")
+            raise CapvectorError(
+                f"{output}: output path overlaps the input {path}; choose an output outside the inputs"
+            )
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import CapvectorError
+from capvector.errors import CapvectorError
 
 STATE_KEY = "observation.state"
 ACTION_KEY = "action"
@@ -62,8 +62,12 @@ class PolicyConfig:
             )
         if self.dim % self.heads:
             raise CapvectorError(f"policy config: dim {self.dim} is not divisible by heads {self.heads}")
-        for name, size in [("state_q01", self.state_dim), ("state_q99", self.state_dim),
-                           ("action_q01", self.action_dim), ("action_q99", self.action_dim)]:
+        for name, size in [
+            ("state_q01", self.state_dim),
+            ("state_q99", self.state_dim),
+            ("action_q01", self.action_dim),
+            ("action_q99", self.action_dim),
+        ]:
             if len(getattr(self, name)) != size:
                 raise CapvectorError(f"policy config: {name} has {len(getattr(self, name))} values, expected {size}")
 

@@ -51,8 +51,7 @@ class Look:
 # "new_env" is the out-of-domain variant: the scene camera moved, dimmer light, a plain grey-green table.
 VARIANTS = {
     "default": Look(),
-    "new_env": Look(azimuth=170.0, elevation=-34.0, distance=1.15, light_scale=0.7,
-                    table_rgba=(0.42, 0.48, 0.4, 1.0)),
+    "new_env": Look(azimuth=170.0, elevation=-34.0, distance=1.15, light_scale=0.7, table_rgba=(0.42, 0.48, 0.4, 1.0)),
 }
 
 
@@ -70,7 +69,8 @@ def select_gl_backend() -> str:
         raise CapvectorError(
             "no off-screen OpenGL library found for MuJoCo rendering: install EGL "
             "(Debian/Ubuntu: apt-get install libegl1) or OSMesa (apt-get install libosmesa6), "
-            "or set MUJOCO_GL to a working backend")
+            "or set MUJOCO_GL to a working backend"
+        )
     os.environ["MUJOCO_GL"] = backend
     os.environ.setdefault("PYOPENGL_PLATFORM", backend)
     return backend
@@ -93,13 +93,17 @@ def gl_context(width: int, height: int):
     except Exception as exc:  # the GL bindings raise many types (ImportError, RuntimeError, GLError)
         raise CapvectorError(
             f"could not create an off-screen OpenGL context with MUJOCO_GL={GL_BACKEND} ({exc}); "
-            "install libegl1 (for MUJOCO_GL=egl) or libosmesa6 and run with MUJOCO_GL=osmesa") from exc
+            "install libegl1 (for MUJOCO_GL=egl) or libosmesa6 and run with MUJOCO_GL=osmesa"
+        ) from exc
 
 
 def robot_mesh_ids(model: mujoco.MjModel) -> list[int]:
     root = model.body(ROBOT_ROOT_BODY).id
-    meshes = {int(model.geom_dataid[g]) for g in range(model.ngeom)
-              if model.geom_type[g] == mujoco.mjtGeom.mjGEOM_MESH and model.body_rootid[model.geom_bodyid[g]] == root}
+    meshes = {
+        int(model.geom_dataid[g])
+        for g in range(model.ngeom)
+        if model.geom_type[g] == mujoco.mjtGeom.mjGEOM_MESH and model.body_rootid[model.geom_bodyid[g]] == root
+    }
     return sorted(meshes)
 
 
@@ -126,14 +130,15 @@ def decimated_render_model(model: mujoco.MjModel, keep: float = 0.1) -> mujoco.M
         fa, nf = model.mesh_faceadr[mesh], model.mesh_facenum[mesh]
         na = model.mesh_normaladr[mesh]
         verts, faces = fast_simplification.simplify(
-            model.mesh_vert[va:va + nv].astype(np.float64), model.mesh_face[fa:fa + nf], target_reduction=1 - keep)
-        render.mesh_vert[va:va + len(verts)] = verts
+            model.mesh_vert[va : va + nv].astype(np.float64), model.mesh_face[fa : fa + nf], target_reduction=1 - keep
+        )
+        render.mesh_vert[va : va + len(verts)] = verts
         render.mesh_vertnum[mesh] = len(verts)
-        render.mesh_face[fa:fa + len(faces)] = faces
+        render.mesh_face[fa : fa + len(faces)] = faces
         render.mesh_facenum[mesh] = len(faces)
-        render.mesh_normal[na:na + len(verts)] = vertex_normals(verts, faces)
+        render.mesh_normal[na : na + len(verts)] = vertex_normals(verts, faces)
         render.mesh_normalnum[mesh] = len(verts)
-        render.mesh_facenormal[fa:fa + len(faces)] = faces
+        render.mesh_facenormal[fa : fa + len(faces)] = faces
     return render
 
 
@@ -157,16 +162,21 @@ class FastRenderer:
         mujoco.mjr_setBuffer(mujoco.mjtFramebuffer.mjFB_OFFSCREEN, self._context)
         self._context.readDepthMap = mujoco.mjtDepthMap.mjDEPTH_ZEROFAR
         self._scene = mujoco.MjvScene(render, maxgeom=1000)
-        for flag in (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION,
-                     mujoco.mjtRndFlag.mjRND_SKYBOX, mujoco.mjtRndFlag.mjRND_HAZE):
+        for flag in (
+            mujoco.mjtRndFlag.mjRND_SHADOW,
+            mujoco.mjtRndFlag.mjRND_REFLECTION,
+            mujoco.mjtRndFlag.mjRND_SKYBOX,
+            mujoco.mjtRndFlag.mjRND_HAZE,
+        ):
             self._scene.flags[flag] = 0
         self._option = mujoco.MjvOption()
         self._rect = mujoco.MjrRect(0, 0, width, height)
         self._rgb = np.empty((height, width, 3), np.uint8)
         self._depth = np.empty((height, width), np.float32)
 
-    def render(self, model: mujoco.MjModel, data: mujoco.MjData, camera: mujoco.MjvCamera,
-               depth: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    def render(
+        self, model: mujoco.MjModel, data: mujoco.MjData, camera: mujoco.MjvCamera, depth: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """RGB (H, W, 3) uint8 and depth (H, W) float32 metres (or None) of the physics state from `camera`."""
         self._gl.make_current()
         mujoco.mjv_updateScene(model, data, self._option, None, camera, mujoco.mjtCatBit.mjCAT_ALL, self._scene)
@@ -233,7 +243,7 @@ class SimEnv:
     env: object = field(init=False, repr=False)
 
     def __post_init__(self):
-        from capvector.bench.tasks import check_task
+        from capvector.bench.env.tasks import check_task
 
         check_task(self.task)
         if self.variant not in VARIANTS:
@@ -328,8 +338,10 @@ MAX_ATTEMPTS = 100  # placements tried per demonstration slot before giving up
 def demo_placement_seed(seed: int, episode: int, attempt: int) -> int:
     """Seed of the `attempt`-th placement tried for demonstration `episode` (of one task) under `seed`."""
     if not (0 <= seed < 1000 and 0 <= episode < 10_000 and 0 <= attempt < MAX_ATTEMPTS):
-        raise CapvectorError(f"demonstration seed must be in [0, 1000) and episodes per task below 10000, "
-                             f"got seed={seed}, episode={episode}")
+        raise CapvectorError(
+            f"demonstration seed must be in [0, 1000) and episodes per task below 10000, "
+            f"got seed={seed}, episode={episode}"
+        )
     return seed * 1_000_000 + episode * MAX_ATTEMPTS + attempt
 
 

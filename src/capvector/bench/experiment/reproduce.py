@@ -10,7 +10,7 @@ Stages, each a folder of the run with a stage.json (its key, whether it finished
   downstream  (a)-(e) of METHODS on the held-out tasks, every seed, a checkpoint at every step budget
   ablations   alpha sweep, lambda sweep, and a long run with and without L_orth (first seed)
   evaluate    every checkpoint on new placements, in-domain and in the "new environment" variant
-  report      report.md, results.json and plots (capvector.bench.report)
+  report      report.md, results.json and plots (capvector.bench.experiment.report)
 A stage's key hashes its plan (every training config, demonstration job and evaluation it will run) with the
 ids of the stages it reads, so a finished stage is skipped while nothing it depends on changed, and redone,
 with the reason printed, when its plan, the code version or an input changed. An interrupted stage keeps
@@ -36,14 +36,14 @@ from typing import Any
 
 import torch
 
-from .. import __version__
-from ..config import TrainConfig, result_fields
-from ..errors import CapvectorError
-from ..merging import merge
-from ..training import STATE_FILE, checkpoint_dirs, train
-from ..vectors import extract
-from . import recipe
-from .tasks import resolve_tasks
+from capvector import __version__
+from capvector.training.config import TrainConfig, result_fields
+from capvector.errors import CapvectorError
+from capvector.params.merging import merge
+from capvector.training.engine import STATE_FILE, checkpoint_dirs, train
+from capvector.params.vectors import extract
+from capvector.bench import recipe
+from capvector.bench.env.tasks import resolve_tasks
 
 STAGE_FILE = "stage.json"
 RUN_FILE = "run.json"
@@ -65,7 +65,7 @@ class ReproduceConfig:
     """Every number that shapes the experiment; the stages' cache keys hash what they use of it."""
 
     preset: str = "full"
-    # Task sets: task or split names of capvector.bench.tasks (disjoint).
+    # Task sets: task or split names of capvector.bench.env.tasks (disjoint).
     pretrain_tasks: list = field(default_factory=lambda: ["pretrain"])
     extract_tasks: list = field(default_factory=lambda: ["extract"])
     downstream_tasks: list = field(default_factory=lambda: ["downstream"])
@@ -119,27 +119,61 @@ PRESETS = {
         pretrain_tasks=["reach-v3", "push-v3", "button-press-v3", "drawer-close-v3"],
         extract_tasks=["sweep-into-v3", "handle-pull-v3"],
         downstream_tasks=["button-press-wall-v3", "faucet-close-v3"],
-        pretrain_episodes=5, extract_episodes=5, downstream_episodes=5, image_size=32,
+        pretrain_episodes=5,
+        extract_episodes=5,
+        downstream_episodes=5,
+        image_size=32,
         policy={"dim": 32, "heads": 2, "trunk_layers": 2, "mlp_ratio": 2, "stem_channels": [8, 16]},
-        batch_size=16, warmup_steps=10, pretrain_steps=400, extract_steps=100,
-        budgets=[40, 120], lora_rank=4, eval_episodes=2, alphas=[0.5], lambdas=[100.0], long_steps=360,
+        batch_size=16,
+        warmup_steps=10,
+        pretrain_steps=400,
+        extract_steps=100,
+        budgets=[40, 120],
+        lora_rank=4,
+        eval_episodes=2,
+        alphas=[0.5],
+        lambdas=[100.0],
+        long_steps=360,
         note="quick preset: a tiny policy, 5 demonstrations per task, at most a few hundred steps and 2 episodes per "
-             "task and checkpoint; it proves that the pipeline runs end to end, its success rates say next to "
-             "nothing about the method",
+        "task and checkpoint; it proves that the pipeline runs end to end, its success rates say next to "
+        "nothing about the method",
     ),
     "full": ReproduceConfig(
         note="full preset: 12 pretraining tasks, 4 extraction and 4 held-out tasks, 10-15 demonstrations per task, "
-             "3 seeds, 5 episodes per task, seed and checkpoint (60 per table cell)",
+        "3 seeds, 5 episodes per task, seed and checkpoint (60 per table cell)",
     ),
     # The test suite's miniature: two tasks, a few steps, one episode per checkpoint.
     "test": ReproduceConfig(
         preset="test",
-        pretrain_tasks=["reach-v3"], extract_tasks=["handle-pull-v3"], downstream_tasks=["door-lock-v3"],
-        pretrain_episodes=2, extract_episodes=1, downstream_episodes=1, image_size=32,
-        policy={"dim": 16, "heads": 2, "trunk_layers": 2, "mlp_ratio": 1, "stem_channels": [8, 8],
-                "text_buckets": 64, "vision_layers": 1, "text_layers": 1},
-        batch_size=8, warmup_steps=0, pretrain_steps=6, extract_steps=4, budgets=[2, 4], seeds=[0],
-        lora_rank=2, eval_episodes=1, alphas=[0.5], lambdas=[100.0], long_steps=6, workers=1,
+        pretrain_tasks=["reach-v3"],
+        extract_tasks=["handle-pull-v3"],
+        downstream_tasks=["door-lock-v3"],
+        pretrain_episodes=2,
+        extract_episodes=1,
+        downstream_episodes=1,
+        image_size=32,
+        policy={
+            "dim": 16,
+            "heads": 2,
+            "trunk_layers": 2,
+            "mlp_ratio": 1,
+            "stem_channels": [8, 8],
+            "text_buckets": 64,
+            "vision_layers": 1,
+            "text_layers": 1,
+        },
+        batch_size=8,
+        warmup_steps=0,
+        pretrain_steps=6,
+        extract_steps=4,
+        budgets=[2, 4],
+        seeds=[0],
+        lora_rank=2,
+        eval_episodes=1,
+        alphas=[0.5],
+        lambdas=[100.0],
+        long_steps=6,
+        workers=1,
         note="test preset: a miniature of the pipeline for the test suite",
     ),
 }
@@ -158,16 +192,20 @@ def check_config(config: ReproduceConfig) -> None:
     for a, b in (("pretrain", "extract"), ("pretrain", "downstream"), ("extract", "downstream")):
         shared = sorted(set(sets[a]) & set(sets[b]))
         if shared:
-            raise CapvectorError(f"reproduce config: {shared} are in both {a}_tasks and {b}_tasks; the sets must be "
-                                 "disjoint (held-out tasks are the point of the experiment)")
+            raise CapvectorError(
+                f"reproduce config: {shared} are in both {a}_tasks and {b}_tasks; the sets must be "
+                "disjoint (held-out tasks are the point of the experiment)"
+            )
     unknown = [m for m in config.methods if m not in METHODS]
     if unknown:
         raise CapvectorError(f"reproduce config: unknown methods {unknown}; valid methods: {', '.join(METHODS)}")
     if not config.budgets or sorted(set(config.budgets)) != list(config.budgets) or config.budgets[0] < 1:
         raise CapvectorError(f"reproduce config: budgets {config.budgets} must be increasing positive step counts")
     if config.long_steps % 2 or config.long_steps <= config.budgets[-1]:
-        raise CapvectorError(f"reproduce config: long_steps {config.long_steps} must be even (it is evaluated halfway) "
-                             f"and longer than the largest budget {config.budgets[-1]}")
+        raise CapvectorError(
+            f"reproduce config: long_steps {config.long_steps} must be even (it is evaluated halfway) "
+            f"and longer than the largest budget {config.budgets[-1]}"
+        )
     if len(config.seeds) < 1:
         raise CapvectorError("reproduce config: give at least one training seed (the protocol asks for 3)")
 
@@ -219,24 +257,49 @@ class Run:
             self._datasets[(root, depth)] = recipe.dataset(root, depth=depth)
         return self._datasets[(root, depth)]
 
-    def train_config(self, out_dir: Path, split: str, steps: int, lr: float, seed: int, init_from: Path | None,
-                     strategy: str = "sft", finetune: str = "full", checkpoint_every: int = 0, **fields) -> TrainConfig:
+    def train_config(
+        self,
+        out_dir: Path,
+        split: str,
+        steps: int,
+        lr: float,
+        seed: int,
+        init_from: Path | None,
+        strategy: str = "sft",
+        finetune: str = "full",
+        checkpoint_every: int = 0,
+        **fields,
+    ) -> TrainConfig:
         root = str(self.demos(split))
         config = self.config
         return TrainConfig(
-            strategy=strategy, finetune=finetune, out_dir=str(out_dir), steps=steps, lr=lr, min_lr=lr / 10,
-            seed=seed, batch_size=config.batch_size, warmup_steps=config.warmup_steps, device=self.device,
+            strategy=strategy,
+            finetune=finetune,
+            out_dir=str(out_dir),
+            steps=steps,
+            lr=lr,
+            min_lr=lr / 10,
+            seed=seed,
+            batch_size=config.batch_size,
+            warmup_steps=config.warmup_steps,
+            device=self.device,
             policy="capvector.bench.recipe:policy",
             policy_args={} if init_from else {"dataset": root, **config.policy},
             init_from=str(init_from) if init_from else None,
             # depth maps are read by the spatial objective, which never runs on the pretraining set
-            dataset="capvector.bench.recipe:dataset", dataset_args={"root": root, "depth": split != "pretrain"},
+            dataset="capvector.bench.recipe:dataset",
+            dataset_args={"root": root, "depth": split != "pretrain"},
             auxiliary="capvector.bench.recipe:spatial" if strategy == "aux" else "",
             auxiliary_args={"dataset": root, "weight": config.aux_weight, "layer": config.aux_layer}
-            if strategy == "aux" else {},
-            lora_rank=config.lora_rank, lora_alpha=2.0 * config.lora_rank,
-            checkpoint_every=checkpoint_every or steps, keep_checkpoints=0, log_every=max(1, min(10, steps // 4)),
-            tensorboard=False, **fields,
+            if strategy == "aux"
+            else {},
+            lora_rank=config.lora_rank,
+            lora_alpha=2.0 * config.lora_rank,
+            checkpoint_every=checkpoint_every or steps,
+            keep_checkpoints=0,
+            log_every=max(1, min(10, steps // 4)),
+            tensorboard=False,
+            **fields,
         )
 
 
@@ -261,33 +324,64 @@ def run_training(run: Run, config: TrainConfig) -> Path:
 
 def plan_demos(run: Run) -> dict:
     c = run.config
-    return {split: {"tasks": resolve_tasks(getattr(c, f"{split}_tasks")), "episodes": getattr(c, f"{split}_episodes"),
-                    "seed": c.demo_seed, "image_size": c.image_size} for split in SPLITS}
+    return {
+        split: {
+            "tasks": resolve_tasks(getattr(c, f"{split}_tasks")),
+            "episodes": getattr(c, f"{split}_episodes"),
+            "seed": c.demo_seed,
+            "image_size": c.image_size,
+        }
+        for split in SPLITS
+    }
 
 
 def do_demos(run: Run, plan: dict) -> dict:
-    from .demos import generate_demonstrations
+    from capvector.bench.env.demos import generate_demonstrations
 
     for split, job in plan.items():
         if not run.demos(split).exists():  # written whole (renamed at the end): present means complete
             print(f"  {split}: {len(job['tasks'])} tasks x {job['episodes']} demonstrations")
-            generate_demonstrations(run.demos(split), job["tasks"], job["episodes"], seed=job["seed"],
-                                    image_size=job["image_size"], workers=run.workers)
+            generate_demonstrations(
+                run.demos(split),
+                job["tasks"],
+                job["episodes"],
+                seed=job["seed"],
+                image_size=job["image_size"],
+                workers=run.workers,
+            )
     return {split: recipe.dataset_info(run.demos(split))[0]["total_episodes"] for split in SPLITS}
 
 
 def plan_pretrain(run: Run) -> dict:
     c = run.config
-    return {"pretrain": run.train_config(run.path("pretrain"), "pretrain", c.pretrain_steps, c.pretrain_lr,
-                                         c.train_seed, None, checkpoint_every=max(1, c.pretrain_steps // 4))}
+    return {
+        "pretrain": run.train_config(
+            run.path("pretrain"),
+            "pretrain",
+            c.pretrain_steps,
+            c.pretrain_lr,
+            c.train_seed,
+            None,
+            checkpoint_every=max(1, c.pretrain_steps // 4),
+        )
+    }
 
 
 def plan_extract(run: Run) -> dict:
     c = run.config
-    return {strategy: run.train_config(run.path("extract", strategy), "extract", c.extract_steps, c.extract_lr,
-                                       c.train_seed, run.path("pretrain", "policy"), strategy=strategy,
-                                       checkpoint_every=max(1, c.extract_steps // 2))
-            for strategy in ("sft", "aux")}
+    return {
+        strategy: run.train_config(
+            run.path("extract", strategy),
+            "extract",
+            c.extract_steps,
+            c.extract_lr,
+            c.train_seed,
+            run.path("pretrain", "policy"),
+            strategy=strategy,
+            checkpoint_every=max(1, c.extract_steps // 2),
+        )
+        for strategy in ("sft", "aux")
+    }
 
 
 def do_training(run: Run, plan: dict) -> dict:
@@ -298,8 +392,12 @@ def do_training(run: Run, plan: dict) -> dict:
 
 
 def plan_vector(run: Run) -> dict:
-    return {"alpha": run.config.alpha, "aux": str(run.path("extract", "aux", "policy")),
-            "sft": str(run.path("extract", "sft", "policy")), "pretrained": str(run.path("pretrain", "policy"))}
+    return {
+        "alpha": run.config.alpha,
+        "aux": str(run.path("extract", "aux", "policy")),
+        "sft": str(run.path("extract", "sft", "policy")),
+        "pretrained": str(run.path("pretrain", "policy")),
+    }
 
 
 def merged_path(run: Run, alpha: float) -> Path:
@@ -325,38 +423,71 @@ def do_vector(run: Run, plan: dict) -> dict:
     return summary
 
 
-def downstream_config(run: Run, out_dir: Path, method: str, seed: int, steps: int, alpha: float | None = None,
-                      orth_lambda: float | None = None) -> TrainConfig:
+def downstream_config(
+    run: Run,
+    out_dir: Path,
+    method: str,
+    seed: int,
+    steps: int,
+    alpha: float | None = None,
+    orth_lambda: float | None = None,
+) -> TrainConfig:
     c = run.config
     _, start, strategy, finetune = METHODS[method]
     alpha = c.alpha if alpha is None else alpha
     init_from = run.path("pretrain", "policy") if start == "pretrained" else merged_path(run, alpha)
     fields = {}
     if strategy == "capvector":
-        fields = {"vector": str(run.path("vector", "gamma")), "orth_lambda": c.orth_lambda if orth_lambda is None
-                  else orth_lambda}
+        fields = {
+            "vector": str(run.path("vector", "gamma")),
+            "orth_lambda": c.orth_lambda if orth_lambda is None else orth_lambda,
+        }
     every = functools.reduce(math.gcd, c.budgets) if steps == c.budgets[-1] else max(1, steps // 2)
-    return run.train_config(out_dir, "downstream", steps, c.lora_lr if finetune == "lora" else c.downstream_lr, seed,
-                            init_from, strategy=strategy, finetune=finetune, checkpoint_every=every,
-                            schedule="constant", **fields)
+    return run.train_config(
+        out_dir,
+        "downstream",
+        steps,
+        c.lora_lr if finetune == "lora" else c.downstream_lr,
+        seed,
+        init_from,
+        strategy=strategy,
+        finetune=finetune,
+        checkpoint_every=every,
+        schedule="constant",
+        **fields,
+    )
 
 
 def plan_downstream(run: Run) -> dict:
     c = run.config
-    return {f"{method}/seed{seed}": downstream_config(run, run.path("downstream", method, f"seed{seed}"), method, seed,
-                                                      c.budgets[-1])
-            for method in c.methods for seed in c.seeds}
+    return {
+        f"{method}/seed{seed}": downstream_config(
+            run, run.path("downstream", method, f"seed{seed}"), method, seed, c.budgets[-1]
+        )
+        for method in c.methods
+        for seed in c.seeds
+    }
 
 
 def plan_ablations(run: Run) -> dict:
     c = run.config
     seed, steps = c.seeds[0], c.budgets[-1]
-    plan = {f"alpha{alpha:g}": downstream_config(run, run.path("ablations", f"alpha{alpha:g}"), "capvector", seed,
-                                                 steps, alpha=alpha) for alpha in c.alphas}
-    plan |= {f"lambda{value:g}": downstream_config(run, run.path("ablations", f"lambda{value:g}"), "capvector", seed,
-                                                   steps, orth_lambda=value) for value in c.lambdas}
-    plan |= {f"long_{method}": downstream_config(run, run.path("ablations", f"long_{method}"), method, seed,
-                                                 c.long_steps) for method in ("meta_sft", "capvector")}
+    plan = {
+        f"alpha{alpha:g}": downstream_config(
+            run, run.path("ablations", f"alpha{alpha:g}"), "capvector", seed, steps, alpha=alpha
+        )
+        for alpha in c.alphas
+    }
+    plan |= {
+        f"lambda{value:g}": downstream_config(
+            run, run.path("ablations", f"lambda{value:g}"), "capvector", seed, steps, orth_lambda=value
+        )
+        for value in c.lambdas
+    }
+    plan |= {
+        f"long_{method}": downstream_config(run, run.path("ablations", f"long_{method}"), method, seed, c.long_steps)
+        for method in ("meta_sft", "capvector")
+    }
     return plan
 
 
@@ -376,12 +507,19 @@ def checkpoints_to_evaluate(run: Run) -> dict[str, tuple[str, str | None]]:
     method and seed, and the ablations' final (long runs: also halfway) checkpoints."""
     c = run.config
     runs = {f"downstream/{name}": (config, c.budgets) for name, config in plan_downstream(run).items()}
-    runs |= {f"ablations/{name}": (config, long_checkpoints(c) if name.startswith("long_") else (config.steps,))
-             for name, config in plan_ablations(run).items()}
+    runs |= {
+        f"ablations/{name}": (config, long_checkpoints(c) if name.startswith("long_") else (config.steps,))
+        for name, config in plan_ablations(run).items()
+    }
     # the base comes from this run's folder, not the adapter's record: a moved run folder still evaluates
-    return {f"{name}/step{steps}": (str(checkpoint_folder(Path(config.out_dir), steps)),
-                                    config.init_from if config.finetune == "lora" else None)
-            for name, (config, budgets) in runs.items() for steps in budgets}
+    return {
+        f"{name}/step{steps}": (
+            str(checkpoint_folder(Path(config.out_dir), steps)),
+            config.init_from if config.finetune == "lora" else None,
+        )
+        for name, (config, budgets) in runs.items()
+        for steps in budgets
+    }
 
 
 def long_checkpoints(config: ReproduceConfig) -> tuple[int, int]:
@@ -391,16 +529,26 @@ def long_checkpoints(config: ReproduceConfig) -> tuple[int, int]:
 
 def plan_evaluate(run: Run) -> dict:
     c = run.config
-    return {"checkpoints": checkpoints_to_evaluate(run),
-            "tasks": resolve_tasks(c.downstream_tasks), "episodes": c.eval_episodes, "seed": c.eval_seed,
-            "variants": list(VARIANTS)}
+    return {
+        "checkpoints": checkpoints_to_evaluate(run),
+        "tasks": resolve_tasks(c.downstream_tasks),
+        "episodes": c.eval_episodes,
+        "seed": c.eval_seed,
+        "variants": list(VARIANTS),
+    }
 
 
-def evaluate_checkpoints(task: str, variant: str, checkpoints: list[tuple[str, tuple[str, str | None]]], episodes: int,
-                         seed: int, image_size: int) -> list[tuple[str, dict]]:
+def evaluate_checkpoints(
+    task: str,
+    variant: str,
+    checkpoints: list[tuple[str, tuple[str, str | None]]],
+    episodes: int,
+    seed: int,
+    image_size: int,
+) -> list[tuple[str, dict]]:
     """(name, {successes, episodes, mean_steps}) per checkpoint on `task` (runs in a worker: one simulator for all)."""
-    from .evaluation import check_policy, run_episode
-    from .sim import SimEnv, eval_placement_seed
+    from capvector.bench.env.evaluation import check_policy, run_episode
+    from capvector.bench.env.sim import SimEnv, eval_placement_seed
 
     env = SimEnv(task, image_size=image_size, variant=variant)
     threads = torch.get_num_threads()
@@ -410,10 +558,19 @@ def evaluate_checkpoints(task: str, variant: str, checkpoints: list[tuple[str, t
         for name, (path, base) in checkpoints:
             policy = recipe.load_trained(path, base=base)
             check_policy(policy, env)
-            outcomes = [run_episode(env, policy, eval_placement_seed(seed, e), record=False)[:2]
-                        for e in range(episodes)]
-            out.append((name, {"successes": sum(s for s, _ in outcomes), "episodes": episodes,
-                               "mean_steps": sum(n for _, n in outcomes) / episodes}))
+            outcomes = [
+                run_episode(env, policy, eval_placement_seed(seed, e), record=False)[:2] for e in range(episodes)
+            ]
+            out.append(
+                (
+                    name,
+                    {
+                        "successes": sum(s for s, _ in outcomes),
+                        "episodes": episodes,
+                        "mean_steps": sum(n for _, n in outcomes) / episodes,
+                    },
+                )
+            )
     finally:
         torch.set_num_threads(threads)
         env.close()
@@ -423,23 +580,31 @@ def evaluate_checkpoints(task: str, variant: str, checkpoints: list[tuple[str, t
 def do_evaluate(run: Run, plan: dict) -> dict:
     """Every checkpoint on the same placements of every task, in both variants; saved as it goes (a killed stage
     keeps what it evaluated). Jobs are (task, variant, a few checkpoints): one simulator per job, not per episode."""
-    from .sim import parallel_map
+    from capvector.bench.env.sim import parallel_map
 
     path = run.path("evaluate", "results.json")
     results = read_json(path) or {}
-    todo = [(task, variant, name) for variant in plan["variants"] for task in plan["tasks"]
-            for name in plan["checkpoints"] if task not in results.get(f"{name}@{variant}", {}).get("tasks", {})]
+    todo = [
+        (task, variant, name)
+        for variant in plan["variants"]
+        for task in plan["tasks"]
+        for name in plan["checkpoints"]
+        if task not in results.get(f"{name}@{variant}", {}).get("tasks", {})
+    ]
     per_job = max(1, math.ceil(len(todo) / (2 * run.workers)))  # 2 rounds: saved midway
     jobs = []
     for (task, variant), items in itertools.groupby(todo, key=lambda item: item[:2]):
         names = [name for _, _, name in items]
-        jobs += [(task, variant, [(n, plan["checkpoints"][n]) for n in names[j:j + per_job]])
-                 for j in range(0, len(names), per_job)]
+        jobs += [
+            (task, variant, [(n, plan["checkpoints"][n]) for n in names[j : j + per_job]])
+            for j in range(0, len(names), per_job)
+        ]
     done = 0
     started = time.perf_counter()
     for i in range(0, len(jobs), run.workers):
-        batch = [(t, v, c, plan["episodes"], plan["seed"], run.config.image_size) for t, v, c in
-                 jobs[i:i + run.workers]]
+        batch = [
+            (t, v, c, plan["episodes"], plan["seed"], run.config.image_size) for t, v, c in jobs[i : i + run.workers]
+        ]
         for (task, variant, _, *_), rows in zip(batch, parallel_map(evaluate_checkpoints, batch, run.workers)):
             for name, counts in rows:
                 results.setdefault(f"{name}@{variant}", {"tasks": {}})["tasks"][task] = counts
@@ -454,7 +619,7 @@ def plan_report(run: Run) -> dict:
 
 
 def do_report(run: Run, plan: dict) -> dict:
-    from .report import write_report
+    from capvector.bench.experiment.report import write_report
 
     return {"report": str(write_report(run))}
 
@@ -508,8 +673,17 @@ def run_stage(run: Run, name: str, number: int, force: bool) -> None:
     started = time.perf_counter()
     outputs = STAGES[name][2](run, plan)
     seconds = time.perf_counter() - started
-    write_json(folder / STAGE_FILE, {"key": key, "version": __version__, "done": True, "id": uuid.uuid4().hex,
-                                     "seconds": seconds, "outputs": outputs})
+    write_json(
+        folder / STAGE_FILE,
+        {
+            "key": key,
+            "version": __version__,
+            "done": True,
+            "id": uuid.uuid4().hex,
+            "seconds": seconds,
+            "outputs": outputs,
+        },
+    )
     print(f"[{number}/{len(STAGES)}] {name}: done in {seconds:.0f} s")
 
 
@@ -522,8 +696,12 @@ def stage_list(run: Run) -> str:
     return "\n".join(lines)
 
 
-def reproduce(preset: str | ReproduceConfig = "quick", out_dir: str | Path = "runs/reproduce",
-              force: Iterable[str] = (), device: str = "auto") -> Path:
+def reproduce(
+    preset: str | ReproduceConfig = "quick",
+    out_dir: str | Path = "runs/reproduce",
+    force: Iterable[str] = (),
+    device: str = "auto",
+) -> Path:
     """Run (or resume) the experiment of `preset` in out_dir/<preset> and return that folder; the report is in its
     report/ folder. `force`: stage names to redo (the stages after them follow, as their inputs change)."""
     config = preset_config(preset)
@@ -547,4 +725,3 @@ def reproduce(preset: str | ReproduceConfig = "quick", out_dir: str | Path = "ru
         torch.set_num_threads(threads)
     print(f"all stages done in {time.perf_counter() - started:.0f} s; report: {run.path('report', 'report.md')}")
     return run.root
-

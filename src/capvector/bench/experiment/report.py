@@ -1,0 +1,525 @@
+"""The report of a `capvector reproduce` run: results.json (every number and the config), report.md and plots.
+
+Everything in report.md is read from the results dictionary, including the "what this shows" section, whose
+sentences are chosen by comparing the numbers (interval overlap, retention of gamma), never written in advance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from capvector.params.checkpoints import open_checkpoint
+from capvector.params.inspection import inspect
+from capvector.params.vectors import open_vector
+from capvector.bench.env.evaluation import wilson_interval
+from capvector.bench.experiment.reproduce import (
+    METHODS,
+    SPLITS,
+    STAGES,
+    VARIANTS,
+    checkpoints_to_evaluate,
+    long_checkpoints,
+    merged_path,
+)
+from capvector.bench.env.tasks import resolve_tasks
+
+
+# ---- the numbers --------------------------------------------------------------------------------------------------
+
+
+def pooled(records: list[Mapping]) -> dict:
+    """Success rate over all episodes of the given evaluations (tasks and seeds pooled), its interval and spread."""
+    successes = sum(t["successes"] for r in records for t in r["tasks"].values())
+    trials = sum(t["episodes"] for r in records for t in r["tasks"].values())
+    low, high = wilson_interval(successes, trials)
+    rates = [
+        sum(t["successes"] for t in r["tasks"].values()) / max(1, sum(t["episodes"] for t in r["tasks"].values()))
+        for r in records
+    ]
+    return {
+        "successes": successes,
+        "trials": trials,
+        "rate": successes / trials if trials else 0.0,
+        "low": low,
+        "high": high,
+        "per_run": rates,
+        "std_over_runs": statistics.pstdev(rates) if len(rates) > 1 else 0.0,
+    }
+
+
+def along_gamma(
+    checkpoint: str | Path, pretrained: Path, gamma: Mapping[str, torch.Tensor], base: str | None = None
+) -> dict:
+    """Where a checkpoint sits relative to gamma: retention <theta - theta_pt, gamma> / |gamma|^2 (alpha right after
+    the merge, washed out toward 0) and distance |theta - theta_pt| / |gamma| (how large the moves are next to it)."""
+    weights, start = open_checkpoint(checkpoint, base=base), open_checkpoint(pretrained)
+    try:
+        dot = gamma_sq = moved_sq = 0.0
+        for name, g in gamma.items():
+            g, moved = g.double(), weights[name].double() - start[name].double()
+            dot, gamma_sq, moved_sq = (
+                dot + float((moved * g).sum()),
+                gamma_sq + float((g * g).sum()),
+                moved_sq + float((moved * moved).sum()),
+            )
+    finally:
+        weights.close()
+        start.close()
+    return {
+        "retention": dot / gamma_sq if gamma_sq else 0.0,
+        "distance": (moved_sq / gamma_sq) ** 0.5 if gamma_sq else 0.0,
+    }
+
+
+def run_timing(folder: Path) -> dict:
+    """ms per training step (median over logged intervals, the first dropped as warm-up), wall seconds, parts."""
+    lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steady = lines[1:] or lines
+    parts = sorted({k for line in steady for k in line if k.startswith("time/")})
+    wall = json.loads((folder / "wall.json").read_text())
+    return {
+        "step_ms": statistics.median(1000 / line["steps_per_s"] for line in steady),
+        "parts_ms": {
+            k.removeprefix("time/").removesuffix("_ms"): statistics.median(line.get(k, 0.0) for line in steady)
+            for k in parts
+        },
+        "train_seconds": wall["seconds"],
+        "steps": lines[-1]["step"],
+    }
+
+
+def median_timing(runs: list[dict]) -> dict:
+    return {
+        "step_ms": statistics.median(t["step_ms"] for t in runs),
+        "train_seconds": statistics.mean(t["train_seconds"] for t in runs),
+        "steps": runs[0]["steps"],
+        "parts_ms": {
+            part: statistics.median(t["parts_ms"].get(part, 0.0) for t in runs) for part in runs[0]["parts_ms"]
+        },
+    }
+
+
+def build_results(run) -> dict:
+    """Every number of the run, from its stage folders, as one JSON-able dictionary."""
+    config, seeds, budgets, last = run.config, run.config.seeds, run.config.budgets, run.config.budgets[-1]
+    tasks = resolve_tasks(config.downstream_tasks)
+    evaluations = json.loads(run.path("evaluate", "results.json").read_text())
+
+    def evaluated(name: str, variant: str, task: str | None = None) -> dict:
+        record = evaluations[f"{name}@{variant}"]
+        return record if task is None else {"tasks": {task: record["tasks"][task]}}
+
+    def downstream(method: str, seed: int, steps: int) -> str:
+        return f"downstream/{method}/seed{seed}/step{steps}"
+
+    success = {
+        m: {v: {str(b): pooled([evaluated(downstream(m, s, b), v) for s in seeds]) for b in budgets} for v in VARIANTS}
+        for m in config.methods
+    }
+    per_task = {
+        m: {v: {t: pooled([evaluated(downstream(m, s, last), v, t) for s in seeds]) for t in tasks} for v in VARIANTS}
+        for m in config.methods
+    }
+    threshold = {
+        m: {
+            v: next((b for b in budgets if success[m][v][str(b)]["rate"] >= config.success_threshold), None)
+            for v in VARIANTS
+        }
+        for m in config.methods
+    }
+    timing = {
+        m: median_timing([run_timing(run.path("downstream", m, f"seed{s}")) for s in seeds]) for m in config.methods
+    }
+    timing |= {name: run_timing(run.path(*name.split("/"))) for name in ("pretrain", "extract/sft", "extract/aux")}
+
+    gamma, pretrained = open_vector(run.path("vector", "gamma")), run.path("pretrain", "policy")
+    where = checkpoints_to_evaluate(run)
+
+    def shifted(name: str) -> dict:
+        path, base = where[name]
+        return along_gamma(path, pretrained, gamma, base)
+
+    try:
+        shift = {m: [shifted(downstream(m, s, last)) for s in seeds] for m in config.methods}
+        main = downstream("capvector", seeds[0], last)
+        alphas = [
+            {
+                "alpha": alpha,
+                **{
+                    v: pooled([evaluated(main if alpha == config.alpha else f"ablations/alpha{alpha:g}/step{last}", v)])
+                    for v in VARIANTS
+                },
+                "theta_meta_retention": along_gamma(merged_path(run, alpha), pretrained, gamma)["retention"],
+            }
+            for alpha in [config.alpha, *config.alphas]
+        ]
+        lambdas = [
+            {
+                "lambda": value,
+                **{
+                    v: pooled(
+                        [evaluated(main if value == config.orth_lambda else f"ablations/lambda{value:g}/step{last}", v)]
+                    )
+                    for v in VARIANTS
+                },
+            }
+            for value in [config.orth_lambda, *config.lambdas]
+        ]
+        long = {
+            m: [
+                {
+                    "step": s,
+                    **{v: pooled([evaluated(f"ablations/long_{m}/step{s}", v)]) for v in VARIANTS},
+                    **shifted(f"ablations/long_{m}/step{s}"),
+                }
+                for s in long_checkpoints(config)
+            ]
+            for m in ("meta_sft", "capvector")
+        }
+        vector = inspect(gamma, against=run.path("vector", "tau"), base=pretrained).to_dict()
+    finally:
+        gamma.close()
+    return {
+        "preset": config.preset,
+        "note": config.note,
+        "config": dataclasses.asdict(config),
+        "methods": {m: METHODS[m][0] for m in config.methods},
+        "tasks": {split: resolve_tasks(getattr(config, f"{split}_tasks")) for split in SPLITS},
+        "success": success,
+        "success_per_task": per_task,
+        "steps_to_threshold": threshold,
+        "timing": timing,
+        "gamma": {
+            "norm": vector["total"]["norm"],
+            "relative_to_pretrained": vector["total"]["relative_to_base"],
+            "cosine_with_tau": vector["total"]["cosine"],
+            "layers": vector["layers"],
+        },
+        "along_gamma": {
+            m: {
+                "retention": statistics.mean(r["retention"] for r in rows),
+                "distance": statistics.mean(r["distance"] for r in rows),
+                "per_seed": rows,
+            }
+            for m, rows in shift.items()
+        },
+        "ablations": {"alpha": alphas, "lambda": lambdas, "long": long},
+        "stage_seconds": {name: run.record(name).get("seconds") for name in STAGES},
+    }
+
+
+# ---- the text -------------------------------------------------------------------------------------------------------
+
+
+def fmt_cell(cell: Mapping) -> str:
+    return f"{100 * cell['rate']:.0f}% [{100 * cell['low']:.0f}, {100 * cell['high']:.0f}]"
+
+
+def overlap(a: Mapping, b: Mapping) -> bool:
+    return a["low"] <= b["high"] and b["low"] <= a["high"]
+
+
+def comparison(name_a: str, a: Mapping, name_b: str, b: Mapping) -> str:
+    difference = 100 * (a["rate"] - b["rate"])
+    if overlap(a, b):
+        return (
+            f"{name_a} {fmt_cell(a)} vs {name_b} {fmt_cell(b)}: a difference of {difference:+.0f} points, "
+            f"within overlapping 95% intervals, so not distinguishable at {a['trials']} episodes each"
+        )
+    better = name_a if difference > 0 else name_b
+    return (
+        f"{name_a} {fmt_cell(a)} vs {name_b} {fmt_cell(b)}: {better} is higher by {abs(difference):.0f} points "
+        f"with non-overlapping 95% intervals"
+    )
+
+
+def findings(results: Mapping) -> list[str]:
+    """Sentences chosen by the numbers: what this run supports and what it cannot say."""
+    config, success, timing = results["config"], results["success"], results["timing"]
+    last, labels = str(config["budgets"][-1]), results["methods"]
+    out = []
+    best = max(c["rate"] for m in success.values() for v in m.values() for c in v.values())
+    if best == 0:
+        out.append(
+            "No method solved any evaluation episode: the policies did not learn the held-out tasks at this "
+            "size, so the run cannot rank the methods; it shows only that every stage ran."
+        )
+    elif best < 0.1:
+        out.append(
+            f"The best success rate anywhere is {100 * best:.0f}%: too close to zero for the comparisons below "
+            "to mean much."
+        )
+    for variant, where in (("default", "in-domain"), ("new_env", "in the new environment")):
+        for other in ("sft", "aux", "meta_sft"):
+            out.append(
+                f"At {last} steps {where}: "
+                + comparison(
+                    "CapVector (d)",
+                    success["capvector"][variant][last],
+                    labels[other].split(" ")[0] + " " + other,
+                    success[other][variant][last],
+                )
+                + "."
+            )
+    ahead = [
+        b
+        for b in config["budgets"]
+        if success["capvector"]["default"][str(b)]["rate"] > success["sft"]["default"][str(b)]["rate"]
+    ]
+    reached = results["steps_to_threshold"]
+    steps_to = {m: reached[m]["default"] or "not reached" for m in ("capvector", "sft", "aux")}
+    out.append(
+        f"In-domain, CapVector's pooled success is above plain SFT's at {len(ahead)} of "
+        f"{len(config['budgets'])} step budgets ({', '.join(map(str, ahead)) or 'none'}); steps to reach "
+        f"{100 * config['success_threshold']:.0f}%: CapVector {steps_to['capvector']}, SFT {steps_to['sft']}, "
+        f"auxiliary SFT {steps_to['aux']}."
+    )
+    ratio = lambda a, b: timing[a]["step_ms"] / timing[b]["step_ms"]  # noqa: E731
+    out.append(
+        f"Cost per training step: auxiliary SFT {ratio('aux', 'sft'):.2f}x plain SFT downstream and "
+        f"{ratio('extract/aux', 'extract/sft'):.2f}x in the extraction runs (same data and steps); CapVector "
+        f"{ratio('capvector', 'sft'):.2f}x. Medians of logged intervals on a shared machine: other processes "
+        "add noise, so differences of a few percent are not meaningful."
+    )
+    shift = results["along_gamma"]
+    out.append(
+        f"gamma retained after {last} steps (<theta - theta_pt, gamma> / |gamma|^2, {config['alpha']:g} right "
+        f"after the merge): {shift['meta_sft']['retention']:.3f} without L_orth, "
+        f"{shift['capvector']['retention']:.3f} with it, {shift['sft']['retention']:.3f} for SFT from theta_pt. "
+        f"The downstream runs moved the weights {shift['sft']['distance']:.1f} |gamma| from theta_pt (SFT), so "
+        + (
+            "gamma is small next to a finetuning update here."
+            if shift["sft"]["distance"] > 3 * config["alpha"]
+            else "gamma is of the size of a finetuning update here."
+        )
+    )
+    long = results["ablations"]["long"]
+    without, with_ = long["meta_sft"][-1], long["capvector"][-1]
+    out.append(
+        f"Long run ({without['step']} steps): retention {without['retention']:.3f} without L_orth and "
+        f"{with_['retention']:.3f} with it"
+        + (
+            " (L_orth kept gamma, plain SFT washed part of it out)"
+            if with_["retention"] - without["retention"] > 0.05
+            else ""
+        )
+        + "; in-domain success "
+        + comparison("with L_orth", with_["default"], "without", without["default"])
+        + "."
+    )
+    gamma = results["gamma"]
+    out.append(
+        f"|gamma| is {gamma['relative_to_pretrained']:.3g} of |theta_pt|; its cosine with the task vector "
+        f"tau = theta_ft - theta_pt is {gamma['cosine_with_tau']:.3f}"
+        + (
+            ": gamma lies largely along the task-fitting direction, so it may carry more D_ext fitting rather "
+            "than a transferable capability."
+            if gamma["cosine_with_tau"] > 0.3
+            else ": gamma points partly against the task-fitting direction (the auxiliary run fitted D_ext's actions "
+            "less), so adding it also undoes part of a finetuning update."
+            if gamma["cosine_with_tau"] < -0.3
+            else ", so gamma is mostly a direction of its own rather than more (or less) of the task fitting."
+        )
+    )
+    out.append(
+        "Not shown: whether any of this holds at the paper's scale (a large pretrained VLA, LIBERO/RoboTwin, "
+        "tens of thousands of steps). alpha and lambda were fixed by the preset before any evaluation; the "
+        "sweeps are reported, not used to choose them."
+    )
+    return out
+
+
+def markdown(results: Mapping) -> str:
+    config, success = results["config"], results["success"]
+    budgets = [str(b) for b in config["budgets"]]
+    variants = (("default", "in-domain"), ("new_env", "new environment (out-of-domain)"))
+    lines = [
+        f"# CapVector on the embedded Meta-World benchmark: preset `{results['preset']}`",
+        "",
+        f"> {results['note']}",
+        "",
+        f"Command: `capvector reproduce --preset {results['preset']}`. Downstream tasks: "
+        f"{', '.join(results['tasks']['downstream'])}; D_ext: {', '.join(results['tasks']['extract'])}; "
+        f"pretraining: {', '.join(results['tasks']['pretrain'])}. Seeds {config['seeds']}, "
+        f"{config['eval_episodes']} evaluation episodes per task, checkpoint and seed on placements disjoint from "
+        f"every demonstration; alpha = {config['alpha']:g}, lambda = {config['orth_lambda']:g}.",
+        "",
+    ]
+    for variant, label in variants:
+        lines += [
+            f"## Success rate, {label} (95% Wilson interval; seeds and tasks pooled)",
+            "",
+            "| method | " + " | ".join(f"{b} steps" for b in budgets) + " |",
+            "|---|" + "---|" * len(budgets),
+        ]
+        for method, label_m in results["methods"].items():
+            lines.append(f"| {label_m} | " + " | ".join(fmt_cell(success[method][variant][b]) for b in budgets) + " |")
+        lines.append("")
+    tasks = results["tasks"]["downstream"]
+    lines += [
+        f"## Success per task at {budgets[-1]} steps (seeds pooled; in-domain / new environment)",
+        "",
+        "| method | " + " | ".join(tasks) + " |",
+        "|---|" + "---|" * len(tasks),
+    ]
+    for method, label_m in results["methods"].items():
+        cells = results["success_per_task"][method]
+        lines.append(
+            f"| {label_m} | "
+            + " | ".join(
+                f"{100 * cells['default'][t]['rate']:.0f}% / {100 * cells['new_env'][t]['rate']:.0f}%" for t in tasks
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        "## Training cost",
+        "",
+        "| run | ms / step (median) | x SFT | total training time (s) | steps |",
+        "|---|---|---|---|---|",
+    ]
+    base = results["timing"].get("sft", {}).get("step_ms")
+    for name, t in results["timing"].items():
+        ratio = f"{t['step_ms'] / base:.2f}" if base and name in results["methods"] else "-"
+        lines.append(
+            f"| {results['methods'].get(name, name)} | {t['step_ms']:.1f} | {ratio} | "
+            f"{t['train_seconds']:.1f} | {t['steps']} |"
+        )
+    threshold = 100 * config["success_threshold"]
+    lines += [
+        "",
+        f"## Steps to reach {threshold:.0f}% success (pooled; budgets evaluated: {', '.join(budgets)})",
+        "",
+        "| method | in-domain | new environment |",
+        "|---|---|---|",
+    ]
+    for method, label_m in results["methods"].items():
+        reached = results["steps_to_threshold"][method]
+        lines.append(f"| {label_m} | {reached['default'] or 'not reached'} | {reached['new_env'] or 'not reached'} |")
+    ablations = results["ablations"]
+    lines += [
+        "",
+        f"## Ablation: alpha (CapVector, seed {config['seeds'][0]}, {budgets[-1]} steps)",
+        "",
+        "| alpha | in-domain | new environment | gamma in theta_meta |",
+        "|---|---|---|---|",
+    ]
+    for row in ablations["alpha"]:
+        lines.append(
+            f"| {row['alpha']:g} | {fmt_cell(row['default'])} | {fmt_cell(row['new_env'])} | "
+            f"{row['theta_meta_retention']:.3f} |"
+        )
+    lines += [
+        "",
+        f"## Ablation: lambda (CapVector, seed {config['seeds'][0]}, {budgets[-1]} steps)",
+        "",
+        "| lambda | in-domain | new environment |",
+        "|---|---|---|",
+    ]
+    for row in ablations["lambda"]:
+        lines.append(f"| {row['lambda']:g} | {fmt_cell(row['default'])} | {fmt_cell(row['new_env'])} |")
+    lines += [
+        "",
+        "## Ablation: long run from theta_meta, with and without L_orth",
+        "",
+        "| method | step | in-domain | new environment | gamma retained |",
+        "|---|---|---|---|---|",
+    ]
+    for method, rows in ablations["long"].items():
+        for row in rows:
+            lines.append(
+                f"| {results['methods'][method]} | {row['step']} | {fmt_cell(row['default'])} | "
+                f"{fmt_cell(row['new_env'])} | {row['retention']:.3f} |"
+            )
+    gamma = results["gamma"]
+    lines += [
+        "",
+        "## The capability vector",
+        "",
+        f"|gamma| = {gamma['norm']:.4g} ({gamma['relative_to_pretrained']:.3g} of |theta_pt|), cosine with "
+        f"tau = {gamma['cosine_with_tau']:.3f}; per layer in `gamma_layers.png`. Where the downstream runs end "
+        f"after {budgets[-1]} steps (means over seeds):",
+        "",
+        "| method | gamma retained: <theta - theta_pt, gamma> / abs(gamma)^2 | abs(theta - theta_pt) / abs(gamma) |",
+        "|---|---|---|",
+    ]
+    for method, shift in results["along_gamma"].items():
+        lines.append(f"| {results['methods'][method]} | {shift['retention']:.3f} | {shift['distance']:.2f} |")
+    lines += ["", "## What this shows and what it does not", ""]
+    lines += [f"- {line}" for line in findings(results)]
+    lines += [
+        "",
+        "Plots: `success_vs_steps.png`, `step_time.png`, `gamma_layers.png`. Every number is in `results.json`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ---- plots and files ------------------------------------------------------------------------------------------------
+
+
+def plot_success(results: Mapping, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    budgets = results["config"]["budgets"]
+    for ax, (variant, title) in zip(axes, (("default", "in-domain"), ("new_env", "new environment"))):
+        for i, (method, label) in enumerate(results["methods"].items()):
+            cells = [results["success"][method][variant][str(b)] for b in budgets]
+            rates = [c["rate"] for c in cells]
+            shift = 0.012 * budgets[-1] * (i - (len(results["methods"]) - 1) / 2)  # keep the error bars apart
+            ax.errorbar(
+                [b + shift for b in budgets],
+                rates,
+                yerr=[[r - c["low"] for r, c in zip(rates, cells)], [c["high"] - r for r, c in zip(rates, cells)]],
+                marker="o",
+                capsize=3,
+                label=label,
+            )
+        ax.set_title(title)
+        ax.set_xlabel("training steps")
+    axes[0].set_ylabel("success rate (95% Wilson)")
+    axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_step_time(results: Mapping, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["methods"])
+    figure, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar(range(len(names)), [results["timing"][n]["step_ms"] for n in names])
+    ax.set_xticks(range(len(names)), names, rotation=20)
+    ax.set_ylabel("ms per training step (median)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_report(run) -> Path:
+    """results.json, report.md and the plots into the run's report folder; returns report.md's path."""
+    folder = run.path("report")
+    folder.mkdir(parents=True, exist_ok=True)
+    results = build_results(run)
+    (folder / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    plot_success(results, folder / "success_vs_steps.png")
+    plot_step_time(results, folder / "step_time.png")
+    inspect(run.path("vector", "gamma"), against=run.path("vector", "tau"), base=run.path("pretrain", "policy")).plot(
+        folder / "gamma_layers.png"
+    )
+    (folder / "report.md").write_text(markdown(results))
+    return folder / "report.md"
