@@ -30,6 +30,9 @@ EXAMPLES = {
   capvector evaluate runs/sft/policy --tasks downstream --episodes 20 --gifs runs/sft/gifs
   capvector evaluate runs/sft/policy --variant new_env --json results.json
   capvector evaluate --expert --tasks reach-v3,push-v3 --episodes 10""",
+    "headroom": """example:
+  capvector headroom --regime wide        (SFT against an oracle given object positions; runs/headroom/wide/report)
+  capvector headroom --regime default     (the same in Meta-World's own placement ranges)""",
     "reproduce": """example:
   capvector reproduce --preset quick                       (what `make demo` runs; minutes on a laptop CPU)
   capvector reproduce --preset full --device cuda
@@ -112,6 +115,7 @@ def _command_demos(args: argparse.Namespace) -> None:
         image_size=args.image_size,
         workers=args.workers,
         variant=args.variant,
+        placement=args.placement,
     )
     print(f"wrote {path}")
 
@@ -134,6 +138,7 @@ def _command_evaluate(args: argparse.Namespace) -> None:
         variant=args.variant,
         gif_dir=args.gifs,
         image_size=args.image_size,
+        placement=args.placement,
     )
     for task in result.tasks:
         print(
@@ -151,6 +156,18 @@ def _command_reproduce(args: argparse.Namespace) -> None:
 
     folder = reproduce(args.preset, out_dir=args.out, force=args.force, device=args.device)
     print(f"report: {folder / 'report' / 'report.md'}")
+
+
+def _command_headroom(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from capvector.bench.experiment.headroom import REGIMES, headroom
+
+    if args.regime not in REGIMES:
+        raise CapvectorError(f"unknown headroom regime {args.regime!r}; valid: {', '.join(REGIMES)}")
+    config = dataclasses.replace(REGIMES[args.regime], arms=args.arms.split(","), control_weight=args.control_weight)
+    folder = headroom(config, out_dir=args.out)
+    print((folder / "report.md").read_text())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="parallel processes")
     p.add_argument("--variant", default="default", help="default, or new_env (camera, lighting, table colour)")
+    p.add_argument("--placement", default="default", help="placement ranges: default (Meta-World's) or wide (2.5x)")
 
     p = command("evaluate", "Closed-loop success rate of a policy on held-out placements.", _command_evaluate)
     p.add_argument("policy", nargs="?", help="a policy folder (or a LoRA adapter folder on its base)")
@@ -237,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="placement seed offset (disjoint from training seeds)")
     p.add_argument("--workers", type=int, default=2, help="parallel processes")
     p.add_argument("--variant", default="default", help="default, or new_env for the out-of-domain variant")
+    p.add_argument("--placement", default="default", help="placement ranges: default (Meta-World's) or wide (2.5x)")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--gifs", metavar="DIR", help="save one rollout per task as a GIF here")
     p.add_argument("--json", metavar="FILE", help="write every number as JSON")
@@ -248,6 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/reproduce", help="parent of the run folder <out>/<preset>")
     p.add_argument("--force", action="append", default=[], metavar="STAGE", help="redo a stage (repeatable)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+
+    p = command(
+        "headroom", "Does knowing where objects are help? SFT against a privileged oracle, paired.", _command_headroom
+    )
+    p.add_argument("--regime", default="wide", help="wide (2.5x placement ranges) or default (Meta-World's)")
+    p.add_argument("--out", default="runs/headroom", help="parent of the run folder <out>/<regime>")
+    p.add_argument("--arms", default="sft,oracle", help="sft,oracle (always) and control (the positive control)")
+    p.add_argument("--control-weight", type=float, default=0.5, help="the positive control's auxiliary weight")
     return parser
 
 

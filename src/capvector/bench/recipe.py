@@ -23,6 +23,7 @@ from capvector.errors import CapvectorError
 from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.bench.env.dataset import DemoDataset, read_meta
 from capvector.bench.policy.modeling_policy import CONFIG_NAME, Policy
+from capvector.bench.objectives.privileged import PrivilegedObjective
 from capvector.bench.objectives.spatial import SpatialObjective
 
 
@@ -77,3 +78,8 @@ def load_trained(path: str | Path, device: str = "cpu", base: str | Path | None 
     finally:
         weights.close()
     return policy.to(device).eval()
+
+
+def privileged(**args: object) -> PrivilegedObjective:
+    """The positive control: visual tokens regress the object's and the goal's positions relative to the hand."""
+    return PrivilegedObjective(**args)

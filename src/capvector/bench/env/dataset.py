@@ -34,6 +34,12 @@ FORMAT_VERSION = 1  # bump when the capvector-specific parts of the layout chang
 CHUNKS_SIZE = 1000
 CAMERAS = ("scene", "wrist")
 DEPTH_SCALE = 1000.0  # stored depth units per metre
+# Privileged simulator facts, recorded for oracles and privileged auxiliary targets (never a learned policy's
+# input at evaluation, unless it is an oracle): the manipulated object's xyz (Meta-World obs[4:7]) and the
+# goal's (obs[36:39]).
+PRIVILEGED_KEY = "observation.privileged"
+PRIVILEGED_NAMES = ("object_x", "object_y", "object_z", "goal_x", "goal_y", "goal_z")
+PRIVILEGED_DIM = len(PRIVILEGED_NAMES)
 REGENERATE = "regenerate it with `capvector demos --out DIR` (or capvector.bench.env.demos.generate_demonstrations)"
 
 
@@ -55,14 +61,14 @@ def feature_stats(values: np.ndarray, axis: tuple[int, ...]) -> dict[str, list[f
 
 
 def dataset_stats(
-    state: np.ndarray,
-    action: np.ndarray,
+    vectors: dict[str, np.ndarray],
     images: dict[str, np.ndarray],
     depth: dict[str, np.ndarray],
     max_image_frames: int = 2000,
 ) -> dict:
-    """Statistics per feature; image and depth statistics use an evenly spaced subset of frames."""
-    stats = {"observation.state": feature_stats(state, (0,)), "action": feature_stats(action, (0,))}
+    """Statistics per feature: `vectors` (feature -> (frames, dim)) over every frame; image and depth statistics
+    over an evenly spaced subset of frames."""
+    stats = {key: feature_stats(values, (0,)) for key, values in vectors.items()}
     for camera in images:
         step = max(1, len(images[camera]) // max_image_frames)
         pixels = images[camera][::step].transpose(1, 0, 2, 3).reshape(3, -1) / 255.0
@@ -161,6 +167,13 @@ class DemoDataset(torch.utils.data.Dataset):
             else {}
         )
         self.state = np.concatenate([column_array(t, "observation.state", np.float32, (4,)) for t in tables])
+        # privileged simulator facts: for oracles and privileged objectives only (absent in older datasets)
+        has_privileged = all(PRIVILEGED_KEY in t.column_names for t in tables)
+        self.privileged = (
+            np.concatenate([column_array(t, PRIVILEGED_KEY, np.float32, (PRIVILEGED_DIM,)) for t in tables])
+            if has_privileged
+            else None
+        )
         self.action = np.concatenate([column_array(t, "action", np.float32, (4,)) for t in tables])
         self.task_index = np.concatenate([t.column("task_index").to_numpy() for t in tables]).astype(np.int64)
         lengths = np.array([len(t) for t in tables])
@@ -180,6 +193,7 @@ class DemoDataset(torch.utils.data.Dataset):
         sample.update(
             {
                 "observation.state": torch.from_numpy(self.state[i]),
+                **({PRIVILEGED_KEY: torch.from_numpy(self.privileged[i])} if self.privileged is not None else {}),
                 "task_index": torch.tensor(task, dtype=torch.int64),
                 "instruction": self.tasks[task],
                 "action": torch.from_numpy(self.action[steps]),

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from capvector.bench.env import dataset as fmt
+from capvector.bench.env.dataset import PRIVILEGED_KEY, PRIVILEGED_NAMES
 from capvector.bench.env.sim import (
     ACTION_DIM,
     CAMERAS,
@@ -53,9 +54,11 @@ def record_episode(env: SimEnv, expert, placement_seed: int) -> dict | None:
     return None
 
 
-def record_shard(task: str, episodes: list[int], seed: int, image_size: int, variant: str) -> tuple[dict, list[dict]]:
+def record_shard(
+    task: str, episodes: list[int], seed: int, image_size: int, variant: str, placement: str
+) -> tuple[dict, list[dict]]:
     """Camera facts and successful demonstrations of `task` for the given episode slots (runs in a worker)."""
-    env = SimEnv(task, image_size=image_size, variant=variant)
+    env = SimEnv(task, image_size=image_size, variant=variant, placement=placement)
     expert = env.expert()
     out = []
     for episode in episodes:
@@ -79,7 +82,7 @@ def frame_table(frames: dict, episode_index: int, first_index: int, task: int, f
         columns[key] = pa.FixedSizeBinaryArray.from_buffers(
             pa.binary(rows.strides[0]), length, [None, pa.py_buffer(np.ascontiguousarray(rows).tobytes())]
         )
-    for key in ("observation.state", "action"):
+    for key in ("observation.state", "action", PRIVILEGED_KEY):
         columns[key] = pa.FixedSizeListArray.from_arrays(
             pa.array(frames[key].reshape(-1), pa.float32()), frames[key].shape[1]
         )
@@ -104,6 +107,7 @@ def info_json(
     image_size: int,
     seed: int,
     variant: str,
+    placement: str,
     camera_fovy: dict[str, float],
     fps: float,
 ) -> dict:
@@ -127,6 +131,7 @@ def info_json(
     }
     features |= {
         "observation.state": {"dtype": "float32", "shape": [4], "names": ["hand_x", "hand_y", "hand_z", "gripper"]},
+        PRIVILEGED_KEY: {"dtype": "float32", "shape": [len(PRIVILEGED_NAMES)], "names": list(PRIVILEGED_NAMES)},
         "action": {"dtype": "float32", "shape": [ACTION_DIM], "names": ["dx", "dy", "dz", "gripper"]},
         "timestamp": {"dtype": "float32", "shape": [1]},
         "frame_index": {"dtype": "int64", "shape": [1]},
@@ -154,6 +159,7 @@ def info_json(
             "format_version": fmt.FORMAT_VERSION,
             "image_size": size,
             "variant": variant,
+            "placement": placement,
             "seed": seed,
             "source": "metaworld scripted experts (metaworld.policies), successful episodes only",
             "cameras": {
@@ -178,6 +184,7 @@ def write_dataset(
     image_size: int,
     seed: int,
     variant: str,
+    placement: str,
     camera_fovy: dict[str, float],
     fps: float,
 ) -> None:
@@ -201,8 +208,7 @@ def write_dataset(
         )
     frames = {key: np.concatenate([e["frames"][key] for e in episodes]) for key in episodes[0]["frames"]}
     stats = fmt.dataset_stats(
-        frames["observation.state"],
-        frames["action"],
+        {key: frames[key] for key in ("observation.state", "action", PRIVILEGED_KEY)},
         {c: frames[f"observation.images.{c}"] for c in CAMERAS},
         {c: frames[f"observation.depth.{c}"] for c in CAMERAS},
     )
@@ -213,7 +219,7 @@ def write_dataset(
     )
     (meta / "episodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (meta / "info.json").write_text(
-        json.dumps(info_json(episodes, tasks, image_size, seed, variant, camera_fovy, fps), indent=1)
+        json.dumps(info_json(episodes, tasks, image_size, seed, variant, placement, camera_fovy, fps), indent=1)
     )
 
 
@@ -225,6 +231,7 @@ def generate_demonstrations(
     image_size: int = 64,
     workers: int = 2,
     variant: str = "default",
+    placement: str = "default",
     overwrite: bool = False,
 ) -> Path:
     """Record `episodes_per_task` successful expert demonstrations per task into the dataset folder `out_dir`.
@@ -238,7 +245,9 @@ def generate_demonstrations(
         raise CapvectorError(f"episodes_per_task must be at least 1, got {episodes_per_task}")
     if out_dir.exists() and not overwrite:
         raise CapvectorError(f"{out_dir} already exists; choose another folder or pass overwrite")
-    jobs = [(task, slots, seed, image_size, variant) for task, slots in shards(tasks, episodes_per_task, workers)]
+    jobs = [
+        (task, slots, seed, image_size, variant, placement) for task, slots in shards(tasks, episodes_per_task, workers)
+    ]
     results = parallel_map(record_shard, jobs, workers)
     facts = results[0][0]
     recorded = [e for _, shard in results for e in shard]
@@ -248,7 +257,7 @@ def generate_demonstrations(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{int(time.time())}")
     try:
-        write_dataset(tmp, recorded, tasks, image_size, seed, variant, facts["camera_fovy"], facts["fps"])
+        write_dataset(tmp, recorded, tasks, image_size, seed, variant, placement, facts["camera_fovy"], facts["fps"])
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

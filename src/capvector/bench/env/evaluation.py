@@ -111,12 +111,14 @@ def check_chunk(chunk, task: str) -> np.ndarray:
     return chunk
 
 
-def run_episode(env: SimEnv, policy, placement_seed: int, record: bool) -> tuple[bool, int, list[np.ndarray]]:
-    """One closed-loop episode; renders only when the current action chunk is used up."""
+def run_episode(
+    env: SimEnv, policy, placement_seed: int, record: bool, max_steps: int = MAX_EPISODE_STEPS
+) -> tuple[bool, int, list[np.ndarray]]:
+    """One closed-loop episode of at most `max_steps`; renders only when the current action chunk is used up."""
     raw = env.reset(placement_seed)
     policy.reset()
     queue, frames = [], []
-    for step in range(MAX_EPISODE_STEPS):
+    for step in range(max_steps):
         if not queue:
             observation = env.observe(depth=False)
             observation |= {
@@ -130,20 +132,29 @@ def run_episode(env: SimEnv, policy, placement_seed: int, record: bool) -> tuple
         raw, success = env.step(queue.pop(0))
         if success:
             return True, step + 1, frames
-    return False, MAX_EPISODE_STEPS, frames
+    return False, max_steps, frames
 
 
 def evaluate_shard(
-    policy_factory, task: str, episodes: list[int], seed: int, image_size: int, variant: str, gif_episodes: int
+    policy_factory,
+    task: str,
+    episodes: list[int],
+    seed: int,
+    image_size: int,
+    variant: str,
+    gif_episodes: int,
+    placement: str = "default",
+    decoy: bool = False,
+    max_steps: int = MAX_EPISODE_STEPS,
 ) -> list[tuple]:
     """(task, episode, placement seed, success, steps, frames) per episode (runs in a worker process)."""
-    env = SimEnv(task, image_size=image_size, variant=variant)
+    env = SimEnv(task, image_size=image_size, variant=variant, placement=placement, decoy=decoy)
     policy = policy_factory()
     check_policy(policy, env)
     out = []
     for episode in episodes:
         placement = eval_placement_seed(seed, episode)
-        success, steps, frames = run_episode(env, policy, placement, record=episode < gif_episodes)
+        success, steps, frames = run_episode(env, policy, placement, record=episode < gif_episodes, max_steps=max_steps)
         out.append((task, episode, placement, success, steps, frames))
     env.close()
     return out
@@ -167,12 +178,18 @@ def evaluate(
     gif_dir: str | Path | None = None,
     gifs_per_task: int = 1,
     image_size: int = 64,
+    placement: str = "default",
+    decoy: bool = False,
+    max_steps: int = MAX_EPISODE_STEPS,
 ) -> EvalResult:
     """Success rate per task over `episodes` held-out placements, with 95% Wilson intervals.
 
     `policy_factory`: picklable zero-argument callable returning a policy (e.g. functools.partial(load, path)),
     or `ExpertPolicy` to evaluate the scripted experts. `variant`: "default" or "new_env" (another
-    camera pose, lighting and table colour). GIFs of the first `gifs_per_task` episodes per task go to `gif_dir`.
+    camera pose, lighting and table colour). `placement`: the placement ranges (capvector.bench.env.sim.PLACEMENTS);
+    `decoy`: an oracle's privileged positions come from another placement; `max_steps`: an episode's cap (failures
+    cost the most time; Meta-World's is 500, the scripted experts need under 230 on the headroom tasks). GIFs of
+    the first `gifs_per_task` episodes per task go to `gif_dir`.
     """
     start = time.time()
     tasks = resolve_tasks(tasks)
@@ -180,7 +197,7 @@ def evaluate(
         raise CapvectorError(f"episodes must be at least 1, got {episodes}")
     gif_episodes = gifs_per_task if gif_dir is not None else 0
     jobs = [
-        (policy_factory, task, eps, seed, image_size, variant, gif_episodes)
+        (policy_factory, task, eps, seed, image_size, variant, gif_episodes, placement, decoy, max_steps)
         for task, eps in shards(tasks, episodes, workers)
     ]
     rows = [row for shard in parallel_map(evaluate_shard, jobs, workers) for row in shard]

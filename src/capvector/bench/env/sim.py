@@ -25,10 +25,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from capvector.bench.env.dataset import PRIVILEGED_KEY, PRIVILEGED_NAMES
 from capvector.errors import CapvectorError
 
 ACTION_DIM = 4
 STATE_DIM = 4  # hand xyz and gripper opening: Meta-World obs[0:4]
+# Object and goal placement ranges: Meta-World's own ("default") or its x/y spans scaled about their centres
+# ("wide": 2.5x, e.g. button-press-topdown's box over 50 x 25 cm instead of 20 x 10 cm), so that where things are
+# varies enough that seeing them matters. The scripted experts succeed on the wide ranges of the tasks that use it.
+PLACEMENTS = {"default": 1.0, "wide": 2.5}
+# A decoy placement for the oracle's test: privileged positions taken from this many placement seeds further on.
+DECOY_SEED_OFFSET = 500_000
 MAX_EPISODE_STEPS = 500
 CAMERAS = ("scene", "wrist")
 WRIST_CAMERA = "gripperPOV"
@@ -240,6 +247,8 @@ class SimEnv:
     image_size: int = 64
     variant: str = "default"
     decimate: bool = True
+    placement: str = "default"
+    decoy: bool = False  # privileged positions from another placement (moved as the real ones move)
     env: object = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -256,6 +265,10 @@ class SimEnv:
         self.env._freeze_rand_vec = False  # new object and goal placement at every reset...
         self.env.seeded_rand_vec = True  # ...drawn from env.seed(s), so placements are reproducible
         self.env.max_path_length = MAX_EPISODE_STEPS
+        if self.placement not in PLACEMENTS:
+            raise CapvectorError(f"unknown placement range {self.placement!r}; valid: {', '.join(PLACEMENTS)}")
+        widen_placements(self.env, PLACEMENTS[self.placement])
+        self._decoy_shift = np.zeros(len(PRIVILEGED_NAMES))
         self.look = VARIANTS[self.variant]
         apply_look(self.env.model, self.look)
         self.cameras = {"scene": scene_camera(self.look), "wrist": fixed_camera(self.env.model, WRIST_CAMERA)}
@@ -265,9 +278,19 @@ class SimEnv:
 
     def reset(self, placement_seed: int) -> np.ndarray:
         """Reset to the placement drawn from `placement_seed`; returns Meta-World's 39-d observation."""
+        if self.decoy:
+            self.env.seed(int(placement_seed) + DECOY_SEED_OFFSET)
+            self.obs, _ = self.env.reset()
+            decoy = self.privileged()
         self.env.seed(int(placement_seed))
         self.obs, _ = self.env.reset()
+        if self.decoy:
+            self._decoy_shift = decoy - self.privileged()
         return self.obs
+
+    def privileged(self) -> np.ndarray:
+        """Object and goal xyz now (PRIVILEGED_NAMES), as the simulator knows them."""
+        return np.concatenate([self.obs[4:7], self.obs[36:39]])
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, bool]:
         self.obs, _, _, _, info = self.env.step(np.clip(np.asarray(action, np.float32), -1.0, 1.0))
@@ -278,7 +301,10 @@ class SimEnv:
 
     def observe(self, depth: bool = True) -> dict[str, np.ndarray]:
         """The current observation with the dataset's keys: images (3, H, W) uint8, depth (1, H, W), state (4,)."""
-        out = {"observation.state": self.obs[:STATE_DIM].astype(np.float32)}
+        out = {
+            "observation.state": self.obs[:STATE_DIM].astype(np.float32),
+            PRIVILEGED_KEY: (self.privileged() + self._decoy_shift).astype(np.float32),
+        }
         for camera in CAMERAS:
             rgb, dep = self.render(camera, depth=depth)
             out[f"observation.images.{camera}"] = np.ascontiguousarray(rgb.transpose(2, 0, 1))
@@ -300,6 +326,17 @@ class SimEnv:
     def close(self) -> None:
         self.renderer.close()
         self.env.close()
+
+
+def widen_placements(env, scale: float) -> None:
+    """Scale the x/y spans of a Meta-World env's object and goal placement box about their centres (z is kept)."""
+    if scale == 1.0:
+        return
+    space = env._random_reset_space
+    centre, half = (space.low + space.high) / 2, (space.high - space.low) / 2
+    planar = np.arange(len(centre)) % 3 < 2  # the box stacks xyz triples (object, then goal where it has one)
+    half = np.where(planar, half * scale, half)
+    space.low[:], space.high[:] = centre - half, centre + half
 
 
 def scene_camera(look: Look) -> mujoco.MjvCamera:

@@ -16,6 +16,7 @@ from capvector.errors import CapvectorError
 
 STATE_KEY = "observation.state"
 ACTION_KEY = "action"
+PRIVILEGED_KEY = "observation.privileged"  # as in capvector.bench.env.dataset
 
 
 @dataclass
@@ -24,6 +25,9 @@ class PolicyConfig:
     cameras: tuple[str, ...] = ("scene", "wrist")
     image_size: int = 64
     state_dim: int = 4
+    # An oracle's extra input: the simulator's object and goal positions ("observation.privileged"), one more token.
+    # 0 for every real policy; only the headroom measurement's oracle arm sets it.
+    privileged_dim: int = 0
     action_dim: int = 4
     chunk_size: int = 8
     # Vision: a conv stem downsamples each image to a patch_grid x patch_grid map of patch tokens.
@@ -47,6 +51,8 @@ class PolicyConfig:
     state_q99: list[float] = field(default_factory=lambda: [0.5, 1.0, 0.4, 1.0])
     action_q01: list[float] = field(default_factory=lambda: [-1.0, -1.0, -1.0, -1.0])
     action_q99: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
+    privileged_q01: list[float] = field(default_factory=list)
+    privileged_q99: list[float] = field(default_factory=list)
 
     def __post_init__(self):
         self.cameras = tuple(self.cameras)
@@ -67,6 +73,8 @@ class PolicyConfig:
             ("state_q99", self.state_dim),
             ("action_q01", self.action_dim),
             ("action_q99", self.action_dim),
+            ("privileged_q01", self.privileged_dim),
+            ("privileged_q99", self.privileged_dim),
         ]:
             if len(getattr(self, name)) != size:
                 raise CapvectorError(f"policy config: {name} has {len(getattr(self, name))} values, expected {size}")
@@ -95,7 +103,10 @@ class PolicyConfig:
     def from_dataset_stats(cls, stats: Mapping[str, Mapping[str, list]], **overrides) -> PolicyConfig:
         """A config whose normalization comes from a dataset's stats (feature -> stat -> values)."""
         bounds = {}
-        for key, prefix in [(STATE_KEY, "state"), (ACTION_KEY, "action")]:
+        features = [(STATE_KEY, "state"), (ACTION_KEY, "action")]
+        if overrides.get("privileged_dim"):
+            features.append((PRIVILEGED_KEY, "privileged"))
+        for key, prefix in features:
             for stat in ("q01", "q99"):
                 try:
                     bounds[f"{prefix}_{stat}"] = [float(v) for v in stats[key][stat]]

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from capvector.errors import CapvectorError
-from capvector.bench.policy.configuration_policy import ACTION_KEY, STATE_KEY, PolicyConfig
+from capvector.bench.policy.configuration_policy import ACTION_KEY, PRIVILEGED_KEY, STATE_KEY, PolicyConfig
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -137,6 +137,7 @@ class Policy(nn.Module):
         self.vision = VisionEncoder(config)
         self.text = TextEncoder(config)
         self.state = nn.Linear(config.state_dim, config.dim)
+        self.privileged = nn.Linear(config.privileged_dim, config.dim) if config.privileged_dim else None
         self.action_queries = nn.Parameter(torch.randn(config.chunk_size, config.dim) * 0.02)
         self.trunk = Transformer(config, config.trunk_layers)
         self.norm = nn.LayerNorm(config.dim)
@@ -144,7 +145,7 @@ class Policy(nn.Module):
             nn.Linear(config.dim, config.dim), nn.GELU(), nn.Linear(config.dim, config.action_dim)
         )
         # Normalization bounds come from config.json, never from the weights file.
-        for name in ("state_q01", "state_q99", "action_q01", "action_q99"):
+        for name in ("state_q01", "state_q99", "action_q01", "action_q99", "privileged_q01", "privileged_q99"):
             self.register_buffer(name, torch.tensor(getattr(config, name), dtype=torch.float32), persistent=False)
 
     @property
@@ -183,15 +184,18 @@ class Policy(nn.Module):
     def predict_normalized(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """The action chunk in normalized units, (B, chunk_size, action_dim)."""
         state = torch.as_tensor(batch[STATE_KEY], device=self.device, dtype=torch.float32)
-        tokens = torch.cat(
-            [
-                self.text(self._instruction_ids(batch["instruction"])),
-                self.vision(self._images(batch)),
-                self.state(normalize(state, self.state_q01, self.state_q99)).unsqueeze(1),
-                self.action_queries.expand(state.shape[0], -1, -1),
-            ],
-            dim=1,
-        )
+        parts = [
+            self.text(self._instruction_ids(batch["instruction"])),
+            self.vision(self._images(batch)),
+            self.state(normalize(state, self.state_q01, self.state_q99)).unsqueeze(1),
+        ]
+        if self.privileged is not None:
+            if PRIVILEGED_KEY not in batch:
+                raise CapvectorError(f"policy: this oracle reads '{PRIVILEGED_KEY}', which the batch does not have")
+            facts = torch.as_tensor(batch[PRIVILEGED_KEY], device=self.device, dtype=torch.float32)
+            parts.append(self.privileged(normalize(facts, self.privileged_q01, self.privileged_q99)).unsqueeze(1))
+        parts.append(self.action_queries.expand(state.shape[0], -1, -1))
+        tokens = torch.cat(parts, dim=1)
         queries = self.trunk(tokens)[:, -self.config.chunk_size :]
         return self.head(self.norm(queries))
 
@@ -206,6 +210,7 @@ class Policy(nn.Module):
     def predict_chunk(self, observation: Mapping[str, Any]) -> np.ndarray:
         """One observation (numpy, no batch axis) -> (chunk_size, action_dim) actions in [-1, 1]."""
         keys = [f"observation.images.{camera}" for camera in self.config.cameras] + [STATE_KEY]
+        keys += [PRIVILEGED_KEY] if self.privileged is not None else []
         batch = {key: torch.as_tensor(np.asarray(observation[key])).unsqueeze(0) for key in keys}
         batch["instruction"] = observation["instruction"]
         actions = unnormalize(self.predict_normalized(batch)[0], self.action_q01, self.action_q99)

@@ -1,0 +1,74 @@
+"""A positive control: an auxiliary objective that teaches where the task's things are, from the simulator.
+
+Every visual token, read where it has seen only its camera's image (the vision encoder's output, before the trunk
+mixes in the state and the instruction), goes through a small projector (LayerNorm, Linear, GELU, Linear) and
+regresses the positions of the manipulated object and of the goal relative to the hand, in world axes, in units of
+`scale` metres. A token can only do that by finding the object, the goal and the gripper in its image: the target
+carries exactly what the headroom oracle is given as input, so if knowing where things are helps in a regime,
+this objective has something to teach there. The targets come from the dataset's privileged positions and are used
+in training only; at evaluation the policy sees images, state and instruction alone, like every other method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from capvector.bench.env.dataset import PRIVILEGED_DIM, PRIVILEGED_KEY
+from capvector.bench.policy.configuration_policy import STATE_KEY, PolicyConfig
+from capvector.errors import CapvectorError
+from capvector.training.auxiliary import AuxiliaryObjective
+
+HAND = slice(0, 3)  # the hand's xyz in observation.state
+
+
+def relative_positions(privileged: torch.Tensor, state: torch.Tensor, scale: float) -> torch.Tensor:
+    """(B, 6): object - hand and goal - hand, in units of `scale` metres."""
+    hand = state[:, HAND]
+    return torch.cat([privileged[:, 0:3] - hand, privileged[:, 3:6] - hand], dim=1) / scale
+
+
+class PrivilegedObjective(AuxiliaryObjective):
+    """Hooks `layer` (default "vision": image-only visual tokens) and regresses object and goal positions relative
+    to the hand from every visual token, by a mean squared error."""
+
+    def __init__(self, layer: str = "vision", weight: float = 0.5, scale: float = 0.1):
+        super().__init__(layer, weight)
+        self.scale = scale
+        self.projector: nn.Module | None = None
+        self._visual: slice | None = None
+
+    def attach(self, policy: nn.Module) -> None:
+        config = getattr(policy, "config", None)
+        if not isinstance(config, PolicyConfig):
+            raise CapvectorError(
+                "privileged objective: the policy has no PolicyConfig; it works with "
+                "capvector.bench.policy.modeling_policy.Policy"
+            )
+        if self.projector is None:
+            self.projector = nn.Sequential(
+                nn.LayerNorm(config.dim),
+                nn.Linear(config.dim, config.dim),
+                nn.GELU(),
+                nn.Linear(config.dim, PRIVILEGED_DIM),
+            ).to(next(policy.parameters()).device)
+        super().attach(policy)
+        # the vision encoder's output holds only the visual tokens; a trunk layer's holds the whole sequence
+        self._visual = None if self.layer == "vision" else policy.visual_token_slice
+
+    def compute(self, features: Any, batch: Mapping[str, Any]) -> torch.Tensor:
+        if PRIVILEGED_KEY not in batch:
+            raise CapvectorError(
+                f"privileged objective: the batch has no '{PRIVILEGED_KEY}'; record the demonstrations with "
+                "this version of `capvector demos` (it stores the simulator's object and goal positions)"
+            )
+        tokens = features if self._visual is None else features[:, self._visual]
+        target = relative_positions(
+            batch[PRIVILEGED_KEY].to(tokens.device), batch[STATE_KEY].to(tokens.device), self.scale
+        )
+        prediction = self.projector(tokens)
+        return F.mse_loss(prediction, target.unsqueeze(1).expand_as(prediction))

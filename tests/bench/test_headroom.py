@@ -1,0 +1,125 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from capvector.bench.env.dataset import PRIVILEGED_KEY, DemoDataset
+from capvector.bench.env.sim import DECOY_SEED_OFFSET, PLACEMENTS, SimEnv
+from capvector.bench.experiment.headroom import REGIMES, headroom
+from capvector.bench.policy.configuration_policy import PolicyConfig
+from capvector.bench.policy.modeling_policy import Policy
+from capvector.errors import CapvectorError
+
+TASK = "button-press-topdown-v3"
+
+
+def placement_box(placement):
+    env = SimEnv(TASK, image_size=32, placement=placement)
+    space = env.env._random_reset_space
+    box = space.low.copy(), space.high.copy()
+    env.close()
+    return box
+
+
+def test_wide_placements_scale_the_planar_spans_about_their_centres():
+    (low, high), (wide_low, wide_high) = placement_box("default"), placement_box("wide")
+    scale = PLACEMENTS["wide"]
+    assert np.allclose(wide_high[:2] - wide_low[:2], scale * (high[:2] - low[:2]))
+    assert np.allclose(wide_high + wide_low, high + low)  # same centre
+    assert np.allclose(wide_high[2], high[2]) and np.allclose(wide_low[2], low[2])  # heights untouched
+    with pytest.raises(CapvectorError, match="unknown placement range"):
+        SimEnv(TASK, placement="huge")
+
+
+def test_privileged_positions_are_the_simulators_and_the_decoy_takes_another_placements():
+    env, decoy = SimEnv(TASK, image_size=32), SimEnv(TASK, image_size=32, decoy=True)
+    env.reset(123)
+    truth = env.observe(depth=False)[PRIVILEGED_KEY]
+    assert np.allclose(truth[:3], env.obs[4:7]) and np.allclose(truth[3:], env.obs[36:39])
+    env.reset(123 + DECOY_SEED_OFFSET)
+    other = env.observe(depth=False)[PRIVILEGED_KEY]
+    decoy.reset(123)
+    assert np.allclose(decoy.obs, env.obs) is False  # the decoy env plays the real placement...
+    assert np.allclose(decoy.observe(depth=False)[PRIVILEGED_KEY], other, atol=1e-5)  # ...and shows the other one
+    env.close()
+    decoy.close()
+
+
+def test_an_oracle_reads_the_privileged_token_and_names_it_when_missing():
+    config = PolicyConfig(
+        image_size=32,
+        stem_channels=(8, 8),
+        dim=16,
+        heads=2,
+        trunk_layers=1,
+        privileged_dim=6,
+        privileged_q01=[-1.0] * 6,
+        privileged_q99=[1.0] * 6,
+    )
+    policy = Policy(config).eval()
+    batch = {
+        "observation.images.scene": torch.zeros(2, 3, 32, 32, dtype=torch.uint8),
+        "observation.images.wrist": torch.zeros(2, 3, 32, 32, dtype=torch.uint8),
+        "observation.state": torch.zeros(2, 4),
+        "instruction": ["press the button from the top"] * 2,
+        PRIVILEGED_KEY: torch.tensor([[0.1] * 6, [-0.5] * 6]),
+    }
+    chunk = policy.predict_normalized(batch)
+    assert not torch.allclose(chunk[0], chunk[1])  # only the privileged input differs
+    del batch[PRIVILEGED_KEY]
+    with pytest.raises(CapvectorError, match="observation.privileged"):
+        policy.predict_normalized(batch)
+    with pytest.raises(CapvectorError, match="privileged_q01 has 0 values, expected 6"):
+        PolicyConfig(privileged_dim=6)
+
+
+def test_headroom_miniature_runs_every_stage_and_reuses_them(tmp_path, capsys):
+    report = headroom("test", out_dir=tmp_path)
+    config = REGIMES["test"]
+    results = json.loads((report / "results.json").read_text())
+    assert set(results["budgets"]) == {str(b) for b in config.budgets}
+    row = results["budgets"][str(config.budgets[-1])]
+    assert row["oracle_minus_sft"][1] <= row["oracle_minus_sft"][0] <= row["oracle_minus_sft"][2]
+    assert "Decoy test" in (report / "report.md").read_text()
+    dataset = DemoDataset(tmp_path / "test" / "demos", depth=False)
+    assert dataset.privileged is not None and dataset.info["capvector"]["placement"] == "wide"
+    assert np.allclose(dataset.privileged[0, :3], dataset.privileged[1, :3], atol=0.02)  # the box does not move
+    capsys.readouterr()
+    headroom("test", out_dir=tmp_path)  # everything cached: no training, no evaluation
+    assert "evaluated" not in capsys.readouterr().out
+    with pytest.raises(CapvectorError, match="unknown headroom regime"):
+        headroom("nope", out_dir=tmp_path)
+
+
+def test_the_positive_control_regresses_positions_relative_to_the_hand_from_image_only_tokens():
+    from capvector.bench.objectives.privileged import PrivilegedObjective, relative_positions
+
+    state = torch.tensor([[0.1, 0.6, 0.2, 1.0]])
+    facts = torch.tensor([[0.2, 0.8, 0.1, 0.0, 0.9, 0.3]])
+    assert torch.allclose(relative_positions(facts, state, 0.1), torch.tensor([[1.0, 2.0, -1.0, -1.0, 3.0, 1.0]]))
+
+    torch.manual_seed(0)
+    policy = Policy(PolicyConfig(image_size=32, stem_channels=(8, 8), dim=16, heads=2, trunk_layers=1))
+    objective = PrivilegedObjective()
+    objective.attach(policy)
+    images = torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8)
+    batch = {
+        "observation.images.scene": images,
+        "observation.images.wrist": images.flip(-1),
+        "observation.state": torch.rand(4, 4),
+        "instruction": ["press the button from the top"] * 4,
+        "action": torch.zeros(4, 8, 4),
+        "action_is_pad": torch.zeros(4, 8, dtype=torch.bool),
+        PRIVILEGED_KEY: torch.rand(4, 6),
+    }
+    policy(batch)
+    loss = objective(batch)
+    loss.backward()
+    assert loss.item() > 0
+    assert policy.vision.stem[0].weight.grad.abs().sum() > 0  # it teaches the vision encoder...
+    assert policy.trunk.layers[0].qkv.weight.grad is None  # ...and nothing after it
+    policy(batch)
+    del batch[PRIVILEGED_KEY]
+    with pytest.raises(CapvectorError, match="observation.privileged"):
+        objective(batch)
