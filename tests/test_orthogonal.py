@@ -176,23 +176,83 @@ def gapped_gamma(out_features, in_features, rank, seed):
 def test_olora_matches_explicit_svd(rank):
     model, _ = lora_model()
     gamma = {"up.weight": gapped_gamma(40, 24, rank, 1), "down.weight": gapped_gamma(20, 40, rank, 2)}
-    reg = build_regularizer(model, gamma, lora_form="olora", rank=rank)
     layers = adapters(model)
+    start = {k: (s * b @ a).detach().clone() for k, (a, b, s, _) in layers.items()}
+    reg = build_regularizer(model, gamma, lora_form="olora", rank=rank)
+    perturb_([p for n, p in model.named_parameters() if "lora_" in n], seed=7)
 
+    # independent reference: forms the update s B A - (s B A at construction) and its part in gamma's top inputs
     leaves, expected = [], 0
-    for k, (a, _, _, _) in layers.items():
+    for k, (a, b, s, _) in layers.items():
         v = torch.linalg.svd(gamma[k]).Vh[:rank].T
-        a64 = a.detach().clone().requires_grad_()
-        expected = expected + ((a64 @ v) ** 2).sum() / (a64.detach() ** 2).sum()
-        leaves.append(a64)
+        a64, b64 = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+        expected = expected + (((s * b64 @ a64 - start[k]) @ v) ** 2).sum()
+        leaves += [a64, b64]
     expected.backward()
     value = reg.loss()
     torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-12)  # a randomized SVD: close, not exact
     value.backward()
-    params = [a for a, _, _, _ in layers.values()]
+    params = [t for a, b, _, _ in layers.values() for t in (a, b)]
     for p, leaf in zip(params, leaves):
         torch.testing.assert_close(p.grad, leaf.grad, rtol=1e-5, atol=1e-10)
     check_fused_matches(reg, params, 2.0, value.detach(), [p.grad.clone() for p in params])
+
+
+def adapter_seeded_like_gamma(seed=0):
+    """A fresh PEFT adapter (B = 0) on a 64 -> 48 layer whose A lies inside gamma's input subspace: gamma = B' A
+    as when gamma comes from runs whose adapters were seeded like this one (A moves little in training)."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(nn.Sequential(nn.Linear(64, 48)), peft.LoraConfig(r=8, target_modules=["0"]))
+    a = model.base_model.model[0].lora_A["default"].weight
+    gamma = {"0.weight": 1e-2 * torch.randn(48, 8) @ a.detach()}
+    return model, gamma, a, model.base_model.model[0].lora_B["default"].weight
+
+
+def share_in(a, gamma, rank=8):
+    """The share of A's energy in gamma's top-`rank` input subspace."""
+    v = torch.linalg.svd(gamma).Vh[:rank].T
+    return float((a.detach() @ v).square().sum() / a.detach().square().sum())
+
+
+def test_olora_penalty_stays_small_next_to_the_task_when_the_adapter_starts_in_gammas_subspace():
+    from capvector.training.config import TrainConfig
+
+    model, gamma, a, _ = adapter_seeded_like_gamma()
+    assert share_in(a, gamma["0.weight"]) > 0.99  # the case that made L_orth 148 against a task loss of 0.29
+    config = TrainConfig()  # the default lambda and subspace rank
+    reg = build_regularizer(model, gamma, lora_form=config.lora_form, rank=config.orth_rank)
+    assert reg.loss().item() == 0  # zero at theta_meta, wherever A starts
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(1))
+    y = x @ torch.randn(64, 48, generator=torch.Generator().manual_seed(2)) * 0.1
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(50):
+        optimizer.zero_grad()
+        task = nn.functional.mse_loss(model(x), y)
+        task.backward()
+        orth = config.orth_lambda * reg.add_grad_(config.orth_lambda)
+        assert orth.item() < 0.1 * task.item(), (orth.item(), task.item())
+        optimizer.step()
+    assert orth.item() > 0  # the adapter did move inside gamma's subspace, and was charged for it
+
+
+def test_olora_pushes_the_adapter_out_of_gammas_subspace():
+    model, _, a, b = adapter_seeded_like_gamma()
+    gamma = {"0.weight": 1e-2 * torch.randn(48, 4) @ a.detach()[:4]}  # A's first 4 rows span gamma's inputs
+    reg = build_regularizer(model, gamma, lora_form="olora", rank=4)
+    v = torch.linalg.svd(gamma["0.weight"]).Vh[:4].T
+    inside, outside = (lambda: (a.detach() @ v).norm()), (lambda: (a.detach() - a.detach() @ v @ v.T).norm())
+    with torch.no_grad():  # as after some training: B passes A's output on
+        b.copy_(torch.randn(b.shape, generator=torch.Generator().manual_seed(3)))
+    before, penalty = (inside(), outside()), reg.loss().item()
+    optimizer = torch.optim.SGD([a, b], lr=1e-3)
+    for _ in range(300):  # the penalty alone
+        optimizer.zero_grad()
+        reg.add_grad_(1.0)
+        optimizer.step()
+    assert inside() < 1e-2 * before[0]  # A's part in gamma's subspace is gone ...
+    torch.testing.assert_close(outside(), before[1], rtol=1e-4, atol=0)  # ... and the rest of A is untouched
+    assert reg.loss().item() < 1e-3 * penalty
 
 
 def test_olora_leaves_the_training_rng_alone():

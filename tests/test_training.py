@@ -14,10 +14,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from _toy import KILL_ENV, TOY, ToyAuxiliary, ToyDataset, make_policy
-from capvector.training.config import TrainConfig, load_config
-from capvector.errors import CapvectorError
 from capvector.cli import main
-from capvector.training.engine import global_batches, train
+from capvector.errors import CapvectorError
+from capvector.training.config import TrainConfig, load_config
+from capvector.training.data import global_batches
+from capvector.training.engine import train
 
 TESTS = Path(__file__).parent
 
@@ -87,8 +88,9 @@ def test_same_seed_same_weights_in_memory_or_through_a_dataloader_other_seed_oth
     assert not torch.equal(a["head.weight"], c["head.weight"])
 
 
-def kill_and_resume(tmp_path: Path, **fields) -> tuple[Path, Path]:
-    """A run SIGKILLed at step 7 (after the step-4 checkpoint), resumed, and the same run uninterrupted."""
+def reference_and_killed(tmp_path: Path, kill_at: int = 7, **fields) -> tuple[Path, Path]:
+    """A run, and the same run SIGKILLed at step `kill_at` (checkpoints every 4 steps): (the finished run's
+    out_dir, the killed run's config file)."""
     common = dict(strategy="aux", policy_args={"dropout": 0.2}, checkpoint_every=4) | fields
     reference = train(toy_config(tmp_path / "reference", **common))
     config = toy_config(tmp_path / "resumed", **common)
@@ -96,29 +98,75 @@ def kill_and_resume(tmp_path: Path, **fields) -> tuple[Path, Path]:
     config_file.write_text(json.dumps(dataclasses.asdict(config)))  # JSON is YAML
     killed = subprocess.run(
         [sys.executable, "-m", "capvector.training", "--config", str(config_file)],
-        env=os.environ | {KILL_ENV: "7", "PYTHONPATH": str(TESTS)},
+        env=os.environ | {KILL_ENV: str(kill_at), "PYTHONPATH": str(TESTS)},
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert killed.returncode == -9, killed.stderr
-    assert [p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()] == ["step_0000004"]
     assert not (tmp_path / "resumed" / "policy").exists()
-    resumed = train(load_config(config_file, ["resume=true"]))
-    return reference, resumed
+    return reference, config_file
+
+
+def assert_same_weights(expected: Path, got: Path) -> None:
+    a, b = weights(expected), weights(got)
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
-    reference, resumed = kill_and_resume(tmp_path)
-    expected, got = weights(reference), weights(resumed)
-    for key in expected:
-        assert torch.equal(expected[key], got[key]), key
+    reference, config_file = reference_and_killed(tmp_path)
+    assert [p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()] == ["step_0000004"]
+    resumed = train(load_config(config_file, ["resume=true"]))
+    assert_same_weights(reference, resumed)
     steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert steps == [4, 8, 12]
 
 
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside the tensors: torch.load reads it without complaint
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_latest_checkpoint_is_reported_and_the_run_resumes_from_the_one_before(tmp_path, capsys):
+    reference, config_file = reference_and_killed(tmp_path, kill_at=10)
+    checkpoints = tmp_path / "resumed" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_0000004", "step_0000008"]
+    assert json.loads((checkpoints / "step_0000008" / "checkpoint.json").read_text())["sha256"].keys() == {
+        "trainer_state.pt",
+        "policy/config.json",
+        "policy/model.safetensors",
+    }
+    flip_a_byte(checkpoints / "step_0000008" / "trainer_state.pt")
+    assert main(["train", "--config", str(config_file), "--resume"]) == 0
+    said = capsys.readouterr().err
+    assert "step_0000008 is damaged (trainer_state.pt does not match its checksum)" in said
+    assert "moved to damaged-step_0000008, falling back to the previous checkpoint" in said
+    assert "resuming from " + str(checkpoints / "step_0000004") in said
+    assert_same_weights(reference, tmp_path / "resumed")  # steps 5-12 redone: bitwise the uninterrupted run
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["damaged-step_0000008", "step_0000008", "step_0000012"]
+
+
+def test_resume_with_no_intact_checkpoint_stops_in_one_line(tmp_path, capsys):
+    run = train(toy_config(tmp_path / "run", checkpoint_every=6))
+    (run / "checkpoints" / "step_0000012" / "policy" / "model.safetensors").unlink()
+    flip_a_byte(run / "checkpoints" / "step_0000006" / "trainer_state.pt")
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(json.dumps(dataclasses.asdict(toy_config(run, checkpoint_every=6))))
+    assert main(["train", "--config", str(config_file), "--resume"]) == 2
+    said = capsys.readouterr().err.splitlines()
+    assert "step_0000012 is damaged (policy/model.safetensors is missing)" in said[0]
+    assert "step_0000006 is damaged (trainer_state.pt does not match its checksum)" in said[1]
+    assert said[2].endswith(
+        "holds no complete, intact checkpoint; set resume=false to start this run (or check out_dir)"
+    )
+    assert len(said) == 3
+
+
 def test_resume_refuses_a_missing_checkpoint_another_config_and_an_occupied_out_dir(tmp_path):
-    with pytest.raises(CapvectorError, match="no complete checkpoint"):
+    with pytest.raises(CapvectorError, match="no complete, intact checkpoint"):
         train(toy_config(tmp_path / "empty", resume=True))
     train(toy_config(tmp_path / "run", checkpoint_every=6))
     with pytest.raises(CapvectorError, match=r"lr: 0\.01 in the checkpoint, 0\.02 now"):
@@ -196,6 +244,7 @@ def test_capvector_regularizer_keeps_the_update_off_gamma(tmp_path, finetune):
         lr=5e-2,
         lora_form="exact",
         orth_lambda=100.0,
+        check_merge=False,  # a hand-made gamma; the merge record is tested on its own
     )
     found = {
         strategy: projection(train(toy_config(tmp_path / strategy, strategy=strategy, **common)))
@@ -208,7 +257,7 @@ def test_capvector_regularizer_keeps_the_update_off_gamma(tmp_path, finetune):
 
 def test_a_vector_that_does_not_fit_the_model_names_the_tensor(tmp_path):
     base = saved_policy(tmp_path / "meta")
-    config = toy_config(tmp_path / "run", strategy="capvector", init_from=str(base), vector="unused")
+    config = toy_config(tmp_path / "run", strategy="capvector", init_from=str(base), vector="unused", check_merge=False)
     with pytest.raises(CapvectorError, match="'encoder.weight' has shape"):
         train(config, vector={"encoder.weight": torch.ones(3, 3)})
     with pytest.raises(CapvectorError, match="'decoder.weight' is not a parameter"):

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from capvector.errors import CapvectorError
 
@@ -32,7 +33,7 @@ class AuxiliaryObjective(nn.Module):
         self.layer = layer
         self.weight = weight
         self._features: Any = None
-        self._handle = None
+        self._handle: RemovableHandle | None = None
 
     def attach(self, policy: nn.Module) -> None:
         try:

@@ -1,57 +1,69 @@
 """The training run's configuration: one dataclass, read from YAML or TOML, with `key=value` overrides.
 
 The three runs of the method (sft, aux, capvector) share one config and differ only in `strategy`, so that
-the extraction runs see the same data, seed, order, schedule and batch.
+the extraction runs see the same data, seed, order, schedule and batch. Every value is checked when the config
+is read (type, choice, range), and again when `train` gets a config built in Python, so a bad value is named
+before anything is built or written.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import json
-import tomllib
+import math
 import types
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import tomllib
+import torch
 import yaml
 
-from capvector.training import orthogonal
 from capvector.errors import CapvectorError
+from capvector.files import content_hash, write_text
+from capvector.training.orthogonal import LoraForm, Reduction
+
+Strategy = Literal["sft", "aux", "capvector"]
+Finetune = Literal["full", "lora"]
+Schedule = Literal["cosine", "constant"]
 
 
 @dataclass
 class TrainConfig:
     # What to train. Import strings "pkg.module:factory": policy = factory(init_from, **policy_args),
     # dataset = factory(**dataset_args), auxiliary = factory(**auxiliary_args) (built for strategy "aux" only).
-    strategy: str = "sft"
+    strategy: Strategy = "sft"
     policy: str = ""
-    policy_args: dict = field(default_factory=dict)
+    policy_args: dict[str, Any] = field(default_factory=dict)
     init_from: str | None = None  # a policy folder to start from; None: the factory's own initialization
     dataset: str = ""
-    dataset_args: dict = field(default_factory=dict)
+    dataset_args: dict[str, Any] = field(default_factory=dict)
     auxiliary: str = ""
-    auxiliary_args: dict = field(default_factory=dict)
+    auxiliary_args: dict[str, Any] = field(default_factory=dict)
     out_dir: str = "runs/train"
 
     # strategy "capvector": loss = policy losses + orth_lambda * L_orth(theta - theta_meta, gamma), with
     # theta_meta = the weights of init_from (the merged checkpoint) and gamma read from `vector`.
     vector: str | None = None
     orth_lambda: float = 10.0  # 0 with orth_hard: the hard variant alone
-    orth_reduction: str = "normalized"  # per-tensor projections combined as in capvector.training.orthogonal
+    orth_reduction: Reduction = "normalized"  # per-tensor projections combined as in capvector.training.orthogonal
     orth_hard: bool = False  # also project the update off gamma after every optimizer step (exact)
-    lora_form: str = "olora"  # with finetune "lora": "olora" (A against gamma's input subspace) or "exact"
+    lora_form: LoraForm = "olora"  # with finetune "lora": "olora" (gamma's input subspace) or "exact"
     orth_rank: int = 8  # the size of gamma's input subspace for lora_form "olora"
+    # init_from must carry the merge record of `capvector merge` naming `vector` (theta_pt + alpha * gamma for
+    # this gamma); false for a theta_meta made some other way
+    check_merge: bool = True
 
     # Finetuning: all weights, or LoRA adapters through PEFT (rank 32 as OpenVLA-OFT).
-    finetune: str = "full"
+    finetune: Finetune = "full"
     lora_rank: int = 32
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    lora_targets: list = field(default_factory=list)  # glob patterns over module names; empty: every nn.Linear
+    lora_targets: list[str] = field(default_factory=list)  # glob patterns over module names; empty: every nn.Linear
 
     # Optimization: AdamW, linear warmup then cosine decay to min_lr (or constant), gradient clipping.
     steps: int = 1000
@@ -59,7 +71,7 @@ class TrainConfig:
     lr: float = 1e-4
     min_lr: float = 1e-5
     warmup_steps: int = 0
-    schedule: str = "cosine"
+    schedule: Schedule = "cosine"
     weight_decay: float = 0.0  # decay pulls weights toward zero, not toward the starting point
     beta1: float = 0.9
     beta2: float = 0.95
@@ -75,7 +87,7 @@ class TrainConfig:
 
     # Checkpoints and logs (none of these change the result, so a run may resume with other values).
     checkpoint_every: int = 500  # 0: only the final policy
-    keep_checkpoints: int = 2  # the most recent ones; 0 keeps all
+    keep_checkpoints: int = 2  # the most recent ones (at least 2: one to fall back to if the last is damaged); 0: all
     resume: bool = False
     log_every: int = 10
     progress: bool = True
@@ -83,18 +95,12 @@ class TrainConfig:
     time_parts: bool = True  # per-part step times; on CUDA each part ends with a device sync
 
 
-CHOICES = {
-    "strategy": ("sft", "aux", "capvector"),
-    "finetune": ("full", "lora"),
-    "schedule": ("cosine", "constant"),
-    "orth_reduction": orthogonal.REDUCTIONS,
-    "lora_form": orthogonal.LORA_FORMS,
-}
 # Fields that change nothing in the trained weights: a run may be resumed with other values for them.
 BOOKKEEPING = frozenset(
     {
         "out_dir",
         "resume",
+        "check_merge",
         "checkpoint_every",
         "keep_checkpoints",
         "log_every",
@@ -107,43 +113,151 @@ BOOKKEEPING = frozenset(
 )
 
 
-def _check_type(name: str, value: Any, hint: Any) -> Any:
-    """The value converted to the field's type (an int where a float is expected), or a CapvectorError."""
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    if value is None and type(None) in options:
-        return None
+def at_least(low: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= low), f"at least {low:g}"
+
+
+def above(low: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v > low), f"above {low:g}"
+
+
+def fraction() -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: 0 <= v < 1), "in [0, 1)"
+
+
+# The allowed range of each numeric field: (test, what it says).
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "orth_lambda": at_least(0),
+    "orth_rank": at_least(1),
+    "lora_rank": at_least(1),
+    "lora_alpha": above(0),
+    "lora_dropout": fraction(),
+    "steps": at_least(1),
+    "batch_size": at_least(1),
+    "lr": above(0),
+    "min_lr": at_least(0),
+    "warmup_steps": at_least(0),
+    "weight_decay": at_least(0),
+    "beta1": fraction(),
+    "beta2": fraction(),
+    "grad_clip": at_least(0),
+    "seed": ((lambda v: 0 <= v < 2**32), "in [0, 2**32)"),
+    "cache_dataset_mb": at_least(0),
+    "num_workers": at_least(0),
+    "checkpoint_every": at_least(0),
+    "keep_checkpoints": ((lambda v: v == 0 or v >= 2), "0 (keep all) or at least 2 (one to fall back to)"),
+    "log_every": at_least(1),
+}
+
+
+def type_name(hint: Any) -> str:
+    if hint is type(None):
+        return "null"
+    origin = typing.get_origin(hint)
+    if origin is list:
+        return "list of strings"
+    if origin is dict:
+        return "a mapping of names to plain values (numbers, strings, lists, mappings)"
+    return str(getattr(hint, "__name__", hint))
+
+
+def check_type(name: str, value: Any, hint: Any) -> Any:
+    """The value as the field's type (an int or a YAML 1.1 string like 1e-4 where a float is expected), or a
+    CapvectorError naming the field."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if isinstance(value, str) and value in typing.get_args(hint):
+            return value
+        choices = ", ".join(typing.get_args(hint))
+        raise CapvectorError(f"field '{name}' is {value!r}; choose one of: {choices}")
+    options = typing.get_args(hint) if origin in (types.UnionType, typing.Union) else (hint,)
     for option in options:
-        if option is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        if option is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        converted = convert(value, option)
+        if converted is not None or (value is None and option is type(None)):
+            return converted
+    expected = " or ".join(type_name(option) for option in options)
+    raise CapvectorError(f"field '{name}': expected {expected}, got {value!r} ({type(value).__name__})")
+
+
+def convert(value: Any, option: Any) -> Any:
+    """The value as type `option`, or None when it is not one."""
+    if option is bool or option is int:
+        return value if type(value) is option else None  # a bool is no int here, nor an int a bool
+    if option is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
-                pass
-        if option is int and isinstance(value, bool):
-            continue
-        if option is list and isinstance(value, list) and all(isinstance(item, str) for item in value):
-            return value
-        if option is not list and option is not type(None) and isinstance(value, option):
-            return value
-    expected = " or ".join(
-        "null" if o is type(None) else "list of strings" if o is list else o.__name__ for o in options
-    )
-    raise CapvectorError(f"config field '{name}': expected {expected}, got {value!r} ({type(value).__name__})")
+                return None
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return None
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond any float
+            return None
+    if option is str:
+        return value if isinstance(value, str) and "\0" not in value else None  # no path holds a NUL byte
+    if typing.get_origin(option) is list:
+        return list(value) if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
+    if typing.get_origin(option) is dict:
+        return (
+            dict(value) if isinstance(value, dict) and all(isinstance(k, str) for k in value) and plain(value) else None
+        )
+    return None
 
 
-def config_from_dict(values: dict[str, Any], origin: str = "config") -> TrainConfig:
+def plain(value: Any) -> bool:
+    """Whether a value is JSON data (what the config hash and the checkpoints record): no dates, bytes, sets,
+    objects or self-references."""
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        return False
+    return True
+
+
+def check_values(config: TrainConfig) -> None:
+    """Ranges, finiteness and the relations between fields."""
+    for name, value in dataclasses.asdict(config).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CapvectorError(f"field '{name}' is {value}; give a finite number")
+        if name in RANGES and not RANGES[name][0](value):
+            raise CapvectorError(f"field '{name}' is {value!r}; it must be {RANGES[name][1]}")
+    if config.schedule == "cosine" and config.min_lr > config.lr:
+        raise CapvectorError(
+            f"field 'min_lr' is {config.min_lr:g}, above lr {config.lr:g}: the cosine schedule decays from lr to "
+            "min_lr; set min_lr <= lr"
+        )
+    if config.device != "auto":
+        try:
+            kind = torch.device(config.device).type
+        except RuntimeError:
+            kind = ""
+        if kind not in ("cpu", "cuda"):
+            raise CapvectorError(f"field 'device' is {config.device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+def config_from_dict(values: dict[Any, Any], origin: str = "config") -> TrainConfig:
+    """A checked config from field values (as read from a file); errors start with `origin`."""
     hints = typing.get_type_hints(TrainConfig)
-    checked = {}
-    for name, value in values.items():
-        if name not in hints:
-            close = difflib.get_close_matches(name, hints, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            raise CapvectorError(f"{origin}: unknown field '{name}'; {hint}valid fields: {', '.join(hints)}")
-        checked[name] = _check_type(name, value, hints[name])
-        if name in CHOICES and checked[name] not in CHOICES[name]:
-            raise CapvectorError(f"{origin}: field '{name}' is {value!r}; choose one of: {', '.join(CHOICES[name])}")
-    return TrainConfig(**checked)
+    typed = {}
+    try:
+        for name, value in values.items():
+            if name not in hints:
+                close = difflib.get_close_matches(str(name), hints, n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise CapvectorError(f"unknown field {name!r}; {hint}valid fields: {', '.join(hints)}")
+            typed[name] = check_type(name, value, hints[name])
+        config = TrainConfig(**typed)
+        check_values(config)
+    except CapvectorError as error:
+        raise CapvectorError(f"{origin}: {error}") from None
+    return config
+
+
+def checked(config: TrainConfig) -> TrainConfig:
+    """`config` (built in Python, so never checked) put through the same checks as a config file."""
+    return config_from_dict({f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -151,24 +265,47 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise CapvectorError(f"override {text!r}: write it as key=value, e.g. steps=2000")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except (yaml.YAMLError, RecursionError) as error:
+        raise CapvectorError(f"override {text!r}: the value is not valid YAML ({one_line(error)}); quote it") from None
+    return key.strip().split("."), value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+def one_line(error: Exception) -> str:
+    """A parser's message (YAML's spans lines, with a marker under the column) as one line."""
+    return " ".join(str(error).split())
+
+
+def read_file(path: Path) -> dict[Any, Any]:
+    """A config file's field values."""
+    try:
+        text = path.read_bytes().decode()
+    except FileNotFoundError:
+        raise CapvectorError(f"config file {path} does not exist") from None
+    except OSError as error:  # a folder, no permission
+        raise CapvectorError(f"config file {path} cannot be read: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise CapvectorError(f"config file {path} is not UTF-8 text; write the config as YAML or TOML") from None
+    try:
+        values = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
+        raise CapvectorError(f"config file {path} cannot be parsed: {one_line(error)}") from None
+    except RecursionError:
+        raise CapvectorError(f"config file {path} cannot be parsed: it is nested too deeply") from None
+    if values is None:  # an empty YAML file: the defaults
+        return {}
+    if not isinstance(values, dict):
+        raise CapvectorError(f"config file {path}: expected a mapping of field: value at the top level")
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """A config from a YAML (.yaml/.yml) or TOML (.toml) file (or the defaults), then `key=value` overrides."""
-    values: dict[str, Any] = {}
+    values: dict[Any, Any] = {}
     origin = "config"
     if path is not None:
-        path, origin = Path(path), str(path)
-        if not path.is_file():
-            raise CapvectorError(f"config file {path} does not exist")
-        text = path.read_text()
-        try:
-            values = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text) or {}
-        except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
-            raise CapvectorError(f"config file {path} cannot be parsed: {error}") from error
-        if not isinstance(values, dict):
-            raise CapvectorError(f"config file {path}: expected a mapping of field: value at the top level")
+        values, origin = read_file(Path(path)), str(path)
     for text in overrides:
         keys, value = parse_override(text)
         target = values
@@ -181,9 +318,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
 
 
 def save_config(config: TrainConfig, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
-    tmp.replace(path)
+    write_text(path, yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
 
 
 def result_fields(config: TrainConfig) -> dict[str, Any]:
@@ -192,4 +327,4 @@ def result_fields(config: TrainConfig) -> dict[str, Any]:
 
 
 def config_hash(config: TrainConfig) -> str:
-    return hashlib.sha256(json.dumps(result_fields(config), sort_keys=True).encode()).hexdigest()[:16]
+    return content_hash(result_fields(config))

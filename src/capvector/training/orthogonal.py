@@ -25,13 +25,16 @@ c_l = <theta_meta_l, gamma_l> fixed at construction, so no copy of theta_meta is
   gamma_l does not shrink as d_l -> 0, so the update chatters across the constraint instead of settling.
 
 LoRA (a PEFT model; mode "auto" picks it when adapters are present): the base weight W_l is frozen and the
-update is scaling * B_l A_l. Two forms:
+update is Delta'_l = scaling * B_l A_l - U_l (U_l: the adapters' product at construction, zero for a fresh PEFT
+adapter). Two forms:
 
-- "olora" (default, O-LoRA style): sum_l ||A_l V_l||_F^2 / sg(||A_l||_F^2), V_l the top-`rank` right-singular
-  vectors of gamma_l (a seeded randomized SVD at construction): the adapter may not read the inputs gamma_l acts
-  on. Each term is the share of A_l's energy in that subspace, in [0, 1] whatever A's initialization scale
-  (sg: not differentiated, so the gradient only turns A away from the subspace and never shrinks it); without
-  the division PEFT's random A makes the penalty hundreds of times the action loss at lambda ~ 10.
+- "olora" (default, O-LoRA style): sum_l ||Delta'_l V_l||_F^2, V_l the top-`rank` right-singular vectors of
+  gamma_l (a seeded randomized SVD at construction): the update may not read the inputs gamma_l acts on, so the
+  adapter's A is pushed out of that subspace (as far as B passes it on). Like "normalized" it is in the units of
+  the weights, zero at theta_meta and unchanged when gamma is rescaled (only V_l is used), so the same lambda
+  fits both; when V_l spans gamma_l's rows it bounds "normalized" from above (<Delta', gamma> <= |Delta' V| |gamma|).
+  It does not depend on where A starts: an adapter seeded like the runs gamma came from has A inside gamma's
+  subspace, yet its penalty starts at zero and grows only with the update.
 - "exact": d_l = scaling * sum((B_l^T gamma_l) * A_l) - c_l, never forming B_l A_l, with the reductions above.
 
 Hard variant: after each optimizer step, theta_l -= (d_l / |gamma_l|^2) gamma_l, which leaves Delta'_l
@@ -52,16 +55,21 @@ All regularized tensors must share one device.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Literal, cast, get_args
 
 import torch
 from torch import nn
 
 from capvector.errors import CapvectorError
 
-REDUCTIONS = ("normalized", "square", "abs")
-LORA_FORMS = ("olora", "exact")
-MODES = ("auto", "full", "lora")
+Reduction = Literal["normalized", "square", "abs"]
+LoraForm = Literal["olora", "exact"]
+Mode = Literal["auto", "full", "lora"]
+REDUCTIONS: tuple[Reduction, ...] = get_args(Reduction)
+LORA_FORMS: tuple[LoraForm, ...] = get_args(LoraForm)
+MODES: tuple[Mode, ...] = get_args(Mode)
+LoraPair = tuple[nn.Parameter, nn.Parameter, float]  # (A, B, scaling) of one adapter
 
 
 # ---- the math, over plain tensors ----------------------------------------------------------------------------
@@ -74,7 +82,7 @@ def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(dtype=torch.float32)
 
 
-def penalty(d: torch.Tensor, norms: torch.Tensor, reduction: str) -> torch.Tensor:
+def penalty(d: torch.Tensor, norms: torch.Tensor, reduction: Reduction) -> torch.Tensor:
     """The reduction of the per-tensor projections d (norms: |gamma_l|)."""
     if reduction == "abs":
         return d.abs().sum()
@@ -83,7 +91,7 @@ def penalty(d: torch.Tensor, norms: torch.Tensor, reduction: str) -> torch.Tenso
     return (d / norms).square().sum()
 
 
-def slope(d: torch.Tensor, norms: torch.Tensor, reduction: str) -> torch.Tensor:
+def slope(d: torch.Tensor, norms: torch.Tensor, reduction: Reduction) -> torch.Tensor:
     """d penalty / d d_l, per tensor."""
     if reduction == "abs":
         return d.sign()
@@ -98,9 +106,16 @@ def top_right_singular(matrix: torch.Tensor, rank: int) -> torch.Tensor:
     matrix = matrix.detach().to("cpu", torch.promote_types(matrix.dtype, torch.float32))
     with torch.random.fork_rng(devices=[]):  # svd_lowrank draws a random sketch: keep the training RNG untouched
         torch.manual_seed(0)
+        right: torch.Tensor
         if k + 10 >= min(matrix.shape):
-            return torch.linalg.svd(matrix, full_matrices=False).Vh[:k].T
-        return torch.svd_lowrank(matrix, q=k + 10, niter=4)[2][:, :k]
+            right = torch.linalg.svd(matrix, full_matrices=False).Vh.T
+        else:
+            right = torch.svd_lowrank(matrix, q=k + 10, niter=4)[2]
+    return right[:, :k]
+
+
+def total(values: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(list(values)).sum()
 
 
 # ---- the model side -----------------------------------------------------------------------------------------
@@ -112,7 +127,7 @@ def unwrap(model: nn.Module) -> nn.Module:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
         elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
+            model = cast(nn.Module, model._orig_mod)
         else:
             return model
 
@@ -148,7 +163,7 @@ def lora_layers(model: nn.Module, peft: bool) -> dict[str, nn.Module]:
 def read_gamma(gamma: Mapping[str, torch.Tensor], params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     """Each gamma tensor read once, checked against the model, in its parameter's dtype and device."""
     out = {}
-    for key in gamma.keys():
+    for key in gamma:
         if key not in params:
             raise CapvectorError(
                 f"capability vector: tensor '{key}' is not a parameter of the model; extract gamma from checkpoints "
@@ -169,14 +184,14 @@ def read_gamma(gamma: Mapping[str, torch.Tensor], params: dict[str, nn.Parameter
 class FullTerm:
     """Tensors finetuned in full: d_l = <theta_l, gamma_l> - c_l."""
 
-    def __init__(self, params: list[nn.Parameter], gammas: list[torch.Tensor], reduction: str):
+    def __init__(self, params: list[nn.Parameter], gammas: list[torch.Tensor], reduction: Reduction):
         self.params, self.gammas, self.reduction = params, gammas, reduction
         with torch.no_grad():
             self.norms = torch.stack([dot(g, g) for g in gammas]).sqrt()
             self.c = self.dots(params)
 
-    def dots(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack([dot(t, g) for t, g in zip(tensors, self.gammas)])
+    def dots(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([dot(t, g) for t, g in zip(tensors, self.gammas, strict=True)])
 
     def loss(self) -> torch.Tensor:
         return penalty(self.dots(self.params) - self.c, self.norms, self.reduction)
@@ -196,54 +211,58 @@ class FullTerm:
     def project_(self) -> None:
         self.add_along_gamma_(self.params, -(self.dots(self.params) - self.c) / self.norms.square())
 
-    def add_along_gamma_(self, tensors: list[torch.Tensor], coefs: torch.Tensor) -> None:
+    def add_along_gamma_(self, tensors: Sequence[torch.Tensor], coefs: torch.Tensor) -> None:
         """tensors[l] += coefs[l] * gamma_l (one host sync for the coefficients)."""
-        for t, g, coef in zip(tensors, self.gammas, coefs.tolist()):
+        for t, g, coef in zip(tensors, self.gammas, coefs.tolist(), strict=True):
             t.add_(g, alpha=coef)
 
 
 class LoraTerm:
-    """LoRA-adapted linear layers: the update scaling * B A of each frozen base weight."""
+    """LoRA-adapted linear layers: the update scaling * B A - U of each frozen base weight."""
 
     def __init__(
-        self,
-        pairs: list[tuple[nn.Parameter, nn.Parameter, float]],
-        gammas: list[torch.Tensor],
-        form: str,
-        reduction: str,
-        rank: int,
+        self, pairs: list[LoraPair], gammas: list[torch.Tensor], form: LoraForm, reduction: Reduction, rank: int
     ):
         self.pairs, self.gammas, self.form, self.reduction = pairs, gammas, form, reduction
         with torch.no_grad():
             self.norms = torch.stack([dot(g, g) for g in gammas]).sqrt()
             self.c = self.projections()[0]
-        if form == "olora":
-            self.bases = [top_right_singular(g, rank).to(g.device, g.dtype) for g in gammas]
+            if form == "olora":
+                self.bases = [top_right_singular(g, rank).to(g.device, g.dtype) for g in gammas]
+                self.start = [s * b @ (a @ v) for (a, b, s), v in zip(pairs, self.bases, strict=True)]  # U_l V_l
 
     def projections(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """d_l + c_l = scaling * <B^T gamma_l, A>, and the M_l = B^T gamma_l it used."""
-        ms = [b.T @ g for (_, b, _), g in zip(self.pairs, self.gammas)]
-        d = torch.stack([s * dot(m, a) for (a, _, s), m in zip(self.pairs, ms)])
+        ms = [b.T @ g for (_, b, _), g in zip(self.pairs, self.gammas, strict=True)]
+        d = torch.stack([s * dot(m, a) for (a, _, s), m in zip(self.pairs, ms, strict=True)])
         return d, ms
+
+    def subspace_updates(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """olora: per adapter (Delta'_l V_l, A_l V_l)."""
+        out = []
+        for (a, b, s), v, start in zip(self.pairs, self.bases, self.start, strict=True):
+            av = a @ v
+            out.append((s * b @ av - start, av))
+        return out
 
     def loss(self) -> torch.Tensor:
         if self.form == "olora":
-            return sum((a @ v).square().sum() / dot(a, a).detach() for (a, _, _), v in zip(self.pairs, self.bases))
+            return total([dot(r, r) for r, _ in self.subspace_updates()])
         return penalty(self.projections()[0] - self.c, self.norms, self.reduction)
 
     @torch.no_grad()
     def add_grad_(self, weight: float) -> torch.Tensor:
         if self.form == "olora":
-            values = []
-            for (a, _, _), v in zip(self.pairs, self.bases):
-                av, energy = a @ v, float(dot(a, a))
-                _grad_of(a).addmm_(av, v.T, alpha=2 * weight / energy)
-                values.append(av.square().sum() / energy)
-            return torch.stack(values).sum()
+            # d ||s B A V - U V||^2 = 2 s (B^T R V^T) dA + 2 s (R (A V)^T) dB, with R = s B A V - U V
+            updates = self.subspace_updates()
+            for (a, b, s), v, (r, av) in zip(self.pairs, self.bases, updates, strict=True):
+                _grad_of(a).addmm_(b.T @ r, v.T, alpha=2 * weight * s)
+                _grad_of(b).addmm_(r, av.T, alpha=2 * weight * s)
+            return total([dot(r, r) for r, _ in updates])
         d, ms = self.projections()
         d -= self.c
         coefs = (weight * slope(d, self.norms, self.reduction)).tolist()
-        for (a, b, s), g, m, coef in zip(self.pairs, self.gammas, ms, coefs):
+        for (a, b, s), g, m, coef in zip(self.pairs, self.gammas, ms, coefs, strict=True):
             _grad_of(a).add_(m, alpha=s * coef)
             _grad_of(b).addmm_(g, a.T, alpha=s * coef)
         return penalty(d, self.norms, self.reduction)
@@ -251,7 +270,7 @@ class LoraTerm:
     @torch.no_grad()
     def project_grad_(self) -> None:
         # the gradient of d_l in (A, B) is scaling * (M_l, gamma_l A^T): take the gradients' component along it
-        for (a, b, s), g in zip(self.pairs, self.gammas):
+        for (a, b, s), g in zip(self.pairs, self.gammas, strict=True):
             normal_a, normal_b = s * (b.T @ g), s * (g @ a.T)
             grad_a, grad_b = _grad_of(a), _grad_of(b)
             size = dot(normal_a, normal_a) + dot(normal_b, normal_b)
@@ -264,10 +283,13 @@ class LoraTerm:
     def project_(self) -> None:
         d, ms = self.projections()
         d -= self.c
-        for (a, _, s), m, d_l in zip(self.pairs, ms, d.tolist()):
+        for (a, _, s), m, d_l in zip(self.pairs, ms, d.tolist(), strict=True):
             mm = dot(m, m).item()
             if mm > 0:  # B^T gamma = 0: A cannot move the update along gamma; nothing to remove
                 a.add_(m, alpha=-d_l / (s * mm))
+
+
+Term = FullTerm | LoraTerm
 
 
 def _grad_of(p: nn.Parameter) -> torch.Tensor:
@@ -279,16 +301,16 @@ def _grad_of(p: nn.Parameter) -> torch.Tensor:
 class OrthogonalRegularizer:
     """L_orth over the model's tensors named in gamma; see the module docstring for the three ways to use it."""
 
-    def __init__(self, terms: list, counts: dict[str, int]):
+    def __init__(self, terms: list[Term], counts: dict[str, int]):
         self.terms, self.counts = terms, counts
 
     def loss(self) -> torch.Tensor:
         """The penalty as a differentiable scalar (add lambda times it to the task loss)."""
-        return sum(term.loss() for term in self.terms)
+        return total([term.loss() for term in self.terms])
 
     def add_grad_(self, weight: float) -> torch.Tensor:
         """Add weight * d penalty / d theta to the parameters' .grad; returns the penalty (for logging)."""
-        return sum(term.add_grad_(weight) for term in self.terms)
+        return total([term.add_grad_(weight) for term in self.terms])
 
     def project_grad_(self) -> None:
         """Hard variant, before optimizer.step(): drop the gradient's component that would move d_l.
@@ -310,9 +332,9 @@ class OrthogonalRegularizer:
 def build_regularizer(
     model: nn.Module,
     gamma: Mapping[str, torch.Tensor],
-    mode: str = "auto",
-    reduction: str = "normalized",
-    lora_form: str = "olora",
+    mode: Mode = "auto",
+    reduction: Reduction = "normalized",
+    lora_form: LoraForm = "olora",
     rank: int = 8,
 ) -> OrthogonalRegularizer:
     """The regularizer for `model` as it is now (theta_meta), against capability vector `gamma`.
@@ -321,6 +343,7 @@ def build_regularizer(
     layers named in gamma (plus trainable non-LoRA parameters in gamma, e.g. PEFT's modules_to_save);
     "auto": "lora" if the model has LoRA adapters, else "full". rank: the O-LoRA subspace size.
     """
+    allowed: tuple[str, ...]
     for field, value, allowed in (
         ("mode", mode, MODES),
         ("reduction", reduction, REDUCTIONS),
@@ -346,7 +369,10 @@ def build_regularizer(
     gammas = read_gamma(gamma, params)
 
     counts = {"full": 0, "lora": 0, "zero_gamma": 0, "frozen": 0}
-    full_params, full_gammas, pairs, lora_gammas = [], [], [], []
+    full_params: list[nn.Parameter] = []
+    full_gammas: list[torch.Tensor] = []
+    pairs: list[LoraPair] = []
+    lora_gammas: list[torch.Tensor] = []
     for key, g in gammas.items():
         if dot(g, g).item() == 0:
             counts["zero_gamma"] += 1
@@ -366,7 +392,7 @@ def build_regularizer(
     regularized = {id(p) for p in full_params} | {id(t) for a, b, _ in pairs for t in (a, b)}
     counts["trainable_unregularized"] = sum(p.requires_grad and id(p) not in regularized for p in model.parameters())
 
-    terms: list = []
+    terms: list[Term] = []
     if full_params:
         terms.append(FullTerm(full_params, full_gammas, reduction))
     if pairs:
@@ -382,22 +408,24 @@ def build_regularizer(
     return OrthogonalRegularizer(terms, counts)
 
 
-def lora_pairs(layer: nn.Module, key: str) -> list[tuple[nn.Parameter, nn.Parameter, float]]:
+def lora_pairs(layer: nn.Module, key: str) -> list[LoraPair]:
     """(A, B, scaling) for each active adapter of a PEFT LoRA linear layer."""
+    lora_a, lora_b = cast(nn.ModuleDict, layer.lora_A), cast(nn.ModuleDict, layer.lora_B)
+    scaling = cast(dict[str, float], layer.scaling)
     pairs = []
-    for adapter in layer.active_adapters:
-        if adapter not in layer.lora_A:
+    for adapter in cast(list[str], layer.active_adapters):
+        if adapter not in lora_a:
             raise CapvectorError(
                 f"orthogonal regularizer: LoRA adapter '{adapter}' on '{key}' is not a linear adapter (embedding "
                 "or other); leave that module out of target_modules or use mode 'full'"
             )
         if getattr(layer, "use_dora", {}).get(adapter, False):
             raise CapvectorError(f"orthogonal regularizer: '{key}' uses DoRA, which is not supported; use plain LoRA")
-        a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        a, b = cast(nn.Parameter, lora_a[adapter].weight), cast(nn.Parameter, lora_b[adapter].weight)
         if a.dim() != 2 or b.dim() != 2:
             raise CapvectorError(
                 f"orthogonal regularizer: LoRA on '{key}' is not on a linear layer (A has shape {tuple(a.shape)}); "
                 "leave that module out of target_modules or use mode 'full'"
             )
-        pairs.append((a, b, float(layer.scaling[adapter])))
+        pairs.append((a, b, float(scaling[adapter])))
     return pairs

@@ -1,0 +1,230 @@
+"""Checkpoints that resume a run exactly, and that are verified before they are trusted.
+
+    checkpoints/step_0000500/
+        trainer_state.pt    everything to resume: trainable weights, optimizer, RNG states of every process, step
+        policy/             the policy as the final one is saved (for evaluating intermediate checkpoints)
+        checkpoint.json     the SHA-256 of every other file (written last: a checkpoint without it is incomplete)
+
+A checkpoint is written under a temporary name and renamed into place whole. On resume the newest one whose
+files match their checksums is used; a damaged one is reported, renamed to damaged-step_N (kept for a look,
+never used again) and the run falls back to the one before. trainer_state.pt holds only tensors and plain
+values, read back with torch.load(weights_only=True): nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import sys
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_model
+from torch import nn
+
+from capvector.errors import CapvectorError
+from capvector.files import atomic_path, read_json, remove, sha256_file, write_json
+from capvector.training.config import TrainConfig, config_hash, result_fields
+
+STATE_FILE = "trainer_state.pt"
+MANIFEST = "checkpoint.json"
+STEP_NAME = re.compile(r"step_(\d+)")
+
+
+# ---- RNG states --------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    kind, keys, position, has_gauss, gauss = cast(tuple[str, Any, int, int, float], np.random.get_state())
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    random.setstate(state["python"])
+
+
+def all_rng_states(world: int) -> list[dict[str, Any]]:
+    """Every process's RNG states (dropout streams differ between ranks); a collective call under DDP."""
+    if world == 1:
+        return [rng_state()]
+    states: list[Any] = [None] * world
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+# ---- writing -----------------------------------------------------------------------------------------------
+
+
+def checkpoint_dirs(out_dir: Path) -> list[Path]:
+    """Complete checkpoints (with their manifest), oldest first."""
+    found = [m.parent for m in (out_dir / "checkpoints").glob(f"step_*/{MANIFEST}")]
+    return sorted((p for p in found if STEP_NAME.fullmatch(p.name)), key=lambda p: int(p.name.removeprefix("step_")))
+
+
+def export_policy(policy: nn.Module, path: Path) -> None:
+    """The policy's folder (save_pretrained's, else model.safetensors), written whole and then renamed."""
+    with atomic_path(path) as temporary:
+        if hasattr(policy, "save_pretrained"):  # PEFT writes the adapter folder; policies their own format
+            cast(Any, policy).save_pretrained(temporary)
+        else:
+            temporary.mkdir(parents=True)
+            save_model(policy, str(temporary / "model.safetensors"))
+
+
+def resumable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters and buffers: frozen weights (a LoRA run's base) come back from init_from."""
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k not in frozen}
+
+
+def write_manifest(folder: Path, step: int, config: TrainConfig) -> None:
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    checksums = {p.relative_to(folder).as_posix(): sha256_file(p) for p in files}
+    write_json(folder / MANIFEST, {"step": step, "config_hash": config_hash(config), "sha256": checksums})
+
+
+def save_checkpoint(
+    out_dir: Path,
+    step: int,
+    epoch: int,
+    model: nn.Module,
+    policy: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    rank: int,
+    world: int,
+) -> None:
+    """Checkpoint step_N (on every process: the RNG states are gathered), then drop all but the newest
+    keep_checkpoints."""
+    rngs = all_rng_states(world)
+    if rank == 0:
+        state = {
+            "step": step,  # also the data position: global batches consumed (their order is a function of seed)
+            "epoch": epoch,
+            "config": result_fields(config),
+            "world_size": world,
+            "model": resumable_state(model),
+            "optimizer": optimizer.state_dict(),
+            "rng": rngs,
+        }
+        with atomic_path(out_dir / "checkpoints" / f"step_{step:07d}") as folder:
+            folder.mkdir(parents=True)
+            torch.save(state, folder / STATE_FILE)
+            export_policy(policy, folder / "policy")
+            write_manifest(folder, step, config)
+        if config.keep_checkpoints:
+            for old in checkpoint_dirs(out_dir)[: -config.keep_checkpoints]:
+                remove(old)
+    if world > 1:
+        dist.barrier()
+
+
+def remove_debris(out_dir: Path) -> None:
+    """Temporary files and folders a killed run left (their names start with a dot)."""
+    for folder in (out_dir, out_dir / "checkpoints"):
+        for stale in folder.glob(".*.tmp-*"):
+            remove(stale)
+        for stale in folder.glob(".*.old-*"):
+            remove(stale)
+
+
+# ---- reading -----------------------------------------------------------------------------------------------
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with a checkpoint's files, or None when each matches its checksum."""
+    manifest = read_json(folder / MANIFEST)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("sha256"), dict):
+        return f"{MANIFEST} is unreadable"
+    if STATE_FILE not in manifest["sha256"]:
+        return f"{MANIFEST} lists no {STATE_FILE}"
+    for name, checksum in manifest["sha256"].items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if sha256_file(path) != checksum:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def newest_intact(out_dir: Path, report: bool) -> Path | None:
+    """The newest checkpoint whose files are intact. Damaged newer ones are set aside, and said so (`report`:
+    this process speaks for the run, and renames them)."""
+    for folder in reversed(checkpoint_dirs(out_dir)):
+        problem = damage(folder)
+        if problem is None:
+            return folder
+        if report:
+            aside = folder.with_name(f"damaged-{folder.name}")
+            remove(aside)
+            folder.rename(aside)
+            print(
+                f"capvector train: checkpoint {folder} is damaged ({problem}); moved to {aside.name}, "
+                "falling back to the previous checkpoint",
+                file=sys.stderr,
+            )
+    return None
+
+
+def read_checkpoint(out_dir: Path, config: TrainConfig, world: int, report: bool) -> dict[str, Any]:
+    """The newest intact checkpoint's state, checked against this run's config and process count."""
+    folder = newest_intact(out_dir, report)
+    if folder is None:
+        raise CapvectorError(
+            f"resume: {out_dir}/checkpoints holds no complete, intact checkpoint; set resume=false to start this "
+            "run (or check out_dir)"
+        )
+    state: dict[str, Any] = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    if report:
+        print(f"capvector train: resuming from {folder}", file=sys.stderr)
+    now = result_fields(config)
+    differences = [
+        f"{k}: {state['config'].get(k)!r} in the checkpoint, {now.get(k)!r} now"
+        for k in sorted(set(now) | set(state["config"]))
+        if state["config"].get(k) != now.get(k)
+    ]
+    if differences:
+        raise CapvectorError(
+            f"resume: {folder} was made with another config ({'; '.join(differences)}); resume with the config "
+            f"it was made with ({out_dir / 'config.yaml'}) or choose a new out_dir"
+        )
+    if state["world_size"] != world:
+        raise CapvectorError(
+            f"resume: {folder} was made by {state['world_size']} processes, this run has {world}; resume with "
+            f"--nproc_per_node {state['world_size']} to continue exactly"
+        )
+    return state
+
+
+def restore(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], rank: int) -> int:
+    """Load a checkpoint's state into the model, the optimizer and this process's RNGs; returns its step."""
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    if unexpected or set(missing) - frozen:
+        raise CapvectorError(
+            f"resume: the checkpoint's tensors do not match the model (missing "
+            f"{sorted(set(missing) - frozen)[:5]}, unexpected {unexpected[:5]})"
+        )
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"][rank])
+    step: int = state["step"]
+    return step
