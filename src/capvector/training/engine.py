@@ -44,6 +44,13 @@ from capvector.training.orthogonal import build_regularizer
 from capvector.params.vectors import open_vector
 
 STATE_FILE = "trainer_state.pt"
+POLICY_DIR = "policy"  # out_dir/policy: the trained policy; checkpoints/step_N/policy: the policy at step N
+METRICS_FILE = "metrics.jsonl"
+
+
+def checkpoint_dir(out_dir: Path, step: int) -> Path:
+    """The folder of the checkpoint taken after `step` steps."""
+    return out_dir / "checkpoints" / f"step_{step:07d}"
 
 
 # ---- building the pieces -----------------------------------------------------------------------------------
@@ -268,7 +275,7 @@ def save_checkpoint(
         rngs = [None] * world
         dist.all_gather_object(rngs, rng_state())
     if rank == 0:
-        path = out_dir / "checkpoints" / f"step_{step:07d}"
+        path = checkpoint_dir(out_dir, step)
         tmp = path.with_name(f".tmp-{path.name}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -285,7 +292,7 @@ def save_checkpoint(
             },
             tmp / STATE_FILE,
         )
-        export_policy(model.policy, tmp / "policy")
+        export_policy(model.policy, tmp / POLICY_DIR)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
         if config.keep_checkpoints:
@@ -338,7 +345,7 @@ class MetricsLog:
     """metrics.jsonl (lines past `start` from an interrupted run are dropped) and TensorBoard when installed."""
 
     def __init__(self, out_dir: Path, start: int, tensorboard: bool):
-        self.path = out_dir / "metrics.jsonl"
+        self.path = out_dir / METRICS_FILE
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if step_of(line) <= start]
             self.path.write_text("".join(line + "\n" for line in kept))
@@ -408,7 +415,7 @@ def train(
     only and `vector` (gamma, any Mapping of parameter name to tensor) by strategy "capvector" only."""
     check_config(config, policy, auxiliary, vector)
     out_dir = Path(config.out_dir)
-    if not config.resume and (checkpoint_dirs(out_dir) or (out_dir / "policy").exists()):
+    if not config.resume and (checkpoint_dirs(out_dir) or (out_dir / POLICY_DIR).exists()):
         raise CapvectorError(f"{out_dir} already holds a run; set resume=true to continue it or choose another out_dir")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = pick_device(config.device)
@@ -576,7 +583,7 @@ def run(config, out_dir, rank, world, device, state, policy, dataset, auxiliary,
             auxiliary.detach()
 
     if rank == 0:
-        export_policy(policy, out_dir / "policy")
+        export_policy(policy, out_dir / POLICY_DIR)
     if world > 1:
         dist.barrier()
     return out_dir
