@@ -1,10 +1,11 @@
-# Two commands: `make demo` (the main job) and `make test` (the full suite). Both build .venv from nothing.
+# `make demo` (the main job), `make test` (the full suite) and `make lint` (ruff and mypy). Each builds .venv from
+# nothing.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU wheel on these machines; on a GPU machine pass e.g. TORCH_SPEC="torch" to get the CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test venv clean
+.PHONY: demo test lint venv clean
 
 venv: $(VENV)/.installed
 
@@ -20,6 +21,12 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# ruff (lint and format) on everything; mypy per pyproject's [tool.mypy] (strict on params, training, files, errors)
+lint: venv
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) runs

@@ -130,7 +130,8 @@ elif op == "floor":  # read every input file, write an output of the given size:
     reader.start()
     os.makedirs(args["out"])
     for path in args["copy"]:
-        with open(path, "rb", buffering=0) as src, open(os.path.join(args["out"], os.path.basename(path)), "wb", buffering=0) as dst:
+        target = os.path.join(args["out"], os.path.basename(path))
+        with open(path, "rb", buffering=0) as src, open(target, "wb", buffering=0) as dst:
             while chunk := src.read(16 << 20):
                 dst.write(chunk)
     reader.join()
@@ -199,26 +200,9 @@ def measure(workdir: Path, layers: int, mergekit: Path | None) -> dict:
     moved = bytes_of(ao) + bytes_of(ft) + bytes_of(ao)  # read two models, write one of the same size
     print(f"{layers} layers, {result['params_b']:.2f} B parameters, {result['model_gb']:.2f} GB per model")
     timed("extract_floor", "floor", moved, ao + ft, read_only=ft, copy=ao, out=str(out / "floor_extract"))
-    timed(
-        "extract",
-        "extract",
-        moved,
-        ao + ft,
-        aux=str(root / "ao"),
-        sft=str(root / "ft"),
-        out=str(out / "gamma"),
-        hash=False,
-    )
-    timed(
-        "extract_hashed",
-        "extract",
-        moved,
-        ao + ft,
-        aux=str(root / "ao"),
-        sft=str(root / "ft"),
-        out=str(out / "gamma_h"),
-        hash=True,
-    )
+    for name, folder, hashed in (("extract", "gamma", False), ("extract_hashed", "gamma_h", True)):
+        sources = dict(aux=str(root / "ao"), sft=str(root / "ft"), out=str(out / folder), hash=hashed)
+        timed(name, "extract", moved, ao + ft, **sources)
     gamma = weight_files(out / "gamma")
     moved = bytes_of(pt) + bytes_of(gamma) + bytes_of(pt)
     timed("merge_floor", "floor", moved, pt + gamma, read_only=gamma, copy=pt, out=str(out / "floor_merge"))

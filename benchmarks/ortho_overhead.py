@@ -179,9 +179,9 @@ def measure_engine(workdir: str, steps: int, rounds: int, batch_size: int) -> di
     from pathlib import Path
 
     from capvector.bench.env.demos import generate_demonstrations
+    from capvector.params.vectors import extract
     from capvector.training.config import TrainConfig
     from capvector.training.engine import train
-    from capvector.params.vectors import extract
 
     work = Path(workdir)
     demos = work / "demos"
@@ -204,7 +204,10 @@ def measure_engine(workdir: str, steps: int, rounds: int, batch_size: int) -> di
     )
     start = work / "theta_pt"
     if not (start / "policy").exists():  # a starting point, and a real gamma from two short runs
-        run = lambda name, **kw: train(dataclasses.replace(base, out_dir=str(work / name), steps=4, **kw))
+
+        def run(name: str, **kw):
+            return train(dataclasses.replace(base, out_dir=str(work / name), steps=4, **kw))
+
         run("theta_pt", strategy="sft")
         for strategy in ("sft", "aux"):
             run(f"extract_{strategy}", strategy=strategy, init_from=str(start / "policy"), policy_args={})

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from capvector.bench.objectives.spatial import SpatialObjective
 from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.bench.policy.modeling_policy import Policy
-from capvector.bench.objectives.spatial import SpatialObjective
 
 INSTRUCTIONS = ["pick the puck and place it at the goal", "open the drawer", "push the button down"]
 
@@ -130,7 +130,8 @@ def main() -> None:
     print(f"inference: {infer_ms:.1f} ms per chunk of {config.chunk_size} actions (batch 1, median)")
     print(
         f"RESULT params={params} sft_samples_per_s={sft_rate:.1f} aux_samples_per_s={aux_rate:.1f} "
-        f"sft_samples_per_cpu_s={args.batch_size / sft_cpu:.1f} aux_time_ratio={aux / sft:.3f} gflop_per_sample={gflop_per_sample:.3f} matmul_gflops={peak:.1f} "
+        f"sft_samples_per_cpu_s={args.batch_size / sft_cpu:.1f} aux_time_ratio={aux / sft:.3f} "
+        f"gflop_per_sample={gflop_per_sample:.3f} matmul_gflops={peak:.1f} "
         f"peak_fraction={achieved / peak:.3f} infer_ms_per_chunk={infer_ms:.2f} threads={torch.get_num_threads()}"
     )
 

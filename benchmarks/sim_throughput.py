@@ -76,7 +76,8 @@ def main():
     for name, value in fps.items():
         print(f"render 64x64 rgb+depth, {name:16s}: {value:7.1f} frames/s")
     print(
-        f"decimated vs stock: {fps['decimated'] / fps['stock']:.1f}x, vs full meshes: {fps['decimated'] / fps['full']:.1f}x"
+        f"decimated vs stock: {fps['decimated'] / fps['stock']:.1f}x, "
+        f"vs full meshes: {fps['decimated'] / fps['full']:.1f}x"
     )
 
     with tempfile.TemporaryDirectory() as tmp:

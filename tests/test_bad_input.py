@@ -11,7 +11,6 @@ import textwrap
 
 import pytest
 import torch
-from checkpoint_factory import perturbed, random_state, write_checkpoint
 
 from capvector.cli import main
 
@@ -19,7 +18,7 @@ SHAPES = {"layers.0.weight": (64, 32), "layers.0.bias": (64,), "layers.1.weight"
 
 
 @pytest.fixture
-def models(tmp_path):
+def models(tmp_path, random_state, perturbed, write_checkpoint):
     pt = random_state(SHAPES)
     states = {"pt": pt, "ft": perturbed(pt, 1), "ao": perturbed(pt, 2)}
     for name, state in states.items():
@@ -43,7 +42,7 @@ def assert_nothing_left(output):
     assert not [p for p in output.parent.iterdir() if p.name.startswith(f".{output.name}.tmp")]
 
 
-def test_shape_mismatch(models, capsys):
+def test_shape_mismatch(models, capsys, write_checkpoint):
     tmp, states = models
     ao = dict(states["ao"], **{"layers.1.weight": torch.zeros(16, 65)})
     write_checkpoint(tmp / "ao_wide", ao)
@@ -52,7 +51,7 @@ def test_shape_mismatch(models, capsys):
     assert_nothing_left(tmp / "out")
 
 
-def test_dtype_mismatch(models, capsys):
+def test_dtype_mismatch(models, capsys, write_checkpoint):
     tmp, states = models
     write_checkpoint(tmp / "ao_bf16", {k: v.bfloat16() for k, v in states["ao"].items()})
     message = run_cli(capsys, "extract", "--aux", tmp / "ao_bf16", "--sft", tmp / "ft", "-o", tmp / "out")
@@ -102,7 +101,7 @@ def test_truncated_and_corrupted_files(models, capsys):
     assert_nothing_left(tmp / "out")
 
 
-def test_nan_in_an_input(models, capsys):
+def test_nan_in_an_input(models, capsys, write_checkpoint):
     tmp, states = models
     ao = dict(states["ao"])
     ao["layers.0.weight"] = ao["layers.0.weight"].clone()
@@ -115,7 +114,7 @@ def test_nan_in_an_input(models, capsys):
     assert digest(tmp / "ao_nan") == before  # inputs are never modified
 
 
-def test_nan_in_the_pretrained_model_stops_a_merge(models, capsys):
+def test_nan_in_the_pretrained_model_stops_a_merge(models, capsys, write_checkpoint):
     tmp, states = models
     main(["extract", "--aux", str(tmp / "ao"), "--sft", str(tmp / "ft"), "-o", str(tmp / "gamma")])
     pt = dict(states["pt"], **{"layers.1.weight": torch.full((16, 64), float("inf"))})
@@ -135,7 +134,7 @@ def test_output_exists_or_overlaps_an_input(models, capsys):
     assert digest(tmp / "ft") == before
 
 
-def test_vector_from_another_model(models, capsys, tmp_path):
+def test_vector_from_another_model(models, capsys, tmp_path, random_state, write_checkpoint):
     tmp, _ = models
     write_checkpoint(tmp / "other", random_state({"encoder.weight": (4, 4)}))
     main(["extract", "--aux", str(tmp / "ao"), "--sft", str(tmp / "ft"), "-o", str(tmp / "gamma")])
@@ -144,7 +143,7 @@ def test_vector_from_another_model(models, capsys, tmp_path):
     assert_nothing_left(tmp / "out")
 
 
-def test_unsafe_pickle_is_refused(tmp_path, capsys):
+def test_unsafe_pickle_is_refused(tmp_path, capsys, random_state, write_checkpoint):
     class Payload:
         def __reduce__(self):
             return (os.system, ("touch " + str(tmp_path / "pwned"),))
@@ -170,8 +169,8 @@ def test_bad_arguments(models, capsys):
 
 
 def test_disk_full_leaves_nothing(models):
-    """A write that fails for lack of space (here: a file-size limit, which fails the same way) is reported, with exit 2,
-    and the half-written output is removed."""
+    """A write that fails for lack of space (here: a file-size limit, which fails the same way) is reported, with
+    exit 2, and the half-written output is removed."""
     tmp, _ = models
     script = textwrap.dedent(f"""
         import resource, signal, sys

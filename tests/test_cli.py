@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from checkpoint_factory import perturbed, random_state, write_checkpoint
 
 from capvector.cli import build_parser, main
 
@@ -27,7 +26,7 @@ def test_every_command_is_listed():
     assert set(COMMANDS) <= set(build_parser()._subparsers._group_actions[0].choices)
 
 
-def test_console_script_exit_codes(tmp_path):
+def test_console_script_exit_codes(tmp_path, random_state, perturbed, write_checkpoint):
     script = Path(sys.executable).with_name("capvector")  # installed beside the interpreter, on PATH or not
     assert script.is_file(), "the capvector console script is not installed"
     pt = random_state({"w": (8, 4)})

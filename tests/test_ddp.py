@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from test_training import TESTS, toy_config, weights
 from capvector.training.engine import train
+from toy import toy_config, weights
 
 # Two processes average two half-batch gradients where one process takes one full-batch mean: the same sum in
 # another order, so float32 rounding differs (3e-8 after 8 steps when this was written).
@@ -38,7 +38,7 @@ def test_two_processes_match_one(tmp_path: Path):
             "--config",
             str(config_file),
         ],
-        env=os.environ | {"PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"},
+        env=os.environ | {"OMP_NUM_THREADS": "1"},  # tests/ is on PYTHONPATH (conftest): toy's factories import
         capture_output=True,
         text=True,
         timeout=300,

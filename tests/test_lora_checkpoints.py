@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from capvector.params.checkpoints import open_checkpoint
 from capvector.errors import CapvectorError
+from capvector.params.checkpoints import open_checkpoint
 from capvector.params.vectors import extract
 
 peft = pytest.importorskip("peft")

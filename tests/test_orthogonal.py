@@ -1,5 +1,6 @@
 """The orthogonal regularizer against direct float64 computations, and its effect on a regression problem."""
 
+import itertools
 import os
 import tempfile
 
@@ -15,7 +16,7 @@ from capvector.training.orthogonal import build_regularizer
 
 def mlp(widths, dtype=torch.float64, seed=0):
     torch.manual_seed(seed)
-    layers = [nn.Linear(a, b) for a, b in zip(widths, widths[1:])]
+    layers = [nn.Linear(a, b) for a, b in itertools.pairwise(widths)]
     return nn.Sequential(*layers).to(dtype)
 
 
@@ -297,7 +298,7 @@ def test_hard_variant_lora():
     reg = build_regularizer(model, gamma, lora_form="exact")
     perturb_([p for n, p in model.named_parameters() if "lora_" in n], seed=9)
 
-    for a, b, s, _ in layers.values():
+    for a, b, _, _ in layers.values():
         a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
     reg.project_grad_()
     for k, (a, b, s, _) in layers.items():  # the first-order change of <s B A, gamma> along the gradient is zero

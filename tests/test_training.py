@@ -13,45 +13,20 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from _toy import KILL_ENV, TOY, ToyAuxiliary, ToyDataset, make_policy
 from capvector.cli import main
 from capvector.errors import CapvectorError
-from capvector.training.config import TrainConfig, load_config
+from capvector.training.config import load_config
 from capvector.training.data import global_batches
 from capvector.training.engine import train
+from toy import KILL_ENV, ToyAuxiliary, ToyDataset, make_policy, saved_policy, toy_config, weights
 
 TESTS = Path(__file__).parent
 
 
-def toy_config(out_dir: Path, **fields) -> TrainConfig:
-    base = dict(
-        TOY,
-        out_dir=str(out_dir),
-        steps=12,
-        batch_size=8,
-        lr=1e-2,
-        warmup_steps=2,
-        checkpoint_every=0,
-        log_every=4,
-        progress=False,
-        tensorboard=False,
-    )
-    return TrainConfig(**(base | fields))
-
-
-def weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "policy" / "model.safetensors"))
-
-
-def saved_policy(path: Path, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    make_policy(None).save_pretrained(path)
-    return path
-
-
 def test_batches_are_a_seeded_permutation_per_epoch():
     first = [b.tolist() for b, _ in zip(global_batches(40, 8, seed=3), range(10))]
-    assert sorted(sum(first[:5], [])) == list(range(40)) and sorted(sum(first[5:], [])) == list(range(40))
+    epochs = [[i for batch in first[:5] for i in batch], [i for batch in first[5:] for i in batch]]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(40))
     assert first[:5] != first[5:]  # a new permutation each epoch
     assert [b.tolist() for b, _ in zip(global_batches(40, 8, seed=3, start=7), range(3))] == first[7:10]
     assert first != [b.tolist() for b, _ in zip(global_batches(40, 8, seed=4), range(10))]

@@ -139,8 +139,8 @@ def test_capvector_refuses_a_vector_without_metadata(merged):
 # ---- fuzz: whatever a config file or an override holds, exit 2 or a correct start ----------------------------
 
 HINTS = typing.get_type_hints(TrainConfig)
-FACTORIES = {"policy": "_toy:make_policy", "dataset": "_toy:make_dataset", "auxiliary": "_toy:make_auxiliary"}
-BAD_FACTORIES = ["", "_toy:nothing", "_toy", ".x:f", "no_such_module:f", "_toy:TOY"]
+FACTORIES = {"policy": "toy:make_policy", "dataset": "toy:make_dataset", "auxiliary": "toy:make_auxiliary"}
+BAD_FACTORIES = ["", "toy:nothing", "toy", ".x:f", "no_such_module:f", "toy:TOY"]
 ANYTHING = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
@@ -169,7 +169,7 @@ def fitting(name: str) -> st.SearchStrategy[typing.Any]:
 @st.composite
 def config_values(draw: st.DrawFn) -> dict[str, typing.Any]:
     """A mapping of mostly known fields to mostly fitting values, on top of a config that starts."""
-    values = {"policy": "_toy:make_policy", "dataset": "_toy:make_dataset", "out_dir": "run", "progress": False}
+    values = {"policy": "toy:make_policy", "dataset": "toy:make_dataset", "out_dir": "run", "progress": False}
     for _ in range(draw(st.integers(0, 5))):
         name = draw(st.sampled_from(sorted(HINTS)) if draw(st.integers(0, 4)) else st.text(max_size=8))
         values[name] = draw(fitting(name) if name in HINTS and draw(st.integers(0, 4)) else ANYTHING)

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from checkpoint_factory import perturbed, random_state, read_state, write_checkpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,14 +25,19 @@ SHAPES = {
 }
 
 
-def three_models(tmp_path, layout="single", dtype=torch.float32):
-    pt = random_state(SHAPES, dtype)
-    ft, ao = perturbed(pt, 1), perturbed(pt, 2, scale=0.02)
-    ao["aux_projector.weight"] = torch.randn(4, 16).to(dtype)  # only in the auxiliary model
-    paths = {
-        name: write_checkpoint(tmp_path / name, state, layout) for name, state in (("pt", pt), ("ft", ft), ("ao", ao))
-    }
-    return paths, pt, ft, ao
+@pytest.fixture
+def three_models(random_state, perturbed, write_checkpoint):
+    """three_models(tmp_path, layout, dtype) -> (paths, pt, ft, ao): a base, a finetune and an auxiliary finetune
+    with one tensor of its own, saved in `layout`."""
+
+    def build(tmp_path, layout="single", dtype=torch.float32):
+        pt = random_state(SHAPES, dtype)
+        ft, ao = perturbed(pt, 1), perturbed(pt, 2, scale=0.02)
+        ao["aux_projector.weight"] = torch.randn(4, 16).to(dtype)  # only in the auxiliary model
+        states = (("pt", pt), ("ft", ft), ("ao", ao))
+        return {name: write_checkpoint(tmp_path / name, state, layout) for name, state in states}, pt, ft, ao
+
+    return build
 
 
 def reference_merge(pt, ao, ft, alpha, keys, vector_dtype):
@@ -57,7 +61,7 @@ def assert_states_close(actual, expected, dtype):
 
 
 @pytest.mark.parametrize("layout", ["single", "sharded", "bin", "file"])
-def test_merge_of_extract_equals_float64_arithmetic(tmp_path, layout):
+def test_merge_of_extract_equals_float64_arithmetic(tmp_path, layout, read_state, three_models):
     paths, pt, ft, ao = three_models(tmp_path, layout)
     gamma = extract(paths["ao"], paths["ft"], tmp_path / "gamma")
     assert set(gamma) == set(SHAPES)
@@ -82,12 +86,15 @@ def test_merge_of_extract_equals_float64_arithmetic(tmp_path, layout):
         )
 
 
-def test_alpha_scalar_and_patterns(tmp_path):
+def test_alpha_scalar_and_patterns(tmp_path, read_state, three_models):
     paths, pt, ft, ao = three_models(tmp_path, "single", torch.bfloat16)
     extract(paths["ao"], paths["ft"], tmp_path / "gamma")
     alpha, patterns = parse_alpha_arguments(["0.5", "model.layers.*=2", "model.layers.1.*=-1", "action_head.*=0"])
     merge(paths["pt"], tmp_path / "gamma", tmp_path / "meta", alpha=alpha, alpha_patterns=patterns)
-    scale = lambda name: alpha_for(name, alpha, patterns)
+
+    def scale(name):
+        return alpha_for(name, alpha, patterns)
+
     assert (
         scale("model.layers.1.mlp.weight") == -1
         and scale("model.layers.0.attn.bias") == 2
@@ -99,8 +106,8 @@ def test_alpha_scalar_and_patterns(tmp_path):
     assert torch.equal(actual["action_head.weight"], pt["action_head.weight"])  # alpha 0: copied byte for byte
 
 
-def test_include_exclude_and_dtype(tmp_path):
-    paths, pt, ft, ao = three_models(tmp_path)
+def test_include_exclude_and_dtype(tmp_path, three_models):
+    paths, _, ft, ao = three_models(tmp_path)
     gamma = extract(
         paths["ao"], paths["ft"], tmp_path / "gamma", include=["model.*"], exclude=["*.bias"], dtype="bfloat16"
     )
@@ -123,7 +130,7 @@ def test_include_exclude_and_dtype(tmp_path):
     )
 
 
-def test_task_vector_and_inspect(tmp_path):
+def test_task_vector_and_inspect(tmp_path, three_models):
     paths, pt, ft, ao = three_models(tmp_path)
     extract(paths["ao"], paths["ft"], tmp_path / "gamma", pretrained=paths["pt"], task_vector_output=tmp_path / "tau")
     tau = open_vector(tmp_path / "tau")
@@ -143,7 +150,7 @@ def test_task_vector_and_inspect(tmp_path):
     assert report.plot(tmp_path / "plot.png").stat().st_size > 1000
 
 
-def test_vector_arithmetic_is_lazy_and_exact(tmp_path):
+def test_vector_arithmetic_is_lazy_and_exact(tmp_path, three_models):
     paths, pt, ft, ao = three_models(tmp_path)
     gamma = extract(paths["ao"], paths["ft"])
     tau = extract(paths["ft"], paths["pt"])
@@ -188,7 +195,7 @@ def test_truncated_svd_error_matches_dropped_singular_values():
         ) == pytest.approx(error, rel=1e-3, abs=1e-6)
 
 
-def test_low_rank_vector_round_trip_and_merge(tmp_path):
+def test_low_rank_vector_round_trip_and_merge(tmp_path, random_state, read_state, write_checkpoint):
     pt = random_state({"a.weight": (48, 32), "a.bias": (48,)})
     generator = torch.Generator().manual_seed(3)
     delta = torch.randn(48, 3, generator=generator) @ torch.randn(3, 32, generator=generator)  # rank 3 exactly
@@ -221,7 +228,19 @@ shape = st.lists(st.integers(1, 9), min_size=1, max_size=3).map(tuple)
     layout=st.sampled_from(["single", "sharded", "bin"]),
     seed=st.integers(0, 1000),
 )
-def test_property_merge_extract(tmp_path_factory, shapes, dtype, extra_ft, alpha, layout, seed):
+def test_property_merge_extract(
+    tmp_path_factory,
+    shapes,
+    dtype,
+    extra_ft,
+    alpha,
+    layout,
+    seed,
+    perturbed,
+    random_state,
+    read_state,
+    write_checkpoint,
+):
     tmp_path = tmp_path_factory.mktemp("prop")
     pt = random_state(shapes, dtype, seed)
     ft, ao = perturbed(pt, seed + 1), perturbed(pt, seed + 2)

@@ -125,6 +125,7 @@ def _command_evaluate(args: argparse.Namespace) -> None:
 
     from capvector.bench.env.evaluation import ExpertPolicy, evaluate
     from capvector.bench.recipe import load_trained
+    from capvector.files import write_json
 
     if (args.policy is None) == (not args.expert):
         raise CapvectorError("give a policy folder to evaluate, or --expert for the scripted experts (not both)")
@@ -147,15 +148,15 @@ def _command_evaluate(args: argparse.Namespace) -> None:
         )
     print(f"{'mean':<24} {result.success_rate:6.1%}  ({result.variant}, {result.wall_s:.0f} s)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result.to_dict(), f, indent=2)
+        write_json(args.json, result.to_dict())
 
 
 def _command_reproduce(args: argparse.Namespace) -> None:
+    from capvector.bench.experiment.layout import RunLayout
     from capvector.bench.experiment.reproduce import reproduce
 
     folder = reproduce(args.preset, out_dir=args.out, force=args.force, device=args.device)
-    print(f"report: {folder / 'report' / 'report.md'}")
+    print(f"report: {RunLayout(folder).report_file}")
 
 
 def _command_headroom(args: argparse.Namespace) -> None:

@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from capvector.bench.experiment.protocol import METHODS, PRESETS
+from capvector.bench.experiment.reproduce import STAGES, reproduce
 from capvector.bench.policy.modeling_policy import Policy
-from capvector.bench.experiment.reproduce import METHODS, PRESETS, STAGES, reproduce
 from capvector.errors import CapvectorError
 
 pytestmark = pytest.mark.slow

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from capvector.bench.env.sim import SimEnv, depth_to_points, intrinsics
+from capvector.bench.env.camera import depth_to_points, intrinsics
+from capvector.bench.env.sim import SimEnv
 from capvector.bench.env.tasks import SPLITS, TASKS, resolve_tasks
 from capvector.errors import CapvectorError
 

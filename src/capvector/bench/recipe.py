@@ -17,14 +17,15 @@ opens what the engine wrote (a policy folder, or a LoRA adapter folder applied t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from capvector.params.checkpoints import ADAPTER_CONFIG, open_checkpoint
-from capvector.errors import CapvectorError
-from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.bench.env.dataset import DemoDataset, read_meta
-from capvector.bench.policy.modeling_policy import CONFIG_NAME, Policy
 from capvector.bench.objectives.privileged import PrivilegedObjective
 from capvector.bench.objectives.spatial import SpatialObjective
+from capvector.bench.policy.configuration_policy import PolicyConfig
+from capvector.bench.policy.modeling_policy import CONFIG_NAME, Policy
+from capvector.errors import CapvectorError
+from capvector.params.checkpoints import ADAPTER_CONFIG, open_checkpoint
 
 
 def dataset_info(root: str | Path) -> tuple[dict, dict]:
@@ -58,7 +59,7 @@ def dataset(root: str, chunk_size: int = 8, depth: bool = True) -> DemoDataset:
     return DemoDataset(root, chunk_size=chunk_size, depth=depth)
 
 
-def spatial(dataset: str, **args: object) -> SpatialObjective:
+def spatial(dataset: str, **args: Any) -> SpatialObjective:
     """The Spatial Forcing analog with the cameras' fields of view read from `dataset`'s meta/info.json."""
     info, _ = dataset_info(dataset)
     fovy = {camera: facts["fovy"] for camera, facts in info["capvector"]["cameras"].items()}
@@ -72,6 +73,7 @@ def load_trained(path: str | Path, device: str = "cpu", base: str | Path | None 
     if not (path / ADAPTER_CONFIG).is_file():
         return Policy.from_pretrained(path, device).eval()
     weights = open_checkpoint(path, base=base)
+    assert weights.base is not None  # an adapter folder opens with its base
     try:
         policy = Policy(PolicyConfig.from_json(weights.base.root / CONFIG_NAME))
         policy.load_state_dict({name: weights[name] for name in weights})

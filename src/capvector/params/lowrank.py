@@ -54,7 +54,7 @@ class Factorization:
                 self.left, self.right, self.error = truncated_svd(matrix, self.rank)
         return self.left, self.right
 
-    def part(self, which: str) -> "FactorTensor":
+    def part(self, which: str) -> FactorTensor:
         return FactorTensor(self, which)
 
 

@@ -9,8 +9,8 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
-from capvector.params.checkpoints import Checkpoint, open_checkpoint
 from capvector.errors import CapvectorError
+from capvector.params.checkpoints import Checkpoint, open_checkpoint
 from capvector.params.lazy import Combination
 from capvector.params.streaming import OutputFile, OutputTensor, atomic_output, write_files
 from capvector.params.vectors import CapabilityVector, open_vector

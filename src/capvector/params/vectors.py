@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from capvector import __version__
-from capvector.params.checkpoints import Checkpoint, open_checkpoint
 from capvector.errors import CapvectorError
+from capvector.params.checkpoints import Checkpoint, open_checkpoint
 from capvector.params.lazy import (
     SAFETENSORS_DTYPES,
     Combination,

@@ -30,6 +30,7 @@ from capvector.files import atomic_path, read_json, remove, sha256_file, write_j
 from capvector.training.config import TrainConfig, config_hash, result_fields
 
 STATE_FILE = "trainer_state.pt"
+POLICY_DIR = "policy"  # out_dir/policy: the trained policy; checkpoints/step_N/policy: the policy at step N
 MANIFEST = "checkpoint.json"
 STEP_NAME = re.compile(r"step_(\d+)")
 
@@ -72,6 +73,11 @@ def all_rng_states(world: int) -> list[dict[str, Any]]:
 
 
 # ---- writing -----------------------------------------------------------------------------------------------
+
+
+def checkpoint_dir(out_dir: Path, step: int) -> Path:
+    """The folder of the checkpoint taken after `step` steps."""
+    return out_dir / "checkpoints" / f"step_{step:07d}"
 
 
 def checkpoint_dirs(out_dir: Path) -> list[Path]:
@@ -126,10 +132,10 @@ def save_checkpoint(
             "optimizer": optimizer.state_dict(),
             "rng": rngs,
         }
-        with atomic_path(out_dir / "checkpoints" / f"step_{step:07d}") as folder:
+        with atomic_path(checkpoint_dir(out_dir, step)) as folder:
             folder.mkdir(parents=True)
             torch.save(state, folder / STATE_FILE)
-            export_policy(policy, folder / "policy")
+            export_policy(policy, folder / POLICY_DIR)
             write_manifest(folder, step, config)
         if config.keep_checkpoints:
             for old in checkpoint_dirs(out_dir)[: -config.keep_checkpoints]:

@@ -36,9 +36,7 @@ from capvector.errors import CapvectorError
 from capvector.params.vectors import open_vector
 from capvector.training.auxiliary import AuxiliaryObjective
 from capvector.training.checkpointing import (
-    STATE_FILE as STATE_FILE,  # re-exported: the benchmark's pipeline finds checkpoints through this module
-)
-from capvector.training.checkpointing import (
+    POLICY_DIR,
     checkpoint_dirs,
     export_policy,
     read_checkpoint,
@@ -46,6 +44,9 @@ from capvector.training.checkpointing import (
     restore,
     save_checkpoint,
     seed_everything,
+)
+from capvector.training.checkpointing import (
+    STATE_FILE as STATE_FILE,  # re-exported: the benchmark's pipeline finds checkpoints through this module
 )
 from capvector.training.config import TrainConfig, checked, save_config
 from capvector.training.data import rank_batches, to_device
@@ -78,7 +79,7 @@ def train(
         run = setup(config, rank, world, device, state, policy, dataset, auxiliary, vector)
         loop(run)
         if rank == 0:
-            export_policy(run.model.policy, out_dir / "policy")
+            export_policy(run.model.policy, out_dir / POLICY_DIR)
         if world > 1:
             dist.barrier()
     return out_dir

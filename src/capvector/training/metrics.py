@@ -19,6 +19,8 @@ from tqdm import tqdm
 
 from capvector.training.config import TrainConfig
 
+METRICS_FILE = "metrics.jsonl"
+
 
 class Stopwatch:
     """Seconds spent in named parts, accumulated between log lines (on CUDA each lap waits for the device)."""
@@ -72,7 +74,7 @@ class Metrics:
         self.bar = tqdm(total=config.steps, initial=start, disable=not (active and config.progress), dynamic_ncols=True)
         self.file, self.writer = None, None
         if active:
-            path = out_dir / "metrics.jsonl"
+            path = out_dir / METRICS_FILE
             if path.exists():
                 kept = [line for line in path.read_text().splitlines() if step_of(line) <= start]
                 path.write_text("".join(line + "\n" for line in kept))

@@ -19,7 +19,7 @@ from capvector.files import content_hash, read_json
 from capvector.params.checkpoints import read_safetensors_header
 from capvector.params.merging import MERGE_RECORD
 from capvector.params.vectors import open_vector
-from capvector.training.checkpointing import checkpoint_dirs
+from capvector.training.checkpointing import POLICY_DIR, checkpoint_dirs
 from capvector.training.config import TrainConfig
 
 Vector = Mapping[str, torch.Tensor]
@@ -43,7 +43,7 @@ def check_inputs(config: TrainConfig, world: int, given: set[str], vector: Vecto
         if config.strategy == "capvector" and config.check_merge:
             check_merged_from(config, vector)
         out_dir = Path(config.out_dir)
-        if not config.resume and (checkpoint_dirs(out_dir) or (out_dir / "policy").exists()):
+        if not config.resume and (checkpoint_dirs(out_dir) or (out_dir / POLICY_DIR).exists()):
             raise CapvectorError(
                 f"{out_dir} already holds a run; set resume=true to continue it or choose another out_dir"
             )

@@ -27,12 +27,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from capvector.bench.env.camera import CAMERAS
 from capvector.errors import CapvectorError
 
 CODEBASE_VERSION = "v2.1"
 FORMAT_VERSION = 1  # bump when the capvector-specific parts of the layout change
 CHUNKS_SIZE = 1000
-CAMERAS = ("scene", "wrist")
 DEPTH_SCALE = 1000.0  # stored depth units per metre
 # Privileged simulator facts, recorded for oracles and privileged auxiliary targets (never a learned policy's
 # input at evaluation, unless it is an oracle): the manipulated object's xyz (Meta-World obs[4:7]) and the

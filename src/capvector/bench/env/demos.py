@@ -8,20 +8,18 @@ the first episode the expert finishes successfully, so the dataset is a pure fun
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from capvector.bench.env import dataset as fmt
+from capvector.bench.env.camera import CAMERAS, intrinsics
 from capvector.bench.env.dataset import PRIVILEGED_KEY, PRIVILEGED_NAMES
 from capvector.bench.env.sim import (
     ACTION_DIM,
-    CAMERAS,
     MAX_ATTEMPTS,
     MAX_EPISODE_STEPS,
     SimEnv,
@@ -31,6 +29,7 @@ from capvector.bench.env.sim import (
 )
 from capvector.bench.env.tasks import instruction, resolve_tasks, task_index
 from capvector.errors import CapvectorError
+from capvector.files import atomic_path
 
 
 def record_episode(env: SimEnv, expert, placement_seed: int) -> dict | None:
@@ -101,6 +100,12 @@ def frame_table(frames: dict, episode_index: int, first_index: int, task: int, f
     return pa.table(columns)
 
 
+def camera_facts(fovy: float, size: int) -> dict[str, float]:
+    """A camera's field of view and pinhole intrinsics (capvector.bench.env.camera) for meta/info.json."""
+    K = intrinsics(fovy, size, size)
+    return {"fovy": fovy, "height": size, "width": size, "cx": K[0, 2], "cy": K[1, 2], "f": K[0, 0]}
+
+
 def info_json(
     episodes: list[dict],
     tasks: list[str],
@@ -112,7 +117,7 @@ def info_json(
     fps: float,
 ) -> dict:
     size = image_size
-    features = {
+    features: dict[str, dict[str, Any]] = {
         f"observation.images.{c}": {
             "dtype": "uint8",
             "shape": [3, size, size],
@@ -162,32 +167,14 @@ def info_json(
             "placement": placement,
             "seed": seed,
             "source": "metaworld scripted experts (metaworld.policies), successful episodes only",
-            "cameras": {
-                c: {
-                    "fovy": camera_fovy[c],
-                    "height": size,
-                    "width": size,
-                    "cx": (size - 1) / 2,
-                    "cy": (size - 1) / 2,
-                    "f": (size / 2) / np.tan(np.radians(camera_fovy[c]) / 2),
-                }
-                for c in CAMERAS
-            },
+            "cameras": {c: camera_facts(camera_fovy[c], size) for c in CAMERAS},
         },
     }
 
 
-def write_dataset(
-    root: Path,
-    episodes: list[dict],
-    tasks: list[str],
-    image_size: int,
-    seed: int,
-    variant: str,
-    placement: str,
-    camera_fovy: dict[str, float],
-    fps: float,
-) -> None:
+def write_dataset(root: Path, episodes: list[dict], tasks: list[str], info: dict[str, Any]) -> None:
+    """The dataset folder: the episodes' frames and meta/ with `info` (info_json's) as meta/info.json."""
+    fps = info["fps"]
     (root / "meta").mkdir(parents=True)
     first = 0
     rows = []
@@ -218,9 +205,7 @@ def write_dataset(
         "".join(json.dumps({"task_index": task_index(t), "task": instruction(t), "name": t}) + "\n" for t in tasks)
     )
     (meta / "episodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (meta / "info.json").write_text(
-        json.dumps(info_json(episodes, tasks, image_size, seed, variant, placement, camera_fovy, fps), indent=1)
-    )
+    (meta / "info.json").write_text(json.dumps(info, indent=1))
 
 
 def generate_demonstrations(
@@ -255,13 +240,7 @@ def generate_demonstrations(
     recorded.sort(key=lambda e: (order[e["name"]], e["slot"]))
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{int(time.time())}")
-    try:
-        write_dataset(tmp, recorded, tasks, image_size, seed, variant, placement, facts["camera_fovy"], facts["fps"])
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    with atomic_path(out_dir) as temporary:
+        info = info_json(recorded, tasks, image_size, seed, variant, placement, facts["camera_fovy"], facts["fps"])
+        write_dataset(temporary, recorded, tasks, info)
     return out_dir

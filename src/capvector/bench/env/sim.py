@@ -7,24 +7,20 @@ shadows, reflections, skybox and haze off and the buffer sized to the image. The
 from the physics model and data (`mjv_updateScene`), so goals, camera and colour edits made to the
 physics model show; only mesh geometry and GL settings come from the render copy.
 
-Cameras (images are (H, W, 3) uint8, row 0 at the top; depth is metres along the camera axis):
-- "scene": a fixed free camera looking at the table from the robot's right, slightly behind it, so the
-  sides of objects that face the robot (buttons, handles, locks) show, narrow enough that objects are
-  several pixels wide at 64x64 (the model's corner cameras are upside down and too wide).
-- "wrist": the model's `gripperPOV` camera on the gripper.
-Pinhole model (OpenCV axes, x right, y down, z forward): u = f * x / z + cx, v = f * y / z + cy with
-f = (H / 2) / tan(fovy / 2), cx = (W - 1) / 2, cy = (H - 1) / 2 (pixel centres at integer u, v).
+The cameras, their looks per variant and the pinhole model are in capvector.bench.env.camera.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes.util
-import math
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from capvector.bench.env.camera import CAMERAS, VARIANTS, Look
 from capvector.bench.env.dataset import PRIVILEGED_KEY, PRIVILEGED_NAMES
 from capvector.errors import CapvectorError
 
@@ -37,29 +33,8 @@ PLACEMENTS = {"default": 1.0, "wide": 2.5}
 # A decoy placement for the oracle's test: privileged positions taken from this many placement seeds further on.
 DECOY_SEED_OFFSET = 500_000
 MAX_EPISODE_STEPS = 500
-CAMERAS = ("scene", "wrist")
 WRIST_CAMERA = "gripperPOV"
 ROBOT_ROOT_BODY = "base"  # every mesh under this body is the Sawyer arm
-
-
-@dataclass(frozen=True)
-class Look:
-    """How a scene is shown: scene camera pose and field of view, lighting and table colour."""
-
-    lookat: tuple[float, float, float] = (0.0, 0.7, 0.05)
-    distance: float = 1.1
-    azimuth: float = 150.0  # degrees, MuJoCo free-camera convention (90: from behind the robot, -90: from the front)
-    elevation: float = -40.0
-    fovy: float = 40.0
-    light_scale: float = 1.0  # multiplies the diffuse light of the headlight and the model's lights
-    table_rgba: tuple[float, float, float, float] | None = None  # None keeps the model's
-
-
-# "new_env" is the out-of-domain variant: the scene camera moved, dimmer light, a plain grey-green table.
-VARIANTS = {
-    "default": Look(),
-    "new_env": Look(azimuth=170.0, elevation=-34.0, distance=1.15, light_scale=0.7, table_rgba=(0.42, 0.48, 0.4, 1.0)),
-}
 
 
 def select_gl_backend() -> str:
@@ -208,10 +183,8 @@ class FastRenderer:
             self._gl = None
 
     def __del__(self):
-        try:
+        with contextlib.suppress(Exception):  # at interpreter exit the EGL display may already be gone
             self.close()
-        except Exception:  # at interpreter exit the EGL display may already be gone
-            pass
 
 
 def linear_depth(zbuffer: np.ndarray, model: mujoco.MjModel) -> np.ndarray:
@@ -221,22 +194,6 @@ def linear_depth(zbuffer: np.ndarray, model: mujoco.MjModel) -> np.ndarray:
     c = -0.5 * (-(far + near) / (far - near)) - 0.5
     d = -0.5 * (-(2 * far * near) / (far - near))
     return (d / (zbuffer.astype(np.float64) + c)).astype(np.float32)
-
-
-def intrinsics(fovy: float, height: int, width: int) -> np.ndarray:
-    """3x3 pinhole matrix K (OpenCV axes) for a camera with vertical field of view `fovy` degrees."""
-    f = (height / 2) / math.tan(math.radians(fovy) / 2)
-    return np.array([[f, 0, (width - 1) / 2], [0, f, (height - 1) / 2], [0, 0, 1]])
-
-
-def depth_to_points(depth: np.ndarray, fovy: float) -> np.ndarray:
-    """Camera-frame 3D points (H, W, 3) from a depth map (H, W) in metres (OpenCV axes)."""
-    height, width = depth.shape
-    K = intrinsics(fovy, height, width)
-    v, u = np.mgrid[0:height, 0:width]
-    x = (u - K[0, 2]) / K[0, 0] * depth
-    y = (v - K[1, 2]) / K[1, 1] * depth
-    return np.stack([x, y, depth], axis=-1)
 
 
 @dataclass
@@ -249,9 +206,9 @@ class SimEnv:
     decimate: bool = True
     placement: str = "default"
     decoy: bool = False  # privileged positions from another placement (moved as the real ones move)
-    env: object = field(init=False, repr=False)
+    env: Any = field(init=False, repr=False)  # Meta-World's environment (untyped)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         from capvector.bench.env.tasks import check_task
 
         check_task(self.task)
@@ -274,7 +231,7 @@ class SimEnv:
         self.cameras = {"scene": scene_camera(self.look), "wrist": fixed_camera(self.env.model, WRIST_CAMERA)}
         self.camera_fovy = {"scene": self.look.fovy, "wrist": float(self.env.model.cam(WRIST_CAMERA).fovy[0])}
         self.renderer = FastRenderer(self.env.model, self.image_size, self.image_size, decimate=self.decimate)
-        self.obs = None
+        self.obs: Any = None  # Meta-World's 39-d observation after the last reset or step
 
     def reset(self, placement_seed: int) -> np.ndarray:
         """Reset to the placement drawn from `placement_seed`; returns Meta-World's 39-d observation."""
@@ -308,7 +265,7 @@ class SimEnv:
         for camera in CAMERAS:
             rgb, dep = self.render(camera, depth=depth)
             out[f"observation.images.{camera}"] = np.ascontiguousarray(rgb.transpose(2, 0, 1))
-            if depth:
+            if dep is not None:  # rendered when `depth`
                 out[f"observation.depth.{camera}"] = dep[None]
         return out
 

@@ -32,7 +32,7 @@ from capvector.bench import recipe
 from capvector.bench.env.dataset import PRIVILEGED_DIM
 from capvector.bench.env.sim import PLACEMENTS, parallel_map
 from capvector.bench.env.tasks import resolve_tasks
-from capvector.bench.experiment.reproduce import checkpoint_folder
+from capvector.bench.experiment.layout import HeadroomLayout, checkpoint_folder
 from capvector.bench.experiment.statistics import bootstrap_mean, paired_difference, resolvable_difference
 from capvector.errors import CapvectorError
 from capvector.files import content_hash, read_json, write_json, write_text
@@ -109,14 +109,14 @@ def run_name(config: HeadroomConfig, arm: str) -> str:
     return f"control_w{config.control_weight:g}" if arm == "control" else arm
 
 
-def train_config(config: HeadroomConfig, root: Path, arm: str, seed: int) -> TrainConfig:
-    demos = str(root / "demos")
+def train_config(config: HeadroomConfig, layout: HeadroomLayout, arm: str, seed: int) -> TrainConfig:
+    demos = str(layout.demos)
     oracle = {"privileged_dim": PRIVILEGED_DIM} if arm == "oracle" else {}
     return TrainConfig(
         strategy="aux" if arm == "control" else "sft",
         auxiliary="capvector.bench.recipe:privileged" if arm == "control" else "",
         auxiliary_args={"weight": config.control_weight} if arm == "control" else {},
-        out_dir=str(root / "train" / run_name(config, arm) / f"seed{seed}"),
+        out_dir=str(layout.training(run_name(config, arm), seed)),
         steps=config.budgets[-1],
         lr=config.lr,
         min_lr=config.lr / 10,
@@ -144,8 +144,8 @@ def train_arm(config: TrainConfig) -> str:
     return str(out_dir)
 
 
-def policy_at(root: Path, name: str, seed: int, steps: int) -> Path:
-    return checkpoint_folder(root / "train" / name / f"seed{seed}", steps)
+def policy_at(layout: HeadroomLayout, name: str, seed: int, steps: int) -> Path:
+    return checkpoint_folder(layout.training(name, seed), steps)
 
 
 def evaluations(config: HeadroomConfig) -> list[tuple[str, str, int, int, bool]]:
@@ -156,15 +156,15 @@ def evaluations(config: HeadroomConfig) -> list[tuple[str, str, int, int, bool]]
     return [(f"{a}/seed{s}/step{b}{'/decoy' if d else ''}", a, s, b, d) for a, s, b, d in runs]
 
 
-def evaluate_all(config: HeadroomConfig, root: Path) -> dict:
+def evaluate_all(config: HeadroomConfig, layout: HeadroomLayout) -> dict:
     from capvector.bench.env.evaluation import evaluate
 
-    path = root / "evaluate" / "results.json"
+    path = layout.evaluations
     path.parent.mkdir(parents=True, exist_ok=True)
     results = read_json(path) or {}
     todo = [e for e in evaluations(config) if e[0] not in results]
     for done, (name, arm, seed, steps, decoy) in enumerate(todo, 1):
-        factory = functools.partial(recipe.load_trained, policy_at(root, arm, seed, steps))
+        factory = functools.partial(recipe.load_trained, policy_at(layout, arm, seed, steps))
         outcome = evaluate(
             factory,
             config.tasks,
@@ -312,22 +312,24 @@ def headroom(regime: str | HeadroomConfig = "wide", out_dir: str | Path = "runs/
         regime = dataclasses.replace(REGIMES[regime])
     config = regime
     check_config(config)
-    root = Path(out_dir, config.regime).resolve()
+    layout = HeadroomLayout(Path(out_dir, config.regime).resolve())
     # Arms are separate runs in folders named by what shapes them (run_name): adding an arm, or another control
     # weight, to a finished run folder trains and evaluates only that arm.
     key = content_hash({k: v for k, v in dataclasses.asdict(config).items() if k not in ("arms", "control_weight")})
-    recorded = read_json(root / "config.json")
+    recorded = read_json(layout.config)
     if recorded and recorded.get("key") != key:
-        raise CapvectorError(f"{root} holds a headroom run of another config; remove it or choose another out_dir")
-    root.mkdir(parents=True, exist_ok=True)
-    write_json(root / "config.json", {"key": key, "config": dataclasses.asdict(config)})
+        raise CapvectorError(
+            f"{layout.root} holds a headroom run of another config; remove it or choose another out_dir"
+        )
+    layout.root.mkdir(parents=True, exist_ok=True)
+    write_json(layout.config, {"key": key, "config": dataclasses.asdict(config)})
     started = time.perf_counter()
-    if not (root / "demos").exists():
+    if not layout.demos.exists():
         from capvector.bench.env.demos import generate_demonstrations
 
         print(f"demonstrations: {len(config.tasks)} tasks x {config.demos_per_task}, placement {config.placement}")
         generate_demonstrations(
-            root / "demos",
+            layout.demos,
             config.tasks,
             config.demos_per_task,
             seed=config.demo_seed,
@@ -335,14 +337,13 @@ def headroom(regime: str | HeadroomConfig = "wide", out_dir: str | Path = "runs/
             workers=config.workers,
             placement=config.placement,
         )
-    jobs = [(train_config(config, root, arm, seed),) for seed in config.seeds for arm in config.arms]
+    jobs = [(train_config(config, layout, arm, seed),) for seed in config.seeds for arm in config.arms]
     print(f"training {len(jobs)} runs of {config.budgets[-1]} steps, {config.workers} at a time")
     parallel_map(train_arm, jobs, config.workers)
     print(f"trained in {time.perf_counter() - started:.0f} s; evaluating")
-    summary = summarize(evaluate_all(config, root), config)
-    report = root / "report"
-    report.mkdir(exist_ok=True)
-    write_json(report / "results.json", summary)
-    write_text(report / "report.md", report_markdown(summary))
-    print(f"done in {time.perf_counter() - started:.0f} s: {report / 'report.md'}")
-    return report
+    summary = summarize(evaluate_all(config, layout), config)
+    layout.report.mkdir(exist_ok=True)
+    write_json(layout.report_results, summary)
+    write_text(layout.report_file, report_markdown(summary))
+    print(f"done in {time.perf_counter() - started:.0f} s: {layout.report_file}")
+    return layout.report

@@ -11,24 +11,29 @@ import json
 import statistics
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-import torch
-
-from capvector.params.checkpoints import open_checkpoint
-from capvector.params.inspection import inspect
-from capvector.params.vectors import open_vector
+from capvector.bench.env.camera import VARIANTS
 from capvector.bench.env.evaluation import wilson_interval
-from capvector.bench.experiment.reproduce import (
+from capvector.bench.experiment.layout import PLOTS, RESULTS_FILE, RunLayout, metrics_file, wall_file
+from capvector.bench.experiment.protocol import (
+    LONG_METHODS,
     METHODS,
-    SPLITS,
-    STAGES,
-    VARIANTS,
-    checkpoints_to_evaluate,
+    ReproduceConfig,
+    alpha_ablation,
+    evaluated_checkpoints,
+    evaluation_key,
+    evaluation_name,
+    lambda_ablation,
+    long_ablation,
     long_checkpoints,
-    merged_path,
+    run_name,
+    split_tasks,
 )
-from capvector.bench.env.tasks import resolve_tasks
-
+from capvector.files import write_json, write_text
+from capvector.params.checkpoints import open_checkpoint
+from capvector.params.inspection import InspectReport, inspect
+from capvector.params.vectors import CapabilityVector, difference, open_vector
 
 # ---- the numbers --------------------------------------------------------------------------------------------------
 
@@ -53,24 +58,33 @@ def pooled(records: list[Mapping]) -> dict:
     }
 
 
-def along_gamma(
-    checkpoint: str | Path, pretrained: Path, gamma: Mapping[str, torch.Tensor], base: str | None = None
-) -> dict:
+class Evaluations:
+    """evaluate/results.json, looked up by training run folder, step and variant."""
+
+    def __init__(self, layout: RunLayout):
+        self.layout, self.records = layout, json.loads(layout.evaluations.read_text())
+
+    def record(self, folder: Path, steps: int, variant: str, task: str | None = None) -> dict:
+        record = self.records[evaluation_key(evaluation_name(self.layout, folder, steps), variant)]
+        return record if task is None else {"tasks": {task: record["tasks"][task]}}
+
+    def pooled(self, folders: list[Path], steps: int, variant: str, task: str | None = None) -> dict:
+        return pooled([self.record(folder, steps, variant, task) for folder in folders])
+
+    def variants(self, folder: Path, steps: int) -> dict[str, dict]:
+        """One run's checkpoint in every variant."""
+        return {v: self.pooled([folder], steps, v) for v in VARIANTS}
+
+
+def along_gamma(checkpoint: str | Path, pretrained: Path, gamma: CapabilityVector, base: str | None = None) -> dict:
     """Where a checkpoint sits relative to gamma: retention <theta - theta_pt, gamma> / |gamma|^2 (alpha right after
     the merge, washed out toward 0) and distance |theta - theta_pt| / |gamma| (how large the moves are next to it)."""
-    weights, start = open_checkpoint(checkpoint, base=base), open_checkpoint(pretrained)
+    moved = difference(open_checkpoint(checkpoint, base=base), open_checkpoint(pretrained), roles=("run", "start"))
     try:
-        dot = gamma_sq = moved_sq = 0.0
-        for name, g in gamma.items():
-            g, moved = g.double(), weights[name].double() - start[name].double()
-            dot, gamma_sq, moved_sq = (
-                dot + float((moved * g).sum()),
-                gamma_sq + float((g * g).sum()),
-                moved_sq + float((moved * moved).sum()),
-            )
+        products = moved.tensor_products(gamma).values()  # per tensor (|moved|^2, |gamma|^2, <moved, gamma>)
+        moved_sq, gamma_sq, dot = (sum(p[i] for p in products) for i in range(3))
     finally:
-        weights.close()
-        start.close()
+        moved.close()
     return {
         "retention": dot / gamma_sq if gamma_sq else 0.0,
         "distance": (moved_sq / gamma_sq) ** 0.5 if gamma_sq else 0.0,
@@ -79,17 +93,16 @@ def along_gamma(
 
 def run_timing(folder: Path) -> dict:
     """ms per training step (median over logged intervals, the first dropped as warm-up), wall seconds, parts."""
-    lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    lines = [json.loads(line) for line in metrics_file(folder).read_text().splitlines() if line.strip()]
     steady = lines[1:] or lines
     parts = sorted({k for line in steady for k in line if k.startswith("time/")})
-    wall = json.loads((folder / "wall.json").read_text())
     return {
         "step_ms": statistics.median(1000 / line["steps_per_s"] for line in steady),
         "parts_ms": {
             k.removeprefix("time/").removesuffix("_ms"): statistics.median(line.get(k, 0.0) for line in steady)
             for k in parts
         },
-        "train_seconds": wall["seconds"],
+        "train_seconds": json.loads(wall_file(folder).read_text())["seconds"],
         "steps": lines[-1]["step"],
     }
 
@@ -105,112 +118,104 @@ def median_timing(runs: list[dict]) -> dict:
     }
 
 
-def build_results(run) -> dict:
-    """Every number of the run, from its stage folders, as one JSON-able dictionary."""
-    config, seeds, budgets, last = run.config, run.config.seeds, run.config.budgets, run.config.budgets[-1]
-    tasks = resolve_tasks(config.downstream_tasks)
-    evaluations = json.loads(run.path("evaluate", "results.json").read_text())
-
-    def evaluated(name: str, variant: str, task: str | None = None) -> dict:
-        record = evaluations[f"{name}@{variant}"]
-        return record if task is None else {"tasks": {task: record["tasks"][task]}}
-
-    def downstream(method: str, seed: int, steps: int) -> str:
-        return f"downstream/{method}/seed{seed}/step{steps}"
-
-    success = {
-        m: {v: {str(b): pooled([evaluated(downstream(m, s, b), v) for s in seeds]) for b in budgets} for v in VARIANTS}
-        for m in config.methods
-    }
-    per_task = {
-        m: {v: {t: pooled([evaluated(downstream(m, s, last), v, t) for s in seeds]) for t in tasks} for v in VARIANTS}
-        for m in config.methods
-    }
+def success_results(config: ReproduceConfig, layout: RunLayout, evaluations: Evaluations) -> dict[str, Any]:
+    """Pooled success per method, variant and budget; per task at the largest budget; steps to the threshold."""
+    budgets, last = config.budgets, config.budgets[-1]
+    runs = {m: [layout.downstream(m, s) for s in config.seeds] for m in config.methods}
+    success = {m: {v: {str(b): evaluations.pooled(runs[m], b, v) for b in budgets} for v in VARIANTS} for m in runs}
+    tasks = split_tasks(config)["downstream"]
+    per_task = {m: {v: {t: evaluations.pooled(runs[m], last, v, t) for t in tasks} for v in VARIANTS} for m in runs}
     threshold = {
         m: {
             v: next((b for b in budgets if success[m][v][str(b)]["rate"] >= config.success_threshold), None)
             for v in VARIANTS
         }
-        for m in config.methods
+        for m in runs
     }
-    timing = {
-        m: median_timing([run_timing(run.path("downstream", m, f"seed{s}")) for s in seeds]) for m in config.methods
-    }
-    timing |= {name: run_timing(run.path(*name.split("/"))) for name in ("pretrain", "extract/sft", "extract/aux")}
+    return {"success": success, "success_per_task": per_task, "steps_to_threshold": threshold}
 
-    gamma, pretrained = open_vector(run.path("vector", "gamma")), run.path("pretrain", "policy")
-    where = checkpoints_to_evaluate(run)
 
-    def shifted(name: str) -> dict:
-        path, base = where[name]
+def timing_results(config: ReproduceConfig, layout: RunLayout) -> dict[str, dict]:
+    """Step times of every downstream method (medians over seeds) and of the pretraining and extraction runs."""
+    timing = {m: median_timing([run_timing(layout.downstream(m, s)) for s in config.seeds]) for m in config.methods}
+    for folder in (layout.pretrain, *(layout.extract(strategy) for strategy in ("sft", "aux"))):
+        timing[run_name(layout, folder)] = run_timing(folder)
+    return timing
+
+
+def gamma_results(config: ReproduceConfig, layout: RunLayout, evaluations: Evaluations) -> dict[str, Any]:
+    """Where the runs end along gamma, and the ablations (alpha, lambda, long runs) with their success rates."""
+    seed, last, pretrained = config.seeds[0], config.budgets[-1], layout.pretrained
+    checkpoints = evaluated_checkpoints(config, layout)
+    main = layout.downstream("capvector", seed)
+    gamma = open_vector(layout.gamma)
+
+    def shifted(folder: Path, steps: int) -> dict:
+        path, base = checkpoints[evaluation_name(layout, folder, steps)]
         return along_gamma(path, pretrained, gamma, base)
 
     try:
-        shift = {m: [shifted(downstream(m, s, last)) for s in seeds] for m in config.methods}
-        main = downstream("capvector", seeds[0], last)
+        shift = {m: [shifted(layout.downstream(m, s), last) for s in config.seeds] for m in config.methods}
         alphas = [
             {
                 "alpha": alpha,
-                **{
-                    v: pooled([evaluated(main if alpha == config.alpha else f"ablations/alpha{alpha:g}/step{last}", v)])
-                    for v in VARIANTS
-                },
-                "theta_meta_retention": along_gamma(merged_path(run, alpha), pretrained, gamma)["retention"],
+                **evaluations.variants(main if alpha == config.alpha else layout.ablation(alpha_ablation(alpha)), last),
+                "theta_meta_retention": along_gamma(layout.theta_meta(alpha), pretrained, gamma)["retention"],
             }
             for alpha in [config.alpha, *config.alphas]
         ]
         lambdas = [
             {
                 "lambda": value,
-                **{
-                    v: pooled(
-                        [evaluated(main if value == config.orth_lambda else f"ablations/lambda{value:g}/step{last}", v)]
-                    )
-                    for v in VARIANTS
-                },
+                **evaluations.variants(
+                    main if value == config.orth_lambda else layout.ablation(lambda_ablation(value)), last
+                ),
             }
             for value in [config.orth_lambda, *config.lambdas]
         ]
         long = {
             m: [
-                {
-                    "step": s,
-                    **{v: pooled([evaluated(f"ablations/long_{m}/step{s}", v)]) for v in VARIANTS},
-                    **shifted(f"ablations/long_{m}/step{s}"),
-                }
-                for s in long_checkpoints(config)
+                {"step": steps, **evaluations.variants(folder, steps), **shifted(folder, steps)}
+                for folder in (layout.ablation(long_ablation(m)),)
+                for steps in long_checkpoints(config)
             ]
-            for m in ("meta_sft", "capvector")
+            for m in LONG_METHODS
         }
-        vector = inspect(gamma, against=run.path("vector", "tau"), base=pretrained).to_dict()
     finally:
         gamma.close()
+    along = {
+        m: {
+            "retention": statistics.mean(r["retention"] for r in rows),
+            "distance": statistics.mean(r["distance"] for r in rows),
+            "per_seed": rows,
+        }
+        for m, rows in shift.items()
+    }
+    return {"along_gamma": along, "ablations": {"alpha": alphas, "lambda": lambdas, "long": long}}
+
+
+def build_results(
+    config: ReproduceConfig, layout: RunLayout, vector: InspectReport, stage_seconds: Mapping[str, float | None]
+) -> dict:
+    """Every number of the run, from its stage folders, as one JSON-able dictionary."""
+    evaluations, inspected = Evaluations(layout), vector.to_dict()
+    total = inspected["total"]
     return {
         "preset": config.preset,
         "note": config.note,
         "config": dataclasses.asdict(config),
-        "methods": {m: METHODS[m][0] for m in config.methods},
-        "tasks": {split: resolve_tasks(getattr(config, f"{split}_tasks")) for split in SPLITS},
-        "success": success,
-        "success_per_task": per_task,
-        "steps_to_threshold": threshold,
-        "timing": timing,
+        "methods": {m: METHODS[m].label for m in config.methods},
+        "tasks": split_tasks(config),
+        **success_results(config, layout, evaluations),
+        "timing": timing_results(config, layout),
         "gamma": {
-            "norm": vector["total"]["norm"],
-            "relative_to_pretrained": vector["total"]["relative_to_base"],
-            "cosine_with_tau": vector["total"]["cosine"],
-            "layers": vector["layers"],
+            "norm": total["norm"],
+            "relative_to_pretrained": total["relative_to_base"],
+            "cosine_with_tau": total["cosine"],
+            "layers": inspected["layers"],
         },
-        "along_gamma": {
-            m: {
-                "retention": statistics.mean(r["retention"] for r in rows),
-                "distance": statistics.mean(r["distance"] for r in rows),
-                "per_seed": rows,
-            }
-            for m, rows in shift.items()
-        },
-        "ablations": {"alpha": alphas, "lambda": lambdas, "long": long},
-        "stage_seconds": {name: run.record(name).get("seconds") for name in STAGES},
+        **gamma_results(config, layout, evaluations),
+        "stage_seconds": dict(stage_seconds),
     }
 
 
@@ -443,7 +448,7 @@ def markdown(results: Mapping) -> str:
         "## The capability vector",
         "",
         f"|gamma| = {gamma['norm']:.4g} ({gamma['relative_to_pretrained']:.3g} of |theta_pt|), cosine with "
-        f"tau = {gamma['cosine_with_tau']:.3f}; per layer in `gamma_layers.png`. Where the downstream runs end "
+        f"tau = {gamma['cosine_with_tau']:.3f}; per layer in `{PLOTS['gamma']}`. Where the downstream runs end "
         f"after {budgets[-1]} steps (means over seeds):",
         "",
         "| method | gamma retained: <theta - theta_pt, gamma> / abs(gamma)^2 | abs(theta - theta_pt) / abs(gamma) |",
@@ -455,7 +460,7 @@ def markdown(results: Mapping) -> str:
     lines += [f"- {line}" for line in findings(results)]
     lines += [
         "",
-        "Plots: `success_vs_steps.png`, `step_time.png`, `gamma_layers.png`. Every number is in `results.json`.",
+        f"Plots: {', '.join(f'`{name}`' for name in PLOTS.values())}. Every number is in `{RESULTS_FILE}`.",
         "",
     ]
     return "\n".join(lines)
@@ -510,16 +515,14 @@ def plot_step_time(results: Mapping, path: Path) -> None:
     plt.close(figure)
 
 
-def write_report(run) -> Path:
+def write_report(config: ReproduceConfig, layout: RunLayout, stage_seconds: Mapping[str, float | None]) -> Path:
     """results.json, report.md and the plots into the run's report folder; returns report.md's path."""
-    folder = run.path("report")
-    folder.mkdir(parents=True, exist_ok=True)
-    results = build_results(run)
-    (folder / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    plot_success(results, folder / "success_vs_steps.png")
-    plot_step_time(results, folder / "step_time.png")
-    inspect(run.path("vector", "gamma"), against=run.path("vector", "tau"), base=run.path("pretrain", "policy")).plot(
-        folder / "gamma_layers.png"
-    )
-    (folder / "report.md").write_text(markdown(results))
-    return folder / "report.md"
+    layout.report.mkdir(parents=True, exist_ok=True)
+    vector = inspect(layout.gamma, against=layout.tau, base=layout.pretrained)
+    results = build_results(config, layout, vector, stage_seconds)
+    write_json(layout.report_results, results)
+    plot_success(results, layout.plot("success"))
+    plot_step_time(results, layout.plot("step_time"))
+    vector.plot(layout.plot("gamma"))
+    write_text(layout.report_file, markdown(results))
+    return layout.report_file

@@ -17,27 +17,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from capvector.training.auxiliary import AuxiliaryObjective
-from capvector.errors import CapvectorError
+from capvector.bench.env.camera import pixel_rays
 from capvector.bench.policy.configuration_policy import PolicyConfig
-
-
-def pixel_rays(fovy: float, height: int, width: int, stride: int = 1) -> torch.Tensor:
-    """(h, w, 3) rays ((u - cx) / f, (v - cy) / f, 1) at pixels (v, u) on a grid of step `stride`.
-
-    The pinhole model of capvector.bench.env.sim.intrinsics: f = (H / 2) / tan(fovy / 2), principal point
-    at ((W - 1) / 2, (H - 1) / 2), OpenCV axes; a ray times the depth is the camera-frame point.
-    """
-    f = (height / 2) / math.tan(math.radians(fovy) / 2)
-    v = (torch.arange(stride // 2, height, stride, dtype=torch.float32) - (height - 1) / 2) / f
-    u = (torch.arange(stride // 2, width, stride, dtype=torch.float32) - (width - 1) / 2) / f
-    return torch.stack([u.expand(len(v), -1), v[:, None].expand(-1, len(u)), torch.ones(len(v), len(u))], dim=-1)
+from capvector.errors import CapvectorError
+from capvector.training.auxiliary import AuxiliaryObjective
 
 
 def patch_point_features(points: torch.Tensor, frequencies: torch.Tensor, grid: int) -> torch.Tensor:
@@ -60,6 +49,7 @@ class SpatialObjective(AuxiliaryObjective):
     """
 
     LAYOUT = ("cameras", "image_size", "patch_grid", "dim")  # what the projector and rays were built for
+    frequencies: torch.Tensor
 
     def __init__(
         self,
@@ -97,7 +87,12 @@ class SpatialObjective(AuxiliaryObjective):
             raise CapvectorError(f"spatial objective: it was built for another policy; its {self.LAYOUT} differ")
         self.layer = self.layer or config.hook_layer
         super().attach(policy)
-        self._visual = policy.visual_token_slice
+        self._visual = cast(slice, policy.visual_token_slice)
+
+    def _built(self) -> tuple[PolicyConfig, nn.Module]:
+        if self.config is None or self.projector is None:
+            raise CapvectorError("spatial objective: attach it to the policy (attach(policy)) before using it")
+        return self.config, self.projector
 
     def _build(self, config: PolicyConfig) -> None:
         missing = [camera for camera in config.cameras if camera not in self.fovy]
@@ -112,8 +107,8 @@ class SpatialObjective(AuxiliaryObjective):
         self.stride = max(size // (grid * self.samples_per_patch), 1)
         device = self.frequencies.device
         for camera in config.cameras:
-            rays = pixel_rays(self.fovy[camera], size, size, self.stride).to(device)
-            self.register_buffer(f"rays_{camera}", rays, persistent=False)
+            rays = torch.as_tensor(pixel_rays(self.fovy[camera], size, size, self.stride), dtype=torch.float32)
+            self.register_buffer(f"rays_{camera}", rays.to(device), persistent=False)
         self.projector = nn.Sequential(
             nn.LayerNorm(config.dim),
             nn.Linear(config.dim, 2 * config.dim),
@@ -124,9 +119,10 @@ class SpatialObjective(AuxiliaryObjective):
     @torch.no_grad()
     def targets(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """(B, cameras * grid**2, 2F) teacher features, in the order of the policy's visual tokens."""
+        config, _ = self._built()
         per_camera = []
         start = self.stride // 2
-        for camera in self.config.cameras:
+        for camera in config.cameras:
             key = f"observation.depth.{camera}"
             if key not in batch:
                 raise CapvectorError(
@@ -135,8 +131,9 @@ class SpatialObjective(AuxiliaryObjective):
                 )
             depth = batch[key].to(self.frequencies.device)[:, 0, start :: self.stride, start :: self.stride]
             points = getattr(self, f"rays_{camera}") * depth.clamp(0, self.max_depth).unsqueeze(-1)
-            per_camera.append(patch_point_features(points, self.frequencies, self.config.patch_grid))
+            per_camera.append(patch_point_features(points, self.frequencies, config.patch_grid))
         return torch.cat(per_camera, dim=1)
 
     def compute(self, features: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
-        return cosine_alignment_loss(self.projector(features[:, self._visual]), self.targets(batch))
+        _, projector = self._built()
+        return cosine_alignment_loss(projector(features[:, self._visual]), self.targets(batch))

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from capvector.bench.env.camera import CAMERAS
 from capvector.errors import CapvectorError
 
 STATE_KEY = "observation.state"
@@ -22,7 +23,7 @@ PRIVILEGED_KEY = "observation.privileged"  # as in capvector.bench.env.dataset
 @dataclass
 class PolicyConfig:
     # Inputs: cameras are read from "observation.images.<camera>", uint8 (3, image_size, image_size).
-    cameras: tuple[str, ...] = ("scene", "wrist")
+    cameras: tuple[str, ...] = CAMERAS
     image_size: int = 64
     state_dim: int = 4
     # An oracle's extra input: the simulator's object and goal positions ("observation.privileged"), one more token.

@@ -13,9 +13,7 @@ name, and auxiliary objectives hook a trunk layer by name.
 from __future__ import annotations
 
 import functools
-import os
 import re
-import shutil
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,8 +25,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from capvector.errors import CapvectorError
 from capvector.bench.policy.configuration_policy import ACTION_KEY, PRIVILEGED_KEY, STATE_KEY, PolicyConfig
+from capvector.errors import CapvectorError
+from capvector.files import atomic_path
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -131,6 +130,11 @@ class TextEncoder(nn.Module):
 class Policy(nn.Module):
     """`policy(batch) -> {"action": masked L1}`; `predict_chunk(observation)` for closed-loop evaluation."""
 
+    state_q01: torch.Tensor  # normalization bounds: buffers made from the config, not stored with the weights
+    state_q99: torch.Tensor
+    action_q01: torch.Tensor
+    action_q99: torch.Tensor
+
     def __init__(self, config: PolicyConfig):
         super().__init__()
         self.config = config
@@ -218,22 +222,13 @@ class Policy(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write model.safetensors + config.json to a temporary folder, then rename it over `directory`."""
-        target = Path(directory)
-        temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir(parents=True)
-        save_file(
-            {name: value.detach().cpu().contiguous() for name, value in self.state_dict().items()},
-            temporary / WEIGHTS_NAME,
-        )
-        self.config.to_json(temporary / CONFIG_NAME)
-        if target.exists():
-            previous = target.with_name(f".{target.name}.old-{os.getpid()}")
-            target.rename(previous)
-            temporary.rename(target)
-            shutil.rmtree(previous)
-        else:
-            temporary.rename(target)
+        with atomic_path(directory) as temporary:
+            temporary.mkdir(parents=True)
+            save_file(
+                {name: value.detach().cpu().contiguous() for name, value in self.state_dict().items()},
+                temporary / WEIGHTS_NAME,
+            )
+            self.config.to_json(temporary / CONFIG_NAME)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> Policy:

@@ -1,4 +1,9 @@
-"""A tiny policy, dataset and auxiliary objective for the training engine's tests (seconds on a CPU)."""
+"""A tiny policy, dataset and auxiliary objective for the training engine's tests (seconds on a CPU).
+
+The training engine imports its factories by import string ("toy:make_policy"), also in the subprocesses of the
+resume and DDP tests: tests/ is on sys.path (pytest's `pythonpath`) and on the subprocesses' PYTHONPATH
+(tests/conftest.py).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from capvector.training.auxiliary import AuxiliaryObjective
+from capvector.training.config import TrainConfig
 
 KILL_ENV = "CAPVECTOR_TOY_KILL_AT"  # SIGKILL this process at that forward call (a crash that skips all cleanup)
 
@@ -95,4 +101,33 @@ def make_auxiliary(hidden: int = 16, weight: float = 0.5):
     return ToyAuxiliary(hidden, weight)
 
 
-TOY = {"policy": "_toy:make_policy", "dataset": "_toy:make_dataset", "auxiliary": "_toy:make_auxiliary"}
+TOY = {"policy": "toy:make_policy", "dataset": "toy:make_dataset", "auxiliary": "toy:make_auxiliary"}
+
+
+def toy_config(out_dir: Path, **fields) -> TrainConfig:
+    """A 12-step run of the toy policy on the toy dataset; `fields` override TrainConfig fields."""
+    base = dict(
+        TOY,
+        out_dir=str(out_dir),
+        steps=12,
+        batch_size=8,
+        lr=1e-2,
+        warmup_steps=2,
+        checkpoint_every=0,
+        log_every=4,
+        progress=False,
+        tensorboard=False,
+    )
+    return TrainConfig(**(base | fields))
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    """The trained policy's tensors of a finished run."""
+    return load_file(str(run / "policy" / "model.safetensors"))
+
+
+def saved_policy(path: Path, seed: int = 0) -> Path:
+    """A fresh toy policy saved at `path` (a starting point for init_from)."""
+    torch.manual_seed(seed)
+    make_policy(None).save_pretrained(path)
+    return path

@@ -1,0 +1,113 @@
+"""Every path of a `capvector reproduce` run folder, in one place.
+
+    <out>/<preset>/
+      run.json                          the config and capvector version of the last invocation
+      <stage>/stage.json                per stage: its key, whether it finished, an id for its outputs
+      demos/<split>/                    demonstration datasets (pretrain, extract, downstream)
+      pretrain/                         a training run folder (below) for theta_pt
+      extract/<strategy>/               theta_ft (sft) and theta_ao (aux)
+      vector/gamma, vector/tau          capability vector and task vector
+      vector/theta_meta_alpha<alpha>/   theta_pt + alpha * gamma
+      downstream/<method>/seed<k>/      the methods' training runs
+      ablations/<name>/                 alpha<a>, lambda<l>, long_<method>
+      evaluate/results.json             "<checkpoint>@<variant>" -> {"tasks": {task: counts}}
+      report/                           report.md, results.json and the plots
+
+    <out>/<regime>/                     a `capvector headroom` run folder (HeadroomLayout)
+      config.json                       the config and its key
+      demos/                            the demonstrations of the regime's tasks
+      train/<arm>/seed<k>/              training runs (sft, oracle, control_w<weight>)
+      evaluate/results.json             "<arm>/seed<k>/step<n>[/decoy]" -> {task: success rate}
+      report/                           report.md and results.json
+
+A training run folder is the engine's (capvector.training.engine): policy/, checkpoints/step_N/policy/,
+metrics.jsonl, plus wall.json (seconds of training) written by the experiment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from capvector.training.checkpointing import POLICY_DIR, checkpoint_dir
+from capvector.training.metrics import METRICS_FILE
+
+RUN_FILE = "run.json"
+STAGE_FILE = "stage.json"
+WALL_FILE = "wall.json"
+REPORT_FILE = "report.md"
+RESULTS_FILE = "results.json"
+PLOTS = {"success": "success_vs_steps.png", "step_time": "step_time.png", "gamma": "gamma_layers.png"}
+
+
+def trained_policy(training_dir: Path) -> Path:
+    """The policy a finished training run saved."""
+    return training_dir / POLICY_DIR
+
+
+def checkpoint_folder(training_dir: Path, steps: int) -> Path:
+    """The policy a training run saved at `steps`."""
+    return checkpoint_dir(training_dir, steps) / POLICY_DIR
+
+
+def metrics_file(training_dir: Path) -> Path:
+    return training_dir / METRICS_FILE
+
+
+def wall_file(training_dir: Path) -> Path:
+    return training_dir / WALL_FILE
+
+
+class RunLayout:
+    """The paths of one run folder: fixed ones as attributes, the others from their name."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.run_file = root / RUN_FILE
+        self.pretrain = root / "pretrain"
+        self.pretrained = trained_policy(self.pretrain)  # theta_pt
+        self.gamma = root / "vector" / "gamma"
+        self.tau = root / "vector" / "tau"
+        self.evaluations = root / "evaluate" / RESULTS_FILE
+        self.report = root / "report"
+        self.report_file = self.report / REPORT_FILE
+        self.report_results = self.report / RESULTS_FILE
+
+    def stage(self, name: str) -> Path:
+        return self.root / name
+
+    def stage_record(self, name: str) -> Path:
+        return self.stage(name) / STAGE_FILE
+
+    def demos(self, split: str) -> Path:
+        return self.root / "demos" / split
+
+    def extract(self, strategy: str) -> Path:
+        return self.root / "extract" / strategy
+
+    def theta_meta(self, alpha: float) -> Path:
+        return self.root / "vector" / f"theta_meta_alpha{alpha:g}"
+
+    def downstream(self, method: str, seed: int) -> Path:
+        return self.root / "downstream" / method / f"seed{seed}"
+
+    def ablation(self, name: str) -> Path:
+        return self.root / "ablations" / name
+
+    def plot(self, name: str) -> Path:
+        return self.report / PLOTS[name]
+
+
+class HeadroomLayout:
+    """The paths of a `capvector headroom` run folder."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.config = root / "config.json"
+        self.demos = root / "demos"
+        self.evaluations = root / "evaluate" / RESULTS_FILE
+        self.report = root / "report"
+        self.report_file = self.report / REPORT_FILE
+        self.report_results = self.report / RESULTS_FILE
+
+    def training(self, name: str, seed: int) -> Path:
+        return self.root / "train" / name / f"seed{seed}"

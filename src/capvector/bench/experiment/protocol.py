@@ -1,0 +1,315 @@
+"""The experiment's protocol as data: its presets, the downstream methods, and which runs and checkpoints exist.
+
+    (a)-(e) of METHODS on the held-out tasks, every seed, a checkpoint at every step budget; ablations (first seed,
+    the largest budget): alpha sweep, lambda sweep, and a long run with and without L_orth; every checkpoint
+    evaluated on new placements, in-domain and in the "new environment" variant.
+
+`capvector.bench.experiment.reproduce` runs it; `capvector.bench.experiment.report` reads what it wrote. Neither
+path nor name of a run is spelled anywhere else: folders come from `layout`, names of evaluated checkpoints from
+`evaluation_name`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from capvector.bench.env.tasks import SPLITS, resolve_tasks
+from capvector.bench.experiment.layout import RunLayout, checkpoint_folder
+from capvector.errors import CapvectorError
+
+Start = Literal["pretrained", "meta"]
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    start: Start  # theta_pt or theta_meta
+    strategy: Literal["sft", "aux", "capvector"]
+    finetune: Literal["full", "lora"]
+
+
+METHODS = {
+    "sft": Method("(a) SFT from theta_pt", "pretrained", "sft", "full"),
+    "aux": Method("(b) auxiliary SFT from theta_pt", "pretrained", "aux", "full"),
+    "meta_sft": Method("(c) SFT from theta_meta, no L_orth", "meta", "sft", "full"),
+    "capvector": Method("(d) CapVector: SFT + lambda L_orth from theta_meta", "meta", "capvector", "full"),
+    "capvector_lora": Method("(e) CapVector with LoRA", "meta", "capvector", "lora"),
+}
+LONG_METHODS = ("meta_sft", "capvector")  # the long ablation: from theta_meta without and with L_orth
+EXTRACT_STRATEGIES = ("sft", "aux")
+
+
+@dataclass
+class ReproduceConfig:
+    """Every number that shapes the experiment; the stages' cache keys hash what they use of it."""
+
+    preset: str = "full"
+    # Task sets: task or split names of capvector.bench.env.tasks (disjoint).
+    pretrain_tasks: list[str] = field(default_factory=lambda: ["pretrain"])
+    extract_tasks: list[str] = field(default_factory=lambda: ["extract"])
+    downstream_tasks: list[str] = field(default_factory=lambda: ["downstream"])
+    # Demonstrations per task and the seed of their placements (evaluation placements never overlap them).
+    pretrain_episodes: int = 15
+    extract_episodes: int = 15
+    downstream_episodes: int = 10
+    demo_seed: int = 0
+    image_size: int = 64
+    # The policy (PolicyConfig fields of the new theta_pt) and the optimization shared by every run.
+    policy: dict[str, Any] = field(default_factory=lambda: {"dim": 96, "trunk_layers": 3, "heads": 4})
+    batch_size: int = 32
+    warmup_steps: int = 20
+    train_seed: int = 0  # pretraining and extraction
+    pretrain_steps: int = 2000
+    pretrain_lr: float = 5e-4
+    # Extraction: sft and aux from theta_pt with identical settings; the auxiliary weight and layer.
+    extract_steps: int = 500
+    extract_lr: float = 3e-4
+    aux_weight: float = 0.5
+    aux_layer: str | None = None  # None: the policy's hook_layer (about 2/3 of the trunk)
+    alpha: float = 1.0
+    # Downstream: every method at every budget (checkpoints of one run per seed) and seed.
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    budgets: list[int] = field(default_factory=lambda: [100, 200, 400])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    downstream_lr: float = 3e-4
+    lora_lr: float = 1e-3
+    lora_rank: int = 16
+    orth_lambda: float = 10.0
+    # Evaluation: episodes per task, checkpoint and variant on placements drawn from eval_seed.
+    eval_episodes: int = 5
+    eval_seed: int = 0
+    success_threshold: float = 0.5
+    # Ablations (first seed, the largest budget): merge scales, regularizer weights, a long run.
+    alphas: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    lambdas: list[float] = field(default_factory=lambda: [1.0, 100.0])
+    long_steps: int = 1200
+    workers: int = 0  # simulator processes for demonstrations and evaluation; 0: one per CPU core
+    # torch CPU threads for training. Measured on 2 shared cores (load ~5): one thread ran the quick policy's step
+    # 7x faster than two, which waited on each other; on an idle machine try 2. 0: torch's default.
+    threads: int = 1
+    note: str = ""  # what the report says about this preset's size
+
+
+PRESETS = {
+    # The whole pipeline in minutes on 2 CPU cores: a tiny policy and few demonstrations, steps and episodes.
+    # Its numbers show that every stage runs, not what the method does.
+    "quick": ReproduceConfig(
+        preset="quick",
+        pretrain_tasks=["reach-v3", "push-v3", "button-press-v3", "drawer-close-v3"],
+        extract_tasks=["sweep-into-v3", "handle-pull-v3"],
+        downstream_tasks=["button-press-wall-v3", "faucet-close-v3"],
+        pretrain_episodes=5,
+        extract_episodes=5,
+        downstream_episodes=5,
+        image_size=32,
+        policy={"dim": 32, "heads": 2, "trunk_layers": 2, "mlp_ratio": 2, "stem_channels": [8, 16]},
+        batch_size=16,
+        warmup_steps=10,
+        pretrain_steps=400,
+        extract_steps=100,
+        budgets=[40, 120],
+        lora_rank=4,
+        eval_episodes=2,
+        alphas=[0.5],
+        lambdas=[100.0],
+        long_steps=360,
+        note="quick preset: a tiny policy, 5 demonstrations per task, at most a few hundred steps and 2 episodes per "
+        "task and checkpoint; it proves that the pipeline runs end to end, its success rates say next to "
+        "nothing about the method",
+    ),
+    "full": ReproduceConfig(
+        note="full preset: 12 pretraining tasks, 4 extraction and 4 held-out tasks, 10-15 demonstrations per task, "
+        "3 seeds, 5 episodes per task, seed and checkpoint (60 per table cell)",
+    ),
+    # The test suite's miniature: two tasks, a few steps, one episode per checkpoint.
+    "test": ReproduceConfig(
+        preset="test",
+        pretrain_tasks=["reach-v3"],
+        extract_tasks=["handle-pull-v3"],
+        downstream_tasks=["door-lock-v3"],
+        pretrain_episodes=2,
+        extract_episodes=1,
+        downstream_episodes=1,
+        image_size=32,
+        policy={
+            "dim": 16,
+            "heads": 2,
+            "trunk_layers": 2,
+            "mlp_ratio": 1,
+            "stem_channels": [8, 8],
+            "text_buckets": 64,
+            "vision_layers": 1,
+            "text_layers": 1,
+        },
+        batch_size=8,
+        warmup_steps=0,
+        pretrain_steps=6,
+        extract_steps=4,
+        budgets=[2, 4],
+        seeds=[0],
+        lora_rank=2,
+        eval_episodes=1,
+        alphas=[0.5],
+        lambdas=[100.0],
+        long_steps=6,
+        workers=1,
+        note="test preset: a miniature of the pipeline for the test suite",
+    ),
+}
+
+
+def preset_config(preset: str | ReproduceConfig) -> ReproduceConfig:
+    if isinstance(preset, ReproduceConfig):
+        return preset
+    if preset not in PRESETS:
+        raise CapvectorError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[preset])
+
+
+def split_tasks(config: ReproduceConfig) -> dict[str, list[str]]:
+    """The tasks of each split (pretrain, extract, downstream) under this config."""
+    return {split: resolve_tasks(getattr(config, f"{split}_tasks")) for split in SPLITS}
+
+
+def check_config(config: ReproduceConfig) -> None:
+    sets = split_tasks(config)
+    for a, b in (("pretrain", "extract"), ("pretrain", "downstream"), ("extract", "downstream")):
+        shared = sorted(set(sets[a]) & set(sets[b]))
+        if shared:
+            raise CapvectorError(
+                f"reproduce config: {shared} are in both {a}_tasks and {b}_tasks; the sets must be "
+                "disjoint (held-out tasks are the point of the experiment)"
+            )
+    unknown = [m for m in config.methods if m not in METHODS]
+    if unknown:
+        raise CapvectorError(f"reproduce config: unknown methods {unknown}; valid methods: {', '.join(METHODS)}")
+    if not config.budgets or sorted(set(config.budgets)) != list(config.budgets) or config.budgets[0] < 1:
+        raise CapvectorError(f"reproduce config: budgets {config.budgets} must be increasing positive step counts")
+    if config.long_steps % 2 or config.long_steps <= config.budgets[-1]:
+        raise CapvectorError(
+            f"reproduce config: long_steps {config.long_steps} must be even (it is evaluated halfway) "
+            f"and longer than the largest budget {config.budgets[-1]}"
+        )
+    if len(config.seeds) < 1:
+        raise CapvectorError("reproduce config: give at least one training seed (the protocol asks for 3)")
+
+
+# ---- the downstream runs and what is evaluated of them ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DownstreamRun:
+    """One downstream training run: a method from its start point, and the steps whose checkpoints are evaluated."""
+
+    folder: Path
+    method: str
+    seed: int
+    steps: int
+    alpha: float
+    orth_lambda: float
+    evaluated: tuple[int, ...]
+
+    @property
+    def start(self) -> Start:
+        return METHODS[self.method].start
+
+    @property
+    def checkpoint_every(self) -> int:
+        """Checkpoints at every evaluated step, or halfway (a killed run resumes from there)."""
+        return math.gcd(*self.evaluated) if len(self.evaluated) > 1 else max(1, self.steps // 2)
+
+
+def alpha_ablation(alpha: float) -> str:
+    return f"alpha{alpha:g}"
+
+
+def lambda_ablation(value: float) -> str:
+    return f"lambda{value:g}"
+
+
+def long_ablation(method: str) -> str:
+    return f"long_{method}"
+
+
+def long_checkpoints(config: ReproduceConfig) -> tuple[int, int]:
+    """The steps at which the long runs are evaluated: halfway and at the end."""
+    return config.long_steps // 2, config.long_steps
+
+
+def downstream_runs(config: ReproduceConfig, layout: RunLayout) -> list[DownstreamRun]:
+    """Every method and seed, evaluated at every budget."""
+    return [
+        DownstreamRun(
+            layout.downstream(method, seed),
+            method,
+            seed,
+            config.budgets[-1],
+            config.alpha,
+            config.orth_lambda,
+            tuple(config.budgets),
+        )
+        for method in config.methods
+        for seed in config.seeds
+    ]
+
+
+def ablation_runs(config: ReproduceConfig, layout: RunLayout) -> list[DownstreamRun]:
+    """CapVector at other alphas and lambdas (first seed, largest budget), and the long runs with and without L_orth
+    (evaluated halfway and at the end)."""
+    seed, steps, c = config.seeds[0], config.budgets[-1], config
+
+    def capvector(name: str, alpha: float, orth_lambda: float) -> DownstreamRun:
+        return DownstreamRun(layout.ablation(name), "capvector", seed, steps, alpha, orth_lambda, (steps,))
+
+    runs = [capvector(alpha_ablation(alpha), alpha, c.orth_lambda) for alpha in c.alphas]
+    runs += [capvector(lambda_ablation(value), c.alpha, value) for value in c.lambdas]
+    runs += [
+        DownstreamRun(
+            layout.ablation(long_ablation(method)),
+            method,
+            seed,
+            c.long_steps,
+            c.alpha,
+            c.orth_lambda,
+            long_checkpoints(c),
+        )
+        for method in LONG_METHODS
+    ]
+    return runs
+
+
+def start_point(layout: RunLayout, run: DownstreamRun) -> Path:
+    """The weights a downstream run starts from: theta_pt, or theta_meta at the run's alpha."""
+    return layout.pretrained if run.start == "pretrained" else layout.theta_meta(run.alpha)
+
+
+def run_name(layout: RunLayout, folder: Path) -> str:
+    """A training run's name: its folder relative to the run folder ("downstream/sft/seed0")."""
+    return folder.relative_to(layout.root).as_posix()
+
+
+def evaluation_name(layout: RunLayout, folder: Path, steps: int) -> str:
+    """The name of a training run's checkpoint at `steps` ("downstream/sft/seed0/step400")."""
+    return f"{run_name(layout, folder)}/step{steps}"
+
+
+def evaluation_key(name: str, variant: str) -> str:
+    """Where evaluate/results.json keeps a checkpoint's results in one environment variant."""
+    return f"{name}@{variant}"
+
+
+def evaluated_checkpoints(config: ReproduceConfig, layout: RunLayout) -> dict[str, tuple[str, str | None]]:
+    """name -> (policy folder, the base its LoRA adapter applies to, or None) of every evaluated checkpoint."""
+    # the base comes from this run's folder, not the adapter's record: a moved run folder still evaluates
+    return {
+        evaluation_name(layout, run.folder, steps): (
+            str(checkpoint_folder(run.folder, steps)),
+            str(start_point(layout, run)) if METHODS[run.method].finetune == "lora" else None,
+        )
+        for run in downstream_runs(config, layout) + ablation_runs(config, layout)
+        for steps in run.evaluated
+    }
