@@ -87,6 +87,10 @@ class RunLayout:
     def theta_meta(self, alpha: float) -> Path:
         return self.root / "vector" / f"theta_meta_alpha{alpha:g}"
 
+    def theta_metas(self) -> list[Path]:
+        """Every theta_meta merged in this run folder, whatever its alpha."""
+        return sorted((self.root / "vector").glob("theta_meta_alpha*"))
+
     def downstream(self, method: str, seed: int) -> Path:
         return self.root / "downstream" / method / f"seed{seed}"
 

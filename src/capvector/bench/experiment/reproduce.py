@@ -213,8 +213,10 @@ def merged(run: Run, alpha: float) -> Path:
 
 def do_vector(run: Run, plan: Plan) -> dict[str, Any]:
     gamma_dir, tau_dir = run.layout.gamma, run.layout.tau
-    for partial in (gamma_dir, tau_dir):  # extract writes both; a half-finished pair is redone
-        shutil.rmtree(partial, ignore_errors=True)
+    # extract writes both; a half-finished pair is redone, and the merges of a previous gamma go with it (a
+    # capvector run refuses a theta_meta merged from another vector)
+    for stale in (gamma_dir, tau_dir, *run.layout.theta_metas()):
+        shutil.rmtree(stale, ignore_errors=True)
     gamma = extract(plan["aux"], plan["sft"], gamma_dir, pretrained=plan["pretrained"], task_vector_output=tau_dir)
     summary = {"tensors": len(gamma), "global_norm": gamma.metadata.get("global_norm")}
     gamma.close()
