@@ -211,20 +211,10 @@ def test_policy_overfits_synthetic_demonstrations():
     assert first > 0.4 and loss.item() < 0.1  # 0.045 here
 
 
-@pytest.fixture
-def one_thread():
-    """Training on one torch thread: the same arithmetic whatever the machine's core count (a reduction split over
-    more threads rounds differently), and no threads waiting on each other on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
-def test_policy_overfits_demonstrations_and_succeeds_closed_loop(tmp_path, one_thread):
+def test_policy_overfits_demonstrations_and_succeeds_closed_loop(tmp_path):
     """Two reach demonstrations from the same start pose to two goals, so at the first frames only the images tell
-    them apart; ~50 s on one idle core.
+    them apart; ~50 s on one idle core (one torch thread, as every test: conftest.py).
 
     Why 600 steps: after 300 (this test's old length) the policy had fit the demonstrations (loss ~0.06) from the
     proprioceptive state alone, which tells the two episodes apart once the arm has moved, and not yet from the
