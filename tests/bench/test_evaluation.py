@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from capvector.bench.env.evaluation import ExpertPolicy, evaluate, wilson_interval
-from capvector.bench.env.sim import EVAL_SEED_OFFSET, MAX_ATTEMPTS, demo_placement_seed, eval_placement_seed
+from capvector.bench.env.evaluation import GIF_STRIDE, ExpertPolicy, evaluate
+from capvector.bench.env.sim import CONTROL_HZ, EVAL_SEED_OFFSET, MAX_ATTEMPTS, demo_placement_seed, eval_placement_seed
+from capvector.bench.statistics import wilson_interval
 from capvector.errors import CapvectorError
 
 
@@ -14,6 +15,20 @@ def test_scripted_expert_succeeds_through_the_harness(tmp_path):
     assert all(s >= EVAL_SEED_OFFSET for t in result.tasks for s in t.placement_seeds)
     assert len(result.gifs) == 2 and all((tmp_path / p.split("/")[-1]).stat().st_size > 1000 for p in result.gifs)
     assert result.to_dict()["tasks"][0]["episodes"] == 4
+    from PIL import Image
+
+    gif = Image.open(tmp_path / result.gifs[0].split("/")[-1])
+    # real time: a frame every GIF_STRIDE simulator steps, shown for those steps' 50 ms; 3x the camera images
+    assert gif.info["duration"] == 1000 * GIF_STRIDE // CONTROL_HZ and gif.size == (2 * 3 * 64, 3 * 64)
+    assert gif.n_frames > 10  # the rollout, then the last frame held
+
+
+def test_the_simulator_runs_at_the_rate_the_gifs_assume():
+    from capvector.bench.env.sim import SimEnv
+
+    env = SimEnv("reach-v3", image_size=32)
+    assert 1.0 / env.env.dt == pytest.approx(CONTROL_HZ)
+    env.close()
 
 
 def test_wilson_interval():

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from capvector.bench.env.dataset import PRIVILEGED_KEY, DemoDataset
+from capvector.bench.env.dataset import DemoDataset
+from capvector.bench.env.features import PRIVILEGED_KEY
 from capvector.bench.env.sim import DECOY_SEED_OFFSET, PLACEMENTS, SimEnv
 from capvector.bench.experiment.headroom import REGIMES, headroom
 from capvector.bench.policy.configuration_policy import PolicyConfig

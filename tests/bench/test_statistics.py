@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from capvector.bench.experiment.statistics import bootstrap_mean, paired_difference, resolvable_difference
+from capvector.bench.statistics import bootstrap_mean, paired_difference, resolvable_difference
 
 
 def synthetic_cells(rng, seeds, tasks, rate, seed_sd=0.1, episodes=20):

@@ -82,6 +82,6 @@ def load_trained(path: str | Path, device: str = "cpu", base: str | Path | None 
     return policy.to(device).eval()
 
 
-def privileged(**args: object) -> PrivilegedObjective:
+def privileged(layer: str = "vision", weight: float = 0.5, scale: float = 0.1) -> PrivilegedObjective:
     """The positive control: visual tokens regress the object's and the goal's positions relative to the hand."""
-    return PrivilegedObjective(**args)
+    return PrivilegedObjective(layer=layer, weight=weight, scale=scale)

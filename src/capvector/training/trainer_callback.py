@@ -27,7 +27,7 @@ from transformers import TrainerCallback
 from capvector.training.orthogonal import OrthogonalRegularizer, build_regularizer
 
 
-class CapVectorCallback(TrainerCallback):  # type: ignore[misc]  # transformers ships no type information here
+class CapVectorCallback(TrainerCallback):
     """Adds `orth_lambda` * L_orth's gradient before every optimizer step of a Trainer.
 
     `gamma`: {parameter name: tensor} (an opened capability vector works). `regularizer_args` go to
@@ -42,17 +42,20 @@ class CapVectorCallback(TrainerCallback):  # type: ignore[misc]  # transformers 
         self.history: list[tuple[int, float]] = []
         self._values: list[float] = []
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: torch.nn.Module | None = None, **_: Any):
+    def on_train_begin(
+        self, args: Any, state: Any, control: Any, model: torch.nn.Module | None = None, **_: Any
+    ) -> None:
         if self.regularizer is None:  # a resumed Trainer calls this again; theta_meta was read the first time
+            assert model is not None, "the Trainer passes its model to callbacks"
             self.regularizer = build_regularizer(model, self.gamma, **self.regularizer_args)
 
-    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **_: Any):
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **_: Any) -> None:
         assert self.regularizer is not None, "on_train_begin builds the regularizer"
         value = float(self.regularizer.add_grad_(self.orth_lambda))
         self.history.append((state.global_step, value))
         self._values.append(value)
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **_: Any):
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **_: Any) -> None:
         if logs is not None and self._values:
             logs["orth_loss"] = sum(self._values) / len(self._values)
             self._values.clear()

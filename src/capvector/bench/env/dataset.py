@@ -28,18 +28,13 @@ import pyarrow.parquet as pq
 import torch
 
 from capvector.bench.env.camera import CAMERAS
+from capvector.bench.env.features import PRIVILEGED_DIM, PRIVILEGED_KEY
 from capvector.errors import CapvectorError
 
 CODEBASE_VERSION = "v2.1"
 FORMAT_VERSION = 1  # bump when the capvector-specific parts of the layout change
 CHUNKS_SIZE = 1000
 DEPTH_SCALE = 1000.0  # stored depth units per metre
-# Privileged simulator facts, recorded for oracles and privileged auxiliary targets (never a learned policy's
-# input at evaluation, unless it is an oracle): the manipulated object's xyz (Meta-World obs[4:7]) and the
-# goal's (obs[36:39]).
-PRIVILEGED_KEY = "observation.privileged"
-PRIVILEGED_NAMES = ("object_x", "object_y", "object_z", "goal_x", "goal_y", "goal_z")
-PRIVILEGED_DIM = len(PRIVILEGED_NAMES)
 REGENERATE = "regenerate it with `capvector demos --out DIR` (or capvector.bench.env.demos.generate_demonstrations)"
 
 

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from capvector.bench.env import dataset as fmt
 from capvector.bench.env.camera import CAMERAS, intrinsics
-from capvector.bench.env.dataset import PRIVILEGED_KEY, PRIVILEGED_NAMES
+from capvector.bench.env.features import ACTION_KEY, PRIVILEGED_KEY, PRIVILEGED_NAMES, STATE_KEY
 from capvector.bench.env.sim import (
     ACTION_DIM,
     MAX_ATTEMPTS,
@@ -62,10 +62,10 @@ def record_shard(
     out = []
     for episode in episodes:
         for attempt in range(MAX_ATTEMPTS):
-            placement = demo_placement_seed(seed, episode, attempt)
-            frames = record_episode(env, expert, placement)
+            placement_seed = demo_placement_seed(seed, episode, attempt)
+            frames = record_episode(env, expert, placement_seed)
             if frames is not None:
-                out.append({"name": task, "slot": episode, "placement_seed": placement, "frames": frames})
+                out.append({"name": task, "slot": episode, "placement_seed": placement_seed, "frames": frames})
                 break
         else:
             raise CapvectorError(f"the scripted expert failed {MAX_ATTEMPTS} placements in a row on {task}")
@@ -81,7 +81,7 @@ def frame_table(frames: dict, episode_index: int, first_index: int, task: int, f
         columns[key] = pa.FixedSizeBinaryArray.from_buffers(
             pa.binary(rows.strides[0]), length, [None, pa.py_buffer(np.ascontiguousarray(rows).tobytes())]
         )
-    for key in ("observation.state", "action", PRIVILEGED_KEY):
+    for key in (STATE_KEY, ACTION_KEY, PRIVILEGED_KEY):
         columns[key] = pa.FixedSizeListArray.from_arrays(
             pa.array(frames[key].reshape(-1), pa.float32()), frames[key].shape[1]
         )
@@ -195,7 +195,7 @@ def write_dataset(root: Path, episodes: list[dict], tasks: list[str], info: dict
         )
     frames = {key: np.concatenate([e["frames"][key] for e in episodes]) for key in episodes[0]["frames"]}
     stats = fmt.dataset_stats(
-        {key: frames[key] for key in ("observation.state", "action", PRIVILEGED_KEY)},
+        {key: frames[key] for key in (STATE_KEY, ACTION_KEY, PRIVILEGED_KEY)},
         {c: frames[f"observation.images.{c}"] for c in CAMERAS},
         {c: frames[f"observation.depth.{c}"] for c in CAMERAS},
     )

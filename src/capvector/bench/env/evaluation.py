@@ -11,7 +11,6 @@ seeds below 10^9 (capvector.bench.env.sim). Workers build the policy from a pick
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,7 @@ import numpy as np
 from capvector.bench.env.camera import CAMERAS
 from capvector.bench.env.sim import (
     ACTION_DIM,
+    CONTROL_HZ,
     MAX_EPISODE_STEPS,
     SimEnv,
     eval_placement_seed,
@@ -30,17 +30,10 @@ from capvector.bench.env.sim import (
     shards,
 )
 from capvector.bench.env.tasks import TASKS, instruction, resolve_tasks, task_index
+from capvector.bench.statistics import wilson_interval
 from capvector.errors import CapvectorError
 
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a binomial proportion."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+GIF_STRIDE = 4  # simulator steps per GIF frame: 50 ms at Meta-World's 80 Hz
 
 
 @dataclass
@@ -117,22 +110,25 @@ def check_chunk(chunk, task: str) -> np.ndarray:
 def run_episode(
     env: SimEnv, policy, placement_seed: int, record: bool, max_steps: int = MAX_EPISODE_STEPS
 ) -> tuple[bool, int, list[np.ndarray]]:
-    """One closed-loop episode of at most `max_steps`; renders only when the current action chunk is used up."""
+    """One closed-loop episode of at most `max_steps`; renders only when the current action chunk is used up (and,
+    when `record`, every GIF_STRIDE steps for a GIF that plays at the simulator's rate)."""
     raw = env.reset(placement_seed)
     policy.reset()
     queue: list[np.ndarray] = []
     frames: list[np.ndarray] = []
     for step in range(max_steps):
+        observation: dict[str, Any] = {}
         if not queue:
-            observation: dict[str, Any] = env.observe(depth=False)
+            observation = env.observe(depth=False)
             observation |= {
                 "observation.environment_state": raw,
                 "task_index": np.int64(task_index(env.task)),
                 "instruction": instruction(env.task),
             }
             queue = list(check_chunk(policy.predict_chunk(observation), env.task))
-            if record:
-                frames.append(np.concatenate([observation[f"observation.images.{c}"] for c in CAMERAS], axis=2))
+        if record and step % GIF_STRIDE == 0:
+            observation = observation or env.observe(depth=False)
+            frames.append(np.concatenate([observation[f"observation.images.{c}"] for c in CAMERAS], axis=2))
         raw, success = env.step(queue.pop(0))
         if success:
             return True, step + 1, frames
@@ -187,12 +183,15 @@ def task_result(task: str, rows: list[tuple]) -> TaskResult:
     return TaskResult(task, len(mine), wins, wins / len(mine), low, high, mean_steps, [r[2] for r in mine])
 
 
-def save_gif(path: Path, frames: list[np.ndarray]) -> None:
+def save_gif(path: Path, frames: list[np.ndarray], zoom: int = 3) -> None:
+    """Frames taken every GIF_STRIDE steps, shown for as long as those steps take (real time), `zoom`x larger."""
     import imageio.v2 as imageio
 
-    images = [f.transpose(1, 2, 0) for f in frames]
-    images += [images[-1]] * 4  # hold the last frame
-    imageio.mimsave(path, images, duration=0.1, loop=0)
+    images = [f.transpose(1, 2, 0).repeat(zoom, axis=0).repeat(zoom, axis=1) for f in frames]
+    images += [images[-1]] * 10  # hold the last frame for half a second
+    # imageio's GIF writer takes milliseconds (0.1 meant no delay at all); GIF delays are whole centiseconds, and
+    # viewers slow anything under 20 ms down, hence a frame every GIF_STRIDE steps rather than every step
+    imageio.mimsave(path, images, duration=1000 * GIF_STRIDE / CONTROL_HZ, loop=0)
 
 
 def evaluate(

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from capvector.bench.env.camera import CAMERAS, VARIANTS, Look
-from capvector.bench.env.dataset import PRIVILEGED_KEY, PRIVILEGED_NAMES
+from capvector.bench.env.features import PRIVILEGED_KEY, PRIVILEGED_NAMES
 from capvector.errors import CapvectorError
 
 ACTION_DIM = 4
@@ -33,6 +33,7 @@ PLACEMENTS = {"default": 1.0, "wide": 2.5}
 # A decoy placement for the oracle's test: privileged positions taken from this many placement seeds further on.
 DECOY_SEED_OFFSET = 500_000
 MAX_EPISODE_STEPS = 500
+CONTROL_HZ = 80  # Meta-World v3 steps per second of simulated time (frame_skip 5 x 2.5 ms)
 WRIST_CAMERA = "gripperPOV"
 ROBOT_ROOT_BODY = "base"  # every mesh under this body is the Sawyer arm
 

@@ -29,15 +29,16 @@ from typing import Any
 import numpy as np
 
 from capvector.bench import recipe
-from capvector.bench.env.dataset import PRIVILEGED_DIM
+from capvector.bench.env.features import PRIVILEGED_DIM
 from capvector.bench.env.sim import PLACEMENTS, parallel_map
 from capvector.bench.env.tasks import resolve_tasks
 from capvector.bench.experiment.layout import HeadroomLayout, checkpoint_folder
-from capvector.bench.experiment.statistics import bootstrap_mean, paired_difference, resolvable_difference
+from capvector.bench.statistics import bootstrap_mean, paired_difference, resolvable_difference
 from capvector.errors import CapvectorError
 from capvector.files import content_hash, read_json, write_json, write_text
+from capvector.training.checkpointing import checkpoint_dirs
 from capvector.training.config import TrainConfig
-from capvector.training.engine import checkpoint_dirs, train
+from capvector.training.engine import train
 
 ARMS = ("sft", "oracle", "control")
 

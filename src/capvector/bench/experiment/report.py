@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from capvector.bench.env.camera import VARIANTS
-from capvector.bench.env.evaluation import wilson_interval
 from capvector.bench.experiment.layout import PLOTS, RESULTS_FILE, RunLayout, metrics_file, wall_file
 from capvector.bench.experiment.protocol import (
     LONG_METHODS,
@@ -30,6 +29,7 @@ from capvector.bench.experiment.protocol import (
     run_name,
     split_tasks,
 )
+from capvector.bench.statistics import wilson_interval
 from capvector.files import write_json, write_text
 from capvector.params.checkpoints import open_checkpoint
 from capvector.params.inspection import InspectReport, inspect

@@ -57,8 +57,9 @@ from capvector.bench.policy.modeling_policy import Policy
 from capvector.files import read_json, write_json
 from capvector.params.merging import merge
 from capvector.params.vectors import extract
+from capvector.training.checkpointing import STATE_FILE, checkpoint_dirs
 from capvector.training.config import TrainConfig, result_fields
-from capvector.training.engine import STATE_FILE, checkpoint_dirs, train
+from capvector.training.engine import train
 
 
 class Run:

@@ -12,14 +12,14 @@ in training only; at evaluation the policy sees images, state and instruction al
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from capvector.bench.env.dataset import PRIVILEGED_DIM, PRIVILEGED_KEY
-from capvector.bench.policy.configuration_policy import STATE_KEY, PolicyConfig
+from capvector.bench.env.features import PRIVILEGED_DIM, PRIVILEGED_KEY, STATE_KEY
+from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.errors import CapvectorError
 from capvector.training.auxiliary import AuxiliaryObjective
 
@@ -58,7 +58,7 @@ class PrivilegedObjective(AuxiliaryObjective):
             ).to(next(policy.parameters()).device)
         super().attach(policy)
         # the vision encoder's output holds only the visual tokens; a trunk layer's holds the whole sequence
-        self._visual = None if self.layer == "vision" else policy.visual_token_slice
+        self._visual = None if self.layer == "vision" else cast(slice, policy.visual_token_slice)
 
     def compute(self, features: Any, batch: Mapping[str, Any]) -> torch.Tensor:
         if PRIVILEGED_KEY not in batch:
@@ -70,5 +70,6 @@ class PrivilegedObjective(AuxiliaryObjective):
         target = relative_positions(
             batch[PRIVILEGED_KEY].to(tokens.device), batch[STATE_KEY].to(tokens.device), self.scale
         )
+        assert self.projector is not None, "attach() builds the projector"
         prediction = self.projector(tokens)
         return F.mse_loss(prediction, target.unsqueeze(1).expand_as(prediction))

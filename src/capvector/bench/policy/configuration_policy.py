@@ -13,11 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from capvector.bench.env.camera import CAMERAS
+from capvector.bench.env.features import ACTION_KEY, PRIVILEGED_KEY, STATE_KEY
 from capvector.errors import CapvectorError
-
-STATE_KEY = "observation.state"
-ACTION_KEY = "action"
-PRIVILEGED_KEY = "observation.privileged"  # as in capvector.bench.env.dataset
 
 
 @dataclass

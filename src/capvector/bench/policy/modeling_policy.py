@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from capvector.bench.policy.configuration_policy import ACTION_KEY, PRIVILEGED_KEY, STATE_KEY, PolicyConfig
+from capvector.bench.env.features import ACTION_KEY, PRIVILEGED_KEY, STATE_KEY
+from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.errors import CapvectorError
 from capvector.files import atomic_path
 
@@ -134,6 +135,8 @@ class Policy(nn.Module):
     state_q99: torch.Tensor
     action_q01: torch.Tensor
     action_q99: torch.Tensor
+    privileged_q01: torch.Tensor
+    privileged_q99: torch.Tensor
 
     def __init__(self, config: PolicyConfig):
         super().__init__()

@@ -1,4 +1,4 @@
-"""Intervals for success rates measured over training seeds and tasks.
+"""Intervals for success rates: over one policy's episodes (Wilson), and over training seeds and tasks (bootstrap).
 
 Outcomes are a (seeds, tasks) array of per-cell success rates (each cell: one trained policy on one task's
 evaluation episodes). Seeds are the random unit: a bad seed tends to be bad on every task, so cells of one seed
@@ -10,11 +10,23 @@ a placement share.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 RESAMPLES = 10_000
 # Two-sided 95% quantiles of Student's t with 1..10 degrees of freedom (beyond: the normal's 1.96 is close enough).
 T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion (one policy's episodes: independent trials)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def bootstrap_mean(cells: np.ndarray, confidence: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
