@@ -119,7 +119,7 @@ def run_episode(
     for step in range(max_steps):
         observation: dict[str, Any] = {}
         if not queue:
-            observation = env.observe(depth=False)
+            observation |= env.observe(depth=False)
             observation |= {
                 "observation.environment_state": raw,
                 "task_index": np.int64(task_index(env.task)),
@@ -187,7 +187,7 @@ def save_gif(path: Path, frames: list[np.ndarray], zoom: int = 3) -> None:
     """Frames taken every GIF_STRIDE steps, shown for as long as those steps take (real time), `zoom`x larger."""
     import imageio.v2 as imageio
 
-    images = [f.transpose(1, 2, 0).repeat(zoom, axis=0).repeat(zoom, axis=1) for f in frames]
+    images: list[Any] = [f.transpose(1, 2, 0).repeat(zoom, axis=0).repeat(zoom, axis=1) for f in frames]
     images += [images[-1]] * 10  # hold the last frame for half a second
     # imageio's GIF writer takes milliseconds (0.1 meant no delay at all); GIF delays are whole centiseconds, and
     # viewers slow anything under 20 ms down, hence a frame every GIF_STRIDE steps rather than every step
