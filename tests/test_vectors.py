@@ -371,3 +371,21 @@ def test_native_fast_path_equals_float32_arithmetic_bitwise(dtype, sign):
     assert fast is not None and fast.dtype == dtype
     assert torch.equal(fast.view(torch.int16), combined.read(0, 512).to(dtype).view(torch.int16))
     assert Combination([(1.0, a), (0.5, b)]).read_native(0, 512) is None  # other scales go through float32
+
+
+def test_membership_reads_no_tensor(tmp_path, monkeypatch):
+    """`name in checkpoint` and `a.keys() - b.keys()` look at names only (Mapping's own `in` reads the tensor: it made
+    every extract read the whole SFT model twice before writing anything)."""
+    from capvector.params.lazy import StoredTensor
+    from capvector.params.vectors import difference
+
+    write_checkpoint(tmp_path / "a", random_state({"w": (4, 4), "only_a": (2,)}))
+    write_checkpoint(tmp_path / "b", random_state({"w": (4, 4)}, seed=1))
+    a, b = open_checkpoint(tmp_path / "a"), open_checkpoint(tmp_path / "b")
+
+    def no_reading(self, start, stop):
+        raise AssertionError(f"read {self.name}")
+
+    monkeypatch.setattr(StoredTensor, "read_native", no_reading)
+    assert "w" in a and "only_a" not in b and a.keys() - b.keys() == {"only_a"}
+    assert difference(a, b).metadata["skipped"]["only_in_aux"] == ["only_a"]

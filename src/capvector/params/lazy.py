@@ -229,6 +229,10 @@ class LazyTensorMapping(Mapping[str, torch.Tensor]):
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tensors[name].materialize()
 
+    def __contains__(self, name: object) -> bool:
+        """Without reading: Mapping's own `in` (also behind `keys() - other.keys()`) reads the tensor."""
+        return name in self.tensors
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.tensors)
 
