@@ -51,7 +51,7 @@ WEIGHTS_STEM = "capvector"
 FORMAT_VERSION = 1
 LEFT, RIGHT = "::left", "::right"
 MAX_SHARD_BYTES = 5_000_000_000
-REDUCE_CHUNK_ELEMENTS = 4 << 20
+REDUCE_CHUNK_ELEMENTS = 1 << 18  # 1 MB of float32 per read: see streaming.CHUNK_BYTES
 
 
 class CapabilityVector(LazyTensorMapping):
