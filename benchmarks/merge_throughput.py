@@ -16,9 +16,11 @@ ours and the floors alike, starts with its inputs in the page cache and no write
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -112,33 +114,44 @@ def write_model(folder: Path, shapes: dict, seed: int, layers: int) -> None:
 CHILD = r"""
 import sys, time, json, os
 op, args = sys.argv[1], json.loads(sys.argv[2])
+began = time.perf_counter()
+if op != "floor":  # importing torch takes 1-5 s, with the machine's load: timed apart from the work
+    from capvector.params.vectors import extract
+    from capvector.params.merging import merge
 start = time.perf_counter()
 if op == "extract":
-    from capvector.params.vectors import extract
     extract(args["aux"], args["sft"], args["out"], hash_sources=args["hash"]).close()
 elif op == "merge":
-    from capvector.params.merging import merge
     merge(args["pt"], args["vector"], args["out"])
-elif op == "floor":  # read every input file, write an output of the given size: no arithmetic, no parsing
+elif op == "floor":  # read every input once; write `copies` times the bytes of `copy`; no arithmetic, no parsing
+    # The fastest plain copy found on the test machine: reused 256 KB buffers (1, 4 and 16 MB blocks took 1.5 to
+    # 10 times as long there), so that the floor is a hard one.
     import threading
+    BLOCK = 256 << 10
     def drain(paths):
+        buffer = bytearray(BLOCK)
         for path in paths:
             with open(path, "rb", buffering=0) as f:
-                while f.read(16 << 20):
+                while f.readinto(buffer):
                     pass
     reader = threading.Thread(target=drain, args=(args["read_only"],))
     reader.start()
     os.makedirs(args["out"])
+    buffer = memoryview(bytearray(BLOCK))
     for path in args["copy"]:
-        target = os.path.join(args["out"], os.path.basename(path))
-        with open(path, "rb", buffering=0) as src, open(target, "wb", buffering=0) as dst:
-            while chunk := src.read(16 << 20):
-                dst.write(chunk)
+        name = os.path.basename(path)
+        targets = [open(os.path.join(args["out"], f"{i}-{name}"), "wb", buffering=0) for i in range(args["copies"])]
+        with open(path, "rb", buffering=0) as src:
+            while size := src.readinto(buffer):
+                for target in targets:
+                    target.write(buffer[:size])
+        for target in targets:
+            target.close()
     reader.join()
 seconds = time.perf_counter() - start
 # VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's resident size at fork
 peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
-print(json.dumps({"seconds": seconds, "peak_rss_gb": peak_kb / 2**20}))
+print(json.dumps({"seconds": seconds, "import_s": start - began, "peak_rss_gb": peak_kb / 2**20}))
 """
 
 
@@ -154,17 +167,20 @@ def settle(inputs: list[str]) -> None:
 def run_child(op: str, inputs: list[str], python: str = sys.executable, argv: list[str] | None = None, **args) -> dict:
     settle(inputs)
     command = argv or [python, "-c", CHILD, op, json.dumps(args)]
-    begin = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
-    elapsed = time.perf_counter() - begin
-    out, err = process.stdout.read(), process.stderr.read()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:  # pipes could fill and block
+        begin = time.perf_counter()
+        process = subprocess.Popen(command, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(process.pid, 0)
+        elapsed = time.perf_counter() - begin
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
     if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{op} failed:\n{err[-3000:]}")
+        raise RuntimeError(f"{op} failed:\n{stderr[-3000:]}")
     if argv:  # an outside program (mergekit): its whole run, and ru_maxrss as the best available
         return {"seconds": elapsed, "wall_with_startup": elapsed, "peak_rss_gb": usage.ru_maxrss / 2**20}
-    inner = json.loads(out.strip().splitlines()[-1])
-    return {"seconds": inner["seconds"], "wall_with_startup": elapsed, "peak_rss_gb": inner["peak_rss_gb"]}
+    inner = json.loads(stdout.strip().splitlines()[-1])
+    return {**inner, "wall_with_startup": elapsed}
 
 
 def weight_files(folder: Path) -> list[str]:
@@ -175,7 +191,22 @@ def bytes_of(paths) -> int:
     return sum(os.path.getsize(p) for p in paths)
 
 
-def measure(workdir: Path, layers: int, mergekit: Path | None) -> dict:
+def time_into(timings: dict, round_: int, label: str, op: str, moved: int, inputs: list[str], **args) -> None:
+    """Run `op`, store its timing under `label` in `timings` and print it; `moved` is the bytes read and written."""
+    run = run_child(op, inputs, **args)
+    run["gb_per_s"] = moved / run["seconds"] / 1e9
+    timings[label] = run
+    startup = f"  (+{run['import_s']:.1f} s import)" if run.get("import_s", 0) > 0.05 else ""
+    print(
+        f"  run {round_}  {label:<15} {run['seconds']:6.2f} s  {run['gb_per_s']:5.2f} GB/s  "
+        f"peak RSS {run['peak_rss_gb']:.2f} GB{startup}",
+        flush=True,
+    )
+
+
+def measure(workdir: Path, layers: int, mergekit: Path | None, runs: int) -> dict:
+    """`runs` rounds, each timing every operation once in the same order (floor, then the operation), so that a
+    change in the machine's load between rounds touches a ratio's two sides alike."""
     root = workdir / f"llama-{layers}l"
     shapes = llama_shapes(layers)
     params = sum(torch.Size(s).numel() for s in shapes.values())
@@ -184,56 +215,74 @@ def measure(workdir: Path, layers: int, mergekit: Path | None) -> dict:
         print(f"writing three {params / 1e9:.2f} B-parameter bf16 checkpoints to {root} ...", flush=True)
         for seed, name in enumerate(("pt", "ft", "ao")):
             write_model(root / name, shapes, seed, layers)
-    out = Path(tempfile.mkdtemp(dir=workdir))
-    result = {"layers": layers, "params_b": params / 1e9, "model_gb": bytes_of(weight_files(root / "pt")) / 1e9}
-
-    def timed(label: str, op: str, moved: int, inputs: list[str], **args) -> None:
-        run = run_child(op, inputs, **args)
-        run["gb_per_s"] = moved / run["seconds"] / 1e9
-        result[label] = run
-        print(
-            f"  {label:<16} {run['seconds']:6.2f} s  {run['gb_per_s']:5.2f} GB/s  peak RSS {run['peak_rss_gb']:.2f} GB",
-            flush=True,
-        )
-
     ao, ft, pt = weight_files(root / "ao"), weight_files(root / "ft"), weight_files(root / "pt")
-    moved = bytes_of(ao) + bytes_of(ft) + bytes_of(ao)  # read two models, write one of the same size
+    result: dict = {"layers": layers, "params_b": params / 1e9, "model_gb": bytes_of(pt) / 1e9, "runs": []}
     print(f"{layers} layers, {result['params_b']:.2f} B parameters, {result['model_gb']:.2f} GB per model")
-    timed("extract_floor", "floor", moved, ao + ft, read_only=ft, copy=ao, out=str(out / "floor_extract"))
-    for name, folder, hashed in (("extract", "gamma", False), ("extract_hashed", "gamma_h", True)):
-        sources = dict(aux=str(root / "ao"), sft=str(root / "ft"), out=str(out / folder), hash=hashed)
-        timed(name, "extract", moved, ao + ft, **sources)
-    gamma = weight_files(out / "gamma")
-    moved = bytes_of(pt) + bytes_of(gamma) + bytes_of(pt)
-    timed("merge_floor", "floor", moved, pt + gamma, read_only=gamma, copy=pt, out=str(out / "floor_merge"))
-    timed("merge", "merge", moved, pt + gamma, pt=str(root / "pt"), vector=str(out / "gamma"), out=str(out / "meta"))
-    if mergekit:
-        config = out / "mergekit.yml"
-        config.write_text(
-            f"merge_method: task_arithmetic\nbase_model: {root / 'pt'}\ndtype: bfloat16\nmodels:\n"
-            f"  - model: {root / 'ao'}\n    parameters: {{weight: 1.0}}\n"
-            f"  - model: {root / 'ft'}\n    parameters: {{weight: -1.0}}\n"
+    for round_ in range(runs):
+        out = Path(tempfile.mkdtemp(dir=workdir))
+        timings: dict = {}
+        timed = functools.partial(time_into, timings, round_ + 1)
+
+        # gamma is float32 (exact) for bf16 inputs: twice the bytes of a model
+        moved = bytes_of(ao) + bytes_of(ft) + 2 * bytes_of(ao)
+        timed("extract_floor", "floor", moved, ao + ft, read_only=ft, copy=ao, copies=2, out=str(out / "fe"))
+        timed(
+            "extract",
+            "extract",
+            moved,
+            ao + ft,
+            aux=str(root / "ao"),
+            sft=str(root / "ft"),
+            out=str(out / "g"),
+            hash=False,
         )
-        argv = [str(mergekit / "bin" / "mergekit-yaml"), str(config), str(out / "mergekit_out"), "--lazy-unpickle"]
-        timed("mergekit", "mergekit", moved, pt + ao + ft, argv=argv)
-        check = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                (
-                    "import sys, torch; from capvector.params.checkpoints import open_checkpoint as o;"
-                    "a, b = o(sys.argv[1]), o(sys.argv[2]); n = 'model.layers.0.mlp.up_proj.weight';"
-                    "print(float((a[n].float() - b[n].float()).abs().max()))"
-                ),
-                str(out / "meta"),
-                str(out / "mergekit_out"),
-            ],
-            capture_output=True,
-            text=True,
+        timed(
+            "extract_hashed",
+            "extract",
+            moved,
+            ao + ft,
+            aux=str(root / "ao"),
+            sft=str(root / "ft"),
+            out=str(out / "gh"),
+            hash=True,
         )
-        result["mergekit_max_abs_difference"] = check.stdout.strip()
-    shutil.rmtree(out)
+        gamma = weight_files(out / "g")
+        moved = bytes_of(pt) + bytes_of(gamma) + bytes_of(pt)
+        timed("merge_floor", "floor", moved, pt + gamma, read_only=gamma, copy=pt, copies=1, out=str(out / "fm"))
+        timed("merge", "merge", moved, pt + gamma, pt=str(root / "pt"), vector=str(out / "g"), out=str(out / "meta"))
+        if mergekit:
+            config = out / "mergekit.yml"
+            config.write_text(
+                # arithmetic in float32, rounded once to bfloat16: the same theta_meta as ours, bit for bit
+                f"merge_method: task_arithmetic\nbase_model: {root / 'pt'}\ndtype: float32\nout_dtype: bfloat16\n"
+                "models:\n"
+                f"  - model: {root / 'ao'}\n    parameters: {{weight: 1.0}}\n"
+                f"  - model: {root / 'ft'}\n    parameters: {{weight: -1.0}}\n"
+            )
+            argv = [str(mergekit / "bin" / "mergekit-yaml"), str(config), str(out / "mergekit_out"), "--lazy-unpickle"]
+            timed("mergekit", "mergekit", moved, pt + ao + ft, argv=argv)
+            timings["mergekit_mismatched_elements"] = compare(out / "meta", out / "mergekit_out")
+        result["runs"].append(timings)
+        shutil.rmtree(out)
     return result
+
+
+def compare(ours: Path, theirs: Path) -> int:
+    """How many elements of the two merged models differ, bit for bit (in a child: this process stays torch-light)."""
+    script = (
+        "import sys, torch; from capvector.params.checkpoints import open_checkpoint as o\n"
+        "a, b = o(sys.argv[1]), o(sys.argv[2])\n"
+        "print(sum(int((a[n].view(torch.int16) != b[n].view(torch.int16)).sum()) for n in a))"
+    )
+    check = subprocess.run([sys.executable, "-c", script, str(ours), str(theirs)], capture_output=True, text=True)
+    if check.returncode:
+        raise RuntimeError(check.stderr[-3000:])
+    return int(check.stdout)
+
+
+def spread(values: list[float], digits: int = 2) -> str:
+    """'median (run 1, run 2, ...)'."""
+    return f"{round(statistics.median(values), digits)} ({', '.join(str(round(v, digits)) for v in values)})"
 
 
 def main() -> None:
@@ -241,6 +290,7 @@ def main() -> None:
     parser.add_argument(
         "--layers", type=int, nargs="+", default=[16, 8], help="model sizes (16 layers = 0.84 B params)"
     )
+    parser.add_argument("--runs", type=int, default=3, help="rounds of every measurement (default 3)")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "capvector-bench")
     parser.add_argument("--mergekit", type=Path, help="a virtualenv with mergekit installed")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints for the next run")
@@ -250,35 +300,46 @@ def main() -> None:
         args.mergekit = Path(".venv-mergekit")
     if args.mergekit is None:
         print("mergekit: not compared (make its environment as the docstring says, then pass --mergekit DIR)")
-    results = [measure(args.workdir, layers, args.mergekit) for layers in args.layers]
+    print(f"load average at start: {os.getloadavg()}")
+    results = [measure(args.workdir, layers, args.mergekit, args.runs) for layers in args.layers]
+    print(f"load average at end: {os.getloadavg()}")
     if not args.keep:
         for layers in args.layers:
             shutil.rmtree(args.workdir / f"llama-{layers}l", ignore_errors=True)
-    big = results[0]
+    for result in results:
+        print(f"RESULT {result['params_b']:.2f}B " + "  ".join(f"{k}={v}" for k, v in summary(result).items()))
+
+
+def summary(result: dict) -> dict:
+    """Per figure: the median over the runs, then every run."""
+    runs = result["runs"]
+
+    def each(label: str, key: str = "seconds") -> list[float]:
+        return [run[label][key] for run in runs]
+
+    def ratios(numerator: str, denominator: str, key: str = "seconds") -> list[float]:
+        return [run[numerator][key] / run[denominator][key] for run in runs]
+
     figures = {
-        "params_b": round(big["params_b"], 3),
-        "model_gb": round(big["model_gb"], 3),
-        "extract_s": round(big["extract"]["seconds"], 2),
-        "extract_hashed_s": round(big["extract_hashed"]["seconds"], 2),
-        "extract_floor_s": round(big["extract_floor"]["seconds"], 2),
-        "extract_vs_floor": round(big["extract_floor"]["seconds"] / big["extract"]["seconds"], 3),
-        "merge_s": round(big["merge"]["seconds"], 2),
-        "merge_gb_s": round(big["merge"]["gb_per_s"], 2),
-        "merge_floor_s": round(big["merge_floor"]["seconds"], 2),
-        "merge_vs_floor": round(big["merge_floor"]["seconds"] / big["merge"]["seconds"], 3),
-        "extract_peak_rss_gb": round(big["extract"]["peak_rss_gb"], 2),
-        "merge_peak_rss_gb": round(big["merge"]["peak_rss_gb"], 2),
+        "params_b": round(result["params_b"], 3),
+        "model_gb": round(result["model_gb"], 3),
+        "extract_s": spread(each("extract")),
+        "extract_floor_s": spread(each("extract_floor")),
+        "extract_vs_floor": spread(ratios("extract_floor", "extract"), 3),
+        "extract_hashed_s": spread(each("extract_hashed")),
+        "merge_s": spread(each("merge")),
+        "merge_floor_s": spread(each("merge_floor")),
+        "merge_vs_floor": spread(ratios("merge_floor", "merge"), 3),
+        "import_s": spread(each("extract", "import_s") + each("merge", "import_s")),
+        "extract_peak_rss_gb": spread(each("extract", "peak_rss_gb")),
+        "merge_peak_rss_gb": spread(each("merge", "peak_rss_gb")),
     }
-    for other in results[1:]:
-        figures[f"merge_peak_rss_gb_{other['params_b']:.2f}b"] = round(other["merge"]["peak_rss_gb"], 2)
-        figures[f"extract_peak_rss_gb_{other['params_b']:.2f}b"] = round(other["extract"]["peak_rss_gb"], 2)
-    if "mergekit" in big:
-        figures["mergekit_s"] = round(big["mergekit"]["wall_with_startup"], 2)
-        figures["merge_speedup_vs_mergekit"] = round(
-            big["mergekit"]["wall_with_startup"] / big["merge"]["wall_with_startup"], 2
-        )
-        figures["mergekit_max_abs_difference"] = big["mergekit_max_abs_difference"]
-    print("RESULT " + " ".join(f"{k}={v}" for k, v in figures.items()))
+    if "mergekit" in runs[0]:
+        figures["mergekit_s"] = spread(each("mergekit", "wall_with_startup"))
+        figures["merge_with_startup_s"] = spread(each("merge", "wall_with_startup"))
+        figures["mergekit_vs_merge"] = spread(ratios("mergekit", "merge", "wall_with_startup"))
+        figures["mergekit_mismatched_elements"] = [run["mergekit_mismatched_elements"] for run in runs]
+    return figures
 
 
 if __name__ == "__main__":

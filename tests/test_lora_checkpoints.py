@@ -125,3 +125,61 @@ def test_adapter_on_the_wrong_base(tmp_path):
         open_checkpoint(tmp_path / "adapter", base=tmp_path / "other")
     with pytest.raises(CapvectorError, match="--pretrained"):
         open_checkpoint(tmp_path / "adapter")  # base_model_name_or_path is not a local folder
+
+
+def write_adapter(folder, base_folder, config, a, b):
+    folder.mkdir()
+    save_file(
+        {"base_model.model.q.lora_A.weight": a, "base_model.model.q.lora_B.weight": b},
+        folder / "adapter_model.safetensors",
+    )
+    (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base_folder), **config}))
+
+
+def test_missing_lora_alpha_takes_peft_default(tmp_path):
+    """PEFT's LoraConfig defaults lora_alpha to 8 (not to r): scaling 8 / r."""
+    base = save_base(tmp_path / "base")
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 8, generator=generator), torch.randn(12, 4, generator=generator)
+    write_adapter(tmp_path / "adapter", tmp_path / "base", {"peft_type": "LORA", "r": 4}, a, b)
+    checkpoint = open_checkpoint(tmp_path / "adapter")
+    torch.testing.assert_close(checkpoint["q.weight"], base["q.weight"] + (8 / 4) * (b @ a))
+    config = peft.LoraConfig(r=4)  # what peft itself takes when the field is absent
+    assert config.lora_alpha == 8
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"r": 2}, "gives module 'q' rank 2 but its lora_A has shape [4, 8]"),
+        ({"r": 0}, "'r' is 0, not a positive integer"),
+        ({"r": 4, "lora_alpha": "16"}, "'lora_alpha' is '16', not a number"),
+        ({"r": 4, "use_rslora": "yes"}, "'use_rslora' is 'yes', not true or false"),
+        ({"r": 4, "alpha_pattern": {"q(": 2}}, "not a regular expression"),
+        ({"r": 4, "rank_pattern": {"q": 2.5}}, "'rank_pattern' must map module-name patterns to positive integers"),
+        ({"r": 4, "peft_type": "IA3"}, "PEFT type 'IA3' is not supported"),
+    ],
+)
+def test_bad_adapter_configs_are_refused(tmp_path, capsys, config, message):
+    from capvector.cli import main
+
+    save_base(tmp_path / "base")
+    write_adapter(tmp_path / "adapter", tmp_path / "base", config, torch.ones(4, 8), torch.ones(12, 4))
+    with pytest.raises(CapvectorError) as error:
+        open_checkpoint(tmp_path / "adapter")
+    assert message in str(error.value)
+    assert (
+        main(
+            ["extract", "--aux", str(tmp_path / "adapter"), "--sft", str(tmp_path / "base"), "-o", str(tmp_path / "g")]
+        )
+        == 2
+    )
+    assert message in capsys.readouterr().err and not (tmp_path / "g").exists()
+
+
+def test_an_adapter_config_that_is_not_json(tmp_path):
+    save_base(tmp_path / "base")
+    write_adapter(tmp_path / "adapter", tmp_path / "base", {"r": 4}, torch.ones(4, 8), torch.ones(12, 4))
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{'r': 4}")
+    with pytest.raises(CapvectorError, match="adapter config is not valid JSON"):
+        open_checkpoint(tmp_path / "adapter")

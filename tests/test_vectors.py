@@ -1,4 +1,4 @@
-"""extract / merge / inspect on real checkpoint files, checked against independent float64 arithmetic."""
+"""extract / merge / inspect on real checkpoint files, checked bit for bit against independent float32 arithmetic."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
 
+from capvector.cli import main
 from capvector.params.checkpoints import open_checkpoint
 from capvector.params.inspection import inspect, layer_of
 from capvector.params.lowrank import truncated_svd
@@ -40,36 +42,40 @@ def three_models(random_state, perturbed, write_checkpoint):
     return build
 
 
-def reference_merge(pt, ao, ft, alpha, keys, vector_dtype):
-    """pt + alpha * (ao - ft), with the vector rounded to its stored dtype, all in float64."""
+def reference_merge(pt, ao, ft, alpha, keys):
+    """pt + alpha * (ao - ft) in float32, rounded once to the model's dtype (what mergekit's task_arithmetic writes);
+    tensors outside `keys` or with alpha 0 as they are."""
     out = {}
     for name, tensor in pt.items():
-        if name in keys:
-            gamma = (ao[name].double() - ft[name].double()).to(vector_dtype).double()
-            out[name] = (tensor.double() + alpha(name) * gamma).to(tensor.dtype)
+        scale = alpha(name)
+        if name in keys and scale != 0:
+            out[name] = (tensor.float() + scale * (ao[name].float() - ft[name].float())).to(tensor.dtype)
         else:
             out[name] = tensor
     return out
 
 
-def assert_states_close(actual, expected, dtype):
+def assert_states_equal(actual, expected):
+    """Same names, dtypes, shapes and bytes."""
     assert actual.keys() == expected.keys()
-    tolerance = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3}[dtype]
     for name in expected:
-        assert actual[name].dtype == expected[name].dtype, name
-        torch.testing.assert_close(actual[name], expected[name], rtol=tolerance, atol=tolerance, msg=name)
+        a, e = actual[name], expected[name]
+        assert (a.dtype, a.shape) == (e.dtype, e.shape), name
+        assert torch.equal(a.reshape(-1).view(torch.uint8), e.reshape(-1).view(torch.uint8)), name
 
 
 @pytest.mark.parametrize("layout", ["single", "sharded", "bin", "file"])
-def test_merge_of_extract_equals_float64_arithmetic(tmp_path, layout, read_state, three_models):
-    paths, pt, ft, ao = three_models(tmp_path, layout)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_merge_of_extract_equals_float32_arithmetic_bitwise(tmp_path, layout, dtype, read_state, three_models):
+    paths, pt, ft, ao = three_models(tmp_path, layout, dtype)
     gamma = extract(paths["ao"], paths["ft"], tmp_path / "gamma")
     assert set(gamma) == set(SHAPES)
     assert gamma.metadata["skipped"]["only_in_aux"] == ["aux_projector.weight"]
     out = tmp_path / ("meta.safetensors" if layout == "file" else "meta")
     merge(paths["pt"], tmp_path / "gamma", out)
-    expected = reference_merge(pt, ao, ft, lambda n: 1.0, set(SHAPES), torch.float32)
-    assert_states_close(read_state(out), expected, torch.float32)
+    expected = reference_merge(pt, ao, ft, lambda n: 1.0, set(SHAPES))
+    assert_states_equal(read_state(out), expected)
+    assert gamma.metadata["dtype"] == "float32" and not gamma.metadata["rounded_below_float32"]
     if layout != "file":  # the same layout, and every non-weight file
         inputs = sorted(p.relative_to(paths["pt"]) for p in paths["pt"].rglob("*"))
         outputs = sorted(p.relative_to(out) for p in out.rglob("*"))
@@ -100,9 +106,9 @@ def test_alpha_scalar_and_patterns(tmp_path, read_state, three_models):
         and scale("model.layers.0.attn.bias") == 2
         and scale("model.embed.weight") == 0.5
     )
-    expected = reference_merge(pt, ao, ft, scale, set(SHAPES), torch.bfloat16)
+    expected = reference_merge(pt, ao, ft, scale, set(SHAPES))
     actual = read_state(tmp_path / "meta")
-    assert_states_close(actual, expected, torch.bfloat16)
+    assert_states_equal(actual, expected)
     assert torch.equal(actual["action_head.weight"], pt["action_head.weight"])  # alpha 0: copied byte for byte
 
 
@@ -212,6 +218,117 @@ def test_low_rank_vector_round_trip_and_merge(tmp_path, random_state, read_state
     torch.testing.assert_close(read_state(tmp_path / "meta")["a.weight"], ao["a.weight"], rtol=1e-4, atol=1e-4)
 
 
+def test_low_rank_norms_are_those_of_the_stored_vector(tmp_path, capsys, read_state, write_checkpoint):
+    """The norms recorded and printed are of left @ right as stored (rounded to the stored dtype), beside the exact
+    relative error of that stored product against the full difference."""
+    generator = torch.Generator().manual_seed(4)
+    pt = {"w.weight": torch.randn(40, 24, generator=generator), "w.bias": torch.randn(40, generator=generator)}
+    ao = {name: t + 0.1 * torch.randn(t.shape, generator=generator) for name, t in pt.items()}  # full rank
+    for name, state in (("ft", pt), ("ao", ao)):
+        write_checkpoint(tmp_path / name, state)
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / f"gamma_{dtype}"
+        argv = ["extract", "--aux", tmp_path / "ao", "--sft", tmp_path / "ft", "-o", out, "--rank", 3, "--dtype", dtype]
+        assert main([str(a) for a in argv]) == 0
+        printed = capsys.readouterr().out
+        stored = read_state(out)
+        product = stored["w.weight" + LEFT].double() @ stored["w.weight" + RIGHT].double()
+        full = ao["w.weight"].double() - pt["w.weight"].double()
+        metadata = open_vector(out).metadata
+        assert metadata["norms"]["w.weight"] == pytest.approx(float(product.norm()), rel=1e-9)
+        assert metadata["norms"]["w.weight"] < 0.9 * float(full.norm())  # not the full difference's norm
+        error = float((full - product).norm() / full.norm())
+        assert metadata["lowrank_relative_error"]["w.weight"] == pytest.approx(error, rel=1e-9)
+        bias = stored["w.bias"].double()
+        global_norm = (product.square().sum() + bias.square().sum()).sqrt()
+        assert metadata["global_norm"] == pytest.approx(float(global_norm), rel=1e-6)
+        lost = float((full - product).norm() / (full.square().sum() + bias.square().sum()).sqrt())
+        assert metadata["global_lowrank_relative_error"] == pytest.approx(lost, rel=1e-3)
+        assert f"|gamma| = {metadata['global_norm']:.6g} as stored at rank 3" in printed
+        assert f"relative error {metadata['global_lowrank_relative_error']:.3g}" in printed
+
+
+@pytest.mark.parametrize("rank", ["0", "-3"])
+def test_rank_must_be_a_positive_integer(tmp_path, capsys, rank, random_state, write_checkpoint):
+    write_checkpoint(tmp_path / "ft", random_state({"w": (8, 4)}))
+    write_checkpoint(tmp_path / "ao", random_state({"w": (8, 4)}, seed=1))
+    argv = ["extract", "--aux", tmp_path / "ao", "--sft", tmp_path / "ft", "-o", tmp_path / "g", "--rank", rank]
+    assert main([str(a) for a in argv]) == 2
+    assert "--rank must be a positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()
+    with pytest.raises(SystemExit) as exit_info:  # not an integer at all: argparse's usage error, also exit 2
+        main([str(a) for a in argv[:-1]] + ["1.5"])
+    assert exit_info.value.code == 2
+
+
+def test_lossy_dtype_rounds_twice_and_says_so(tmp_path, capsys, perturbed, random_state, read_state, write_checkpoint):
+    """--dtype bfloat16 halves the vector but rounds gamma; merging it rounds again, so some elements end one bf16
+    step off the exact result. The CLI says so; the default float32 vector is exact (tested above)."""
+    shapes = {"w": (256, 64)}
+    pt = random_state(shapes, torch.bfloat16)
+    ft, ao = perturbed(pt, 1, scale=0.3), perturbed(pt, 2, scale=0.3)
+    for name, state in (("pt", pt), ("ft", ft), ("ao", ao)):
+        write_checkpoint(tmp_path / name, state)
+    argv = ["extract", "--aux", tmp_path / "ao", "--sft", tmp_path / "ft", "-o", tmp_path / "g", "--dtype", "bf16"]
+    assert main([str(a) for a in argv]) == 0
+    printed = capsys.readouterr().out
+    assert "rounded to bfloat16" in printed and "merge rounds again" in printed and "float32" in printed
+    assert open_vector(tmp_path / "g").metadata["rounded_below_float32"] is True
+    merge(tmp_path / "pt", tmp_path / "g", tmp_path / "meta", alpha=0.7)
+    merged, exact = read_state(tmp_path / "meta")["w"], reference_merge(pt, ao, ft, lambda n: 0.7, {"w"})["w"]
+    twice = (pt["w"].float() + 0.7 * (ao["w"].float() - ft["w"].float()).bfloat16().float()).bfloat16()
+    assert torch.equal(merged.view(torch.int16), twice.view(torch.int16))  # what it documents, exactly
+    assert (merged != exact).float().mean() > 0.01  # and it is not the exact result
+    assert main([str(a) for a in [*argv[:-2], "-o", tmp_path / "g32"]]) == 0
+    assert "note:" not in capsys.readouterr().out
+
+
+def test_zero_size_tensors(tmp_path, perturbed, random_state, read_state, write_checkpoint):
+    shapes = {"empty.weight": (0, 16), "empty.bias": (0,), "wide.weight": (16, 0), "w.weight": (16, 8)}
+    pt = random_state(shapes, torch.bfloat16)
+    ft, ao = perturbed(pt, 1), perturbed(pt, 2)
+    for name, state in (("pt", pt), ("ft", ft), ("ao", ao)):
+        write_checkpoint(tmp_path / name, state, "sharded")
+    gamma = extract(
+        tmp_path / "ao",
+        tmp_path / "ft",
+        tmp_path / "gamma",
+        pretrained=tmp_path / "pt",
+        task_vector_output=tmp_path / "tau",
+    )
+    assert set(gamma) == set(shapes) and gamma.metadata["norms"]["empty.weight"] == 0.0
+    assert gamma["empty.weight"].shape == (0, 16) and gamma["wide.weight"].shape == (16, 0)
+    merge(tmp_path / "pt", tmp_path / "gamma", tmp_path / "meta", alpha=0.5)
+    assert_states_equal(read_state(tmp_path / "meta"), reference_merge(pt, ao, ft, lambda n: 0.5, set(shapes)))
+    report = inspect(tmp_path / "gamma", against=tmp_path / "tau", base=tmp_path / "pt")
+    rows = {row.name: row for row in report.tensors}
+    assert rows["empty.weight"].numel == 0 and rows["empty.weight"].norm == 0.0 and rows["empty.weight"].cosine is None
+    assert "empty" in report.table(per_tensor=True)
+    low_rank = extract(tmp_path / "ao", tmp_path / "ft", tmp_path / "gamma_r2", rank=2)
+    assert set(low_rank) == set(shapes) and low_rank["wide.weight"].shape == (16, 0)
+    for folder in ("gamma", "tau", "meta", "gamma_r2"):
+        for file in (tmp_path / folder).glob("*.safetensors"):
+            with safe_open(file, "pt") as f:  # every file written opens with safetensors' own reader
+                for key in f.keys():  # noqa: SIM118 (a safe_open handle is not a mapping)
+                    f.get_tensor(key)
+
+
+def test_inspect_lists_tensors_in_model_order(tmp_path, capsys, random_state, write_checkpoint):
+    numbers = [10, 2, 1, 11, 0]
+    shapes = {f"model.layers.{i}.mlp.weight": (4, 4) for i in numbers} | {"model.layers.2.attn.weight": (4, 4)}
+    write_checkpoint(tmp_path / "ft", random_state(shapes))
+    write_checkpoint(tmp_path / "ao", random_state(shapes, seed=1))
+    extract(tmp_path / "ao", tmp_path / "ft", tmp_path / "gamma")
+    report = inspect(tmp_path / "gamma")
+    assert [row.name for row in report.layers] == [f"model.layers.{i}" for i in sorted(numbers)]
+    assert [row.name for row in report.tensors][2:4] == ["model.layers.2.attn.weight", "model.layers.2.mlp.weight"]
+    assert main(["inspect", str(tmp_path / "gamma")]) == 0
+    table = capsys.readouterr().out
+    assert [table.index(f"model.layers.{i} ") for i in sorted(numbers)] == sorted(
+        table.index(f"model.layers.{i} ") for i in numbers
+    )
+
+
 # --- property-based ---------------------------------------------------------------------------------------------
 
 shape = st.lists(st.integers(1, 9), min_size=1, max_size=3).map(tuple)
@@ -252,8 +369,8 @@ def test_property_merge_extract(
     assert set(gamma) == set(shapes)
     assert gamma.metadata["skipped"]["only_in_sft"] == (["only_in_ft.weight"] if extra_ft else [])
     merge(tmp_path / "pt", tmp_path / "gamma", tmp_path / "meta", alpha=alpha)
-    expected = reference_merge(pt, ao, ft, lambda n: alpha, set(shapes), dtype)
-    assert_states_close(read_state(tmp_path / "meta"), expected, dtype)
+    expected = reference_merge(pt, ao, ft, lambda n: alpha, set(shapes))
+    assert_states_equal(read_state(tmp_path / "meta"), expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -270,3 +387,21 @@ def test_native_fast_path_equals_float32_arithmetic_bitwise(dtype, sign):
     assert fast is not None and fast.dtype == dtype
     assert torch.equal(fast.view(torch.int16), combined.read(0, 512).to(dtype).view(torch.int16))
     assert Combination([(1.0, a), (0.5, b)]).read_native(0, 512) is None  # other scales go through float32
+
+
+def test_membership_reads_no_tensor(tmp_path, monkeypatch, random_state, write_checkpoint):
+    """`name in checkpoint` and `a.keys() - b.keys()` look at names only (Mapping's own `in` reads the tensor: it made
+    every extract read the whole SFT model twice before writing anything)."""
+    from capvector.params.lazy import StoredTensor
+    from capvector.params.vectors import difference
+
+    write_checkpoint(tmp_path / "a", random_state({"w": (4, 4), "only_a": (2,)}))
+    write_checkpoint(tmp_path / "b", random_state({"w": (4, 4)}, seed=1))
+    a, b = open_checkpoint(tmp_path / "a"), open_checkpoint(tmp_path / "b")
+
+    def no_reading(self, start, stop):
+        raise AssertionError(f"read {self.name}")
+
+    monkeypatch.setattr(StoredTensor, "read_native", no_reading)
+    assert "w" in a and "only_a" not in b and a.keys() - b.keys() == {"only_a"}
+    assert difference(a, b).metadata["skipped"]["only_in_aux"] == ["only_a"]

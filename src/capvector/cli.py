@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from capvector.errors import CapvectorError
 
@@ -40,26 +41,46 @@ EXAMPLES = {
 }
 
 
+@contextlib.contextmanager
+def _file_errors() -> Iterator[None]:
+    """An operating-system error on a path the user gave (permissions, a file where a folder should be, a read-only
+    disk) is a bad input too: one line, exit 2."""
+    try:
+        yield
+    except OSError as error:
+        where = f"{error.filename}: " if error.filename else ""
+        raise CapvectorError(f"{where}{error.strerror or error}; check the path and its permissions") from None
+
+
 def _command_extract(args: argparse.Namespace) -> None:
     from capvector.params.vectors import extract
 
-    vector = extract(
-        args.aux,
-        args.sft,
-        args.output,
-        pretrained=args.pretrained,
-        include=args.include,
-        exclude=args.exclude,
-        dtype=args.dtype,
-        rank=args.rank,
-        task_vector_output=args.task_vector,
-        hash_sources=not args.no_hash,
-    )
-    skipped = {k: len(v) for k, v in vector.metadata.get("skipped", {}).items() if v}
+    with _file_errors():
+        vector = extract(
+            args.aux,
+            args.sft,
+            args.output,
+            pretrained=args.pretrained,
+            include=args.include,
+            exclude=args.exclude,
+            dtype=args.dtype,
+            rank=args.rank,
+            task_vector_output=args.task_vector,
+            hash_sources=not args.no_hash,
+        )
+    metadata = vector.metadata
+    skipped = {k: len(v) for k, v in metadata.get("skipped", {}).items() if v}
+    truncation = metadata.get("global_lowrank_relative_error")
     print(
-        f"wrote {args.output}: {len(vector)} tensors, |gamma| = {vector.metadata['global_norm']:.6g}"
+        f"wrote {args.output}: {len(vector)} tensors in {metadata['dtype']}, |gamma| = {metadata['global_norm']:.6g}"
+        + (f" as stored at rank {args.rank} (relative error {truncation:.3g})" if truncation is not None else "")
         + (f"; skipped {skipped}" if skipped else "")
     )
+    if metadata.get("rounded_below_float32"):
+        print(
+            f"note: gamma is rounded to {metadata['dtype']}, and a merge rounds again to the model's dtype, so the "
+            "merged model can be one step off the exact result; the default (no --dtype) stores float32 and is exact"
+        )
     vector.close()
 
 
@@ -67,20 +88,26 @@ def _command_merge(args: argparse.Namespace) -> None:
     from capvector.params.merging import merge, parse_alpha_arguments
 
     alpha, patterns = parse_alpha_arguments(args.alpha or ["1.0"])
-    output = merge(args.pretrained, args.vector, args.output, alpha=alpha, alpha_patterns=patterns)
+    with _file_errors():
+        output = merge(args.pretrained, args.vector, args.output, alpha=alpha, alpha_patterns=patterns)
     print(f"wrote {output}: theta_pt + {alpha} * gamma" + (f" with per-tensor alpha {patterns}" if patterns else ""))
 
 
 def _command_inspect(args: argparse.Namespace) -> None:
-    from capvector.params.inspection import inspect
+    from capvector.params.inspection import inspect, plot_format
 
-    report = inspect(args.vector, against=args.against, base=args.base)
+    with _file_errors():
+        if args.plot:
+            plot_format(args.plot)  # a bad file name is refused before the vector is read
+        report = inspect(args.vector, against=args.against, base=args.base)
+        if args.plot:
+            report.plot(args.plot)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         print(report.table(per_tensor=args.per_tensor))
     if args.plot:
-        print(f"plot: {report.plot(args.plot)}")
+        print(f"plot: {args.plot}")
 
 
 def _command_train(args: argparse.Namespace) -> None:
@@ -193,8 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="new folder for the vector")
     p.add_argument("--include", action="append", default=[], metavar="GLOB", help="keep only matching parameter names")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="leave out matching parameter names")
-    p.add_argument("--rank", type=int, help="store 2-D tensors as truncated-SVD factors of this rank")
-    p.add_argument("--dtype", help="stored dtype (default: the inputs')")
+    p.add_argument(
+        "--rank", type=int, help="store 2-D tensors as truncated-SVD factors of this rank (a positive integer)"
+    )
+    p.add_argument(
+        "--dtype",
+        help="stored dtype (default: float32 for bf16/fp16 inputs, which is exact; bf16/fp16 halve the size but round "
+        "gamma, and a merge rounds again)",
+    )
     p.add_argument("--task-vector", metavar="DIR", help="also save tau = theta_ft - theta_pt here (needs --pretrained)")
     p.add_argument("--no-hash", action="store_true", help="skip the SHA-256 of the sources (faster on huge models)")
 

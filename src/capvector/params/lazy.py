@@ -37,8 +37,11 @@ DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in SAFETENSOR
 
 
 def row_chunks(tensor: LazyTensor, chunk_elements: int) -> Iterator[tuple[int, int]]:
-    """Row ranges of about `chunk_elements` elements each (at least one row)."""
-    step = max(1, chunk_elements // max(1, tensor.row_numel))
+    """Row ranges of about `chunk_elements` elements each (at least one row); none for a tensor with no elements,
+    whatever its number of rows."""
+    if tensor.numel == 0:
+        return
+    step = max(1, chunk_elements // tensor.row_numel)
     for start in range(0, tensor.rows, step):
         yield start, min(start + step, tensor.rows)
 
@@ -72,6 +75,7 @@ class LazyTensor:
         return None
 
     def materialize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The whole tensor, in `dtype` (default: its own)."""
         native = self.read_native(0, self.rows) if dtype in (None, self.dtype) else None
         full = native if native is not None else self.read(0, self.rows).to(dtype or self.dtype)
         return full.reshape(self.shape)
@@ -84,7 +88,7 @@ class StoredTensor(LazyTensor):
     """A tensor stored contiguously in a file (safetensors), read with pread: no mmap, so reading a large checkpoint
     does not grow the process's resident memory."""
 
-    def __init__(self, name: str, path: str, fd: int, offset: int, dtype: torch.dtype, shape: Sequence[int]):
+    def __init__(self, name: str, path: str, fd: int, offset: int, dtype: torch.dtype, shape: Sequence[int]) -> None:
         self.name, self.origin, self.fd, self.offset = name, path, fd, offset
         self.dtype, self.shape = dtype, tuple(shape)
         self.itemsize = torch.empty((), dtype=dtype).element_size()
@@ -97,7 +101,7 @@ class StoredTensor(LazyTensor):
         row_bytes = self.row_numel * self.itemsize
         buffer = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
         wanted, done = buffer.numel(), 0
-        view = memoryview(buffer.numpy())
+        view = buffer.numpy().data
         while done < wanted:
             got = os.preadv(self.fd, [view[done:]], self.offset + start * row_bytes + done)
             if got == 0:
@@ -115,7 +119,7 @@ class StoredTensor(LazyTensor):
 class InMemoryTensor(LazyTensor):
     """A tensor already in memory (a torch.load with mmap=True, or a test's tensor)."""
 
-    def __init__(self, name: str, tensor: torch.Tensor, origin: str = "memory"):
+    def __init__(self, name: str, tensor: torch.Tensor, origin: str = "memory") -> None:
         self.name, self.origin, self.tensor = name, origin, tensor
         self.shape, self.dtype = tuple(tensor.shape), tensor.dtype
 
@@ -129,10 +133,13 @@ class InMemoryTensor(LazyTensor):
 class LowRankTensor(LazyTensor):
     """left @ right, with left (m x r) and right (r x n): a truncated-SVD factorization of a 2-D tensor."""
 
-    def __init__(self, name: str, left: LazyTensor, right: LazyTensor, dtype: torch.dtype, shape: Sequence[int]):
+    def __init__(
+        self, name: str, left: LazyTensor, right: LazyTensor, dtype: torch.dtype, shape: Sequence[int]
+    ) -> None:
         self.name, self.origin, self.left, self.right = name, left.origin, left, right
         self.dtype, self.shape = dtype, tuple(shape)
-        if left.shape[1] != right.shape[0] or (left.shape[0], right.shape[1]) != (self.rows, self.row_numel):
+        factors_2d = len(left.shape) == len(right.shape) == 2
+        if not factors_2d or left.shape[1] != right.shape[0] or (left.shape[0], right.shape[1]) != self.shape:
             raise CapvectorError(
                 f"{self.origin}: low-rank factors of '{name}' have shapes {list(left.shape)} and {list(right.shape)}, "
                 f"which do not multiply to {list(self.shape)}; the vector file is damaged: extract it again"
@@ -145,9 +152,14 @@ class LowRankTensor(LazyTensor):
 class LoraDelta(LazyTensor):
     """scaling * B @ A of a LoRA adapter, transposed for fan_in_fan_out layers and embeddings, never formed whole."""
 
-    def __init__(self, name: str, lora_a: LazyTensor, lora_b: LazyTensor, scaling: float, transposed: bool):
+    def __init__(self, name: str, lora_a: LazyTensor, lora_b: LazyTensor, scaling: float, transposed: bool) -> None:
         self.name, self.origin = name, lora_a.origin
         self.lora_a, self.lora_b, self.scaling, self.transposed = lora_a, lora_b, scaling, transposed
+        if len(lora_a.shape) != 2 or len(lora_b.shape) != 2 or lora_a.shape[0] != lora_b.shape[1]:
+            raise CapvectorError(
+                f"{self.origin}: LoRA factors of '{name}' have shapes A {list(lora_a.shape)} and B "
+                f"{list(lora_b.shape)}, which do not multiply (A must be r x in, B out x r); the adapter is damaged"
+            )
         out_features, in_features = lora_b.shape[0], lora_a.shape[1]
         self.shape = (in_features, out_features) if transposed else (out_features, in_features)
         self.dtype = lora_a.dtype
@@ -160,12 +172,17 @@ class LoraDelta(LazyTensor):
 
 
 class Combination(LazyTensor):
-    """sum_i coefficient_i * term_i, evaluated row chunk by row chunk in float32."""
+    """sum_i coefficient_i * term_i, evaluated row chunk by row chunk in float32.
 
-    def __init__(self, terms: Sequence[tuple[float, LazyTensor]], dtype: torch.dtype | None = None):
+    Each product is rounded to float32 and then added, as the plain expression `a + alpha * b` does in float32 (a
+    fused multiply-add, which torch.add(..., alpha=) uses in its vectorized body only, would round differently), so
+    that a merge equals, bit for bit, the float32 arithmetic of mergekit or of a hand-written reference.
+    """
+
+    def __init__(self, terms: Sequence[tuple[float, LazyTensor]], dtype: torch.dtype | None = None) -> None:
         first = terms[0][1]
         for _, term in terms[1:]:
-            if term.numel != first.numel or term.rows != first.rows:
+            if tuple(term.shape) != tuple(first.shape):
                 raise CapvectorError(
                     f"shape mismatch for tensor '{first.name}': {list(first.shape)} in {first.origin} but "
                     f"{list(term.shape)} in {term.origin}; these checkpoints are not of the same architecture"
@@ -180,7 +197,11 @@ class Combination(LazyTensor):
         if coefficient != 1.0:
             out.mul_(coefficient)
         for coefficient, term in rest:
-            out = out.add_(term.read(start, stop), alpha=coefficient)
+            rows = term.read(start, stop)
+            if coefficient == -1.0:
+                out.sub_(rows)
+            else:
+                out.add_(rows if coefficient == 1.0 else rows.mul_(coefficient))
         return out
 
     def read_native(self, start: int, stop: int) -> torch.Tensor | None:
@@ -207,6 +228,10 @@ class LazyTensorMapping(Mapping[str, torch.Tensor]):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tensors[name].materialize()
+
+    def __contains__(self, name: object) -> bool:
+        """Without reading: Mapping's own `in` (also behind `keys() - other.keys()`) reads the tensor."""
+        return name in self.tensors
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.tensors)
