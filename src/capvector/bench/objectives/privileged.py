@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from capvector.bench.env.features import PRIVILEGED_DIM, PRIVILEGED_KEY, STATE_KEY
-from capvector.bench.policy.configuration_policy import PolicyConfig
+from capvector.bench.policy.configuration_policy import policy_config
 from capvector.errors import CapvectorError
 from capvector.training.auxiliary import AuxiliaryObjective
 
@@ -43,12 +43,7 @@ class PrivilegedObjective(AuxiliaryObjective):
         self._visual: slice | None = None
 
     def attach(self, policy: nn.Module) -> None:
-        config = getattr(policy, "config", None)
-        if not isinstance(config, PolicyConfig):
-            raise CapvectorError(
-                "privileged objective: the policy has no PolicyConfig; it works with "
-                "capvector.bench.policy.modeling_policy.Policy"
-            )
+        config = policy_config(policy, "privileged objective")
         if self.projector is None:
             self.projector = nn.Sequential(
                 nn.LayerNorm(config.dim),

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from capvector.bench.env.camera import pixel_rays
-from capvector.bench.policy.configuration_policy import PolicyConfig
+from capvector.bench.policy.configuration_policy import PolicyConfig, policy_config
 from capvector.errors import CapvectorError
 from capvector.training.auxiliary import AuxiliaryObjective
 
@@ -75,12 +75,7 @@ class SpatialObjective(AuxiliaryObjective):
         self._visual: slice | None = None
 
     def attach(self, policy: nn.Module) -> None:
-        config = getattr(policy, "config", None)
-        if not isinstance(config, PolicyConfig):
-            raise CapvectorError(
-                "spatial objective: the policy has no PolicyConfig; it works with "
-                "capvector.bench.policy.modeling_policy.Policy"
-            )
+        config = policy_config(policy, "spatial objective")
         if self.config is None:
             self._build(config)
         elif any(getattr(config, name) != getattr(self.config, name) for name in self.LAYOUT):

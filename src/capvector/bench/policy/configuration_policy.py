@@ -113,3 +113,13 @@ class PolicyConfig:
                         f"dataset stats: missing '{key}' -> '{stat}'; regenerate the dataset's meta/stats.json"
                     ) from error
         return cls(**{**bounds, **overrides})
+
+
+def policy_config(policy: object, user: str) -> PolicyConfig:
+    """The benchmark policy's config; `user` (an auxiliary objective) is named when the policy is another kind."""
+    config = getattr(policy, "config", None)
+    if not isinstance(config, PolicyConfig):
+        raise CapvectorError(
+            f"{user}: the policy has no PolicyConfig; it works with capvector.bench.policy.modeling_policy.Policy"
+        )
+    return config
