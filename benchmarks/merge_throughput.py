@@ -1,16 +1,22 @@
 """Throughput and memory of `capvector extract` and `capvector merge` on synthetic Llama-shaped checkpoints.
 
 Makes three bf16 checkpoints (pretrained, SFT, auxiliary) in the Hugging Face layout (sharded safetensors + index +
-config.json), random weights, nothing downloaded; then, each in a fresh process so that peak RSS is its own:
-  - extract: gamma = ao - ft; merge: pt + gamma;
-  - the I/O floor of each: reading the same inputs and writing an output of the same size, no arithmetic;
-  - mergekit's task_arithmetic (pt + (ao - pt) - (ft - pt), the same theta_meta) when mergekit is installed in a
-    separate environment:  python3 -m venv .venv-mergekit && .venv-mergekit/bin/pip install torch==2.13.0 mergekit
+config.json), random weights, nothing downloaded; then, in `--runs` rounds, each measurement in a fresh process so
+that peak RSS is its own:
+  - extract: gamma = ao - ft (stored in float32, exact); merge: pt + gamma;
+  - the I/O floor of each: reading the same inputs once and writing as many bytes as the output, no arithmetic, with
+    the fastest plain copy loop found on the test machine (reused 256 KB buffers);
+  - mergekit's task_arithmetic (pt + (ao - pt) - (ft - pt) in float32, rounded once to bf16; the elements where it
+    differs from ours are counted) when mergekit is installed in a separate environment:
+      python3 -m venv .venv-mergekit && .venv-mergekit/bin/pip install torch==2.13.0
+      .venv-mergekit/bin/pip install mergekit==0.1.5
     (torch first, so that pip does not pull a CUDA build), then pass --mergekit .venv-mergekit.
-Before each measurement, earlier outputs are flushed (sync) and its inputs read once, so that every one of them,
-ours and the floors alike, starts with its inputs in the page cache and no writeback pending.
+Before each measurement, earlier outputs are flushed (sync) and dropped from the page cache, and its inputs read
+once, so that every one of them, ours and the floors alike, starts with its inputs in the page cache, no writeback
+pending and as much free memory. The operation and its floor take turns going first. Times exclude the 1-5 s that
+importing torch takes (reported apart as import_s); the mergekit comparison uses whole process times on both sides.
 
-  python benchmarks/merge_throughput.py [--layers 16 8] [--workdir /tmp/capvector-bench] [--mergekit .venv-mergekit]
+  python benchmarks/merge_throughput.py [--layers 16 8] [--runs 3] [--workdir DIR] [--mergekit .venv-mergekit]
 """
 
 from __future__ import annotations
