@@ -1,16 +1,22 @@
 """Throughput and memory of `capvector extract` and `capvector merge` on synthetic Llama-shaped checkpoints.
 
 Makes three bf16 checkpoints (pretrained, SFT, auxiliary) in the Hugging Face layout (sharded safetensors + index +
-config.json), random weights, nothing downloaded; then, each in a fresh process so that peak RSS is its own:
-  - extract: gamma = ao - ft; merge: pt + gamma;
-  - the I/O floor of each: reading the same inputs and writing an output of the same size, no arithmetic;
-  - mergekit's task_arithmetic (pt + (ao - pt) - (ft - pt), the same theta_meta) when mergekit is installed in a
-    separate environment:  python3 -m venv .venv-mergekit && .venv-mergekit/bin/pip install torch==2.13.0 mergekit
+config.json), random weights, nothing downloaded; then, in `--runs` rounds, each measurement in a fresh process so
+that peak RSS is its own:
+  - extract: gamma = ao - ft (stored in float32, exact); merge: pt + gamma;
+  - the I/O floor of each: reading the same inputs once and writing as many bytes as the output, no arithmetic, with
+    the fastest plain copy loop found on the test machine (reused 256 KB buffers);
+  - mergekit's task_arithmetic (pt + (ao - pt) - (ft - pt) in float32, rounded once to bf16; the elements where it
+    differs from ours are counted) when mergekit is installed in a separate environment:
+      python3 -m venv .venv-mergekit && .venv-mergekit/bin/pip install torch==2.13.0
+      .venv-mergekit/bin/pip install mergekit==0.1.5
     (torch first, so that pip does not pull a CUDA build), then pass --mergekit .venv-mergekit.
-Before each measurement, earlier outputs are flushed (sync) and its inputs read once, so that every one of them,
-ours and the floors alike, starts with its inputs in the page cache and no writeback pending.
+Before each measurement, earlier outputs are flushed (sync) and dropped from the page cache, and its inputs read
+once, so that every one of them, ours and the floors alike, starts with its inputs in the page cache, no writeback
+pending and as much free memory. The operation and its floor take turns going first. Times exclude the 1-5 s that
+importing torch takes (reported apart as import_s); the mergekit comparison uses whole process times on both sides.
 
-  python benchmarks/merge_throughput.py [--layers 16 8] [--workdir /tmp/capvector-bench] [--mergekit .venv-mergekit]
+  python benchmarks/merge_throughput.py [--layers 16 8] [--runs 3] [--workdir DIR] [--mergekit .venv-mergekit]
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -118,12 +125,12 @@ began = time.perf_counter()
 if op != "floor":  # importing torch takes 1-5 s, with the machine's load: timed apart from the work
     from capvector.params.vectors import extract
     from capvector.params.merging import merge
-start = time.perf_counter()
+start, cpu_start = time.perf_counter(), os.times()
 if op == "extract":
     extract(args["aux"], args["sft"], args["out"], hash_sources=args["hash"]).close()
 elif op == "merge":
     merge(args["pt"], args["vector"], args["out"])
-elif op == "floor":  # read every input once; write `copies` times the bytes of `copy`; no arithmetic, no parsing
+elif op == "floor":  # read every input once, write `copies` times the bytes of `copy`: no arithmetic, no parsing
     # The fastest plain copy found on the test machine: reused 256 KB buffers (1, 4 and 16 MB blocks took 1.5 to
     # 10 times as long there), so that the floor is a hard one.
     import threading
@@ -138,20 +145,19 @@ elif op == "floor":  # read every input once; write `copies` times the bytes of 
     reader.start()
     os.makedirs(args["out"])
     buffer = memoryview(bytearray(BLOCK))
-    for path in args["copy"]:
-        name = os.path.basename(path)
-        targets = [open(os.path.join(args["out"], f"{i}-{name}"), "wb", buffering=0) for i in range(args["copies"])]
-        with open(path, "rb", buffering=0) as src:
+    for path in args["copy"]:  # each block written `copies` times: one file of the output's size per input file
+        target = os.path.join(args["out"], os.path.basename(path))
+        with open(path, "rb", buffering=0) as src, open(target, "wb", buffering=0) as dst:
             while size := src.readinto(buffer):
-                for target in targets:
-                    target.write(buffer[:size])
-        for target in targets:
-            target.close()
+                for _ in range(args["copies"]):
+                    dst.write(buffer[:size])
     reader.join()
 seconds = time.perf_counter() - start
+cpu = [now - then for now, then in zip(os.times(), cpu_start)]  # user and system time of the work, all threads
 # VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's resident size at fork
 peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
-print(json.dumps({"seconds": seconds, "import_s": start - began, "peak_rss_gb": peak_kb / 2**20}))
+figures = {"seconds": seconds, "import_s": start - began, "cpu_s": cpu[0] + cpu[1], "peak_rss_gb": peak_kb / 2**20}
+print(json.dumps(figures))
 """
 
 
@@ -192,21 +198,44 @@ def bytes_of(paths) -> int:
 
 
 def time_into(timings: dict, round_: int, label: str, op: str, moved: int, inputs: list[str], **args) -> None:
-    """Run `op`, store its timing under `label` in `timings` and print it; `moved` is the bytes read and written."""
+    """Run `op`, store its timing under `label` in `timings` and print it; `moved` is the bytes read and written.
+    Its output is removed at once, or with `keep` evicted from the page cache, so that every measurement starts with
+    as much free memory: one that runs while an earlier one's output fills the page cache pays for reclaiming it."""
+    keep = args.pop("keep", False)
     run = run_child(op, inputs, **args)
     run["gb_per_s"] = moved / run["seconds"] / 1e9
     timings[label] = run
     startup = f"  (+{run['import_s']:.1f} s import)" if run.get("import_s", 0) > 0.05 else ""
     print(
         f"  run {round_}  {label:<15} {run['seconds']:6.2f} s  {run['gb_per_s']:5.2f} GB/s  "
-        f"peak RSS {run['peak_rss_gb']:.2f} GB{startup}",
+        f"peak RSS {run['peak_rss_gb']:.2f} GB" + (f"  CPU {run['cpu_s']:.1f} s" if "cpu_s" in run else "") + startup,
         flush=True,
     )
+    if "out" in args and keep:
+        evict(Path(args["out"]))
+    elif "out" in args:
+        shutil.rmtree(args["out"])
+
+
+def evict(folder: Path) -> None:
+    """Drop the files under `folder` from the page cache (written back first)."""
+    os.sync()
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+
+def in_turn(timed: Callable[..., None], round_: int, *measurements: tuple[str, str, int, list[str], dict]) -> None:
+    """Time the floor and the operation one after the other: the floor first in odd rounds, second in even ones."""
+    for label, op, moved, inputs, args in measurements if round_ % 2 else measurements[::-1]:
+        timed(label, op, moved, inputs, **args)
 
 
 def measure(workdir: Path, layers: int, mergekit: Path | None, runs: int) -> dict:
-    """`runs` rounds, each timing every operation once in the same order (floor, then the operation), so that a
-    change in the machine's load between rounds touches a ratio's two sides alike."""
+    """`runs` rounds, each timing every operation and its floor one after the other, the floor first in odd rounds
+    and second in even ones, so that neither side of a ratio is favoured by the machine's state or load."""
     root = workdir / f"llama-{layers}l"
     shapes = llama_shapes(layers)
     params = sum(torch.Size(s).numel() for s in shapes.values())
@@ -218,38 +247,41 @@ def measure(workdir: Path, layers: int, mergekit: Path | None, runs: int) -> dic
     ao, ft, pt = weight_files(root / "ao"), weight_files(root / "ft"), weight_files(root / "pt")
     result: dict = {"layers": layers, "params_b": params / 1e9, "model_gb": bytes_of(pt) / 1e9, "runs": []}
     print(f"{layers} layers, {result['params_b']:.2f} B parameters, {result['model_gb']:.2f} GB per model")
-    for round_ in range(runs):
+    for round_ in range(1, runs + 1):
         out = Path(tempfile.mkdtemp(dir=workdir))
         timings: dict = {}
-        timed = functools.partial(time_into, timings, round_ + 1)
+        timed = functools.partial(time_into, timings, round_)
 
-        # gamma is float32 (exact) for bf16 inputs: twice the bytes of a model
-        moved = bytes_of(ao) + bytes_of(ft) + 2 * bytes_of(ao)
-        timed("extract_floor", "floor", moved, ao + ft, read_only=ft, copy=ao, copies=2, out=str(out / "fe"))
-        timed(
-            "extract",
-            "extract",
-            moved,
-            ao + ft,
-            aux=str(root / "ao"),
-            sft=str(root / "ft"),
-            out=str(out / "g"),
-            hash=False,
+        sources = {"aux": str(root / "ao"), "sft": str(root / "ft")}
+        moved = bytes_of(ao) + bytes_of(ft) + 2 * bytes_of(ao)  # gamma is float32 (exact): twice a bf16 model
+        in_turn(
+            timed,
+            round_,
+            (
+                "extract_floor",
+                "floor",
+                moved,
+                ao + ft,
+                {"read_only": ft, "copy": ao, "copies": 2, "out": str(out / "f")},
+            ),
+            ("extract", "extract", moved, ao + ft, {**sources, "out": str(out / "g"), "hash": False, "keep": True}),
         )
-        timed(
-            "extract_hashed",
-            "extract",
-            moved,
-            ao + ft,
-            aux=str(root / "ao"),
-            sft=str(root / "ft"),
-            out=str(out / "gh"),
-            hash=True,
-        )
+        timed("extract_hashed", "extract", moved, ao + ft, **sources, out=str(out / "gh"), hash=True)
         gamma = weight_files(out / "g")
         moved = bytes_of(pt) + bytes_of(gamma) + bytes_of(pt)
-        timed("merge_floor", "floor", moved, pt + gamma, read_only=gamma, copy=pt, copies=1, out=str(out / "fm"))
-        timed("merge", "merge", moved, pt + gamma, pt=str(root / "pt"), vector=str(out / "g"), out=str(out / "meta"))
+        merged = {"pt": str(root / "pt"), "vector": str(out / "g"), "out": str(out / "meta"), "keep": True}
+        in_turn(
+            timed,
+            round_,
+            (
+                "merge_floor",
+                "floor",
+                moved,
+                pt + gamma,
+                {"read_only": gamma, "copy": pt, "copies": 1, "out": str(out / "f")},
+            ),
+            ("merge", "merge", moved, pt + gamma, merged),
+        )
         if mergekit:
             config = out / "mergekit.yml"
             config.write_text(
@@ -259,6 +291,7 @@ def measure(workdir: Path, layers: int, mergekit: Path | None, runs: int) -> dic
                 f"  - model: {root / 'ao'}\n    parameters: {{weight: 1.0}}\n"
                 f"  - model: {root / 'ft'}\n    parameters: {{weight: -1.0}}\n"
             )
+            shutil.rmtree(out / "g")  # mergekit starts from the models, as extract did
             argv = [str(mergekit / "bin" / "mergekit-yaml"), str(config), str(out / "mergekit_out"), "--lazy-unpickle"]
             timed("mergekit", "mergekit", moved, pt + ao + ft, argv=argv)
             timings["mergekit_mismatched_elements"] = compare(out / "meta", out / "mergekit_out")
@@ -331,6 +364,10 @@ def summary(result: dict) -> dict:
         "merge_floor_s": spread(each("merge_floor")),
         "merge_vs_floor": spread(ratios("merge_floor", "merge"), 3),
         "import_s": spread(each("extract", "import_s") + each("merge", "import_s")),
+        "extract_cpu_s": spread(each("extract", "cpu_s")),
+        "extract_floor_cpu_s": spread(each("extract_floor", "cpu_s")),
+        "merge_cpu_s": spread(each("merge", "cpu_s")),
+        "merge_floor_cpu_s": spread(each("merge_floor", "cpu_s")),
         "extract_peak_rss_gb": spread(each("extract", "peak_rss_gb")),
         "merge_peak_rss_gb": spread(each("merge", "peak_rss_gb")),
     }
