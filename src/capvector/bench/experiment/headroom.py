@@ -32,7 +32,7 @@ from capvector.bench import recipe
 from capvector.bench.env.features import PRIVILEGED_DIM
 from capvector.bench.env.sim import PLACEMENTS, parallel_map
 from capvector.bench.env.tasks import resolve_tasks
-from capvector.bench.experiment.layout import HeadroomLayout, checkpoint_folder
+from capvector.bench.experiment.layout import HeadroomLayout, checkpoint_folder, trained_policy
 from capvector.bench.statistics import bootstrap_mean, paired_difference, resolvable_difference
 from capvector.errors import CapvectorError
 from capvector.files import content_hash, read_json, write_json, write_text
@@ -124,7 +124,7 @@ def train_config(config: HeadroomConfig, layout: HeadroomLayout, arm: str, seed:
         warmup_steps=config.warmup_steps,
         batch_size=config.batch_size,
         seed=seed,
-        device="cpu",
+        device="auto",
         policy="capvector.bench.recipe:policy",
         policy_args={"dataset": demos, **config.policy, **oracle},
         dataset="capvector.bench.recipe:dataset",
@@ -140,7 +140,7 @@ def train_config(config: HeadroomConfig, layout: HeadroomLayout, arm: str, seed:
 def train_arm(config: TrainConfig) -> str:
     """One training run (in a worker process), resumed from its last checkpoint if it was interrupted."""
     out_dir = Path(config.out_dir)
-    if not (out_dir / "policy").exists():
+    if not trained_policy(out_dir).exists():
         train(dataclasses.replace(config, resume=bool(checkpoint_dirs(out_dir))))
     return str(out_dir)
 
@@ -252,7 +252,8 @@ def report_markdown(summary: dict) -> str:
         f"task, the same for every policy. Success in %, mean over seeds and tasks, 95% interval from a bootstrap "
         "over seeds; differences paired by (seed, task).",
         "",
-        "| steps | SFT | oracle (+ object/goal positions) | oracle - SFT | resolvable difference (5 seeds) |",
+        "| steps | SFT | oracle (+ object/goal positions) | oracle - SFT | "
+        f"resolvable difference ({len(config['seeds'])} seeds) |",
         "|---|---|---|---|---|",
     ]
     for steps, row in summary["budgets"].items():
