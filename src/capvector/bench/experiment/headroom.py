@@ -198,24 +198,20 @@ def summarize(results: dict, config: HeadroomConfig) -> dict:
 
     budgets: dict[str, Any] = {}
     for steps in config.budgets:
-        sft, oracle = cells(results, config, "sft", steps), cells(results, config, "oracle", steps)
-        budgets[str(steps)] = {
-            "sft": points(bootstrap_mean(sft)),
-            "oracle": points(bootstrap_mean(oracle)),
-            "oracle_minus_sft": points(paired_difference(oracle, sft)),
-            "sft_per_task": dict(zip(config.tasks, (100 * sft.mean(axis=0)).round(1).tolist())),
-            "oracle_per_task": dict(zip(config.tasks, (100 * oracle.mean(axis=0)).round(1).tolist())),
+        by_arm = {arm: cells(results, config, arm, steps) for arm in config.arms}
+        sft, oracle = by_arm["sft"], by_arm["oracle"]
+        row: dict[str, Any] = {}
+        for arm, outcomes in by_arm.items():
+            row[arm] = points(bootstrap_mean(outcomes))
+            row[f"{arm}_per_task"] = dict(zip(config.tasks, (100 * outcomes.mean(axis=0)).round(1).tolist()))
+            if arm != "sft":
+                row[f"{arm}_minus_sft"] = points(paired_difference(outcomes, sft))
+        row |= {
             "sft_per_seed": (100 * sft.mean(axis=1)).round(1).tolist(),
             "oracle_per_seed": (100 * oracle.mean(axis=1)).round(1).tolist(),
             "resolvable_paired_difference": round(100 * resolvable_difference(oracle - sft), 1),
         }
-        if "control" in config.arms:
-            control = cells(results, config, "control", steps)
-            budgets[str(steps)] |= {
-                "control": points(bootstrap_mean(control)),
-                "control_minus_sft": points(paired_difference(control, sft)),
-                "control_per_task": dict(zip(config.tasks, (100 * control.mean(axis=0)).round(1).tolist())),
-            }
+        budgets[str(steps)] = row
     last = config.budgets[-1]
     oracle, decoy = cells(results, config, "oracle", last), cells(results, config, "oracle", last, decoy=True)
     best = max(budgets, key=lambda b: budgets[b]["oracle_minus_sft"][1])
