@@ -74,6 +74,9 @@ REGIMES = {
     "default": HeadroomConfig(regime="default", placement="default"),
     # x/y placement spans 2.5x Meta-World's, 10 demonstrations per task.
     "wide": HeadroomConfig(),
+    # Wide placements seen through less: 32x32 camera frames and 5 demonstrations per task, trained longer. Finding
+    # an object from coarse pixels after few examples is what the oracle is spared.
+    "scarce": HeadroomConfig(regime="scarce", demos_per_task=5, image_size=32, budgets=[500, 1000, 2000]),
     # The suite's miniature: one task, a tiny policy, a few steps.
     "test": HeadroomConfig(
         regime="test",
