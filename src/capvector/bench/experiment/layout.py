@@ -115,3 +115,7 @@ class HeadroomLayout:
 
     def training(self, name: str, seed: int) -> Path:
         return self.root / "train" / name / f"seed{seed}"
+
+    def validation(self, placements: int) -> Path:
+        """The evaluations on the validation placements of seed `placements` (choosing the control's weight)."""
+        return self.root / "evaluate" / f"validation_placements{placements}.json"
