@@ -82,7 +82,7 @@ def test_activation_checkpointing_in_the_engine_gives_the_same_weights_with_drop
 
 def test_bad_memory_settings_are_refused_in_one_line(tmp_path):
     with pytest.raises(
-        CapvectorError, match=r"1 processes x 3 micro-batches \(grad_accum_steps\); use a multiple of 3"
+        CapvectorError, match=r"across 1 processes x 3 micro-batches \(grad_accum_steps\); use a multiple of 3"
     ):
         train(toy_config(tmp_path / "a", grad_accum_steps=3))
     with pytest.raises(CapvectorError, match="finetune 'lora' with distributed 'fsdp' is not supported"):

@@ -68,7 +68,7 @@ class TrainConfig:
 
     # Optimization: AdamW, linear warmup then cosine decay to min_lr (or constant), gradient clipping.
     steps: int = 1000
-    batch_size: int = 32  # global: split evenly across processes
+    batch_size: int = 32  # global: split evenly across processes (and their grad_accum_steps micro-batches)
     lr: float = 1e-4
     min_lr: float = 1e-5
     warmup_steps: int = 0

@@ -33,7 +33,7 @@ def check_inputs(config: TrainConfig, world: int, given: set[str], vector: Vecto
         parts = world * config.grad_accum_steps
         if config.batch_size % parts:
             raise CapvectorError(
-                f"field 'batch_size' is {config.batch_size}, which does not split evenly into {world} processes x "
+                f"field 'batch_size' is {config.batch_size}, which does not split evenly across {world} processes x "
                 f"{config.grad_accum_steps} micro-batches (grad_accum_steps); use a multiple of {parts}"
             )
         if config.finetune == "lora" and importlib.util.find_spec("peft") is None:
