@@ -219,18 +219,9 @@ def setup(
         auxiliary.attach(cast(Any, policy).get_base_model() if config.finetune == "lora" else policy)
         auxiliary.to(device)
     policy.to(device)
-    fsdp = config.distributed == "fsdp" and world > 1
-    blocks = find_blocks(policy, config.blocks) if config.activation_checkpointing or fsdp else {}
-    if config.activation_checkpointing:
-        if not blocks:
-            raise CapvectorError(
-                "activation_checkpointing: the policy has no nn.ModuleList of layers to checkpoint; name its "
-                "blocks in the config field 'blocks' (glob patterns over module names)"
-            )
-        for block in blocks.values():
-            checkpoint_activations(block)
+    blocks = policy_blocks(config, policy, world)
     model = TrainingModel(policy, auxiliary, Stopwatch(device, config.time_parts))
-    forward = distributed(model, config, world, device, list(blocks.values()))
+    forward = distributed(model, config, world, device, blocks)
     regularizer = build_orthogonal(config, policy, vector)  # after sharding: it keeps this process's rows of gamma
     params = [p for p in model.parameters() if p.requires_grad]  # under FSDP: the sharded parameters
     optimizer = torch.optim.AdamW(
@@ -258,6 +249,23 @@ def setup(
         batches_per_epoch=len(dataset) // config.batch_size,  # type: ignore[arg-type]  # map-style: has a length
         start=start,
     )
+
+
+def policy_blocks(config: TrainConfig, policy: nn.Module, world: int) -> list[nn.Module]:
+    """The policy's blocks (capvector.training.blocks) where FSDP or activation checkpointing needs them,
+    set to recompute their activations in backward when activation_checkpointing asks for it."""
+    if not (config.activation_checkpointing or (config.distributed == "fsdp" and world > 1)):
+        return []
+    blocks = list(find_blocks(policy, config.blocks).values())
+    if config.activation_checkpointing:
+        if not blocks:
+            raise CapvectorError(
+                "activation_checkpointing: the policy has no nn.ModuleList of layers to checkpoint; name its "
+                "blocks in the config field 'blocks' (glob patterns over module names)"
+            )
+        for block in blocks:
+            checkpoint_activations(block)
+    return blocks
 
 
 def distributed(
@@ -313,7 +321,7 @@ def train_step(run: Run, step: int) -> tuple[dict[str, float], float | None]:
         for name, value in micro.items():
             value = value.detach().float() / parts
             terms[name] = terms[name] + value if name in terms else value
-    if run.regularizer is not None:  # once per step, after DDP's all-reduce: the same on every rank
+    if run.regularizer is not None:  # once per step, after DDP's all-reduce (FSDP's reduce-scatter): on every rank
         if config.orth_lambda > 0:
             terms["orth"] = config.orth_lambda * run.regularizer.add_grad_(config.orth_lambda).float()
         if config.orth_hard:  # else Adam keeps pushing along gamma and project_ keeps undoing it
