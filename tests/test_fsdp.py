@@ -46,6 +46,15 @@ def runs(tmp_path_factory) -> dict:
         "resumed": toy_config(root / "interrupted", **fsdp | {"resume": True}),
         "hard": toy_config(root / "hard", **fields | dict(distributed="fsdp", orth_hard=True, orth_lambda=0.0)),
         "ddp_accumulated": toy_config(root / "ddp", strategy="aux", steps=8, grad_accum_steps=2),
+        # the projector is sharded with the policy; the objective hooks a block that is checkpointed and sharded
+        "fsdp_aux": toy_config(
+            root / "fsdp_aux",
+            strategy="aux",
+            steps=8,
+            distributed="fsdp",
+            activation_checkpointing=True,
+            blocks=["encoder"],
+        ),
     }
     plan = [{"config": dataclasses.asdict(config)} for config in configs.values()]
     plan[1]["nan_at_call"] = 11  # step 6 of 8 (2 micro-batches per step): after the checkpoint of step 4
@@ -114,3 +123,11 @@ def test_fsdp_hard_variant_matches_one_process_and_keeps_the_update_off_gamma(ru
 def test_ddp_gradient_accumulation_matches_one_process(runs, tmp_path):
     single = train(dataclasses.replace(runs["ddp_accumulated"], out_dir=str(tmp_path / "single"), grad_accum_steps=1))
     assert_close(weights(Path(runs["ddp_accumulated"].out_dir)), weights(single))
+
+
+def test_fsdp_with_an_auxiliary_objective_matches_one_process(runs, tmp_path):
+    config = runs["fsdp_aux"]
+    single = train(dataclasses.replace(config, out_dir=str(tmp_path / "single"), distributed="ddp"))
+    assert_close(weights(Path(config.out_dir)), weights(single))
+    lines = (Path(config.out_dir) / "metrics.jsonl").read_text().splitlines()
+    assert all(json.loads(line)["loss/auxiliary"] > 0 for line in lines)
