@@ -33,7 +33,8 @@ EXAMPLES = {
   capvector evaluate --expert --tasks reach-v3,push-v3 --episodes 10""",
     "headroom": """example:
   capvector headroom --regime wide        (SFT against an oracle given object positions; runs/headroom/wide/report)
-  capvector headroom --regime scarce      (wide placements seen through 32px frames, 5 demos per task)
+  capvector headroom --regime coarse      (wide placements seen through 32px frames)
+  capvector headroom --regime scarce      (the same with 5 demos per task)
   capvector headroom --regime default     (the same in Meta-World's own placement ranges)""",
     "reproduce": """example:
   capvector reproduce --preset quick                       (what `make demo` runs; minutes on a laptop CPU)
@@ -315,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--regime",
         default="wide",
-        help="wide (2.5x placement ranges), scarce (wide, 32px frames, 5 demos per task) or default (Meta-World's)",
+        help="wide (2.5x placement ranges), coarse (wide, 32px frames), scarce (coarse, 5 demos per task) or "
+        "default (Meta-World's)",
     )
     p.add_argument("--out", default="runs/headroom", help="parent of the run folder <out>/<regime>")
     p.add_argument("--arms", default="sft,oracle", help="sft,oracle (always) and control (the positive control)")
