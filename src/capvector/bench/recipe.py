@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from capvector.bench.env.dataset import DemoDataset, read_meta
+from capvector.bench.objectives.alignment import TeacherAlignment
 from capvector.bench.objectives.privileged import PrivilegedObjective
 from capvector.bench.objectives.spatial import SpatialObjective
 from capvector.bench.policy.configuration_policy import PolicyConfig
@@ -85,3 +86,9 @@ def load_trained(path: str | Path, device: str = "cpu", base: str | Path | None 
 def privileged(layer: str = "vision", weight: float = 0.5, scale: float = 0.1) -> PrivilegedObjective:
     """The positive control: visual tokens regress the object's and the goal's positions relative to the hand."""
     return PrivilegedObjective(layer=layer, weight=weight, scale=scale)
+
+
+def teacher_alignment(teacher: str, layer: str = "vision", weight: float = 0.5) -> TeacherAlignment:
+    """The Spatial Forcing analog with a frozen teacher: `teacher` is a folder pretrain_teacher wrote (it must fit
+    the policy's cameras, image size and patch grid)."""
+    return TeacherAlignment(teacher, layer=layer, weight=weight)
