@@ -263,3 +263,5 @@ def test_training_with_a_misfit_teacher_exits_2_naming_it(demos, tmp_path, capsy
     said = capsys.readouterr().err.strip().splitlines()
     assert len(said) == 1 and "image_size 64" in said[0] and "image_size 32" in said[0]
     assert not (tmp_path / "run" / "policy").exists()
+    with pytest.raises(CapvectorError, match="augment_shift 16 must be in"):
+        PolicyConfig(image_size=SIZE, stem_channels=(8, 8), augment_shift=16)

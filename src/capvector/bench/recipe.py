@@ -8,6 +8,7 @@
     dataset_args: {root: runs/demos/extract}
     auxiliary: capvector.bench.recipe:spatial
     auxiliary_args: {dataset: runs/demos/extract, weight: 0.5}
+    # frozen teacher: auxiliary: capvector.bench.recipe:teacher_alignment, auxiliary_args: {teacher: runs/teacher}
 
 A fresh policy takes its normalization bounds (q01/q99) and image size from the dataset; a loaded one keeps
 those in its config.json, so every finetune of theta_pt normalizes exactly as theta_pt did. `load_trained(path)`

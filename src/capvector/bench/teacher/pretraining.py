@@ -65,7 +65,7 @@ class TeacherPretraining:
     def __post_init__(self):
         if isinstance(self.teacher, dict):
             self.teacher = TeacherConfig(**self.teacher)
-        for name in ("episodes_per_task", "frame_stride", "validation_every", "steps", "batch_size"):
+        for name in ("episodes_per_task", "frame_stride", "steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise CapvectorError(f"teacher pretraining: {name} must be at least 1, got {getattr(self, name)}")
         if self.validation_every < 2:
