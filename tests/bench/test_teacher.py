@@ -241,7 +241,7 @@ def test_a_dataset_without_depth_or_positions_or_with_evaluation_placements_is_r
         check_dataset(demos, TeacherConfig(**{**TINY, "image_size": 64}))
 
 
-def test_training_with_a_misfit_teacher_exits_2_naming_it(demos, tmp_path, capsys):
+def test_training_with_a_misfit_teacher_exits_2_naming_it_and_with_a_fitting_one_runs(demos, tmp_path, capsys):
     tiny_teacher(image_size=64).save_pretrained(tmp_path / "teacher")
     config = {
         "strategy": "aux",
@@ -249,7 +249,14 @@ def test_training_with_a_misfit_teacher_exits_2_naming_it(demos, tmp_path, capsy
         "steps": 2,
         "batch_size": 4,
         "policy": "capvector.bench.recipe:policy",
-        "policy_args": {"dataset": str(demos), "stem_channels": [8, 8], "dim": 16, "heads": 2, "trunk_layers": 1},
+        "policy_args": {
+            "dataset": str(demos),
+            "stem_channels": [8, 8],
+            "dim": 16,
+            "heads": 2,
+            "trunk_layers": 1,
+            "augment_shift": 2,
+        },
         "init_from": None,
         "dataset": "capvector.bench.recipe:dataset",
         "dataset_args": {"root": str(demos), "depth": False},
@@ -263,5 +270,9 @@ def test_training_with_a_misfit_teacher_exits_2_naming_it(demos, tmp_path, capsy
     said = capsys.readouterr().err.strip().splitlines()
     assert len(said) == 1 and "image_size 64" in said[0] and "image_size 32" in said[0]
     assert not (tmp_path / "run" / "policy").exists()
+    tiny_teacher().save_pretrained(tmp_path / "teacher")  # one that fits: the run trains with it online
+    assert main(["train", "--config", str(tmp_path / "run.yaml")]) == 0
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["loss/auxiliary"] > 0, logged
     with pytest.raises(CapvectorError, match="augment_shift 16 must be in"):
         PolicyConfig(image_size=SIZE, stem_channels=(8, 8), augment_shift=16)
