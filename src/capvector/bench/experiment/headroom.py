@@ -161,28 +161,36 @@ def evaluations(config: HeadroomConfig) -> list[tuple[str, str, int, int, bool]]
 
 
 def evaluate_all(config: HeadroomConfig, layout: HeadroomLayout) -> dict:
-    from capvector.bench.env.evaluation import evaluate
+    from capvector.bench.env.evaluation import evaluate_many
 
     path = layout.evaluations
     path.parent.mkdir(parents=True, exist_ok=True)
     results = read_json(path) or {}
     todo = [e for e in evaluations(config) if e[0] not in results]
-    for done, (name, arm, seed, steps, decoy) in enumerate(todo, 1):
-        factory = functools.partial(recipe.load_trained, policy_at(layout, arm, seed, steps))
-        outcome = evaluate(
-            factory,
+    started = time.perf_counter()
+    rates: dict[str, dict[str, float]] = {}  # per name, its tasks evaluated so far
+    for decoy in (False, True):  # one simulator setting per pass: the oracle's decoy test is another
+        batch = [e for e in todo if e[4] == decoy]
+        factories = [functools.partial(recipe.load_trained, policy_at(layout, a, s, b)) for _, a, s, b, _ in batch]
+        for i, task, rows in evaluate_many(
+            factories,
             config.tasks,
-            episodes=config.eval_episodes,
-            seed=config.eval_seed,
-            workers=config.workers,
+            config.eval_episodes,
+            config.eval_seed,
+            config.workers,
             image_size=config.image_size,
             placement=config.placement,
             decoy=decoy,
             max_steps=config.max_steps,
-        )
-        results[name] = {t.task: t.successes / t.episodes for t in outcome.tasks}
-        write_json(path, results)
-        print(f"  evaluated {name}: {outcome.success_rate:.2f} ({done}/{len(todo)}, {outcome.wall_s:.0f} s)")
+        ):
+            name = batch[i][0]
+            rates.setdefault(name, {})[task] = sum(row[3] for row in rows) / len(rows)
+            if len(rates[name]) == len(config.tasks):  # saved whole: a name in results.json is done
+                results[name] = {t: rates[name][t] for t in config.tasks}
+                write_json(path, results)
+                mean = sum(results[name].values()) / len(config.tasks)
+                done = len(todo) - sum(e[0] not in results for e in todo)
+                print(f"  evaluated {name}: {mean:.2f} ({done}/{len(todo)}, {time.perf_counter() - started:.0f} s)")
     return results
 
 

@@ -11,7 +11,7 @@
       downstream/<method>/seed<k>/      the methods' training runs
       ablations/<name>/                 alpha<a>, lambda<l>, long_<method>
       evaluate/results.json             "<checkpoint>@<variant>" -> {"tasks": {task: counts}}
-      report/                           report.md, results.json and the plots
+      report/                           report.md, results.json, the plots and the side-by-side GIF
 
     <out>/<regime>/                     a `capvector headroom` run folder (HeadroomLayout)
       config.json                       the config and its key
@@ -36,7 +36,13 @@ STAGE_FILE = "stage.json"
 WALL_FILE = "wall.json"
 REPORT_FILE = "report.md"
 RESULTS_FILE = "results.json"
-PLOTS = {"success": "success_vs_steps.png", "step_time": "step_time.png", "gamma": "gamma_layers.png"}
+PLOTS = {
+    "success": "success_vs_steps.png",
+    "training": "training_vs_steps.png",
+    "side_by_side": "side_by_side.gif",
+    "step_time": "step_time.png",
+    "gamma": "gamma_layers.png",
+}
 
 
 def trained_policy(training_dir: Path) -> Path:
