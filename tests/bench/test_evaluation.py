@@ -106,7 +106,7 @@ def test_jobs_split_episodes_only_when_policies_and_tasks_are_too_few():
     assert len(jobs) == 4 and all(episodes == [0, 1, 2] for _, _, episodes in jobs)
     assert evaluation_jobs(10, ["a", "b"], 3, workers=1) == [(list(range(10)), t, [0, 1, 2]) for t in "ab"]
     assert sorted((i, task) for indices, task, _ in jobs for i in indices) == [(i, t) for i in range(10) for t in "ab"]
-    assert evaluation_jobs(0, ["a"], 3, workers=2) == []
+    assert evaluation_jobs(0, ["a"], 3, workers=2) == evaluation_jobs(0, ["a"], 3, workers=1) == []
 
 
 def test_side_by_side_aligns_the_episodes_and_holds_the_shorter_ones_last_frame():

@@ -197,7 +197,7 @@ def evaluation_jobs(
     (fewer simulators to build, yet the load balances), or one per task for a single worker; a task's episodes are
     split only when policies and tasks are too few to keep every worker busy."""
     pairs = policies * len(tasks)
-    per_job = policies if workers <= 1 else max(1, math.ceil(pairs / (2 * workers)))
+    per_job = max(1, policies if workers <= 1 else math.ceil(pairs / (2 * workers)))
     parts = max(1, min(episodes, math.ceil(workers / max(1, pairs))))
     return [
         (list(range(first, min(first + per_job, policies))), task, list(range(episodes))[part::parts])

@@ -137,12 +137,13 @@ def training_curves(config: ReproduceConfig, layout: RunLayout) -> dict[str, dic
     """Per method, against training steps (means over seeds): the action loss (the term every method trains on),
     L_orth (as logged, divided by lambda; methods with the regularizer only) and the retention of gamma."""
     runs = {m: [r for r in downstream_runs(config, layout) if r.method == m] for m in config.methods}
+    unweighted = 1 / config.orth_lambda if config.orth_lambda else 0.0  # with lambda 0 nothing logs L_orth
     gamma = open_vector(layout.gamma)
     try:
         return {
             m: {
                 "action_loss": metric_curve([r.folder for r in rs], "loss/action"),
-                "orth": metric_curve([r.folder for r in rs], "loss/orth", 1 / config.orth_lambda),
+                "orth": metric_curve([r.folder for r in rs], "loss/orth", unweighted),
                 "retention": retention_curve(layout, rs, gamma),
             }
             for m, rs in runs.items()
@@ -427,8 +428,8 @@ def pictures(results: Mapping) -> list[str]:
         f"![success against steps]({PLOTS['success']})",
         "",
         "Training, means over seeds: the action loss (every method's task term), L_orth as the regularizer "
-        "computes it (without lambda), and gamma retained, <theta - theta_pt, gamma> / |gamma|^2 at every "
-        "checkpoint (alpha right after the merge).",
+        "computes it (without lambda; with LoRA its O-LoRA form), and gamma retained, "
+        "<theta - theta_pt, gamma> / |gamma|^2 at every checkpoint (alpha right after the merge).",
         "",
         f"![training against steps]({PLOTS['training']})",
         "",
