@@ -196,27 +196,35 @@ def run_evaluations(
     config: HeadroomConfig, layout: HeadroomLayout, todo: list[Evaluation], path: Path, placements: int
 ) -> dict:
     """Success per task of every evaluation in `todo` on the placements of seed `placements`, cached in `path`
-    (saved after each, so an interrupted run resumes)."""
-    from capvector.bench.env.evaluation import evaluate
+    (each saved as soon as all its tasks are done, so an interrupted run resumes)."""
+    from capvector.bench.env.evaluation import evaluate_many
 
     path.parent.mkdir(parents=True, exist_ok=True)
     results = read_json(path) or {}
     missing = [e for e in todo if e.name not in results]
-    for done, e in enumerate(missing, 1):
-        outcome = evaluate(
-            functools.partial(recipe.load_trained, policy_at(layout, e.run, e.seed, e.steps)),
+    started = time.perf_counter()
+    rates: dict[str, dict[str, float]] = {}  # per name, its tasks evaluated so far
+    for decoy in (False, True):  # one simulator setting per pass: the oracle's decoy test is another
+        batch = [e for e in missing if e.decoy == decoy]
+        for i, task, rows in evaluate_many(
+            [functools.partial(recipe.load_trained, policy_at(layout, e.run, e.seed, e.steps)) for e in batch],
             config.tasks,
-            episodes=config.eval_episodes,
-            seed=placements,
-            workers=config.workers,
+            config.eval_episodes,
+            placements,
+            config.workers,
             image_size=config.image_size,
             placement=config.placement,
-            decoy=e.decoy,
+            decoy=decoy,
             max_steps=config.max_steps,
-        )
-        results[e.name] = {t.task: t.successes / t.episodes for t in outcome.tasks}
-        write_json(path, results)
-        print(f"  evaluated {e.name}: {outcome.success_rate:.2f} ({done}/{len(missing)}, {outcome.wall_s:.0f} s)")
+        ):
+            name = batch[i].name
+            rates.setdefault(name, {})[task] = sum(row[3] for row in rows) / len(rows)
+            if len(rates[name]) == len(config.tasks):  # saved whole: a name in the file is done
+                results[name] = {t: rates[name][t] for t in config.tasks}
+                write_json(path, results)
+                mean = sum(results[name].values()) / len(config.tasks)
+                done = sum(e.name in results for e in missing)
+                print(f"  evaluated {name}: {mean:.2f} ({done}/{len(missing)}, {time.perf_counter() - started:.0f} s)")
     return results
 
 
@@ -230,19 +238,15 @@ def choose_control_weight(config: HeadroomConfig, layout: HeadroomLayout) -> dic
     parallel_map(train_arm, jobs, config.workers)
     todo = [Evaluation(control_name(w), s, b) for w in weights for s in seeds for b in config.budgets]
     results = run_evaluations(config, layout, todo, layout.validation(config.validation_seed), config.validation_seed)
-    means = {
-        w: float(
-            np.mean(
-                [list(results[Evaluation(control_name(w), s, b).name].values()) for s in seeds for b in config.budgets]
-            )
-        )
-        for w in weights
+    rates = {
+        w: [results[Evaluation(control_name(w), s, b).name] for s in seeds for b in config.budgets] for w in weights
     }
+    means = {w: float(np.mean([list(r.values()) for r in rates[w]])) for w in weights}
     chosen = max(weights, key=lambda w: (means[w], -w))
     return {"weight": chosen, "validation": {f"{w:g}": round(100 * m, 1) for w, m in means.items()}, "seeds": seeds}
 
 
-def test_evaluations(config: HeadroomConfig, runs: dict[str, str]) -> list[Evaluation]:
+def final_evaluations(config: HeadroomConfig, runs: dict[str, str]) -> list[Evaluation]:
     """Every arm at every budget on the test placements, and the oracle's decoy at the last budget."""
     todo = [Evaluation(run, s, b) for run in runs.values() for s in config.seeds for b in config.budgets]
     return todo + [Evaluation(runs["oracle"], s, config.budgets[-1], decoy=True) for s in config.seeds]
@@ -418,7 +422,7 @@ def headroom(regime: str | HeadroomConfig = "wide", out_dir: str | Path = "runs/
         print(f"control weight {control['weight']:g} (validation: {control['validation']}); training every seed")
         parallel_map(train_arm, jobs, config.workers)
     print(f"trained in {time.perf_counter() - started:.0f} s; evaluating")
-    results = run_evaluations(config, layout, test_evaluations(config, runs), layout.evaluations, config.eval_seed)
+    results = run_evaluations(config, layout, final_evaluations(config, runs), layout.evaluations, config.eval_seed)
     summary = summarize(results, config, runs, control)
     layout.report.mkdir(exist_ok=True)
     write_json(layout.report_results, summary)
