@@ -28,6 +28,7 @@ from capvector.bench.env.sim import (
     eval_placement_seed,
     parallel_map,
     shards,
+    when_tasks_finish,
 )
 from capvector.bench.env.tasks import TASKS, instruction, resolve_tasks, task_index
 from capvector.bench.statistics import wilson_interval
@@ -207,6 +208,7 @@ def evaluate(
     placement: str = "default",
     decoy: bool = False,
     max_steps: int = MAX_EPISODE_STEPS,
+    on_task: Callable[[TaskResult], None] | None = None,
 ) -> EvalResult:
     """Success rate per task over `episodes` held-out placements, with 95% Wilson intervals.
 
@@ -215,7 +217,7 @@ def evaluate(
     camera pose, lighting and table colour). `placement`: the placement ranges (capvector.bench.env.sim.PLACEMENTS);
     `decoy`: an oracle's privileged positions come from another placement; `max_steps`: an episode's cap (failures
     cost the most time; Meta-World's is 500, the scripted experts need under 230 on the headroom tasks). GIFs of
-    the first `gifs_per_task` episodes per task go to `gif_dir`.
+    the first `gifs_per_task` episodes per task go to `gif_dir`. `on_task(result)` is called as each task finishes.
     """
     start = time.time()
     tasks = resolve_tasks(tasks)
@@ -226,7 +228,10 @@ def evaluate(
         ([policy_factory], task, eps, seed, image_size, variant, gif_episodes, placement, decoy, max_steps)
         for task, eps in shards(tasks, episodes, workers)
     ]
-    rows = [row for shard in parallel_map(evaluate_shard, jobs, workers) for row in shard[0]]
+    done = on_task and when_tasks_finish(
+        [job[1] for job in jobs], lambda task, shards: on_task(task_result(task, [r for s in shards for r in s[0]]))
+    )
+    rows = [row for shard in parallel_map(evaluate_shard, jobs, workers, done) for row in shard[0]]
 
     results = [task_result(task, rows) for task in tasks]
     gifs = []

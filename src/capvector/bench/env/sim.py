@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes.util
+import functools
 import os
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -355,17 +358,52 @@ def single_threaded_worker() -> None:
     torch.set_num_threads(1)
 
 
-def parallel_map(fn, jobs: list[tuple], workers: int) -> list:
-    """`[fn(*job) for job in jobs]` over `workers` spawned processes (in this process when workers <= 1).
+def parallel_map(fn, jobs: list[tuple], workers: int, done: Callable[[int, Any], None] | None = None) -> list:
+    """`[fn(*job) for job in jobs]` over `workers` spawned processes (in this process when workers <= 1);
+    `done(i, result)` is called here as each job finishes, in the order they finish.
 
     Spawned, not forked: a forked child would inherit the parent's GL and torch thread state.
     """
+    results: list[Any] = [None] * len(jobs)
     if workers <= 1 or len(jobs) <= 1:
-        return [fn(*job) for job in jobs]
-    import multiprocessing
+        finished: Iterable[tuple[int, Any]] = ((i, fn(*job)) for i, job in enumerate(jobs))
+        pool = None
+    else:
+        import multiprocessing
 
-    with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), initializer=single_threaded_worker) as pool:
-        return pool.starmap(fn, jobs, chunksize=1)
+        pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), initializer=single_threaded_worker)
+        finished = pool.imap_unordered(functools.partial(indexed_call, fn), enumerate(jobs))
+    try:
+        for i, result in finished:
+            results[i] = result
+            if done is not None:
+                done(i, result)
+    finally:
+        if pool is not None:
+            pool.terminate()
+    return results
+
+
+def indexed_call(fn, item: tuple[int, tuple]) -> tuple[int, Any]:
+    """(i, fn(*job)) for item (i, job): imap_unordered's results, told apart."""
+    i, job = item
+    return i, fn(*job)
+
+
+def when_tasks_finish(job_tasks: list[str], on_task: Callable[[str, list], None]) -> Callable[[int, Any], None]:
+    """A parallel_map `done` that calls on_task(task, its jobs' results) once every job of that task (job i is
+    of task job_tasks[i]) has finished."""
+    left = Counter(job_tasks)
+    results: dict[str, list] = defaultdict(list)
+
+    def done(i: int, result: Any) -> None:
+        task = job_tasks[i]
+        results[task].append(result)
+        left[task] -= 1
+        if not left[task]:
+            on_task(task, results[task])
+
+    return done
 
 
 def shards(tasks: list[str], episodes: int, workers: int) -> list[tuple[str, list[int]]]:
