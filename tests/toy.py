@@ -12,6 +12,7 @@ import os
 import signal
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -99,6 +100,13 @@ class ToyAuxiliary(AuxiliaryObjective):
 
 def make_auxiliary(hidden: int = 16, weight: float = 0.5):
     return ToyAuxiliary(hidden, weight)
+
+
+def toy_eval(policy, draws: int = 3):
+    """An evaluation hook ("toy:toy_eval") that draws random numbers, as a simulator's placements might: the run's
+    weights must not change for it. Reports the policy's mode and a number that changes as it trains."""
+    noise = torch.rand(draws).sum() + float(np.random.rand())
+    return {"training": float(policy.training), "head_norm": policy.head.weight.norm().item(), "noise": float(noise)}
 
 
 TOY = {"policy": "toy:make_policy", "dataset": "toy:make_dataset", "auxiliary": "toy:make_auxiliary"}

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import sys
+import time
 from collections.abc import Iterator, Sequence
 
 from capvector.errors import CapvectorError
@@ -52,6 +53,29 @@ def _file_errors() -> Iterator[None]:
     except OSError as error:
         where = f"{error.filename}: " if error.filename else ""
         raise CapvectorError(f"{where}{error.strerror or error}; check the path and its permissions") from None
+
+
+class _FieldsHelp(argparse.Action):
+    """`train -h`: the usual help, then every config field with its default and meaning (from TrainConfig's
+    comments; imported only when asked, since it loads torch)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs) -> None:
+        kwargs |= {"nargs": 0, "default": argparse.SUPPRESS, "help": "show this help, with every config field"}
+        super().__init__(option_strings, argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from capvector.training.config import describe_fields
+
+        parser.print_help()
+        print()
+        print(describe_fields())
+        parser.exit()
+
+
+def _progress(line: str) -> None:
+    """Progress (tasks as they finish; training's steps) goes to stderr, stdout keeps what a command reports at the
+    end."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def _command_extract(args: argparse.Namespace) -> None:
@@ -136,6 +160,11 @@ def _command_tasks(args: argparse.Namespace) -> None:
 def _command_demos(args: argparse.Namespace) -> None:
     from capvector.bench.env.demos import generate_demonstrations
 
+    started = time.time()
+
+    def recorded(task: str, episodes: int, frames: int) -> None:
+        _progress(f"{task}: {episodes} episodes recorded ({frames} frames, {time.time() - started:.0f} s)")
+
     path = generate_demonstrations(
         args.output,
         args.tasks,
@@ -145,6 +174,7 @@ def _command_demos(args: argparse.Namespace) -> None:
         workers=args.workers,
         variant=args.variant,
         placement=args.placement,
+        on_task=recorded,
     )
     print(f"wrote {path}")
 
@@ -152,13 +182,18 @@ def _command_demos(args: argparse.Namespace) -> None:
 def _command_evaluate(args: argparse.Namespace) -> None:
     import functools
 
-    from capvector.bench.env.evaluation import ExpertPolicy, evaluate
+    from capvector.bench.env.evaluation import ExpertPolicy, TaskResult, evaluate
     from capvector.bench.recipe import load_trained
     from capvector.files import write_json
 
     if (args.policy is None) == (not args.expert):
         raise CapvectorError("give a policy folder to evaluate, or --expert for the scripted experts (not both)")
     factory = ExpertPolicy if args.expert else functools.partial(load_trained, args.policy)
+    started = time.time()
+
+    def finished(task: TaskResult) -> None:
+        _progress(f"{task.task}: {task.successes}/{task.episodes} successes ({time.time() - started:.0f} s)")
+
     result = evaluate(
         factory,
         args.tasks,
@@ -169,6 +204,7 @@ def _command_evaluate(args: argparse.Namespace) -> None:
         gif_dir=args.gifs,
         image_size=args.image_size,
         placement=args.placement,
+        on_task=finished,
     )
     for task in result.tasks:
         print(
@@ -210,13 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="capvector", description="Capability vectors for VLA policies.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, help: str, run) -> argparse.ArgumentParser:
+    def command(name: str, help: str, run, add_help: bool = True) -> argparse.ArgumentParser:
         sub = commands.add_parser(
             name,
             help=help,
             description=help,
             epilog=EXAMPLES.get(name),
             formatter_class=argparse.RawDescriptionHelpFormatter,
+            add_help=add_help,
         )
         sub.set_defaults(run=run)
         return sub
@@ -263,8 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = command(
-        "train", "Finetune a policy: strategy sft, aux or capvector; full or LoRA; DDP under torchrun.", _command_train
+        "train",
+        "Finetune a policy: strategy sft, aux or capvector; full or LoRA; DDP under torchrun.",
+        _command_train,
+        add_help=False,
     )
+    p.add_argument("-h", "--help", action=_FieldsHelp)
     p.add_argument("--config", help="a YAML or TOML file of TrainConfig fields (defaults when omitted)")
     p.add_argument(
         "--set",

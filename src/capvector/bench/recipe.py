@@ -12,20 +12,31 @@
 
 A fresh policy takes its normalization bounds (q01/q99) and image size from the dataset; a loaded one keeps
 those in its config.json, so every finetune of theta_pt normalizes exactly as theta_pt did. `load_trained(path)`
-opens what the engine wrote (a policy folder, or a LoRA adapter folder applied to its base) for evaluation.
+opens what the engine wrote (a policy folder, or a LoRA adapter folder applied to its base) for evaluation;
+`evaluate_success` is the engine's evaluation hook (success rates every eval_every steps):
+
+    eval: capvector.bench.recipe:evaluate_success
+    eval_args: {tasks: downstream, episodes: 10}
+    eval_every: 500
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from capvector.bench.env.dataset import DemoDataset, read_meta
+from capvector.bench.env.evaluation import evaluate
+from capvector.bench.env.sim import MAX_EPISODE_STEPS
 from capvector.bench.objectives.alignment import TeacherAlignment
 from capvector.bench.objectives.privileged import PrivilegedObjective
 from capvector.bench.objectives.spatial import SpatialObjective
 from capvector.bench.policy.configuration_policy import PolicyConfig
-from capvector.bench.policy.modeling_policy import CONFIG_NAME, Policy
+from capvector.bench.policy.modeling_policy import CONFIG_NAME, TOKENIZER_NAME, Policy, check_tokenizer
 from capvector.errors import CapvectorError
 from capvector.params.checkpoints import ADAPTER_CONFIG, open_checkpoint
 
@@ -77,7 +88,9 @@ def load_trained(path: str | Path, device: str = "cpu", base: str | Path | None 
     weights = open_checkpoint(path, base=base)
     assert weights.base is not None  # an adapter folder opens with its base
     try:
-        policy = Policy(PolicyConfig.from_json(weights.base.root / CONFIG_NAME))
+        config = PolicyConfig.from_json(weights.base.root / CONFIG_NAME)
+        check_tokenizer(weights.base.root / TOKENIZER_NAME, config)
+        policy = Policy(config)
         policy.load_state_dict({name: weights[name] for name in weights})
     finally:
         weights.close()
@@ -93,3 +106,42 @@ def teacher_alignment(teacher: str, layer: str = "vision", weight: float = 0.5) 
     """The Spatial Forcing analog with a frozen teacher: `teacher` is a folder pretrain_teacher wrote (it must fit
     the policy's cameras, image size and patch grid)."""
     return TeacherAlignment(teacher, layer=layer, weight=weight)
+
+
+def plain_copy(policy: nn.Module) -> Policy:
+    """The policy being trained as a plain Policy on the CPU (evaluation workers are CPU processes), without an
+    auxiliary objective's hooks; a LoRA run's PEFT model with its adapters merged in."""
+    trained: Any = policy
+    if hasattr(trained, "merge_and_unload"):
+        trained = copy.deepcopy(trained).merge_and_unload()
+    snapshot = Policy(trained.config)
+    snapshot.load_state_dict({name: value.detach().cpu() for name, value in trained.state_dict().items()})
+    return snapshot.eval()
+
+
+def evaluate_success(
+    policy: nn.Module,
+    tasks: str | list[str] = "downstream",
+    episodes: int = 5,
+    max_steps: int = MAX_EPISODE_STEPS,
+    workers: int = 1,
+    seed: int = 0,
+    variant: str = "default",
+    placement: str = "default",
+) -> dict[str, float]:
+    """The training engine's evaluation hook (TrainConfig.eval): closed-loop success of the policy being trained,
+    "success" (the mean over tasks) and "success/<task>", on the held-out evaluation placements (see
+    capvector.bench.env.evaluation.evaluate for the arguments)."""
+    snapshot = plain_copy(policy)
+    result = evaluate(
+        functools.partial(copy.deepcopy, snapshot),
+        tasks,
+        episodes=episodes,
+        seed=seed,
+        workers=workers,
+        variant=variant,
+        image_size=snapshot.config.image_size,
+        placement=placement,
+        max_steps=max_steps,
+    )
+    return {"success": result.success_rate} | {f"success/{task.task}": task.success_rate for task in result.tasks}

@@ -8,16 +8,21 @@ before anything is built or written.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
+import io
 import json
 import math
+import textwrap
+import tokenize
 import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import tomllib
 import torch
@@ -35,22 +40,25 @@ Distributed = Literal["ddp", "fsdp"]
 
 @dataclass
 class TrainConfig:
+    # Each field is described by its comment, on its line or on the lines right above it; a comment after a blank
+    # line heads a section. `capvector train --help` prints them (field_docs), and a test requires one per field.
+
     # What to train. Import strings "pkg.module:factory": policy = factory(init_from, **policy_args),
     # dataset = factory(**dataset_args), auxiliary = factory(**auxiliary_args) (built for strategy "aux" only).
-    strategy: Strategy = "sft"
-    policy: str = ""
-    policy_args: dict[str, Any] = field(default_factory=dict)
+    strategy: Strategy = "sft"  # sft: plain finetuning; aux: plus the auxiliary objective; capvector: plus L_orth
+    policy: str = ""  # the policy factory; it returns a module whose forward(batch) returns a dict of losses
+    policy_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the policy factory
     init_from: str | None = None  # a policy folder to start from; None: the factory's own initialization
-    dataset: str = ""
-    dataset_args: dict[str, Any] = field(default_factory=dict)
-    auxiliary: str = ""
-    auxiliary_args: dict[str, Any] = field(default_factory=dict)
-    out_dir: str = "runs/train"
+    dataset: str = ""  # the dataset factory; it returns a map-style torch Dataset of dict samples
+    dataset_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the dataset factory
+    auxiliary: str = ""  # the auxiliary objective's factory (a capvector.training.auxiliary.AuxiliaryObjective)
+    auxiliary_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the auxiliary factory
+    out_dir: str = "runs/train"  # the run's folder: config.yaml, metrics.jsonl, checkpoints/, policy/
 
     # strategy "capvector": loss = policy losses + orth_lambda * L_orth(theta - theta_meta, gamma), with
     # theta_meta = the weights of init_from (the merged checkpoint) and gamma read from `vector`.
-    vector: str | None = None
-    orth_lambda: float = 10.0  # 0 with orth_hard: the hard variant alone
+    vector: str | None = None  # the capability vector's folder (what `capvector extract` wrote)
+    orth_lambda: float = 10.0  # the weight of L_orth; 0 with orth_hard: the hard variant alone
     orth_reduction: Reduction = "normalized"  # per-tensor projections combined as in capvector.training.orthogonal
     orth_hard: bool = False  # also project the update off gamma after every optimizer step (exact)
     lora_form: LoraForm = "olora"  # with finetune "lora": "olora" (gamma's input subspace) or "exact"
@@ -60,30 +68,30 @@ class TrainConfig:
     check_merge: bool = True
 
     # Finetuning: all weights, or LoRA adapters through PEFT (rank 32 as OpenVLA-OFT).
-    finetune: Finetune = "full"
-    lora_rank: int = 32
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
+    finetune: Finetune = "full"  # full: every weight; lora: PEFT adapters on init_from (pip install capvector[lora])
+    lora_rank: int = 32  # the adapters' rank r
+    lora_alpha: float = 16.0  # the adapters' scale is lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # dropout on the adapters' input
     lora_targets: list[str] = field(default_factory=list)  # glob patterns over module names; empty: every nn.Linear
 
     # Optimization: AdamW, linear warmup then cosine decay to min_lr (or constant), gradient clipping.
-    steps: int = 1000
+    steps: int = 1000  # optimizer steps
     batch_size: int = 32  # global: split evenly across processes (and their grad_accum_steps micro-batches)
-    lr: float = 1e-4
-    min_lr: float = 1e-5
-    warmup_steps: int = 0
-    schedule: Schedule = "cosine"
+    lr: float = 1e-4  # the peak learning rate
+    min_lr: float = 1e-5  # the learning rate at the last step of the cosine schedule
+    warmup_steps: int = 0  # steps of linear warmup from lr / warmup_steps to lr
+    schedule: Schedule = "cosine"  # after warmup: cosine decay to min_lr, or constant lr
     weight_decay: float = 0.0  # decay pulls weights toward zero, not toward the starting point
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 disables
-    seed: int = 0
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.95  # AdamW's second-moment decay
+    grad_clip: float = 1.0  # the largest gradient norm; 0 disables clipping
+    seed: int = 0  # the batch order, the initialization and dropout; sft and aux with one seed see the same batches
     device: str = "auto"  # "auto" picks CUDA when present; or "cpu", "cuda", "cuda:1"
     bf16: bool = True  # bf16 autocast of the forward pass, on CUDA only
 
     # Memory (capvector.training.memory estimates it). Under torchrun, "ddp" keeps a whole copy of the model,
     # its gradients and optimizer state in every process; "fsdp" (FSDP2) shards them, and gamma, on dim 0.
-    distributed: Distributed = "ddp"
+    distributed: Distributed = "ddp"  # under torchrun: "ddp" (a whole copy per process) or "fsdp" (sharded)
     grad_accum_steps: int = 1  # micro-batches per optimizer step, each batch_size / (processes * this) samples
     activation_checkpointing: bool = False  # recompute each block's activations in backward instead of keeping them
     # glob patterns over module names: the policy's blocks (FSDP's units, the checkpointed modules);
@@ -92,17 +100,28 @@ class TrainConfig:
 
     # Data: datasets up to this size are read once into memory as one table (no DataLoader); larger ones
     # go through a DataLoader with num_workers processes.
-    cache_dataset_mb: int = 2048
-    num_workers: int = 2
+    cache_dataset_mb: int = 2048  # the largest dataset (MB) read into memory
+    num_workers: int = 2  # DataLoader processes for larger datasets
 
-    # Checkpoints and logs (none of these change the result, so a run may resume with other values).
+    # Checkpoints, logs and evaluation (none of these change the trained weights, so a run may resume with other
+    # values).
     checkpoint_every: int = 500  # 0: only the final policy
     keep_checkpoints: int = 2  # the most recent ones (at least 2: one to fall back to if the last is damaged); 0: all
-    resume: bool = False
-    log_every: int = 10
-    progress: bool = True
-    tensorboard: bool = True  # when the tensorboard package is installed
+    resume: bool = False  # continue from out_dir's newest intact checkpoint
+    log_every: int = 10  # steps per line of metrics.jsonl (and per progress line when not on a terminal)
+    progress: bool = True  # a progress bar on a terminal, else a line every log_every steps (on stderr)
+    tensorboard: bool = True  # also log to out_dir/tensorboard, when the tensorboard package is installed
+    # also log to Weights & Biases, offline (out_dir/wandb; `wandb sync` uploads it later); pip install
+    # capvector[wandb]
+    wandb: bool = False
+    wandb_project: str = "capvector"  # the W&B project the run is filed under when synced
     time_parts: bool = True  # per-part step times; on CUDA each part ends with a device sync
+    # an evaluation hook "pkg.module:function", called as function(policy, **eval_args) on the first process with
+    # the policy in eval mode; it returns numbers by name, logged as eval/<name> (the benchmark's:
+    # capvector.bench.recipe:evaluate_success)
+    eval: str = ""
+    eval_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the evaluation hook
+    eval_every: int = 0  # run the evaluation hook after every eval_every steps; 0: never
 
 
 # Fields that change nothing in the trained weights: a run may be resumed with other values for them.
@@ -116,12 +135,70 @@ BOOKKEEPING = frozenset(
         "log_every",
         "progress",
         "tensorboard",
+        "wandb",
+        "wandb_project",
         "time_parts",
+        "eval",
+        "eval_args",
+        "eval_every",
         "num_workers",
         "cache_dataset_mb",
         "activation_checkpointing",  # recomputes the same values (tests/test_accumulation.py)
     }
 )
+
+
+def field_docs() -> list[tuple[str, str, str]]:
+    """(section, field, description) for each TrainConfig field, in order, read from the class's comments: a
+    field's own comment is on its line or on the comment lines right above it; a comment block after a blank line
+    is the section of the fields below it."""
+    source = textwrap.dedent(inspect.getsource(TrainConfig))
+    lines = source.splitlines()
+    comments = {
+        token.start[0]: token.string.lstrip("#").strip()
+        for token in tokenize.generate_tokens(io.StringIO(source).readline)
+        if token.type == tokenize.COMMENT
+    }
+    body = cast(ast.ClassDef, ast.parse(source).body[0]).body
+    docs, section = [], ""
+    for node in body:
+        if not isinstance(node, ast.AnnAssign) or not isinstance(node.target, ast.Name):
+            continue
+        above: list[str] = []
+        row = node.lineno - 1  # 1-based line numbers: lines[row - 1] is the line above the field
+        while row >= 1 and row in comments and lines[row - 1].lstrip().startswith("#"):
+            above.insert(0, comments[row])
+            row -= 1
+        if row >= 1 and not lines[row - 1].strip():  # a block after a blank line: a new section
+            section, above = " ".join(above) or section, []
+        own = " ".join(above + ([comments[node.end_lineno]] if node.end_lineno in comments else []))
+        docs.append((section, node.target.id, own))
+    return docs
+
+
+def kind_name(hint: Any) -> str:
+    """A field's type as `train --help` shows it: its choices, or its type(s)."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return " | ".join(typing.get_args(hint))
+    if origin in (types.UnionType, typing.Union):
+        return " | ".join(kind_name(option) for option in typing.get_args(hint))
+    return "mapping" if origin is dict else type_name(hint)
+
+
+def describe_fields() -> str:
+    """Every TrainConfig field with its default and meaning, by section (`capvector train --help`)."""
+    hints = typing.get_type_hints(TrainConfig)
+    defaults = TrainConfig()
+    out = ["config fields (keys of the YAML/TOML file, or --set KEY=VALUE; values are YAML):"]
+    previous = None
+    for section, name, doc in field_docs():
+        if section != previous:
+            out += ["", *textwrap.wrap(section, 116)]
+            previous = section
+        out.append(f"  {name}: {json.dumps(getattr(defaults, name))}    ({kind_name(hints[name])})")
+        out += textwrap.wrap(doc, 116, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(out)
 
 
 def at_least(low: float) -> tuple[Callable[[Any], bool], str]:
@@ -159,6 +236,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "checkpoint_every": at_least(0),
     "keep_checkpoints": ((lambda v: v == 0 or v >= 2), "0 (keep all) or at least 2 (one to fall back to)"),
     "log_every": at_least(1),
+    "eval_every": at_least(0),
 }
 
 

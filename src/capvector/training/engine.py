@@ -10,7 +10,8 @@ input before it touches anything, `setup` builds the pieces into a `Run`, `train
 (capvector.training.metrics); the data order is capvector.training.data's. Written to out_dir:
 
     config.yaml            the resolved config
-    metrics.jsonl          one line per log_every steps: loss terms, lr, grad norm, ms per step in each part
+    metrics.jsonl          one line per log_every steps: loss terms, lr, grad norm, ms per step in each part;
+                           one per evaluation (eval_every): eval/<name>
     checkpoints/step_N/    trainer_state.pt (everything to resume exactly), policy/ (as the final one) and
                            checkpoint.json (their checksums, verified on resume)
     policy/                the trained policy: policy.save_pretrained's folder (else model.safetensors), or for
@@ -22,7 +23,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
@@ -44,8 +46,10 @@ from capvector.training.checkpointing import (
     read_checkpoint,
     remove_debris,
     restore,
+    rng_state,
     save_checkpoint,
     seed_everything,
+    set_rng_state,
 )
 from capvector.training.checkpointing import (
     STATE_FILE as STATE_FILE,  # re-exported: the benchmark's pipeline finds checkpoints through this module
@@ -367,10 +371,30 @@ def stop_unless_finite(run: Run, step: int, losses: dict[str, float], grad_norm:
         )
 
 
+def evaluate(run: Run, hook: Callable[..., Any]) -> tuple[dict[str, float], float]:
+    """The eval hook's numbers for the policy as it is now, and the seconds it took. The policy is in eval mode
+    without gradients meanwhile, and every RNG stream is put back after, so evaluating never changes the trained
+    weights. The first process evaluates alone; under DDP the others wait for it at the next step's all-reduce."""
+    state, started = rng_state(), time.perf_counter()
+    run.model.eval()
+    try:
+        with torch.no_grad():
+            values = hook(run.model.policy)
+    finally:
+        run.model.train()
+        set_rng_state(state)
+    if not isinstance(values, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in values.items()
+    ):
+        raise CapvectorError(f"eval hook {run.config.eval} returned {values!r:.200}; return a dict of numbers by name")
+    return {k: float(v) for k, v in values.items()}, time.perf_counter() - started
+
+
 def loop(run: Run) -> None:
     """Steps start+1 .. steps, with checkpoints and metrics."""
     config = run.config
     metrics = Metrics(run.out_dir, run.start, config, run.model.stopwatch, active=run.rank == 0)
+    hook = factory(config, "eval") if config.eval_every and run.rank == 0 else None
     run.model.train()
     try:
         for step in range(run.start + 1, config.steps + 1):
@@ -379,6 +403,8 @@ def loop(run: Run) -> None:
                 group["lr"] = lr
             losses, grad_norm = train_step(run, step)
             metrics.add(step, lr, losses, grad_norm)
+            if hook is not None and step % config.eval_every == 0:  # before the checkpoint: a resume redoes both
+                metrics.add_eval(step, *evaluate(run, hook))
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 save_checkpoint(
                     run.out_dir,

@@ -4,6 +4,7 @@ names the field and the fix (the CLI prints it as one line and exits 2)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -38,8 +39,21 @@ def check_inputs(config: TrainConfig, world: int, given: set[str], vector: Vecto
             )
         if config.finetune == "lora" and importlib.util.find_spec("peft") is None:
             raise CapvectorError("finetune 'lora' needs PEFT: pip install capvector[lora]")
-        for name in ("policy", "dataset", "auxiliary"):
-            if name not in given and (name != "auxiliary" or config.strategy == "aux"):
+        if config.wandb and importlib.util.find_spec("wandb") is None:
+            raise CapvectorError("wandb: true needs the wandb package: pip install capvector[wandb] (or wandb: false)")
+        if config.eval_every and not config.eval:
+            raise CapvectorError(
+                f"eval_every is {config.eval_every} but 'eval' names no hook; set eval to 'package.module:function' "
+                "(the benchmark's: capvector.bench.recipe:evaluate_success) or eval_every to 0"
+            )
+        if config.eval_every and config.distributed == "fsdp" and world > 1:  # the hook gets the policy on one process
+            raise CapvectorError(
+                "eval_every with distributed 'fsdp' is not supported (the policy is sharded across the processes); "
+                "evaluate the checkpoints' policy folders instead, or train with distributed 'ddp'"
+            )
+        for name in ("policy", "dataset", "auxiliary", "eval"):
+            needed = {"auxiliary": config.strategy == "aux", "eval": config.eval_every > 0}.get(name, True)
+            if name not in given and needed:
                 factory(config, name)  # imported and its arguments checked, not called
         if config.strategy == "capvector" and config.check_merge:
             check_merged_from(config, vector)
@@ -72,17 +86,18 @@ def check_strategy(config: TrainConfig, given: set[str]) -> None:
             raise CapvectorError("strategy 'capvector' with orth_lambda 0 and orth_hard false regularizes nothing")
 
 
-def factory(config: TrainConfig, name: str) -> Callable[[], Any]:
-    """The policy, dataset or auxiliary factory the config names, with its arguments bound: policy =
-    factory(init_from, **policy_args), the others factory(**<name>_args)."""
+def factory(config: TrainConfig, name: str) -> Callable[..., Any]:
+    """The policy, dataset, auxiliary or eval function the config names, with its arguments bound: policy =
+    factory(init_from, **policy_args), eval = function(policy, **eval_args) (the policy given at each call), the
+    others factory(**<name>_args)."""
     spec: str = getattr(config, name)
     args: tuple[Any, ...] = (config.init_from,) if name == "policy" else ()
     kwargs: dict[str, Any] = getattr(config, f"{name}_args")
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
+        instead = "" if name == "eval" else f" (or pass the {name} object to train())"
         raise CapvectorError(
-            f"config field '{name}' is {spec!r}; give an import string 'package.module:factory' "
-            f"(or pass the {name} object to train())"
+            f"config field '{name}' is {spec!r}; give an import string 'package.module:factory'{instead}"
         )
     try:
         function = getattr(importlib.import_module(module_name), attribute)
@@ -91,12 +106,12 @@ def factory(config: TrainConfig, name: str) -> Callable[[], Any]:
     if not callable(function):
         raise CapvectorError(f"config field '{name}': {spec!r} is not callable; name a factory function or class")
     try:
-        inspect.signature(function).bind(*args, **kwargs)
+        inspect.signature(function).bind(*args, *([None] if name == "eval" else []), **kwargs)
     except TypeError as error:
         raise CapvectorError(f"config field '{name}_args' does not fit {spec}: {error}") from None
     except ValueError:  # no signature to check (a builtin): the call will tell
         pass
-    return lambda: function(*args, **kwargs)
+    return functools.partial(function, *args, **kwargs)
 
 
 def merge_record(init_from: Path) -> Any:

@@ -8,6 +8,7 @@ the first episode the expert finishes successfully, so the dataset is a pure fun
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from capvector.bench.env.sim import (
     demo_placement_seed,
     parallel_map,
     shards,
+    when_tasks_finish,
 )
 from capvector.bench.env.tasks import instruction, resolve_tasks, task_index
 from capvector.errors import CapvectorError
@@ -218,11 +220,13 @@ def generate_demonstrations(
     variant: str = "default",
     placement: str = "default",
     overwrite: bool = False,
+    on_task: Callable[[str, int, int], None] | None = None,
 ) -> Path:
     """Record `episodes_per_task` successful expert demonstrations per task into the dataset folder `out_dir`.
 
     `tasks`: task or split names (list or comma-separated). Written to a temporary folder beside
-    `out_dir` and renamed at the end; an existing `out_dir` is replaced only with `overwrite`.
+    `out_dir` and renamed at the end; an existing `out_dir` is replaced only with `overwrite`. `on_task(task,
+    episodes, frames)` is called as each task's demonstrations are recorded.
     """
     out_dir = Path(out_dir)
     tasks = resolve_tasks(tasks)
@@ -233,7 +237,13 @@ def generate_demonstrations(
     jobs = [
         (task, slots, seed, image_size, variant, placement) for task, slots in shards(tasks, episodes_per_task, workers)
     ]
-    results = parallel_map(record_shard, jobs, workers)
+    done = on_task and when_tasks_finish(
+        [job[0] for job in jobs],
+        lambda task, parts: on_task(
+            task, sum(len(e) for _, e in parts), sum(len(x["frames"]["action"]) for _, e in parts for x in e)
+        ),
+    )
+    results = parallel_map(record_shard, jobs, workers, done)
     facts = results[0][0]
     recorded = [e for _, shard in results for e in shard]
     order = {task: i for i, task in enumerate(tasks)}

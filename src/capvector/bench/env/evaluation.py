@@ -254,6 +254,7 @@ def evaluate(
     placement: str = "default",
     decoy: bool = False,
     max_steps: int = MAX_EPISODE_STEPS,
+    on_task: Callable[[TaskResult], None] | None = None,
 ) -> EvalResult:
     """Success rate per task over `episodes` held-out placements, with 95% Wilson intervals.
 
@@ -262,26 +263,27 @@ def evaluate(
     camera pose, lighting and table colour). `placement`: the placement ranges (capvector.bench.env.sim.PLACEMENTS);
     `decoy`: an oracle's privileged positions come from another placement; `max_steps`: an episode's cap (failures
     cost the most time; Meta-World's is 500, the scripted experts need under 230 on the headroom tasks). GIFs of
-    the first `gifs_per_task` episodes per task go to `gif_dir`.
+    the first `gifs_per_task` episodes per task go to `gif_dir`. `on_task(result)` is called as each task finishes.
     """
     start = time.time()
     tasks = resolve_tasks(tasks)
-    done = {
-        task: rows
-        for _, task, rows in evaluate_many(
-            [policy_factory],
-            tasks,
-            episodes,
-            seed,
-            workers,
-            variant,
-            image_size,
-            placement,
-            decoy,
-            max_steps,
-            gif_episodes=gifs_per_task if gif_dir is not None else 0,
-        )
-    }
+    done = {}
+    for _, task, rows in evaluate_many(
+        [policy_factory],
+        tasks,
+        episodes,
+        seed,
+        workers,
+        variant,
+        image_size,
+        placement,
+        decoy,
+        max_steps,
+        gif_episodes=gifs_per_task if gif_dir is not None else 0,
+    ):
+        done[task] = rows
+        if on_task is not None:
+            on_task(task_result(task, rows))
     results = [task_result(task, done[task]) for task in tasks]
     gifs = []
     if gif_dir is not None:

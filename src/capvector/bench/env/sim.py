@@ -15,7 +15,8 @@ from __future__ import annotations
 import contextlib
 import ctypes.util
 import os
-from collections.abc import Iterator
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -377,10 +378,31 @@ def parallel_imap(fn, jobs: list[tuple], workers: int) -> Iterator[tuple[int, An
         yield from pool.imap_unordered(call_indexed, [(fn, i, job) for i, job in enumerate(jobs)], chunksize=1)
 
 
-def parallel_map(fn, jobs: list[tuple], workers: int) -> list:
-    """`[fn(*job) for job in jobs]` over `workers` spawned processes (parallel_imap's, in the jobs' order)."""
-    done = dict(parallel_imap(fn, jobs, workers))
-    return [done[i] for i in range(len(jobs))]
+def parallel_map(fn, jobs: list[tuple], workers: int, done: Callable[[int, Any], None] | None = None) -> list:
+    """`[fn(*job) for job in jobs]` over `workers` spawned processes (parallel_imap's, in the jobs' order);
+    `done(i, result)` is called here as each job finishes, in the order they finish."""
+    results: list[Any] = [None] * len(jobs)
+    for i, result in parallel_imap(fn, jobs, workers):
+        results[i] = result
+        if done is not None:
+            done(i, result)
+    return results
+
+
+def when_tasks_finish(job_tasks: list[str], on_task: Callable[[str, list], None]) -> Callable[[int, Any], None]:
+    """A parallel_map `done` that calls on_task(task, its jobs' results) once every job of that task (job i is
+    of task job_tasks[i]) has finished."""
+    left = Counter(job_tasks)
+    results: dict[str, list] = defaultdict(list)
+
+    def done(i: int, result: Any) -> None:
+        task = job_tasks[i]
+        results[task].append(result)
+        left[task] -= 1
+        if not left[task]:
+            on_task(task, results[task])
+
+    return done
 
 
 def shards(tasks: list[str], episodes: int, workers: int) -> list[tuple[str, list[int]]]:

@@ -13,6 +13,7 @@ name, and auxiliary objectives hook a trunk layer by name.
 from __future__ import annotations
 
 import functools
+import json
 import re
 import zlib
 from collections.abc import Mapping
@@ -27,12 +28,21 @@ from torch import nn
 
 from capvector.bench.augmentation import random_shift
 from capvector.bench.env.features import ACTION_KEY, PRIVILEGED_KEY, STATE_KEY
+from capvector.bench.env.tasks import TASKS, instruction
 from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.errors import CapvectorError
 from capvector.files import atomic_path
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+TOKENIZER_NAME = "tokenizer.json"
+WORD_PATTERN = r"[a-z0-9]+"
+TOKENIZER = {  # tokenize's scheme as data (tokenizer.json)
+    "type": "hashed words",
+    "lowercase": True,
+    "words": WORD_PATTERN,
+    "ids": "1 + crc32(utf-8 word) % (buckets - 1), the first max_words words; 0 pads",
+}
 
 
 def normalize(x: torch.Tensor, q01: torch.Tensor, q99: torch.Tensor) -> torch.Tensor:
@@ -52,10 +62,44 @@ def masked_l1(pred: torch.Tensor, target: torch.Tensor, is_pad: torch.Tensor) ->
 
 @functools.lru_cache(maxsize=4096)
 def tokenize(instruction: str, buckets: int, max_words: int) -> tuple[int, ...]:
-    """Word ids by a stable hash (crc32) into buckets 1..buckets-1; 0 pads to max_words."""
-    words = re.findall(r"[a-z0-9]+", instruction.lower())[:max_words]
+    """Word ids by a stable hash (crc32) into buckets 1..buckets-1; 0 pads to max_words (TOKENIZER says it as data)."""
+    words = re.findall(WORD_PATTERN, instruction.lower())[:max_words]
     ids = [1 + zlib.crc32(word.encode()) % (buckets - 1) for word in words]
     return tuple(ids + [0] * (max_words - len(ids)))
+
+
+def tokenizer_file(config: PolicyConfig) -> dict[str, Any]:
+    """tokenizer.json: how `tokenize` turns an instruction into ids, written into every policy folder so that the
+    folder alone says it (config.json holds the table's size), with the ids of the benchmark's words to check a
+    reimplementation against."""
+    words = sorted({word for task in TASKS for word in re.findall(WORD_PATTERN, instruction(task).lower())})
+    return TOKENIZER | {
+        "buckets": config.text_buckets,
+        "max_words": config.max_words,
+        "vocabulary": {word: tokenize(word, config.text_buckets, 1)[0] for word in words},
+    }
+
+
+def check_tokenizer(path: Path, config: PolicyConfig) -> None:
+    """A policy folder's tokenizer.json (folders written before it existed have none) must describe this module's
+    tokenizer with config.json's sizes, and its word ids must be the ones `tokenize` computes."""
+    if not path.is_file():
+        return
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CapvectorError(f"policy: cannot read {path}: {error}") from None
+    expected = tokenizer_file(config)
+    vocabulary = found.get("vocabulary") if isinstance(found, dict) else None
+    if (
+        not isinstance(vocabulary, dict)
+        or {key: found.get(key) for key in expected} != expected | {"vocabulary": vocabulary}
+        or any(tokenize(str(word), config.text_buckets, 1)[0] != ids for word, ids in vocabulary.items())
+    ):
+        raise CapvectorError(
+            f"policy: {path} describes another instruction tokenizer than this capvector's ({TOKENIZER['ids']} with "
+            f"the sizes in config.json); the policy would read its instructions wrong"
+        )
 
 
 class Block(nn.Module):
@@ -237,6 +281,7 @@ class Policy(nn.Module):
                 temporary / WEIGHTS_NAME,
             )
             self.config.to_json(temporary / CONFIG_NAME)
+            (temporary / TOKENIZER_NAME).write_text(json.dumps(tokenizer_file(self.config), indent=1) + "\n")
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> Policy:
@@ -247,7 +292,9 @@ class Policy(nn.Module):
                     f"policy: {folder / name} is missing; a policy folder holds {WEIGHTS_NAME} and "
                     f"{CONFIG_NAME}, written by save_pretrained"
                 )
-        policy = cls(PolicyConfig.from_json(folder / CONFIG_NAME))
+        config = PolicyConfig.from_json(folder / CONFIG_NAME)
+        check_tokenizer(folder / TOKENIZER_NAME, config)
+        policy = cls(config)
         weights = load_file(folder / WEIGHTS_NAME)
         expected = policy.state_dict()
         missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
