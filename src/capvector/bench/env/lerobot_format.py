@@ -16,9 +16,8 @@ An `image` feature is a struct {bytes: PNG, path} column (the `datasets` Image f
 "huggingface" metadata): lossless, so every frame reads back bit-exact. RGB statistics are per channel in [0, 1]
 with shape (C, 1, 1); a depth map (feature info is_depth_map, depth_unit) keeps its stored unit.
 
-Why not LeRobot itself: LeRobot 0.6 needs Python >= 3.12 and torch < 2.12, and its dataset code conflicts with the
-project's environment (see the README); the format is small enough to write with pyarrow and Pillow, and
-`make interop` checks it against the real LeRobot in an environment of its own.
+Written without LeRobot, which cannot share the project's environment (the README says why); `make interop` checks
+this module against the real LeRobot in an environment of its own.
 """
 
 from __future__ import annotations
@@ -55,7 +54,7 @@ DEFAULT_FEATURES: dict[str, dict[str, Any]] = {
         ("task_index", "int64"),
     ]
 }
-PNG_COMPRESS_LEVEL = 1  # lossless at any level; 1 encodes ~2.5x faster than 6 for ~8% larger files
+PNG_COMPRESS_LEVEL = 1  # lossless at any level; faster to encode than LeRobot's 6, files a little larger
 
 
 @dataclass
@@ -135,9 +134,9 @@ def arrow_column(values: np.ndarray, feature: dict) -> pa.Array:
     """A feature's column as LeRobot stores it: images as {bytes, path} PNG structs, (1,) features as scalars,
     vectors as fixed-size lists."""
     if feature["dtype"] == "image":
-        suffix = [f"frame-{i:06d}.png" for i in range(len(values))]
+        names = [f"frame-{i:06d}.png" for i in range(len(values))]  # LeRobot keeps its staging file's name
         return pa.StructArray.from_arrays(
-            [pa.array([encode_png(v) for v in values], pa.binary()), pa.array(suffix, pa.string())],
+            [pa.array([encode_png(v) for v in values], pa.binary()), pa.array(names, pa.string())],
             names=["bytes", "path"],
         )
     kind = pa.from_numpy_dtype(np.dtype(feature["dtype"]))
@@ -176,7 +175,7 @@ def tasks_table(tasks: list[str]) -> pa.Table:
         ],
         "attributes": {},
         "creator": {"library": "pyarrow", "version": pa.__version__},
-        "pandas_version": "2.3.3",
+        "pandas_version": "2.3.3",  # the pandas that wrote LeRobot 0.6.1's (tests/fixtures/lerobot_created)
     }
     table = pa.table({"task_index": pa.array(range(len(tasks)), pa.int64()), "task": pa.array(tasks, pa.string())})
     return table.replace_schema_metadata({"pandas": json.dumps(pandas_meta)})
