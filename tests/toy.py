@@ -131,3 +131,26 @@ def saved_policy(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     make_policy(None).save_pretrained(path)
     return path
+
+
+def capvector_fields(root: Path) -> dict:
+    """toy_config fields of an 8-step capvector run, from theta_meta (a toy policy whose hidden size, 15, splits
+    unevenly over 2 processes) with a gamma on every tensor, weights and biases, both written under `root`."""
+    torch.manual_seed(0)
+    ToyPolicy(hidden=15).save_pretrained(root / "meta")
+    start = load_file(str(root / "meta" / "model.safetensors"))
+    gamma = {
+        k: torch.randn(v.shape, generator=torch.Generator().manual_seed(i)) for i, (k, v) in enumerate(start.items())
+    }
+    (root / "gamma").mkdir()
+    save_file(gamma, str(root / "gamma" / "gamma.safetensors"))
+    return dict(
+        strategy="capvector",
+        init_from=str(root / "meta"),
+        vector=str(root / "gamma"),
+        check_merge=False,  # a hand-made gamma
+        orth_lambda=10.0,
+        steps=8,
+        checkpoint_every=4,
+        log_every=1,
+    )

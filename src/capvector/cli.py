@@ -33,7 +33,8 @@ EXAMPLES = {
   capvector evaluate --expert --tasks reach-v3,push-v3 --episodes 10""",
     "headroom": """example:
   capvector headroom --regime wide        (SFT against an oracle given object positions; runs/headroom/wide/report)
-  capvector headroom --regime scarce      (wide placements seen through 32px frames, 5 demos per task)
+  capvector headroom --regime coarse      (wide placements seen through 32px frames)
+  capvector headroom --regime scarce      (the same with 5 demos per task)
   capvector headroom --regime default     (the same in Meta-World's own placement ranges)""",
     "reproduce": """example:
   capvector reproduce --preset quick                       (what `make demo` runs; minutes on a laptop CPU)
@@ -194,7 +195,13 @@ def _command_headroom(args: argparse.Namespace) -> None:
 
     if args.regime not in REGIMES:
         raise CapvectorError(f"unknown headroom regime {args.regime!r}; valid: {', '.join(REGIMES)}")
-    config = dataclasses.replace(REGIMES[args.regime], arms=args.arms.split(","), control_weight=args.control_weight)
+    config = REGIMES[args.regime]
+    weights = args.control_weights.split(",") if args.control_weights else config.control_weights
+    try:
+        weights = [float(w) for w in weights]
+    except ValueError:
+        raise CapvectorError(f"--control-weights {args.control_weights!r}: give numbers separated by commas") from None
+    config = dataclasses.replace(config, arms=args.arms.split(","), control_weights=weights)
     folder = headroom(config, out_dir=args.out)
     print((folder / "report.md").read_text())
 
@@ -309,11 +316,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--regime",
         default="wide",
-        help="wide (2.5x placement ranges), scarce (wide, 32px frames, 5 demos per task) or default (Meta-World's)",
+        help="wide (2.5x placement ranges), coarse (wide, 32px frames), scarce (coarse, 5 demos per task) or "
+        "default (Meta-World's)",
     )
     p.add_argument("--out", default="runs/headroom", help="parent of the run folder <out>/<regime>")
     p.add_argument("--arms", default="sft,oracle", help="sft,oracle (always) and control (the positive control)")
-    p.add_argument("--control-weight", type=float, default=0.5, help="the positive control's auxiliary weight")
+    p.add_argument(
+        "--control-weights",
+        default="",
+        help="the positive control's candidate weights, e.g. 0.05,0.1,0.2 (the regime's by default); the one with "
+        "the best success on validation placements is run with every seed",
+    )
     return parser
 
 

@@ -1,7 +1,18 @@
 import numpy as np
 import pytest
 
-from capvector.bench.env.evaluation import GIF_STRIDE, ExpertPolicy, evaluate
+from capvector.bench.env.evaluation import (
+    CAPTION_PIXELS,
+    COLUMN_GAP,
+    GIF_STRIDE,
+    ExpertPolicy,
+    enlarge,
+    evaluate,
+    evaluate_many,
+    evaluation_jobs,
+    side_by_side,
+    task_result,
+)
 from capvector.bench.env.sim import CONTROL_HZ, EVAL_SEED_OFFSET, MAX_ATTEMPTS, demo_placement_seed, eval_placement_seed
 from capvector.bench.statistics import wilson_interval
 from capvector.errors import CapvectorError
@@ -66,3 +77,58 @@ def test_mismatched_policies_are_explained():
         evaluate(WrongShape, ["reach-v3"], episodes=1, workers=1)
     with pytest.raises(CapvectorError, match="7-d actions"):
         evaluate(WrongActionSpace, ["reach-v3"], episodes=1, workers=1)
+
+
+class HalfSpeedExpert(ExpertPolicy):
+    """The scripted expert's moves at half their size: slower, and on a short cap it fails some placements."""
+
+    def predict_chunk(self, observation):
+        chunk = super().predict_chunk(observation)
+        chunk[:, :3] *= 0.5
+        return chunk
+
+
+def test_evaluate_many_gives_each_policy_what_its_own_evaluation_gives():
+    settings = {"episodes": 2, "workers": 1, "image_size": 32, "max_steps": 60}
+    assert evaluation_jobs(2, ["reach-v3"], 2, workers=1) == [([0, 1], "reach-v3", [0, 1])]  # one simulator for both
+    together = [
+        task_result(task, rows)
+        for _, task, rows in evaluate_many([HalfSpeedExpert, ExpertPolicy], "reach-v3", **settings)
+    ]
+    alone = [evaluate(policy, "reach-v3", **settings).tasks[0] for policy in (HalfSpeedExpert, ExpertPolicy)]
+    assert together == alone
+    assert together[0].mean_steps > together[1].mean_steps  # the two are told apart
+
+
+def test_jobs_split_episodes_only_when_policies_and_tasks_are_too_few():
+    assert evaluation_jobs(1, ["a"], 4, workers=2) == [([0], "a", [0, 2]), ([0], "a", [1, 3])]
+    jobs = evaluation_jobs(10, ["a", "b"], 3, workers=2)
+    assert len(jobs) == 4 and all(episodes == [0, 1, 2] for _, _, episodes in jobs)
+    assert evaluation_jobs(10, ["a", "b"], 3, workers=1) == [(list(range(10)), t, [0, 1, 2]) for t in "ab"]
+    assert sorted((i, task) for indices, task, _ in jobs for i in indices) == [(i, t) for i in range(10) for t in "ab"]
+    assert evaluation_jobs(0, ["a"], 3, workers=2) == evaluation_jobs(0, ["a"], 3, workers=1) == []
+
+
+def test_side_by_side_aligns_the_episodes_and_holds_the_shorter_ones_last_frame():
+    rng = np.random.default_rng(0)
+    short = [rng.integers(0, 255, (3, 32, 64), dtype=np.uint8) for _ in range(3)]
+    long = [rng.integers(0, 255, (3, 32, 64), dtype=np.uint8) for _ in range(5)]
+    images = side_by_side([short, long], ["(a) sft: success in 10 steps", "(b) aux: fail"])
+    assert len(images) == 5
+    camera = enlarge(short[0]).shape[0]  # a camera view, enlarged; the two cameras stacked in a column
+    assert camera == 192 and images[0].shape == (CAPTION_PIXELS + 2 * camera, 2 * camera + COLUMN_GAP, 3)
+
+    def column(image, k):
+        return image[CAPTION_PIXELS:, k * (camera + COLUMN_GAP) : k * (camera + COLUMN_GAP) + camera]
+
+    def stacked(frame):
+        return np.concatenate(np.split(enlarge(frame), 2, axis=1))
+
+    for t in range(5):
+        assert np.array_equal(column(images[t], 0), stacked(short[min(t, 2)]))
+        assert np.array_equal(column(images[t], 1), stacked(long[t]))
+    captions = [images[0][:CAPTION_PIXELS, k * (camera + COLUMN_GAP) :][:, :camera] for k in (0, 1)]
+    assert all((c < 128).any() for c in captions) and not np.array_equal(*captions)  # each column its own label
+    assert (images[0][:, camera : camera + COLUMN_GAP] == 255).all()
+    with pytest.raises(CapvectorError, match="one label per episode"):
+        side_by_side([short], ["a", "b"])

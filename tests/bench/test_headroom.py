@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -7,7 +8,7 @@ import torch
 from capvector.bench.env.dataset import DemoDataset
 from capvector.bench.env.features import PRIVILEGED_KEY
 from capvector.bench.env.sim import DECOY_SEED_OFFSET, PLACEMENTS, SimEnv
-from capvector.bench.experiment.headroom import REGIMES, headroom
+from capvector.bench.experiment.headroom import REGIMES, check_config, control_name, headroom
 from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.bench.policy.modeling_policy import Policy
 from capvector.errors import CapvectorError
@@ -83,6 +84,23 @@ def test_headroom_miniature_runs_every_stage_and_reuses_them(tmp_path, capsys):
     row = results["budgets"][str(config.budgets[-1])]
     assert row["oracle_minus_sft"][1] <= row["oracle_minus_sft"][0] <= row["oracle_minus_sft"][2]
     assert "Decoy test" in (report / "report.md").read_text()
+    # the control's weight was chosen on validation placements with the first seed, then trained with every seed
+    control = results["control"]
+    assert control["weight"] in config.control_weights and control["seeds"] == [0]
+    assert set(control["validation"]) == {"0.1", "0.2"}
+    validation = json.loads((tmp_path / "test" / "evaluate" / "validation_placements1.json").read_text())
+    assert set(validation) == {"control_w0.1/seed0/step4", "control_w0.2/seed0/step4"}
+    trained = {p.parent.name + "/" + p.name for p in (tmp_path / "test" / "train").glob("control_w*/seed*")}
+    other = control_name(0.3 - control["weight"])
+    assert trained == {
+        f"{control_name(control['weight'])}/seed0",
+        f"{control_name(control['weight'])}/seed1",
+        f"{other}/seed0",
+    }
+    assert (
+        "control_minus_sft" in row
+        and f"Weight {control['weight']:g}, chosen on validation" in (report / "report.md").read_text()
+    )
     dataset = DemoDataset(tmp_path / "test" / "demos", depth=False)
     assert dataset.privileged is not None and dataset.generation["placement"] == "wide"
     assert np.allclose(dataset.privileged[0, :3], dataset.privileged[1, :3], atol=0.02)  # the box does not move
@@ -91,6 +109,20 @@ def test_headroom_miniature_runs_every_stage_and_reuses_them(tmp_path, capsys):
     assert "evaluated" not in capsys.readouterr().out
     with pytest.raises(CapvectorError, match="unknown headroom regime"):
         headroom("nope", out_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"control_weights": []}, "must be positive"),
+        ({"control_weights": [0.1, -1.0]}, "must be positive"),
+        ({"selection_seeds": 0}, "selection_seeds"),
+        ({"validation_seed": 0}, "validation_seed must differ"),
+    ],
+)
+def test_a_control_sweep_that_cannot_choose_is_refused(change, message):
+    with pytest.raises(CapvectorError, match=message):
+        check_config(dataclasses.replace(REGIMES["test"], **change))
 
 
 def test_the_positive_control_regresses_positions_relative_to_the_hand_from_image_only_tokens():

@@ -2,15 +2,22 @@
 one episode per checkpoint): every stage's artifact exists and agrees with the others, and a re-run trains nothing."""
 
 import json
+import math
 import re
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
+from capvector.bench.env.evaluation import CAPTION_PIXELS, COLUMN_GAP, GIF_PIXELS, GIF_STRIDE
+from capvector.bench.env.sim import CONTROL_HZ
+from capvector.bench.experiment.layout import PLOTS
 from capvector.bench.experiment.protocol import METHODS, PRESETS
 from capvector.bench.experiment.reproduce import STAGES, reproduce
 from capvector.bench.policy.modeling_policy import Policy
+from capvector.bench.statistics import bootstrap_mean
 from capvector.errors import CapvectorError
 
 pytestmark = pytest.mark.slow
@@ -42,8 +49,58 @@ def test_every_stage_leaves_its_artifacts(run):
             assert (run / "downstream" / method / "seed0" / "checkpoints" / f"step_{step:07d}" / "policy").is_dir()
     evaluations = json.loads((run / "evaluate" / "results.json").read_text())
     assert len(evaluations) == 2 * (len(METHODS) * len(CONFIG.budgets) + len(CONFIG.alphas) + len(CONFIG.lambdas) + 4)
-    for name in ("report.md", "results.json", "success_vs_steps.png", "step_time.png", "gamma_layers.png"):
+    for name in ("report.md", "results.json", *PLOTS.values()):
         assert (run / "report" / name).stat().st_size > 0
+    report = (run / "report" / "report.md").read_text()
+    for name in ("success", "training", "side_by_side"):
+        assert f"]({PLOTS[name]})" in report  # shown in report.md
+    for name in ("success", "training", "step_time", "gamma"):
+        assert Image.open(run / "report" / PLOTS[name]).format == "PNG"
+
+
+def test_the_side_by_side_gif_replays_the_first_evaluation_episode_of_every_method_in_real_time(run):
+    results = json.loads((run / "report" / "results.json").read_text())
+    evaluations = json.loads((run / "evaluate" / "results.json").read_text())
+    episode, last = results["side_by_side"], CONFIG.budgets[-1]
+    assert list(episode["methods"]) == list(METHODS) and episode["task"] == CONFIG.downstream_tasks[0]
+    for method, outcome in episode["methods"].items():  # the test preset evaluates one episode: that one
+        record = evaluations[f"downstream/{method}/seed0/step{last}@default"]["tasks"][episode["task"]]
+        assert outcome["success"] == bool(record["successes"]) and record["placement_seeds"] == [
+            episode["placement_seed"]
+        ]
+        assert outcome["steps"] == record["mean_steps"]
+    gif = Image.open(run / "report" / PLOTS["side_by_side"])
+    # a column per method, its two camera views stacked under its label
+    assert gif.format == "GIF" and gif.size == (
+        len(METHODS) * (GIF_PIXELS + COLUMN_GAP) - COLUMN_GAP,
+        CAPTION_PIXELS + 2 * GIF_PIXELS,
+    )
+    durations = []
+    for frame in range(gif.n_frames):
+        gif.seek(frame)
+        durations.append(gif.info["duration"])
+    longest = max(math.ceil(o["steps"] / GIF_STRIDE) for o in episode["methods"].values())
+    assert min(durations) == 1000 * GIF_STRIDE // CONTROL_HZ  # real time (Pillow stores repeated frames once)
+    assert sum(durations) == (longest + 10) * 1000 * GIF_STRIDE // CONTROL_HZ  # every frame, then a hold of 10
+
+
+def test_the_bands_and_curves_agree_with_the_evaluations_and_the_checkpoints(run):
+    results = json.loads((run / "report" / "results.json").read_text())
+    evaluations = json.loads((run / "evaluate" / "results.json").read_text())
+    for method in METHODS:
+        for budget in CONFIG.budgets:
+            tasks = evaluations[f"downstream/{method}/seed0/step{budget}@default"]["tasks"]
+            cells = np.array([[tasks[t]["successes"] / tasks[t]["episodes"] for t in CONFIG.downstream_tasks]])
+            band = results["success_band"][method]["default"][str(budget)]
+            assert [band[k] for k in ("mean", "low", "high")] == list(bootstrap_mean(cells))
+        curves, last, every = results["curves"][method], CONFIG.budgets[-1], math.gcd(*CONFIG.budgets)
+        assert curves["action_loss"]["steps"][-1] == last
+        assert (curves["orth"] is not None) == (METHODS[method].strategy == "capvector")
+        retention = curves["retention"]
+        assert retention["steps"] == [0, *range(every, last + 1, every)]  # the start point and every checkpoint
+        start = CONFIG.alpha if METHODS[method].start == "meta" else 0.0
+        assert retention["mean"][0] == pytest.approx(start, abs=1e-5)
+        assert retention["mean"][-1] == pytest.approx(results["along_gamma"][method]["retention"])
 
 
 def test_gamma_is_aux_minus_sft_over_the_policys_own_parameters(run):

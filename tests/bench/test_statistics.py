@@ -1,7 +1,14 @@
 import numpy as np
 import pytest
 
-from capvector.bench.statistics import bootstrap_mean, paired_difference, resolvable_difference
+from capvector.bench.statistics import (
+    area_under_curve,
+    bootstrap_mean,
+    bootstrap_steps_to_reach,
+    paired_difference,
+    resolvable_difference,
+    steps_to_reach,
+)
 
 
 def synthetic_cells(rng, seeds, tasks, rate, seed_sd=0.1, episodes=20):
@@ -39,3 +46,28 @@ def test_intervals_contain_the_mean_and_shrink_with_more_seeds():
 def test_paired_outcomes_must_match():
     with pytest.raises(ValueError, match="same shape"):
         paired_difference(np.zeros((3, 2)), np.zeros((3, 3)))
+
+
+def test_the_area_under_the_curve_is_the_mean_success_over_the_steps_spanned():
+    steps = [0, 100, 300]
+    curve = np.stack([np.full((2, 3), 0.0), np.full((2, 3), 0.5), np.full((2, 3), 1.0)])
+    # trapezoids: 100 * 0.25 + 200 * 0.75 = 175 over 300 steps
+    assert np.allclose(area_under_curve(curve, steps), 175 / 300)
+    sooner = np.stack([np.full((2, 3), 0.0), np.full((2, 3), 1.0), np.full((2, 3), 1.0)])
+    assert (area_under_curve(sooner, steps) > area_under_curve(curve, steps)).all()
+    with pytest.raises(ValueError, match="budgets"):
+        area_under_curve(curve[:1], steps[:1])
+
+
+def test_steps_to_reach_interpolates_between_budgets_and_is_inf_when_never_reached():
+    steps = [100, 200, 400]
+    curve = np.stack([np.full((3, 2), 0.2), np.full((3, 2), 0.4), np.full((3, 2), 0.8)])
+    assert steps_to_reach(curve, steps, 0.6) == pytest.approx(300)
+    assert steps_to_reach(curve, steps, 0.1) == 100
+    assert steps_to_reach(curve, steps, 0.9) == float("inf")
+    # a method that reaches the reference's final success at the second budget, in every resample
+    reference = curve.copy()
+    faster = np.stack([np.full((3, 2), 0.5), np.full((3, 2), 0.8), np.full((3, 2), 0.9)])
+    estimate, low, high = bootstrap_steps_to_reach(faster, steps, reference)
+    assert estimate == pytest.approx(200) and low == pytest.approx(200) and high == pytest.approx(200)
+    assert bootstrap_steps_to_reach(reference, steps, reference)[0] == pytest.approx(400)

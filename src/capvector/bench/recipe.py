@@ -8,6 +8,7 @@
     dataset_args: {root: runs/demos/extract}
     auxiliary: capvector.bench.recipe:spatial
     auxiliary_args: {dataset: runs/demos/extract, weight: 0.5}
+    # frozen teacher: auxiliary: capvector.bench.recipe:teacher_alignment, auxiliary_args: {teacher: runs/teacher}
 
 A fresh policy takes its normalization bounds (q01/q99) and image size from the dataset; a loaded one keeps
 those in its config.json, so every finetune of theta_pt normalizes exactly as theta_pt did. `load_trained(path)`
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from capvector.bench.env.dataset import CAPVECTOR_META, DemoDataset, capvector_meta, image_size, open_meta
+from capvector.bench.objectives.alignment import TeacherAlignment
 from capvector.bench.objectives.privileged import PrivilegedObjective
 from capvector.bench.objectives.spatial import SpatialObjective
 from capvector.bench.policy.configuration_policy import PolicyConfig
@@ -86,3 +88,9 @@ def load_trained(path: str | Path, device: str = "cpu", base: str | Path | None 
 def privileged(layer: str = "vision", weight: float = 0.5, scale: float = 0.1) -> PrivilegedObjective:
     """The positive control: visual tokens regress the object's and the goal's positions relative to the hand."""
     return PrivilegedObjective(layer=layer, weight=weight, scale=scale)
+
+
+def teacher_alignment(teacher: str, layer: str = "vision", weight: float = 0.5) -> TeacherAlignment:
+    """The Spatial Forcing analog with a frozen teacher: `teacher` is a folder pretrain_teacher wrote (it must fit
+    the policy's cameras, image size and patch grid)."""
+    return TeacherAlignment(teacher, layer=layer, weight=weight)

@@ -59,3 +59,49 @@ def resolvable_difference(cells: np.ndarray) -> float:
         return float("inf")
     t_quantile = T_975[n - 2] if n - 1 <= len(T_975) else 1.96
     return float(t_quantile * per_seed.std(ddof=1) / np.sqrt(n))
+
+
+def area_under_curve(curve: np.ndarray, steps: list[int]) -> np.ndarray:
+    """Per (seed, task) cell, the mean success over training steps: the trapezoid area under success-against-steps
+    (`curve`: (budgets, seeds, tasks), measured at `steps`) divided by the steps spanned, so it stays a rate (0-1)
+    that rewards learning sooner. Feed it to bootstrap_mean or paired_difference like any cells."""
+    curve = np.asarray(curve, dtype=np.float64)
+    if curve.ndim != 3 or curve.shape[0] != len(steps) or len(steps) < 2:
+        raise ValueError(f"expected (budgets, seeds, tasks) at {len(steps)} >= 2 budgets, got shape {curve.shape}")
+    x = np.asarray(steps, dtype=np.float64)
+    widths = np.diff(x)[:, None, None]
+    return ((curve[1:] + curve[:-1]) / 2 * widths).sum(axis=0) / (x[-1] - x[0])
+
+
+def steps_to_reach(curve: np.ndarray, steps: list[int], target: float) -> float:
+    """The training steps at which the mean success (over seeds and tasks) of `curve` ((budgets, seeds, tasks) at
+    `steps`) first reaches `target`, interpolated linearly between budgets; inf if it never does."""
+    means = np.asarray(curve, dtype=np.float64).mean(axis=(1, 2))
+    for i, mean in enumerate(means):
+        if mean >= target:
+            if i == 0:
+                return float(steps[0])
+            before = means[i - 1]
+            return float(steps[i - 1] + (target - before) / (mean - before) * (steps[i] - steps[i - 1]))
+    return math.inf
+
+
+def bootstrap_steps_to_reach(
+    curve: np.ndarray, steps: list[int], reference: np.ndarray, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """How many steps `curve` needs to reach the final mean success of `reference` (both (budgets, seeds, tasks),
+    trained with the same seeds): the estimate and its interval from resampling seeds for both together, as the
+    paper's "converges faster" reads. inf where a resample never gets there."""
+    curve, reference = np.asarray(curve, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    if curve.shape != reference.shape:
+        raise ValueError(f"paired curves must have the same shape, got {curve.shape} and {reference.shape}")
+    estimate = steps_to_reach(curve, steps, reference[-1].mean())
+    rng = np.random.default_rng(seed)
+    seeds = curve.shape[1]
+    draws = [
+        steps_to_reach(curve[:, pick], steps, reference[-1, pick].mean())
+        for pick in rng.integers(0, seeds, size=(RESAMPLES // 10, seeds))
+    ]
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(np.array(draws), [tail, 1 - tail], method="inverted_cdf")
+    return estimate, float(low), float(high)

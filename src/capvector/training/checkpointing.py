@@ -9,13 +9,20 @@ A checkpoint is written under a temporary name and renamed into place whole. On 
 files match their checksums is used; a damaged one is reported, renamed to damaged-step_N (kept for a look,
 never used again) and the run falls back to the one before. trainer_state.pt holds only tensors and plain
 values, read back with torch.load(weights_only=True): nothing is unpickled.
+
+Under FSDP (capvector.training.sharding) the shards are gathered into whole tensors on the first process, so a
+checkpoint holds the same files in the same layout as a one-process run's (and policy/ is a plain safetensors
+model that `capvector extract` reads); on resume every process maps trainer_state.pt (mmap: the page cache is
+shared, not copied per process) and keeps only its shards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,6 +35,7 @@ from torch import nn
 from capvector.errors import CapvectorError
 from capvector.files import atomic_path, read_json, remove, sha256_file, write_json
 from capvector.training.config import TrainConfig, config_hash, result_fields
+from capvector.training.sharding import gathered, is_sharded, scattered, scattered_optimizer
 
 STATE_FILE = "trainer_state.pt"
 POLICY_DIR = "policy"  # out_dir/policy: the trained policy; checkpoints/step_N/policy: the policy at step N
@@ -86,9 +94,21 @@ def checkpoint_dirs(out_dir: Path) -> list[Path]:
     return sorted((p for p in found if STEP_NAME.fullmatch(p.name)), key=lambda p: int(p.name.removeprefix("step_")))
 
 
-def export_policy(policy: nn.Module, path: Path) -> None:
-    """The policy's folder (save_pretrained's, else model.safetensors), written whole and then renamed."""
-    with atomic_path(path) as temporary:
+def sharded(module: nn.Module) -> bool:
+    return any(is_sharded(p) for p in module.parameters())
+
+
+def export_policy(policy: nn.Module, path: Path, rank: int = 0) -> None:
+    """The policy's folder (save_pretrained's, else model.safetensors), written whole and then renamed by the
+    first process. A sharded policy is gathered first: a collective call, made by every process."""
+    whole = gathered(policy.state_dict(), keep=rank == 0) if sharded(policy) else None
+    if rank == 0:
+        write_policy(policy, path, whole)
+
+
+def write_policy(policy: nn.Module, path: Path, whole: dict[str, Any] | None) -> None:
+    """export_policy's writing: `whole`, when given, is the sharded policy's gathered state."""
+    with atomic_path(path) as temporary, serving(policy, whole):
         if hasattr(policy, "save_pretrained"):  # PEFT writes the adapter folder; policies their own format
             cast(Any, policy).save_pretrained(temporary)
         else:
@@ -96,10 +116,32 @@ def export_policy(policy: nn.Module, path: Path) -> None:
             save_model(policy, str(temporary / "model.safetensors"))
 
 
-def resumable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable parameters and buffers: frozen weights (a LoRA run's base) come back from init_from."""
+@contextlib.contextmanager
+def serving(policy: nn.Module, state: dict[str, Any] | None) -> Iterator[None]:
+    """While saving, the policy's state_dict() returns `state` (its whole tensors) when given: save_pretrained
+    reads self.state_dict(), which on a sharded policy would hold only this process's shards."""
+    if state is None:
+        yield
+        return
+    policy.state_dict = lambda *args, **kwargs: state  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        del policy.state_dict
+
+
+def resumable_state(model: nn.Module, keep: bool) -> dict[str, torch.Tensor]:
+    """Trainable parameters and buffers: frozen weights (a LoRA run's base) come back from init_from. Sharded
+    ones are gathered (a collective call), kept where `keep`."""
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
-    return {k: v for k, v in model.state_dict().items() if k not in frozen}
+    state = {k: v for k, v in model.state_dict().items() if k not in frozen}
+    return gathered(state, keep) if sharded(model) else state
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, keep: bool) -> dict[str, Any]:
+    """optimizer.state_dict(), with sharded moments gathered (a collective call), kept where `keep`."""
+    state = optimizer.state_dict()
+    return gathered(state, keep) if sharded(model) else state
 
 
 def write_manifest(folder: Path, step: int, config: TrainConfig) -> None:
@@ -122,20 +164,22 @@ def save_checkpoint(
     """Checkpoint step_N (on every process: the RNG states are gathered), then drop all but the newest
     keep_checkpoints."""
     rngs = all_rng_states(world)
+    model_state, optimizer_state_ = resumable_state(model, rank == 0), optimizer_state(model, optimizer, rank == 0)
+    policy_state = gathered(policy.state_dict(), rank == 0) if sharded(policy) else None
     if rank == 0:
         state = {
             "step": step,  # also the data position: global batches consumed (their order is a function of seed)
             "epoch": epoch,
             "config": result_fields(config),
             "world_size": world,
-            "model": resumable_state(model),
-            "optimizer": optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state_,
             "rng": rngs,
         }
         with atomic_path(checkpoint_dir(out_dir, step)) as folder:
             folder.mkdir(parents=True)
             torch.save(state, folder / STATE_FILE)
-            export_policy(policy, folder / POLICY_DIR)
+            write_policy(policy, folder / POLICY_DIR, policy_state)
             write_manifest(folder, step, config)
         if config.keep_checkpoints:
             for old in checkpoint_dirs(out_dir)[: -config.keep_checkpoints]:
@@ -199,7 +243,8 @@ def read_checkpoint(out_dir: Path, config: TrainConfig, world: int, report: bool
             f"resume: {out_dir}/checkpoints holds no complete, intact checkpoint; set resume=false to start this "
             "run (or check out_dir)"
         )
-    state: dict[str, Any] = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    # mmap: the processes of one machine share the file's pages instead of each holding a copy
+    state: dict[str, Any] = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
     if report:
         print(f"capvector train: resuming from {folder}", file=sys.stderr)
     now = result_fields(config)
@@ -223,14 +268,17 @@ def read_checkpoint(out_dir: Path, config: TrainConfig, world: int, report: bool
 
 def restore(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], rank: int) -> int:
     """Load a checkpoint's state into the model, the optimizer and this process's RNGs; returns its step."""
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    shards = sharded(model)
+    missing, unexpected = model.load_state_dict(
+        scattered(state["model"], model) if shards else state["model"], strict=False
+    )
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     if unexpected or set(missing) - frozen:
         raise CapvectorError(
             f"resume: the checkpoint's tensors do not match the model (missing "
             f"{sorted(set(missing) - frozen)[:5]}, unexpected {unexpected[:5]})"
         )
-    optimizer.load_state_dict(state["optimizer"])
+    optimizer.load_state_dict(scattered_optimizer(state["optimizer"], optimizer) if shards else state["optimizer"])
     set_rng_state(state["rng"][rank])
     step: int = state["step"]
     return step

@@ -30,6 +30,7 @@ from capvector.training.orthogonal import LoraForm, Reduction
 Strategy = Literal["sft", "aux", "capvector"]
 Finetune = Literal["full", "lora"]
 Schedule = Literal["cosine", "constant"]
+Distributed = Literal["ddp", "fsdp"]
 
 
 @dataclass
@@ -67,7 +68,7 @@ class TrainConfig:
 
     # Optimization: AdamW, linear warmup then cosine decay to min_lr (or constant), gradient clipping.
     steps: int = 1000
-    batch_size: int = 32  # global: split evenly across processes
+    batch_size: int = 32  # global: split evenly across processes (and their grad_accum_steps micro-batches)
     lr: float = 1e-4
     min_lr: float = 1e-5
     warmup_steps: int = 0
@@ -79,6 +80,15 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto" picks CUDA when present; or "cpu", "cuda", "cuda:1"
     bf16: bool = True  # bf16 autocast of the forward pass, on CUDA only
+
+    # Memory (capvector.training.memory estimates it). Under torchrun, "ddp" keeps a whole copy of the model,
+    # its gradients and optimizer state in every process; "fsdp" (FSDP2) shards them, and gamma, on dim 0.
+    distributed: Distributed = "ddp"
+    grad_accum_steps: int = 1  # micro-batches per optimizer step, each batch_size / (processes * this) samples
+    activation_checkpointing: bool = False  # recompute each block's activations in backward instead of keeping them
+    # glob patterns over module names: the policy's blocks (FSDP's units, the checkpointed modules);
+    # empty: every element of every nn.ModuleList (capvector.training.blocks)
+    blocks: list[str] = field(default_factory=list)
 
     # Data: datasets up to this size are read once into memory as one table (no DataLoader); larger ones
     # go through a DataLoader with num_workers processes.
@@ -109,6 +119,7 @@ BOOKKEEPING = frozenset(
         "time_parts",
         "num_workers",
         "cache_dataset_mb",
+        "activation_checkpointing",  # recomputes the same values (tests/test_accumulation.py)
     }
 )
 
@@ -133,6 +144,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lora_alpha": above(0),
     "lora_dropout": fraction(),
     "steps": at_least(1),
+    "grad_accum_steps": at_least(1),
     "batch_size": at_least(1),
     "lr": above(0),
     "min_lr": at_least(0),

@@ -2,7 +2,8 @@
 
 Data order comes from a generator of its own, seeded by `seed`, so `sft` and `aux` runs with the same seed see
 the same batches in the same order whatever their models draw from the other RNGs; a resumed run continues
-at batch `start` without replaying the ones before; under DDP each process takes its slice of each global batch.
+at batch `start` without replaying the ones before; under DDP or FSDP each process takes its slice of each global
+batch, and with gradient accumulation that slice comes in grad_accum_steps equal micro-batches.
 """
 
 from __future__ import annotations
@@ -51,14 +52,16 @@ def take(table: Mapping[str, Any], index: torch.Tensor) -> dict[str, Any]:
 def rank_batches(
     dataset: Dataset[Any], config: TrainConfig, rank: int, world: int, start: int, device: torch.device
 ) -> Iterator[Any]:
-    """This process's share of global batches start+1 .. steps. A small dataset of dict samples is collated
-    once into memory (no loader processes: cheap on few cores); a larger one goes through a DataLoader."""
+    """This process's micro-batches of global batches start+1 .. steps (grad_accum_steps per batch). A small
+    dataset of dict samples is collated once into memory (no loader processes: cheap on few cores); a larger
+    one goes through a DataLoader."""
     size = len(dataset)  # type: ignore[arg-type]  # map-style datasets have a length
     if size < config.batch_size:
         raise CapvectorError(f"the dataset has {size} samples, fewer than batch_size {config.batch_size}")
     indices = (
-        b.view(world, -1)[rank]
+        micro
         for b in islice(global_batches(size, config.batch_size, config.seed, start), config.steps - start)
+        for micro in b.view(world, config.grad_accum_steps, -1)[rank]
     )
     first = dataset[0]
     if isinstance(first, Mapping) and size * sample_nbytes(first) <= config.cache_dataset_mb * 2**20:

@@ -1,5 +1,6 @@
 """The training engine: `sft`, `aux` (SFT plus an auxiliary objective) and `capvector` (SFT from the merged
-checkpoint plus lambda * L_orth), full or LoRA finetuning, in one process or under torchrun (DDP).
+checkpoint plus lambda * L_orth), full or LoRA finetuning, in one process or under torchrun (DDP, or FSDP2
+sharding), with gradient accumulation and activation checkpointing.
 
     out_dir = train(load_config("run.yaml", ["steps=2000"]))    # or: train(config, policy, dataset, auxiliary)
 
@@ -35,6 +36,7 @@ from torch.utils.data import Dataset
 from capvector.errors import CapvectorError
 from capvector.params.vectors import open_vector
 from capvector.training.auxiliary import AuxiliaryObjective
+from capvector.training.blocks import checkpoint_activations, find_blocks
 from capvector.training.checkpointing import (
     POLICY_DIR,
     checkpoint_dirs,
@@ -53,6 +55,7 @@ from capvector.training.data import rank_batches, to_device
 from capvector.training.metrics import Metrics, Stopwatch
 from capvector.training.orthogonal import OrthogonalRegularizer, build_regularizer
 from capvector.training.preflight import Vector, check_inputs, factory, pick_device
+from capvector.training.sharding import scalar, shard
 
 # ---- the run ------------------------------------------------------------------------------------------------
 
@@ -78,8 +81,7 @@ def train(
         state = read_checkpoint(out_dir, config, world, report=rank == 0) if config.resume else None
         run = setup(config, rank, world, device, state, policy, dataset, auxiliary, vector)
         loop(run)
-        if rank == 0:
-            export_policy(run.model.policy, out_dir / POLICY_DIR)
+        export_policy(run.model.policy, out_dir / POLICY_DIR, rank)  # FSDP: every process gathers, rank 0 writes
         if world > 1:
             dist.barrier()
     return out_dir
@@ -159,7 +161,7 @@ class Run:
     world: int
     device: torch.device
     model: TrainingModel
-    forward: nn.Module  # the model, or DDP around it
+    forward: nn.Module  # the model (sharded in place under FSDP), or DDP around it
     params: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
     regularizer: OrthogonalRegularizer | None
@@ -217,9 +219,11 @@ def setup(
         auxiliary.attach(cast(Any, policy).get_base_model() if config.finetune == "lora" else policy)
         auxiliary.to(device)
     policy.to(device)
-    regularizer = build_orthogonal(config, policy, vector)
+    blocks = policy_blocks(config, policy, world)
     model = TrainingModel(policy, auxiliary, Stopwatch(device, config.time_parts))
-    params = [p for p in model.parameters() if p.requires_grad]
+    forward = distributed(model, config, world, device, blocks)
+    regularizer = build_orthogonal(config, policy, vector)  # after sharding: it keeps this process's rows of gamma
+    params = [p for p in model.parameters() if p.requires_grad]  # under FSDP: the sharded parameters
     optimizer = torch.optim.AdamW(
         params, lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
     )
@@ -237,7 +241,7 @@ def setup(
         world=world,
         device=device,
         model=model,
-        forward=distributed(model, world, device),
+        forward=forward,
         params=params,
         optimizer=optimizer,
         regularizer=regularizer,
@@ -247,9 +251,32 @@ def setup(
     )
 
 
-def distributed(model: nn.Module, world: int, device: torch.device) -> nn.Module:
-    """The model under DDP when there are several processes (it averages the gradients in backward)."""
+def policy_blocks(config: TrainConfig, policy: nn.Module, world: int) -> list[nn.Module]:
+    """The policy's blocks (capvector.training.blocks) where FSDP or activation checkpointing needs them,
+    set to recompute their activations in backward when activation_checkpointing asks for it."""
+    if not (config.activation_checkpointing or (config.distributed == "fsdp" and world > 1)):
+        return []
+    blocks = list(find_blocks(policy, config.blocks).values())
+    if config.activation_checkpointing:
+        if not blocks:
+            raise CapvectorError(
+                "activation_checkpointing: the policy has no nn.ModuleList of layers to checkpoint; name its "
+                "blocks in the config field 'blocks' (glob patterns over module names)"
+            )
+        for block in blocks:
+            checkpoint_activations(block)
+    return blocks
+
+
+def distributed(
+    model: nn.Module, config: TrainConfig, world: int, device: torch.device, blocks: list[nn.Module]
+) -> nn.Module:
+    """With several processes: the model under DDP (a whole copy in each, gradients all-reduced in backward),
+    or (distributed "fsdp") sharded in place, one FSDP2 unit per block (capvector.training.sharding)."""
     if world == 1:
+        return model
+    if config.distributed == "fsdp":
+        shard(model, blocks, device)
         return model
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -276,24 +303,32 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 
 
 def train_step(run: Run, step: int) -> tuple[dict[str, float], float | None]:
-    """One optimizer step on global batch `step`: the loss terms (averaged over processes) and the grad norm."""
+    """One optimizer step on global batch `step`, in grad_accum_steps micro-batches: the loss terms (averaged
+    over micro-batches and processes) and the grad norm."""
     config, stopwatch = run.config, run.model.stopwatch
+    parts = config.grad_accum_steps
     stopwatch.restart()
-    batch = to_device(next(run.batches), run.device)
-    stopwatch.lap("data")
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.bf16 and run.device.type == "cuda"):
-        terms: dict[str, torch.Tensor] = run.forward(batch)
-    torch.autograd.backward(cast(torch.Tensor, sum(terms.values())))
-    stopwatch.lap("backward")
-    terms = {name: value.detach().float() for name, value in terms.items()}
-    if run.regularizer is not None:  # after DDP's all-reduce: the same on every rank
+    terms: dict[str, torch.Tensor] = {}
+    for part in range(parts):
+        batch = to_device(next(run.batches), run.device)
+        stopwatch.lap("data")
+        with synced(run.forward, part == parts - 1):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.bf16 and run.device.type == "cuda"):
+                micro: dict[str, torch.Tensor] = run.forward(batch)
+            # each micro-batch's mean over its samples, / parts: the gradients add up to the whole batch's mean
+            torch.autograd.backward(cast(torch.Tensor, sum(micro.values())) / parts)
+        stopwatch.lap("backward")
+        for name, value in micro.items():
+            value = value.detach().float() / parts
+            terms[name] = terms[name] + value if name in terms else value
+    if run.regularizer is not None:  # once per step, after DDP's all-reduce (FSDP's reduce-scatter): on every rank
         if config.orth_lambda > 0:
             terms["orth"] = config.orth_lambda * run.regularizer.add_grad_(config.orth_lambda).float()
         if config.orth_hard:  # else Adam keeps pushing along gamma and project_ keeps undoing it
             run.regularizer.project_grad_()
         stopwatch.lap("regularizer")
     losses = mean_over_processes(terms, run.world)
-    grad_norm = nn.utils.clip_grad_norm_(run.params, config.grad_clip).item() if config.grad_clip > 0 else None
+    grad_norm = scalar(nn.utils.clip_grad_norm_(run.params, config.grad_clip)) if config.grad_clip > 0 else None
     stop_unless_finite(run, step, losses, grad_norm)  # before the optimizer step: weights and checkpoints stay
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -301,6 +336,14 @@ def train_step(run: Run, step: int) -> tuple[dict[str, float], float | None]:
         run.regularizer.project_()
     stopwatch.lap("optimizer")
     return losses, grad_norm
+
+
+def synced(forward: nn.Module, sync: bool) -> contextlib.AbstractContextManager[Any]:
+    """DDP all-reduces the gradients in the last micro-batch's backward only. FSDP reduce-scatters after every
+    micro-batch: skipping that would keep whole, unsharded gradients, the memory FSDP is there to save."""
+    if sync or not isinstance(forward, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return forward.no_sync()
 
 
 def mean_over_processes(terms: dict[str, torch.Tensor], world: int) -> dict[str, float]:

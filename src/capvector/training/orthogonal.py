@@ -47,6 +47,11 @@ Gamma keys must name parameters of the model with the same shape (else Capvector
 absent from gamma are left alone, frozen ones and all-zero gamma tensors are skipped; `reg.counts` says how
 many of each (full: tensors, lora: adapters, zero_gamma, frozen, trainable_unregularized: parameters).
 
+Sharded parameters (FSDP2, capvector.training.sharding): each process keeps only its rows of gamma (a lazy vector
+reads just those), computes its shards' inner products and sums them over the processes (one all-reduce of the L
+values) before any reduction squares them, so the value and the gradient are the one-process ones; the fused and
+hard forms work on the shards in place. loss() (autograd) and the LoRA forms need whole tensors and are refused.
+
 Cost: each tensor's dot product is one pass with no temporary, so loss() reads the regularized parameters
 and gamma once, and add_grad_ adds one read-modify-write of their gradients (about half the traffic of
 autograd's backward through loss(), which allocates gamma-sized gradients and then adds them).
@@ -59,9 +64,12 @@ from collections.abc import Mapping, Sequence
 from typing import Literal, cast, get_args
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from capvector.errors import CapvectorError
+from capvector.params.lazy import LazyTensor, LazyTensorMapping
+from capvector.training.sharding import group, is_sharded, local, shard_rows
 
 Reduction = Literal["normalized", "square", "abs"]
 LoraForm = Literal["olora", "exact"]
@@ -161,7 +169,8 @@ def lora_layers(model: nn.Module, peft: bool) -> dict[str, nn.Module]:
 
 
 def read_gamma(gamma: Mapping[str, torch.Tensor], params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-    """Each gamma tensor read once, checked against the model, in its parameter's dtype and device."""
+    """Each gamma tensor read once (for a sharded parameter only this process's rows), checked against the
+    model, in its parameter's dtype and device."""
     out = {}
     for key in gamma:
         if key not in params:
@@ -169,31 +178,54 @@ def read_gamma(gamma: Mapping[str, torch.Tensor], params: dict[str, nn.Parameter
                 f"capability vector: tensor '{key}' is not a parameter of the model; extract gamma from checkpoints "
                 "of this model, or drop the tensor from the vector"
             )
-        tensor, param = gamma[key], params[key]
-        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        param = params[key]
+        source: torch.Tensor | LazyTensor = gamma.lazy(key) if isinstance(gamma, LazyTensorMapping) else gamma[key]
+        if not isinstance(source, (torch.Tensor, LazyTensor)) or not source.dtype.is_floating_point:
             raise CapvectorError(f"capability vector: tensor '{key}' is not a floating-point tensor; re-extract gamma")
-        if tuple(tensor.shape) != tuple(param.shape):
+        if tuple(source.shape) != tuple(param.shape):
             raise CapvectorError(
-                f"capability vector: tensor '{key}' has shape {tuple(tensor.shape)} but the model's parameter has "
+                f"capability vector: tensor '{key}' has shape {tuple(source.shape)} but the model's parameter has "
                 f"{tuple(param.shape)}; extract gamma from checkpoints of this model architecture"
             )
+        tensor = rows_of(source, *shard_rows(param)) if is_sharded(param) else gamma[key]
         out[key] = tensor.detach().to(param.device, param.dtype).contiguous()
     return out
 
 
+def rows_of(source: torch.Tensor | LazyTensor, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of dim 0; a lazy tensor reads only those from its file."""
+    if isinstance(source, LazyTensor):
+        return source.read(start, stop).reshape(stop - start, *source.shape[1:])
+    return source[start:stop]
+
+
 class FullTerm:
-    """Tensors finetuned in full: d_l = <theta_l, gamma_l> - c_l."""
+    """Tensors finetuned in full: d_l = <theta_l, gamma_l> - c_l. Sharded parameters (all or none) come with
+    this process's rows of gamma_l."""
 
     def __init__(self, params: list[nn.Parameter], gammas: list[torch.Tensor], reduction: Reduction):
         self.params, self.gammas, self.reduction = params, gammas, reduction
+        self.group = group(params[0]) if is_sharded(params[0]) else None
         with torch.no_grad():
-            self.norms = torch.stack([dot(g, g) for g in gammas]).sqrt()
+            self.norms = self.summed([dot(g, g) for g in gammas]).sqrt()
             self.c = self.dots(params)
 
+    def summed(self, values: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-tensor values of the shards, summed over the processes: the whole tensors' values."""
+        out = torch.stack(list(values))
+        if self.group is not None:
+            dist.all_reduce(out, group=self.group)
+        return out
+
     def dots(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        return torch.stack([dot(t, g) for t, g in zip(tensors, self.gammas, strict=True)])
+        return self.summed([dot(local(t), g) for t, g in zip(tensors, self.gammas, strict=True)])
 
     def loss(self) -> torch.Tensor:
+        if self.group is not None:
+            raise CapvectorError(
+                "orthogonal regularizer: loss() is not differentiable across FSDP shards; use add_grad_ (the same "
+                "gradient, fused)"
+            )
         return penalty(self.dots(self.params) - self.c, self.norms, self.reduction)
 
     @torch.no_grad()
@@ -214,7 +246,7 @@ class FullTerm:
     def add_along_gamma_(self, tensors: Sequence[torch.Tensor], coefs: torch.Tensor) -> None:
         """tensors[l] += coefs[l] * gamma_l (one host sync for the coefficients)."""
         for t, g, coef in zip(tensors, self.gammas, coefs.tolist(), strict=True):
-            t.add_(g, alpha=coef)
+            local(t).add_(g, alpha=coef)
 
 
 class LoraTerm:
@@ -366,15 +398,24 @@ def build_regularizer(
         mode = "lora" if layers else "full"
     if mode == "lora" and not layers:
         raise CapvectorError("orthogonal regularizer: mode 'lora' but the model has no LoRA adapters; use mode 'full'")
+    sharded = [p for p in params.values() if is_sharded(p)]
+    if sharded and (layers or len(sharded) < len(params)):
+        raise CapvectorError(
+            "orthogonal regularizer: under FSDP every parameter must be sharded and LoRA is not supported (its "
+            "forms need whole adapters); shard the whole model with fully_shard, or use DDP"
+        )
     gammas = read_gamma(gamma, params)
+    squares = torch.stack([dot(g, g) for g in gammas.values()]) if gammas else torch.zeros(0)
+    if sharded:  # whole tensors' |gamma_l|^2 from the shards'
+        dist.all_reduce(squares, group=group(sharded[0]))
 
     counts = {"full": 0, "lora": 0, "zero_gamma": 0, "frozen": 0}
     full_params: list[nn.Parameter] = []
     full_gammas: list[torch.Tensor] = []
     pairs: list[LoraPair] = []
     lora_gammas: list[torch.Tensor] = []
-    for key, g in gammas.items():
-        if dot(g, g).item() == 0:
+    for (key, g), square in zip(gammas.items(), squares.tolist(), strict=True):
+        if square == 0:
             counts["zero_gamma"] += 1
         elif mode == "lora" and key in layers:
             # the update is (B A)^T on transposed (Conv1D) layers

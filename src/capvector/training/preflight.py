@@ -30,10 +30,11 @@ def check_inputs(config: TrainConfig, world: int, given: set[str], vector: Vecto
     `given`: policy, dataset, auxiliary, vector), before anything is built or written."""
     try:
         check_strategy(config, given)
-        if config.batch_size % world:
+        parts = world * config.grad_accum_steps
+        if config.batch_size % parts:
             raise CapvectorError(
-                f"field 'batch_size' is {config.batch_size}, which does not split evenly across {world} processes; "
-                f"use a multiple of {world}"
+                f"field 'batch_size' is {config.batch_size}, which does not split evenly across {world} processes x "
+                f"{config.grad_accum_steps} micro-batches (grad_accum_steps); use a multiple of {parts}"
             )
         if config.finetune == "lora" and importlib.util.find_spec("peft") is None:
             raise CapvectorError("finetune 'lora' needs PEFT: pip install capvector[lora]")
@@ -55,6 +56,11 @@ def check_strategy(config: TrainConfig, given: set[str]) -> None:
     """What each strategy and finetuning mode needs."""
     if config.strategy == "aux" and "auxiliary" not in given and not config.auxiliary:
         raise CapvectorError("strategy 'aux' needs an auxiliary objective: set 'auxiliary' to 'package.module:factory'")
+    if config.finetune == "lora" and config.distributed == "fsdp":
+        raise CapvectorError(
+            "finetune 'lora' with distributed 'fsdp' is not supported (the regularizer's LoRA forms need whole "
+            "adapters); LoRA trains small adapters on a frozen base that fits each GPU: use distributed 'ddp'"
+        )
     if config.finetune == "lora" and not config.init_from:
         raise CapvectorError("finetune 'lora' needs 'init_from': the base policy folder the adapter applies to")
     if config.strategy == "capvector":

@@ -11,8 +11,11 @@ seeds below 10^9 (capvector.bench.env.sim). Workers build the policy from a pick
 
 from __future__ import annotations
 
+import math
+import textwrap
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -26,14 +29,17 @@ from capvector.bench.env.sim import (
     MAX_EPISODE_STEPS,
     SimEnv,
     eval_placement_seed,
-    parallel_map,
-    shards,
+    parallel_imap,
 )
 from capvector.bench.env.tasks import TASKS, instruction, resolve_tasks, task_index
 from capvector.bench.statistics import wilson_interval
 from capvector.errors import CapvectorError
 
 GIF_STRIDE = 4  # simulator steps per GIF frame: 50 ms at Meta-World's 80 Hz
+GIF_PIXELS = 192  # about how tall a camera view is shown in a GIF
+CAPTION_PIXELS = 28  # a label strip (two lines) above each column of a side-by-side GIF
+CAPTION_CHAR_PIXELS = 7  # at most this wide is a character of Pillow's default font
+COLUMN_GAP = 6  # white pixels between the columns of a side-by-side GIF
 
 
 @dataclass
@@ -160,8 +166,9 @@ def evaluate_shard(
     decoy: bool = False,
     max_steps: int = MAX_EPISODE_STEPS,
 ) -> list[list[tuple]]:
-    """run_episodes' rows for each policy in turn, on the same placements of one simulator (runs in a worker
-    process; building a simulator costs more than a few episodes). `placement`, `decoy`: SimEnv's."""
+    """run_episodes' rows for each policy in turn, on the same placements of one simulator (one job of
+    evaluate_many, in a worker process; building a simulator costs more than a few episodes). `placement`, `decoy`:
+    SimEnv's."""
     import torch
 
     env = SimEnv(task, image_size=image_size, variant=variant, placement=placement, decoy=decoy)
@@ -183,15 +190,55 @@ def task_result(task: str, rows: list[tuple]) -> TaskResult:
     return TaskResult(task, len(mine), wins, wins / len(mine), low, high, mean_steps, [r[2] for r in mine])
 
 
-def save_gif(path: Path, frames: list[np.ndarray], zoom: int = 3) -> None:
-    """Frames taken every GIF_STRIDE steps, shown for as long as those steps take (real time), `zoom`x larger."""
-    import imageio.v2 as imageio
+def evaluation_jobs(
+    policies: int, tasks: list[str], episodes: int, workers: int
+) -> list[tuple[list[int], str, list[int]]]:
+    """(policy indices, task, episodes) per job: one simulator per job, not per policy, and about two jobs per worker
+    (fewer simulators to build, yet the load balances), or one per task for a single worker; a task's episodes are
+    split only when policies and tasks are too few to keep every worker busy."""
+    pairs = policies * len(tasks)
+    per_job = max(1, policies if workers <= 1 else math.ceil(pairs / (2 * workers)))
+    parts = max(1, min(episodes, math.ceil(workers / max(1, pairs))))
+    return [
+        (list(range(first, min(first + per_job, policies))), task, list(range(episodes))[part::parts])
+        for task in tasks
+        for first in range(0, policies, per_job)
+        for part in range(parts)
+    ]
 
-    images: list[Any] = [f.transpose(1, 2, 0).repeat(zoom, axis=0).repeat(zoom, axis=1) for f in frames]
-    images += [images[-1]] * 10  # hold the last frame for half a second
-    # imageio's GIF writer takes milliseconds (0.1 meant no delay at all); GIF delays are whole centiseconds, and
-    # viewers slow anything under 20 ms down, hence a frame every GIF_STRIDE steps rather than every step
-    imageio.mimsave(path, images, duration=1000 * GIF_STRIDE / CONTROL_HZ, loop=0)
+
+def evaluate_many(
+    policy_factories: Sequence[Callable[[], Any]],
+    tasks: str | list[str],
+    episodes: int,
+    seed: int = 0,
+    workers: int = 2,
+    variant: str = "default",
+    image_size: int = 64,
+    placement: str = "default",
+    decoy: bool = False,
+    max_steps: int = MAX_EPISODE_STEPS,
+    gif_episodes: int = 0,
+) -> Iterator[tuple[int, str, list[tuple]]]:
+    """Every policy on the same `episodes` placements of every task: `(policy index, task, rows)` as each pair is
+    done (run_episodes' rows, in episode order), so that a caller can save as it goes. The one evaluation path:
+    `evaluate`, `capvector reproduce` and `capvector headroom` go through it; a policy's rows do not depend on the
+    others evaluated with it. Arguments as `evaluate`'s; `gif_episodes`: frames of the first episodes are kept."""
+    tasks = resolve_tasks(tasks)
+    if episodes < 1:
+        raise CapvectorError(f"episodes must be at least 1, got {episodes}")
+    jobs = evaluation_jobs(len(policy_factories), tasks, episodes, workers)
+    common = (seed, image_size, variant, gif_episodes, placement, decoy, max_steps)
+    arguments = [([policy_factories[i] for i in indices], task, eps, *common) for indices, task, eps in jobs]
+    left = Counter((i, task) for indices, task, _ in jobs for i in indices)  # jobs each (policy, task) waits for
+    rows: dict[tuple[int, str], list[tuple]] = defaultdict(list)
+    for job, per_policy in parallel_imap(evaluate_shard, arguments, workers):
+        indices, task, _ = jobs[job]
+        for i, policy_rows in zip(indices, per_policy):
+            rows[(i, task)] += policy_rows
+            left[(i, task)] -= 1
+            if not left[(i, task)]:
+                yield i, task, sorted(rows.pop((i, task)), key=lambda row: row[1])
 
 
 def evaluate(
@@ -219,24 +266,86 @@ def evaluate(
     """
     start = time.time()
     tasks = resolve_tasks(tasks)
-    if episodes < 1:
-        raise CapvectorError(f"episodes must be at least 1, got {episodes}")
-    gif_episodes = gifs_per_task if gif_dir is not None else 0
-    jobs = [
-        ([policy_factory], task, eps, seed, image_size, variant, gif_episodes, placement, decoy, max_steps)
-        for task, eps in shards(tasks, episodes, workers)
-    ]
-    rows = [row for shard in parallel_map(evaluate_shard, jobs, workers) for row in shard[0]]
-
-    results = [task_result(task, rows) for task in tasks]
+    done = {
+        task: rows
+        for _, task, rows in evaluate_many(
+            [policy_factory],
+            tasks,
+            episodes,
+            seed,
+            workers,
+            variant,
+            image_size,
+            placement,
+            decoy,
+            max_steps,
+            gif_episodes=gifs_per_task if gif_dir is not None else 0,
+        )
+    }
+    results = [task_result(task, done[task]) for task in tasks]
     gifs = []
     if gif_dir is not None:
         Path(gif_dir).mkdir(parents=True, exist_ok=True)
-        for task, episode, _, success, _, frames in sorted(rows, key=lambda r: (tasks.index(r[0]), r[1])):
-            if episode < gif_episodes:
+        for task in tasks:
+            for _, episode, _, success, _, frames in done[task][:gifs_per_task]:
                 path = Path(gif_dir) / f"{variant}_{task}_ep{episode}_{'success' if success else 'fail'}.gif"
-                save_gif(path, frames)
+                save_gif(path, [enlarge(frame) for frame in frames])
                 gifs.append(str(path))
     return EvalResult(
         variant, seed, results, float(np.mean([r.success_rate for r in results])), time.time() - start, gifs
     )
+
+
+# ---- GIFs -----------------------------------------------------------------------------------------------------------
+
+
+def enlarge(frame: np.ndarray, size: int = GIF_PIXELS) -> np.ndarray:
+    """A recorded frame (3, H, W), cameras side by side, as an (h, w, 3) image about `size` pixels tall per camera
+    view (a 32- or 64-pixel camera frame is too small to watch)."""
+    zoom = max(1, round(size / frame.shape[1]))
+    return frame.transpose(1, 2, 0).repeat(zoom, axis=0).repeat(zoom, axis=1)
+
+
+def caption(text: str, width: int) -> np.ndarray:
+    """A white (CAPTION_PIXELS, width, 3) strip with `text` in black, wrapped on two lines if it needs them."""
+    from PIL import Image, ImageDraw
+
+    strip = Image.new("RGB", (width, CAPTION_PIXELS), "white")
+    lines = textwrap.wrap(text, max(1, (width - 8) // CAPTION_CHAR_PIXELS))
+    ImageDraw.Draw(strip).multiline_text((4, 2), "\n".join(lines[:2]), fill="black", spacing=2)
+    return np.asarray(strip)
+
+
+def side_by_side(episodes: Sequence[Sequence[np.ndarray]], labels: Sequence[str]) -> list[np.ndarray]:
+    """One image per recorded time step with each episode's frame in a column under its label, left to right: the
+    cameras of a frame stacked, enlarged, a white gap between columns. An episode that ended (success) holds its
+    last frame until the longest one ends, so that a column's frame t is the same moment in every column."""
+    if len(episodes) != len(labels) or not episodes or not all(episodes):
+        raise CapvectorError("side_by_side needs one label per episode and at least one frame in each")
+    length = max(len(frames) for frames in episodes)
+    columns = []
+    for frames, label in zip(episodes, labels):
+        images = [np.concatenate(np.split(enlarge(f), len(CAMERAS), axis=1)) for f in frames]
+        images += [images[-1]] * (length - len(images))
+        top = caption(label, images[0].shape[1])
+        columns.append([np.concatenate([top, image]) for image in images])
+    gap = np.full((*columns[0][0].shape[:1], COLUMN_GAP, 3), 255, dtype=np.uint8)
+    return [
+        np.concatenate([part for column in columns for part in (gap, column[t])][1:], axis=1) for t in range(length)
+    ]
+
+
+def save_gif(path: Path, images: list[np.ndarray]) -> None:
+    """(h, w, 3) images taken every GIF_STRIDE steps, each shown for as long as those steps take (real time)."""
+    from PIL import Image
+
+    images = [*images, *[images[-1]] * 10]  # hold the last frame for half a second
+    # one palette for the whole GIF, from its first, middle and last images: quantizing every frame on its own (as
+    # imageio did here before) took 8x longer: 120 frames of 984 x 412, 44 s against 5.6 s on the loaded 2-core VM
+    sample = np.concatenate([images[0], images[len(images) // 2], images[-1]])
+    palette = Image.fromarray(sample).quantize(256, method=Image.Quantize.MEDIANCUT)
+    frames = [Image.fromarray(image).quantize(palette=palette, dither=Image.Dither.NONE) for image in images]
+    # GIF delays are whole centiseconds, and viewers slow anything under 20 ms down: hence a frame every GIF_STRIDE
+    # steps rather than every step; identical frames in a row are stored once with their delays added
+    delay = 1000 * GIF_STRIDE // CONTROL_HZ
+    frames[0].save(path, format="GIF", save_all=True, append_images=frames[1:], duration=delay, loop=0)

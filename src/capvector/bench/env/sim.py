@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes.util
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -355,17 +356,31 @@ def single_threaded_worker() -> None:
     torch.set_num_threads(1)
 
 
-def parallel_map(fn, jobs: list[tuple], workers: int) -> list:
-    """`[fn(*job) for job in jobs]` over `workers` spawned processes (in this process when workers <= 1).
+def call_indexed(item: tuple[Any, int, tuple]) -> tuple[int, Any]:
+    fn, index, job = item
+    return index, fn(*job)
+
+
+def parallel_imap(fn, jobs: list[tuple], workers: int) -> Iterator[tuple[int, Any]]:
+    """`(i, fn(*jobs[i]))` for every job, as each finishes, over `workers` spawned processes (in this process, in
+    order, when workers <= 1), so that a caller can save results as they come.
 
     Spawned, not forked: a forked child would inherit the parent's GL and torch thread state.
     """
     if workers <= 1 or len(jobs) <= 1:
-        return [fn(*job) for job in jobs]
+        for index, job in enumerate(jobs):
+            yield index, fn(*job)
+        return
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), initializer=single_threaded_worker) as pool:
-        return pool.starmap(fn, jobs, chunksize=1)
+        yield from pool.imap_unordered(call_indexed, [(fn, i, job) for i, job in enumerate(jobs)], chunksize=1)
+
+
+def parallel_map(fn, jobs: list[tuple], workers: int) -> list:
+    """`[fn(*job) for job in jobs]` over `workers` spawned processes (parallel_imap's, in the jobs' order)."""
+    done = dict(parallel_imap(fn, jobs, workers))
+    return [done[i] for i in range(len(jobs))]
 
 
 def shards(tasks: list[str], episodes: int, workers: int) -> list[tuple[str, list[int]]]:

@@ -9,6 +9,9 @@ placements (paired):
   control  auxiliary SFT with the positive control (capvector.bench.objectives.privileged): the positions are a
            training target for the visual tokens, never an input; at evaluation it sees what sft sees.
 If the oracle is not clearly ahead, no perception objective can help here and the regime cannot test the method.
+The control's weight is chosen on validation placements (another placement seed than the test's): every candidate
+weight is trained with the first `selection_seeds` seeds and evaluated there, and the best (mean success over the
+budgets) is trained with the remaining seeds and evaluated on the test placements like the other arms.
 The decoy test evaluates the oracle with the positions of another placement (moved as the real ones move): if its
 success drops, the oracle uses the positions; if not, it finds the objects from the images anyway.
 
@@ -65,8 +68,15 @@ class HeadroomConfig:
     eval_seed: int = 0
     # The scripted experts finish these tasks in at most ~230 steps on wide placements; a failure stops at the cap.
     max_steps: int = 300
-    control_weight: float = 0.5
+    # The positive control: candidate weights, chosen on validation placements with the first selection_seeds seeds.
+    control_weights: list = field(default_factory=lambda: [0.05, 0.1, 0.2])
+    selection_seeds: int = 2
+    validation_seed: int = 1  # placement seed of the validation episodes; the test's is eval_seed
     workers: int = 2
+
+
+# Fields that say which arms to run, not how: a run folder's finished arms stay valid when they change.
+ARM_FIELDS = ("arms", "control_weights", "selection_seeds", "validation_seed")
 
 
 REGIMES = {
@@ -77,6 +87,9 @@ REGIMES = {
     # Wide placements seen through less: 32x32 camera frames and 5 demonstrations per task, trained longer. Finding
     # an object from coarse pixels after few examples is what the oracle is spared.
     "scarce": HeadroomConfig(regime="scarce", demos_per_task=5, image_size=32, budgets=[500, 1000, 2000]),
+    # Wide placements seen through 32x32 frames, with the wide regime's 10 demonstrations per task: coarse pixels
+    # alone, without starving the policy of demonstrations (with 5 per task the oracle did no better than SFT).
+    "coarse": HeadroomConfig(regime="coarse", image_size=32, budgets=[500, 1000]),
     # The suite's miniature: one task, a tiny policy, a few steps.
     "test": HeadroomConfig(
         regime="test",
@@ -91,6 +104,8 @@ REGIMES = {
         seeds=[0, 1],
         eval_episodes=1,
         max_steps=40,
+        control_weights=[0.1, 0.2],
+        selection_seeds=1,
         workers=1,
     ),
 }
@@ -106,21 +121,31 @@ def check_config(config: HeadroomConfig) -> None:
         raise CapvectorError(f"headroom: budgets {config.budgets} must be increasing positive step counts")
     if len(config.seeds) < 2:
         raise CapvectorError("headroom: give at least two seeds (the paired intervals are over seeds)")
+    if not config.control_weights or min(config.control_weights) <= 0:
+        raise CapvectorError(f"headroom: control_weights {config.control_weights} must be positive numbers")
+    if not 1 <= config.selection_seeds <= len(config.seeds):
+        raise CapvectorError(f"headroom: selection_seeds must be between 1 and the {len(config.seeds)} seeds")
+    if config.validation_seed == config.eval_seed:
+        raise CapvectorError("headroom: validation_seed must differ from eval_seed (choose on other placements)")
 
 
-def run_name(config: HeadroomConfig, arm: str) -> str:
-    """The folder and result name of an arm's runs: the control's weight is part of it."""
-    return f"control_w{config.control_weight:g}" if arm == "control" else arm
+def control_name(weight: float) -> str:
+    """The folder and result name of the control's runs at one weight."""
+    return f"control_w{weight:g}"
 
 
-def train_config(config: HeadroomConfig, layout: HeadroomLayout, arm: str, seed: int) -> TrainConfig:
+def train_config(
+    config: HeadroomConfig, layout: HeadroomLayout, arm: str, seed: int, weight: float | None = None
+) -> TrainConfig:
+    """The training run of `arm` ("sft", "oracle" or "control" at `weight`) with `seed`."""
     demos = str(layout.demos)
     oracle = {"privileged_dim": PRIVILEGED_DIM} if arm == "oracle" else {}
+    control = arm == "control"
     return TrainConfig(
-        strategy="aux" if arm == "control" else "sft",
-        auxiliary="capvector.bench.recipe:privileged" if arm == "control" else "",
-        auxiliary_args={"weight": config.control_weight} if arm == "control" else {},
-        out_dir=str(layout.training(run_name(config, arm), seed)),
+        strategy="aux" if control else "sft",
+        auxiliary="capvector.bench.recipe:privileged" if control else "",
+        auxiliary_args={"weight": weight} if control else {},
+        out_dir=str(layout.training(control_name(weight) if control and weight else arm, seed)),
         steps=config.budgets[-1],
         lr=config.lr,
         min_lr=config.lr / 10,
@@ -152,56 +177,97 @@ def policy_at(layout: HeadroomLayout, name: str, seed: int, steps: int) -> Path:
     return checkpoint_folder(layout.training(name, seed), steps)
 
 
-def evaluations(config: HeadroomConfig) -> list[tuple[str, str, int, int, bool]]:
-    """(name, arm, seed, steps, decoy) of every evaluation: both arms at every budget, the oracle's decoy at the
-    last."""
-    runs = [(run_name(config, a), s, b, False) for a in config.arms for s in config.seeds for b in config.budgets]
-    runs += [("oracle", s, config.budgets[-1], True) for s in config.seeds]
-    return [(f"{a}/seed{s}/step{b}{'/decoy' if d else ''}", a, s, b, d) for a, s, b, d in runs]
+@dataclass(frozen=True)
+class Evaluation:
+    """One closed-loop evaluation: the policy of training run `run` (sft, oracle, control_w0.1) with `seed` at
+    `steps`; `decoy`: the oracle sees another placement's positions."""
+
+    run: str
+    seed: int
+    steps: int
+    decoy: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.run}/seed{self.seed}/step{self.steps}{'/decoy' if self.decoy else ''}"
 
 
-def evaluate_all(config: HeadroomConfig, layout: HeadroomLayout) -> dict:
-    from capvector.bench.env.evaluation import evaluate
+def run_evaluations(
+    config: HeadroomConfig, layout: HeadroomLayout, todo: list[Evaluation], path: Path, placements: int
+) -> dict:
+    """Success per task of every evaluation in `todo` on the placements of seed `placements`, cached in `path`
+    (each saved as soon as all its tasks are done, so an interrupted run resumes)."""
+    from capvector.bench.env.evaluation import evaluate_many
 
-    path = layout.evaluations
     path.parent.mkdir(parents=True, exist_ok=True)
     results = read_json(path) or {}
-    todo = [e for e in evaluations(config) if e[0] not in results]
-    for done, (name, arm, seed, steps, decoy) in enumerate(todo, 1):
-        factory = functools.partial(recipe.load_trained, policy_at(layout, arm, seed, steps))
-        outcome = evaluate(
-            factory,
+    missing = [e for e in todo if e.name not in results]
+    started = time.perf_counter()
+    rates: dict[str, dict[str, float]] = {}  # per name, its tasks evaluated so far
+    for decoy in (False, True):  # one simulator setting per pass: the oracle's decoy test is another
+        batch = [e for e in missing if e.decoy == decoy]
+        for i, task, rows in evaluate_many(
+            [functools.partial(recipe.load_trained, policy_at(layout, e.run, e.seed, e.steps)) for e in batch],
             config.tasks,
-            episodes=config.eval_episodes,
-            seed=config.eval_seed,
-            workers=config.workers,
+            config.eval_episodes,
+            placements,
+            config.workers,
             image_size=config.image_size,
             placement=config.placement,
             decoy=decoy,
             max_steps=config.max_steps,
-        )
-        results[name] = {t.task: t.successes / t.episodes for t in outcome.tasks}
-        write_json(path, results)
-        print(f"  evaluated {name}: {outcome.success_rate:.2f} ({done}/{len(todo)}, {outcome.wall_s:.0f} s)")
+        ):
+            name = batch[i].name
+            rates.setdefault(name, {})[task] = sum(row[3] for row in rows) / len(rows)
+            if len(rates[name]) == len(config.tasks):  # saved whole: a name in the file is done
+                results[name] = {t: rates[name][t] for t in config.tasks}
+                write_json(path, results)
+                mean = sum(results[name].values()) / len(config.tasks)
+                done = sum(e.name in results for e in missing)
+                print(f"  evaluated {name}: {mean:.2f} ({done}/{len(missing)}, {time.perf_counter() - started:.0f} s)")
     return results
 
 
-def cells(results: dict, config: HeadroomConfig, arm: str, steps: int, decoy: bool = False) -> np.ndarray:
-    """(seeds, tasks) success rates of one arm at one budget."""
-    name, suffix = run_name(config, arm), "/decoy" if decoy else ""
-    return np.array([[results[f"{name}/seed{s}/step{steps}{suffix}"][t] for t in config.tasks] for s in config.seeds])
+def choose_control_weight(config: HeadroomConfig, layout: HeadroomLayout) -> dict:
+    """Train the control at every candidate weight with the first selection_seeds seeds and evaluate it on the
+    validation placements at every budget; the chosen weight has the best mean success (ties: the smaller)."""
+    seeds = config.seeds[: config.selection_seeds]
+    weights = config.control_weights
+    jobs = [(train_config(config, layout, "control", seed, weight),) for weight in weights for seed in seeds]
+    print(f"choosing the control's weight among {weights} with seeds {seeds} on validation placements")
+    parallel_map(train_arm, jobs, config.workers)
+    todo = [Evaluation(control_name(w), s, b) for w in weights for s in seeds for b in config.budgets]
+    results = run_evaluations(config, layout, todo, layout.validation(config.validation_seed), config.validation_seed)
+    rates = {
+        w: [results[Evaluation(control_name(w), s, b).name] for s in seeds for b in config.budgets] for w in weights
+    }
+    means = {w: float(np.mean([list(r.values()) for r in rates[w]])) for w in weights}
+    chosen = max(weights, key=lambda w: (means[w], -w))
+    return {"weight": chosen, "validation": {f"{w:g}": round(100 * m, 1) for w, m in means.items()}, "seeds": seeds}
 
 
-def summarize(results: dict, config: HeadroomConfig) -> dict:
+def final_evaluations(config: HeadroomConfig, runs: dict[str, str]) -> list[Evaluation]:
+    """Every arm at every budget on the test placements, and the oracle's decoy at the last budget."""
+    todo = [Evaluation(run, s, b) for run in runs.values() for s in config.seeds for b in config.budgets]
+    return todo + [Evaluation(runs["oracle"], s, config.budgets[-1], decoy=True) for s in config.seeds]
+
+
+def cells(results: dict, config: HeadroomConfig, run: str, steps: int, decoy: bool = False) -> np.ndarray:
+    """(seeds, tasks) success rates of one training run's policies at one budget."""
+    return np.array([[results[Evaluation(run, s, steps, decoy).name][t] for t in config.tasks] for s in config.seeds])
+
+
+def summarize(results: dict, config: HeadroomConfig, runs: dict[str, str], control: dict | None = None) -> dict:
     """Per arm and budget: mean success and its seed-bootstrap interval; oracle - sft paired; the decoy's drop; how
-    small a difference these seeds resolve. Success rates in points (0-100)."""
+    small a difference these seeds resolve; the control's weight and its validation figures. Success rates in
+    points (0-100). `runs`: arm -> training run name."""
 
     def points(triple: tuple[float, float, float]) -> list[float]:
         return [round(100 * v, 1) for v in triple]
 
     budgets: dict[str, Any] = {}
     for steps in config.budgets:
-        by_arm = {arm: cells(results, config, arm, steps) for arm in config.arms}
+        by_arm = {arm: cells(results, config, run, steps) for arm, run in runs.items()}
         sft, oracle = by_arm["sft"], by_arm["oracle"]
         row: dict[str, Any] = {}
         for arm, outcomes in by_arm.items():
@@ -216,11 +282,12 @@ def summarize(results: dict, config: HeadroomConfig) -> dict:
         }
         budgets[str(steps)] = row
     last = config.budgets[-1]
-    oracle, decoy = cells(results, config, "oracle", last), cells(results, config, "oracle", last, decoy=True)
+    oracle, decoy = cells(results, config, runs["oracle"], last), cells(results, config, runs["oracle"], last, True)
     best = max(budgets, key=lambda b: budgets[b]["oracle_minus_sft"][1])
     return {
         "regime": config.regime,
         "config": dataclasses.asdict(config),
+        "arms": list(runs),
         "budgets": budgets,
         "decoy": {
             "oracle": points(bootstrap_mean(oracle)),
@@ -233,6 +300,7 @@ def summarize(results: dict, config: HeadroomConfig) -> dict:
             "oracle_minus_sft": budgets[best]["oracle_minus_sft"],
             "accepted": budgets[best]["oracle_minus_sft"][0] >= 20 and budgets[best]["oracle_minus_sft"][1] > 0,
         },
+        **({"control": control} if control else {}),
     }
 
 
@@ -261,11 +329,15 @@ def report_markdown(summary: dict) -> str:
             f"| {steps} | {interval(sft)} | {interval(oracle)} | {interval(diff, '+')} | "
             f"{row['resolvable_paired_difference']} |"
         )
-    if "control" in config["arms"]:
+    if "control" in summary:
+        control = summary["control"]
+        candidates = ", ".join(f"{w}: {m}%" for w, m in control["validation"].items())
         lines += [
             "",
-            f"Positive control (auxiliary SFT, weight {config['control_weight']}: visual tokens regress object and "
-            "goal positions relative to the hand; positions never an input):",
+            f"Positive control (auxiliary SFT: visual tokens regress object and goal positions relative to the hand; "
+            f"positions never an input). Weight {control['weight']:g}, chosen on validation placements (placement "
+            f"seed {config['validation_seed']}, seeds {control['seeds']}, mean success over the budgets: "
+            f"{candidates}); test placements below:",
             "",
             "| steps | SFT | control | control - SFT |",
             "|---|---|---|---|",
@@ -285,12 +357,12 @@ def report_markdown(summary: dict) -> str:
         "",
         "Per task (mean over seeds):",
         "",
-        f"| steps | task | {' | '.join(config['arms'])} |",
-        "|---|---|" + "---|" * len(config["arms"]),
+        f"| steps | task | {' | '.join(summary['arms'])} |",
+        "|---|---|" + "---|" * len(summary["arms"]),
     ]
     for steps, row in summary["budgets"].items():
         for task in config["tasks"]:
-            rates = " | ".join(str(row[f"{arm}_per_task"][task]) for arm in config["arms"])
+            rates = " | ".join(str(row[f"{arm}_per_task"][task]) for arm in summary["arms"])
             lines.append(f"| {steps} | {task} | {rates} |")
     verdict = (
         "has headroom: the oracle is ahead by at least 20 points with its interval above 0"
@@ -314,9 +386,9 @@ def headroom(regime: str | HeadroomConfig = "wide", out_dir: str | Path = "runs/
     config = regime
     check_config(config)
     layout = HeadroomLayout(Path(out_dir, config.regime).resolve())
-    # Arms are separate runs in folders named by what shapes them (run_name): adding an arm, or another control
-    # weight, to a finished run folder trains and evaluates only that arm.
-    key = content_hash({k: v for k, v in dataclasses.asdict(config).items() if k not in ("arms", "control_weight")})
+    # Arms are separate runs in folders named by what shapes them: adding an arm, or another control weight, to a
+    # finished run folder trains and evaluates only that arm.
+    key = content_hash({k: v for k, v in dataclasses.asdict(config).items() if k not in ARM_FIELDS})
     recorded = read_json(layout.config)
     if recorded and recorded.get("key") != key:
         raise CapvectorError(
@@ -338,11 +410,20 @@ def headroom(regime: str | HeadroomConfig = "wide", out_dir: str | Path = "runs/
             workers=config.workers,
             placement=config.placement,
         )
-    jobs = [(train_config(config, layout, arm, seed),) for seed in config.seeds for arm in config.arms]
+    jobs = [(train_config(config, layout, arm, seed),) for seed in config.seeds for arm in ("sft", "oracle")]
     print(f"training {len(jobs)} runs of {config.budgets[-1]} steps, {config.workers} at a time")
     parallel_map(train_arm, jobs, config.workers)
+    runs = {"sft": "sft", "oracle": "oracle"}
+    control = None
+    if "control" in config.arms:
+        control = choose_control_weight(config, layout)
+        runs["control"] = control_name(control["weight"])
+        jobs = [(train_config(config, layout, "control", seed, control["weight"]),) for seed in config.seeds]
+        print(f"control weight {control['weight']:g} (validation: {control['validation']}); training every seed")
+        parallel_map(train_arm, jobs, config.workers)
     print(f"trained in {time.perf_counter() - started:.0f} s; evaluating")
-    summary = summarize(evaluate_all(config, layout), config)
+    results = run_evaluations(config, layout, final_evaluations(config, runs), layout.evaluations, config.eval_seed)
+    summary = summarize(results, config, runs, control)
     layout.report.mkdir(exist_ok=True)
     write_json(layout.report_results, summary)
     write_text(layout.report_file, report_markdown(summary))

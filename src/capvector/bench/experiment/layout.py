@@ -11,13 +11,14 @@
       downstream/<method>/seed<k>/      the methods' training runs
       ablations/<name>/                 alpha<a>, lambda<l>, long_<method>
       evaluate/results.json             "<checkpoint>@<variant>" -> {"tasks": {task: counts}}
-      report/                           report.md, results.json and the plots
+      report/                           report.md, results.json, the plots and the side-by-side GIF
 
     <out>/<regime>/                     a `capvector headroom` run folder (HeadroomLayout)
       config.json                       the config and its key
       demos/                            the demonstrations of the regime's tasks
       train/<arm>/seed<k>/              training runs (sft, oracle, control_w<weight>)
       evaluate/results.json             "<arm>/seed<k>/step<n>[/decoy]" -> {task: success rate}
+      evaluate/validation_placements<p>.json   the same for the control's candidate weights, on validation placements
       report/                           report.md and results.json
 
 A training run folder is the engine's (capvector.training.engine): policy/, checkpoints/step_N/policy/,
@@ -36,7 +37,13 @@ STAGE_FILE = "stage.json"
 WALL_FILE = "wall.json"
 REPORT_FILE = "report.md"
 RESULTS_FILE = "results.json"
-PLOTS = {"success": "success_vs_steps.png", "step_time": "step_time.png", "gamma": "gamma_layers.png"}
+PLOTS = {
+    "success": "success_vs_steps.png",
+    "training": "training_vs_steps.png",
+    "side_by_side": "side_by_side.gif",
+    "step_time": "step_time.png",
+    "gamma": "gamma_layers.png",
+}
 
 
 def trained_policy(training_dir: Path) -> Path:
@@ -115,3 +122,7 @@ class HeadroomLayout:
 
     def training(self, name: str, seed: int) -> Path:
         return self.root / "train" / name / f"seed{seed}"
+
+    def validation(self, placements: int) -> Path:
+        """The evaluations on the validation placements of seed `placements` (choosing the control's weight)."""
+        return self.root / "evaluate" / f"validation_placements{placements}.json"

@@ -222,6 +222,11 @@ class DownstreamRun:
         """Checkpoints at every evaluated step, or halfway (a killed run resumes from there)."""
         return math.gcd(*self.evaluated) if len(self.evaluated) > 1 else max(1, self.steps // 2)
 
+    @property
+    def checkpoints(self) -> tuple[int, ...]:
+        """Every step the run saves a checkpoint at (the evaluated ones among them)."""
+        return tuple(range(self.checkpoint_every, self.steps + 1, self.checkpoint_every))
+
 
 def alpha_ablation(alpha: float) -> str:
     return f"alpha{alpha:g}"
@@ -302,14 +307,19 @@ def evaluation_key(name: str, variant: str) -> str:
     return f"{name}@{variant}"
 
 
-def evaluated_checkpoints(config: ReproduceConfig, layout: RunLayout) -> dict[str, tuple[str, str | None]]:
-    """name -> (policy folder, the base its LoRA adapter applies to, or None) of every evaluated checkpoint."""
+def checkpoint_at(layout: RunLayout, run: DownstreamRun, steps: int) -> tuple[str, str | None]:
+    """(policy folder, the base its LoRA adapter applies to, or None) of a run after `steps`; 0: its start point."""
+    if steps == 0:
+        return str(start_point(layout, run)), None
     # the base comes from this run's folder, not the adapter's record: a moved run folder still evaluates
+    base = str(start_point(layout, run)) if METHODS[run.method].finetune == "lora" else None
+    return str(checkpoint_folder(run.folder, steps)), base
+
+
+def evaluated_checkpoints(config: ReproduceConfig, layout: RunLayout) -> dict[str, tuple[str, str | None]]:
+    """name -> checkpoint_at(...) of every evaluated checkpoint."""
     return {
-        evaluation_name(layout, run.folder, steps): (
-            str(checkpoint_folder(run.folder, steps)),
-            str(start_point(layout, run)) if METHODS[run.method].finetune == "lora" else None,
-        )
+        evaluation_name(layout, run.folder, steps): checkpoint_at(layout, run, steps)
         for run in downstream_runs(config, layout) + ablation_runs(config, layout)
         for steps in run.evaluated
     }

@@ -13,13 +13,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from capvector.bench.env.camera import VARIANTS
 from capvector.bench.experiment.layout import PLOTS, RESULTS_FILE, RunLayout, metrics_file, wall_file
 from capvector.bench.experiment.protocol import (
     LONG_METHODS,
     METHODS,
+    DownstreamRun,
     ReproduceConfig,
     alpha_ablation,
+    checkpoint_at,
+    downstream_runs,
     evaluated_checkpoints,
     evaluation_key,
     evaluation_name,
@@ -29,7 +34,7 @@ from capvector.bench.experiment.protocol import (
     run_name,
     split_tasks,
 )
-from capvector.bench.statistics import wilson_interval
+from capvector.bench.statistics import bootstrap_mean, wilson_interval
 from capvector.files import write_json, write_text
 from capvector.params.checkpoints import open_checkpoint
 from capvector.params.inspection import InspectReport, inspect
@@ -71,6 +76,11 @@ class Evaluations:
     def pooled(self, folders: list[Path], steps: int, variant: str, task: str | None = None) -> dict:
         return pooled([self.record(folder, steps, variant, task) for folder in folders])
 
+    def cells(self, folders: list[Path], steps: int, variant: str, tasks: list[str]) -> np.ndarray:
+        """(seeds, tasks) success rates: one row per training run (seed), one column per task."""
+        rows = [self.record(folder, steps, variant)["tasks"] for folder in folders]
+        return np.array([[row[t]["successes"] / row[t]["episodes"] for t in tasks] for row in rows])
+
     def variants(self, folder: Path, steps: int) -> dict[str, dict]:
         """One run's checkpoint in every variant."""
         return {v: self.pooled([folder], steps, v) for v in VARIANTS}
@@ -91,9 +101,60 @@ def along_gamma(checkpoint: str | Path, pretrained: Path, gamma: CapabilityVecto
     }
 
 
+def band(cells: np.ndarray) -> dict[str, float]:
+    """Mean success over (seeds, tasks) and its 95% interval from a bootstrap over seeds (no width with one seed)."""
+    mean, low, high = bootstrap_mean(cells)
+    return {"mean": mean, "low": low, "high": high}
+
+
+def metrics_lines(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in metrics_file(folder).read_text().splitlines() if line.strip()]
+
+
+def metric_curve(folders: list[Path], key: str, scale: float = 1.0) -> dict | None:
+    """A metrics.jsonl value against steps, `scale` times its mean over the runs (seeds) at the steps they all
+    logged; None when the runs do not log it."""
+    runs = [{line["step"]: line[key] for line in metrics_lines(folder) if key in line} for folder in folders]
+    steps = sorted(set.intersection(*(set(run) for run in runs)))
+    if not steps:
+        return None
+    return {"steps": steps, "mean": [scale * statistics.mean(run[step] for run in runs) for step in steps]}
+
+
+def retention_curve(layout: RunLayout, runs: list[DownstreamRun], gamma: CapabilityVector) -> dict:
+    """along_gamma's retention at the start point and every checkpoint of each run (seed), and its mean."""
+    steps = [0, *runs[0].checkpoints]
+
+    def retention(run: DownstreamRun, step: int) -> float:
+        path, base = checkpoint_at(layout, run, step)
+        return along_gamma(path, layout.pretrained, gamma, base)["retention"]
+
+    per_seed = [[retention(run, step) for step in steps] for run in runs]
+    return {"steps": steps, "mean": np.mean(per_seed, axis=0).tolist(), "per_seed": per_seed}
+
+
+def training_curves(config: ReproduceConfig, layout: RunLayout) -> dict[str, dict]:
+    """Per method, against training steps (means over seeds): the action loss (the term every method trains on),
+    L_orth (as logged, divided by lambda; methods with the regularizer only) and the retention of gamma."""
+    runs = {m: [r for r in downstream_runs(config, layout) if r.method == m] for m in config.methods}
+    unweighted = 1 / config.orth_lambda if config.orth_lambda else 0.0  # with lambda 0 nothing logs L_orth
+    gamma = open_vector(layout.gamma)
+    try:
+        return {
+            m: {
+                "action_loss": metric_curve([r.folder for r in rs], "loss/action"),
+                "orth": metric_curve([r.folder for r in rs], "loss/orth", unweighted),
+                "retention": retention_curve(layout, rs, gamma),
+            }
+            for m, rs in runs.items()
+        }
+    finally:
+        gamma.close()
+
+
 def run_timing(folder: Path) -> dict:
     """ms per training step (median over logged intervals, the first dropped as warm-up), wall seconds, parts."""
-    lines = [json.loads(line) for line in metrics_file(folder).read_text().splitlines() if line.strip()]
+    lines = metrics_lines(folder)
     steady = lines[1:] or lines
     parts = sorted({k for line in steady for k in line if k.startswith("time/")})
     return {
@@ -119,11 +180,15 @@ def median_timing(runs: list[dict]) -> dict:
 
 
 def success_results(config: ReproduceConfig, layout: RunLayout, evaluations: Evaluations) -> dict[str, Any]:
-    """Pooled success per method, variant and budget; per task at the largest budget; steps to the threshold."""
+    """Pooled success per method, variant and budget (with Wilson intervals over episodes, and a band from a
+    bootstrap over seeds); per task at the largest budget; steps to the threshold."""
     budgets, last = config.budgets, config.budgets[-1]
     runs = {m: [layout.downstream(m, s) for s in config.seeds] for m in config.methods}
     success = {m: {v: {str(b): evaluations.pooled(runs[m], b, v) for b in budgets} for v in VARIANTS} for m in runs}
     tasks = split_tasks(config)["downstream"]
+    bands = {
+        m: {v: {str(b): band(evaluations.cells(runs[m], b, v, tasks)) for b in budgets} for v in VARIANTS} for m in runs
+    }
     per_task = {m: {v: {t: evaluations.pooled(runs[m], last, v, t) for t in tasks} for v in VARIANTS} for m in runs}
     threshold = {
         m: {
@@ -132,7 +197,12 @@ def success_results(config: ReproduceConfig, layout: RunLayout, evaluations: Eva
         }
         for m in runs
     }
-    return {"success": success, "success_per_task": per_task, "steps_to_threshold": threshold}
+    return {
+        "success": success,
+        "success_band": bands,
+        "success_per_task": per_task,
+        "steps_to_threshold": threshold,
+    }
 
 
 def timing_results(config: ReproduceConfig, layout: RunLayout) -> dict[str, dict]:
@@ -195,9 +265,14 @@ def gamma_results(config: ReproduceConfig, layout: RunLayout, evaluations: Evalu
 
 
 def build_results(
-    config: ReproduceConfig, layout: RunLayout, vector: InspectReport, stage_seconds: Mapping[str, float | None]
+    config: ReproduceConfig,
+    layout: RunLayout,
+    vector: InspectReport,
+    stage_seconds: Mapping[str, float | None],
+    episode: Mapping[str, Any],
 ) -> dict:
-    """Every number of the run, from its stage folders, as one JSON-able dictionary."""
+    """Every number of the run, from its stage folders, as one JSON-able dictionary; `episode`: what the
+    side-by-side GIF shows (reproduce's side_by_side_episode)."""
     evaluations, inspected = Evaluations(layout), vector.to_dict()
     total = inspected["total"]
     return {
@@ -215,6 +290,8 @@ def build_results(
             "layers": inspected["layers"],
         },
         **gamma_results(config, layout, evaluations),
+        "curves": training_curves(config, layout),
+        "side_by_side": dict(episode),
         "stage_seconds": dict(stage_seconds),
     }
 
@@ -340,6 +417,31 @@ def findings(results: Mapping) -> list[str]:
     return out
 
 
+def pictures(results: Mapping) -> list[str]:
+    """The plots and the side-by-side GIF, each under a line that says what it shows."""
+    seeds, episode = len(results["config"]["seeds"]), results["side_by_side"]
+    outcomes = "; ".join(o["label"] for o in episode["methods"].values())
+    return [
+        f"Success rate against training steps: mean over seeds and tasks, the band a 95% bootstrap interval over the "
+        f"{seeds} seed{'s' if seeds > 1 else ''}" + (" (one seed: no band)" if seeds == 1 else "") + ".",
+        "",
+        f"![success against steps]({PLOTS['success']})",
+        "",
+        "Training, means over seeds: the action loss (every method's task term), L_orth as the regularizer "
+        "computes it (without lambda; with LoRA its O-LoRA form), and gamma retained, "
+        "<theta - theta_pt, gamma> / |gamma|^2 at every checkpoint (alpha right after the merge).",
+        "",
+        f"![training against steps]({PLOTS['training']})",
+        "",
+        f"Every method's seed-{episode['seed']} policy after {episode['steps']} steps on the same placement "
+        f"({episode['task']}, placement seed {episode['placement_seed']}, in-domain: the first evaluation episode "
+        f"of the tables), in real time; a finished episode holds its last frame: {outcomes}.",
+        "",
+        f"![methods side by side]({PLOTS['side_by_side']})",
+        "",
+    ]
+
+
 def markdown(results: Mapping) -> str:
     config, success = results["config"], results["success"]
     budgets = [str(b) for b in config["budgets"]]
@@ -355,6 +457,7 @@ def markdown(results: Mapping) -> str:
         f"{config['eval_episodes']} evaluation episodes per task, checkpoint and seed on placements disjoint from "
         f"every demonstration; alpha = {config['alpha']:g}, lambda = {config['orth_lambda']:g}.",
         "",
+        *pictures(results),
     ]
     for variant, label in variants:
         lines += [
@@ -469,30 +572,56 @@ def markdown(results: Mapping) -> str:
 # ---- plots and files ------------------------------------------------------------------------------------------------
 
 
-def plot_success(results: Mapping, path: Path) -> None:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_success(results: Mapping, path: Path) -> None:
+    """Success against steps per method: the mean over seeds and tasks, its seed-bootstrap interval as a band."""
+    plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     budgets = results["config"]["budgets"]
     for ax, (variant, title) in zip(axes, (("default", "in-domain"), ("new_env", "new environment"))):
         for i, (method, label) in enumerate(results["methods"].items()):
-            cells = [results["success"][method][variant][str(b)] for b in budgets]
-            rates = [c["rate"] for c in cells]
-            shift = 0.012 * budgets[-1] * (i - (len(results["methods"]) - 1) / 2)  # keep the error bars apart
-            ax.errorbar(
-                [b + shift for b in budgets],
-                rates,
-                yerr=[[r - c["low"] for r, c in zip(rates, cells)], [c["high"] - r for r, c in zip(rates, cells)]],
-                marker="o",
-                capsize=3,
-                label=label,
-            )
+            cells = [results["success_band"][method][variant][str(b)] for b in budgets]
+            ax.plot(budgets, [c["mean"] for c in cells], marker="o", color=f"C{i}", label=label)
+            ax.fill_between(budgets, [c["low"] for c in cells], [c["high"] for c in cells], color=f"C{i}", alpha=0.15)
         ax.set_title(title)
         ax.set_xlabel("training steps")
-    axes[0].set_ylabel("success rate (95% Wilson)")
+        ax.set_ylim(-0.02, 1.02)
+    axes[0].set_ylabel("success rate (band: 95% bootstrap over seeds)")
+    axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_training(results: Mapping, path: Path) -> None:
+    """Action loss, L_orth and gamma retained against steps, one line per method (means over seeds)."""
+    plt = pyplot()
+    figure, axes = plt.subplots(1, 3, figsize=(14, 4))
+    titles = ("action loss (L1)", "L_orth (without lambda)", "gamma retained")
+    for ax, key, title in zip(axes, ("action_loss", "orth", "retention"), titles):
+        for i, (method, label) in enumerate(results["methods"].items()):
+            curve = results["curves"][method][key]
+            if curve is not None:
+                ax.plot(
+                    curve["steps"],
+                    curve["mean"],
+                    marker="." if key == "retention" else None,
+                    color=f"C{i}",
+                    label=label,
+                )
+        ax.set_title(title)
+        ax.set_xlabel("training steps")
+    axes[0].set_yscale("log")
+    axes[2].axhline(results["config"]["alpha"], color="grey", linestyle=":", linewidth=1)  # right after the merge
+    axes[2].set_ylabel("<theta - theta_pt, gamma> / |gamma|^2")
     axes[0].legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -500,11 +629,7 @@ def plot_success(results: Mapping, path: Path) -> None:
 
 
 def plot_step_time(results: Mapping, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = list(results["methods"])
     figure, ax = plt.subplots(figsize=(7, 3.5))
     ax.bar(range(len(names)), [results["timing"][n]["step_ms"] for n in names])
@@ -515,13 +640,20 @@ def plot_step_time(results: Mapping, path: Path) -> None:
     plt.close(figure)
 
 
-def write_report(config: ReproduceConfig, layout: RunLayout, stage_seconds: Mapping[str, float | None]) -> Path:
-    """results.json, report.md and the plots into the run's report folder; returns report.md's path."""
+def write_report(
+    config: ReproduceConfig,
+    layout: RunLayout,
+    stage_seconds: Mapping[str, float | None],
+    episode: Mapping[str, Any],
+) -> Path:
+    """results.json, report.md and the plots into the run's report folder (where `episode`'s GIF already is);
+    returns report.md's path."""
     layout.report.mkdir(parents=True, exist_ok=True)
     vector = inspect(layout.gamma, against=layout.tau, base=layout.pretrained)
-    results = build_results(config, layout, vector, stage_seconds)
+    results = build_results(config, layout, vector, stage_seconds, episode)
     write_json(layout.report_results, results)
     plot_success(results, layout.plot("success"))
+    plot_training(results, layout.plot("training"))
     plot_step_time(results, layout.plot("step_time"))
     vector.plot(layout.plot("gamma"))
     write_text(layout.report_file, markdown(results))

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
-import math
 import os
 import shutil
 import time
@@ -46,6 +44,7 @@ from capvector.bench.experiment.protocol import (
     downstream_runs,
     evaluated_checkpoints,
     evaluation_key,
+    evaluation_name,
     preset_config,
     run_name,
     split_tasks,
@@ -270,24 +269,6 @@ def plan_evaluate(run: Run) -> Plan:
     }
 
 
-def evaluation_jobs(plan: Plan, results: dict[str, Any], workers: int) -> list[tuple[str, str, list[str]]]:
-    """(task, variant, checkpoint names) not evaluated yet: one simulator per job, not per checkpoint, and
-    enough jobs for two rounds of the workers (results are saved after each)."""
-    todo = [
-        (task, variant, name)
-        for variant in plan["variants"]
-        for task in plan["tasks"]
-        for name in plan["checkpoints"]
-        if task not in results.get(evaluation_key(name, variant), {}).get("tasks", {})
-    ]
-    per_job = max(1, math.ceil(len(todo) / (2 * workers)))
-    jobs = []
-    for (task, variant), items in itertools.groupby(todo, key=lambda item: item[:2]):
-        names = [name for _, _, name in items]
-        jobs += [(task, variant, names[j : j + per_job]) for j in range(0, len(names), per_job)]
-    return jobs
-
-
 def trained_loader(path: str, base: str | None) -> functools.partial[Policy]:
     """A picklable factory of the policy in `path` (a LoRA adapter folder is applied to `base`)."""
     return functools.partial(recipe.load_trained, path, base=base)
@@ -295,35 +276,64 @@ def trained_loader(path: str, base: str | None) -> functools.partial[Policy]:
 
 def do_evaluate(run: Run, plan: Plan) -> dict[str, Any]:
     """Every checkpoint on the same placements of every task, in both variants, through the evaluation harness
-    (capvector.bench.env.evaluation); saved as it goes (a killed stage keeps what it evaluated)."""
-    from capvector.bench.env.evaluation import evaluate_shard, task_result
-    from capvector.bench.env.sim import parallel_map
+    (capvector.bench.env.evaluation.evaluate_many); saved as it goes (a killed stage keeps what it evaluated)."""
+    from capvector.bench.env.evaluation import evaluate_many, task_result
 
     path = run.layout.evaluations
     results = read_json(path) or {}
-    jobs = evaluation_jobs(plan, results, run.workers)
-    done, total, started = 0, sum(len(names) for _, _, names in jobs), time.perf_counter()
-    for i in range(0, len(jobs), run.workers):
-        batch = jobs[i : i + run.workers]
-        shards = [
-            (
-                [trained_loader(*plan["checkpoints"][name]) for name in names],
-                task,
-                list(range(plan["episodes"])),
-                plan["seed"],
-                run.config.image_size,
-                variant,
-            )
-            for task, variant, names in batch
-        ]
-        for (task, variant, names), per_policy in zip(batch, parallel_map(evaluate_shard, shards, run.workers)):
-            for name, rows in zip(names, per_policy):
-                result = dataclasses.asdict(task_result(task, rows))
-                results.setdefault(evaluation_key(name, variant), {"tasks": {}})["tasks"][task] = result
-                done += 1
-        write_json(path, results)
-        print(f"  evaluated {done}/{total} (checkpoint, task, variant) in {time.perf_counter() - started:.0f} s")
+    todo: dict[tuple[str, tuple[str, ...]], list[str]] = {}  # (variant, tasks not evaluated yet) -> checkpoints
+    for variant in plan["variants"]:
+        for name in plan["checkpoints"]:
+            done = results.get(evaluation_key(name, variant), {}).get("tasks", {})
+            missing = tuple(task for task in plan["tasks"] if task not in done)
+            if missing:
+                todo.setdefault((variant, missing), []).append(name)
+    finished, total = 0, sum(len(tasks) * len(names) for (_, tasks), names in todo.items())
+    started = last_print = time.perf_counter()
+    for (variant, tasks), names in todo.items():
+        factories = [trained_loader(*plan["checkpoints"][name]) for name in names]
+        outcomes = evaluate_many(
+            factories, list(tasks), plan["episodes"], plan["seed"], run.workers, variant, run.config.image_size
+        )
+        for i, task, rows in outcomes:
+            result = dataclasses.asdict(task_result(task, rows))
+            results.setdefault(evaluation_key(names[i], variant), {"tasks": {}})["tasks"][task] = result
+            write_json(path, results)
+            finished += 1
+            if finished == total or time.perf_counter() - last_print > 30:
+                last_print = time.perf_counter()
+                print(f"  evaluated {finished}/{total} (checkpoint, task, variant) in {last_print - started:.0f} s")
     return {"evaluations": len(results)}
+
+
+def side_by_side_episode(run: Run) -> dict[str, Any]:
+    """Every method's first-seed policy at the largest budget on the first evaluation placement of the first
+    held-out task, in-domain (the tables' first episode of that cell), recorded into one GIF, methods left to
+    right; returns what it shows."""
+    from capvector.bench.env.evaluation import evaluate_many, save_gif, side_by_side
+
+    c, layout = run.config, run.layout
+    seed, steps, task = c.seeds[0], c.budgets[-1], split_tasks(c)["downstream"][0]
+    checkpoints = evaluated_checkpoints(c, layout)
+    names = [evaluation_name(layout, layout.downstream(m, seed), steps) for m in c.methods]
+    factories = [trained_loader(*checkpoints[name]) for name in names]
+    episodes = {
+        i: rows[0]
+        for i, _, rows in evaluate_many(
+            factories, [task], 1, c.eval_seed, run.workers, image_size=c.image_size, gif_episodes=1
+        )
+    }
+    outcomes = {}
+    for i, method in enumerate(c.methods):
+        _, _, placement_seed, success, length, _ = episodes[i]
+        label = f"{METHODS[method].label.split(' ')[0]} {method}: " + (
+            f"success in {length} steps" if success else "fail"
+        )
+        outcomes[method] = {"success": bool(success), "steps": length, "label": label}
+    frames = side_by_side([episodes[i][5] for i in range(len(c.methods))], [o["label"] for o in outcomes.values()])
+    layout.report.mkdir(parents=True, exist_ok=True)
+    save_gif(layout.plot("side_by_side"), frames)
+    return {"task": task, "placement_seed": placement_seed, "seed": seed, "steps": steps, "methods": outcomes}
 
 
 def plan_report(run: Run) -> Plan:
@@ -332,7 +342,7 @@ def plan_report(run: Run) -> Plan:
 
 def do_report(run: Run, plan: Plan) -> dict[str, Any]:
     seconds = pipeline(run.layout).seconds()
-    return {"report": str(write_report(run.config, run.layout, seconds))}
+    return {"report": str(write_report(run.config, run.layout, seconds, side_by_side_episode(run)))}
 
 
 STAGES: dict[str, Stage[Run]] = {

@@ -32,6 +32,10 @@ class PolicyConfig:
     patch_grid: int = 4
     stem_channels: tuple[int, ...] = (16, 32, 64)
     vision_layers: int = 1
+    # Training images are shifted at random by up to this many pixels (DrQ; capvector.bench.augmentation) in
+    # forward, never at evaluation. It lives here so that every finetune of a policy augments as its pretraining
+    # did, whatever the method; the teacher alignment objective reads the shifted images. 0: off.
+    augment_shift: int = 0
     # Instruction: words are hashed into a fixed table, so any instruction (also a held-out task's) has
     # tokens and the table's shape never depends on the task set; capability vectors need equal shapes.
     text_buckets: int = 4096  # no collisions among the benchmark's 47 words
@@ -63,6 +67,10 @@ class PolicyConfig:
             raise CapvectorError(
                 f"policy config: {len(self.stem_channels)} stride-2 stem convolutions shrink a {self.image_size}px "
                 f"image below patch_grid {self.patch_grid}; use fewer stem_channels or a smaller patch_grid"
+            )
+        if not 0 <= self.augment_shift < self.image_size // 2:
+            raise CapvectorError(
+                f"policy config: augment_shift {self.augment_shift} must be in [0, {self.image_size // 2}) pixels"
             )
         if self.dim % self.heads:
             raise CapvectorError(f"policy config: dim {self.dim} is not divisible by heads {self.heads}")

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from capvector.bench.augmentation import random_shift
 from capvector.bench.env.features import ACTION_KEY, PRIVILEGED_KEY, STATE_KEY
 from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.errors import CapvectorError
@@ -188,12 +189,12 @@ class Policy(nn.Module):
         ids = [tokenize(text, self.config.text_buckets, self.config.max_words) for text in instructions]
         return torch.tensor(ids, dtype=torch.long, device=self.device)
 
-    def predict_normalized(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        """The action chunk in normalized units, (B, chunk_size, action_dim)."""
+    def predict_normalized(self, batch: Mapping[str, Any], images: torch.Tensor | None = None) -> torch.Tensor:
+        """The action chunk in normalized units, (B, chunk_size, action_dim); `images` replace the batch's."""
         state = torch.as_tensor(batch[STATE_KEY], device=self.device, dtype=torch.float32)
         parts = [
             self.text(self._instruction_ids(batch["instruction"])),
-            self.vision(self._images(batch)),
+            self.vision(self._images(batch) if images is None else images),
             self.state(normalize(state, self.state_q01, self.state_q99)).unsqueeze(1),
         ]
         if self.privileged is not None:
@@ -208,7 +209,11 @@ class Policy(nn.Module):
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         target = normalize(batch[ACTION_KEY].to(self.device), self.action_q01, self.action_q99)
-        return {"action": masked_l1(self.predict_normalized(batch), target, batch["action_is_pad"].to(self.device))}
+        images = self._images(batch)
+        if self.training and self.config.augment_shift:
+            images = random_shift(images, self.config.augment_shift)
+        prediction = self.predict_normalized(batch, images)
+        return {"action": masked_l1(prediction, target, batch["action_is_pad"].to(self.device))}
 
     def reset(self) -> None:
         """Nothing to clear: the policy is stateless between chunks."""

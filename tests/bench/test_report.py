@@ -1,0 +1,54 @@
+"""The report's numbers that are not read straight from a file: the success band over seeds and the metric curves."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from capvector.bench.experiment.layout import RunLayout
+from capvector.bench.experiment.report import Evaluations, band, metric_curve, plot_success
+from capvector.bench.statistics import bootstrap_mean
+
+TASKS = ["door-lock-v3", "faucet-close-v3"]
+SUCCESSES = [[3, 5], [1, 2], [4, 4]]  # (seeds, tasks) of 5 episodes each
+
+
+def test_the_band_is_the_seed_bootstrap_of_the_per_seed_and_task_success_rates(tmp_path):
+    layout = RunLayout(tmp_path)
+    layout.evaluations.parent.mkdir(parents=True)
+    records = {
+        f"downstream/sft/seed{seed}/step10@default": {
+            "tasks": {task: {"successes": wins, "episodes": 5} for task, wins in zip(TASKS, row)}
+        }
+        for seed, row in enumerate(SUCCESSES)
+    }
+    layout.evaluations.write_text(json.dumps(records))
+    folders = [layout.downstream("sft", seed) for seed in range(3)]
+    cells = Evaluations(layout).cells(folders, 10, "default", TASKS)
+    assert np.array_equal(cells, np.array(SUCCESSES) / 5)
+    numbers = band(cells)
+    assert (numbers["mean"], numbers["low"], numbers["high"]) == bootstrap_mean(np.array(SUCCESSES) / 5)
+    assert numbers["low"] < numbers["mean"] < numbers["high"]  # three seeds that disagree: a band of some width
+    assert numbers["mean"] == pytest.approx(
+        Evaluations(layout).pooled(folders, 10, "default")["rate"]
+    )  # equal episodes per cell
+
+    results = {
+        "config": {"budgets": [10, 20]},
+        "methods": {"sft": "(a) SFT from theta_pt"},
+        "success_band": {"sft": {v: {"10": numbers, "20": numbers} for v in ("default", "new_env")}},
+    }
+    plot_success(results, tmp_path / "success.png")
+    assert Image.open(tmp_path / "success.png").format == "PNG"
+
+
+def test_metric_curves_average_over_seeds_at_the_steps_all_of_them_logged(tmp_path):
+    for seed, values in enumerate(([1.0, 2.0, 3.0], [3.0, 4.0])):
+        folder = tmp_path / f"seed{seed}"
+        folder.mkdir()
+        lines = [{"step": 10 * (i + 1), "loss/orth": v} for i, v in enumerate(values)]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    folders = [tmp_path / "seed0", tmp_path / "seed1"]
+    assert metric_curve(folders, "loss/orth", scale=0.5) == {"steps": [10, 20], "mean": [1.0, 1.5]}
+    assert metric_curve(folders, "loss/action") is None
