@@ -320,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("tasks", "List the embedded benchmark's Meta-World tasks, splits and instructions.", _command_tasks)
     p.add_argument("--split", help="a split (pretrain, extract, downstream) or comma-separated task names")
 
-    p = command("demos", "Record scripted-expert demonstrations into a LeRobot-layout dataset.", _command_demos)
+    p = command("demos", "Record scripted-expert demonstrations into a LeRobot v3.0 dataset.", _command_demos)
     p.add_argument("-o", "--output", required=True, help="new dataset folder")
     p.add_argument("--tasks", default="pretrain", help="split or comma-separated task names (default: pretrain)")
     p.add_argument("--episodes", type=int, default=50, help="successful episodes per task (default: 50)")

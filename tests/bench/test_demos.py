@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from capvector.bench.env.dataset import DemoDataset, episode_path
+from capvector.bench.env.dataset import DemoDataset
 from capvector.bench.env.demos import generate_demonstrations
 from capvector.bench.env.sim import SimEnv
 from capvector.errors import CapvectorError
@@ -23,7 +23,8 @@ def dataset_dir(tmp_path_factory):
 def test_samples_follow_the_contract(dataset_dir):
     ds = DemoDataset(dataset_dir, chunk_size=8)
     assert len(ds.episodes) == 4 and len(ds) == sum(e["length"] for e in ds.episodes)
-    assert sorted(ds.task_names.values()) == sorted(TASKS)
+    assert [e["name"] for e in ds.episodes] == [t for t in TASKS for _ in range(2)]
+    assert sorted(ds.tasks) == [0, 1] and ds.generation is not None and ds.image_size == 64
     assert ds.camera_fovy["wrist"] == 90.0 and 10 < ds.camera_fovy["scene"] < 90
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=5)))
     assert (
@@ -37,7 +38,7 @@ def test_samples_follow_the_contract(dataset_dir):
     assert batch["observation.state"].shape == (5, 4) and batch["action"].shape == (5, 8, 4)
     assert batch["task_index"].dtype == torch.int64 and isinstance(batch["instruction"][0], str)
     for key in ("observation.state", "action", "observation.images.scene", "observation.depth.scene"):
-        assert set(ds.stats[key]) == {"min", "max", "mean", "std", "q01", "q99"}
+        assert set(ds.stats[key]) == {"min", "max", "mean", "std", "count", "q01", "q10", "q50", "q90", "q99"}
     assert (ds.action >= -1).all() and (ds.action <= 1).all()
 
 
@@ -66,17 +67,17 @@ def test_bad_dataset_folders_are_explained(dataset_dir, tmp_path):
     with pytest.raises(CapvectorError, match="does not exist"):
         DemoDataset(tmp_path / "nothing")
     broken = shutil.copytree(dataset_dir, tmp_path / "broken")
-    (broken / episode_path(1)).unlink()
-    with pytest.raises(CapvectorError, match="incomplete"):
+    (broken / "data" / "chunk-000" / "file-000.parquet").unlink()
+    with pytest.raises(CapvectorError, match="incomplete: 1 data files missing"):
         DemoDataset(broken)
     (broken / "meta" / "stats.json").unlink()
     with pytest.raises(CapvectorError, match="stats.json"):
         DemoDataset(broken)
     old = shutil.copytree(dataset_dir, tmp_path / "old")
     info = json.loads((old / "meta" / "info.json").read_text())
-    info["codebase_version"] = "v2.0"
+    info["codebase_version"] = "v2.1"
     (old / "meta" / "info.json").write_text(json.dumps(info))
-    with pytest.raises(CapvectorError, match="regenerate"):
+    with pytest.raises(CapvectorError, match="format v2.1, this version reads v3.0.*capvector demos"):
         DemoDataset(old)
     with pytest.raises(CapvectorError, match="already exists"):
         generate_demonstrations(dataset_dir, TASKS, episodes_per_task=1)

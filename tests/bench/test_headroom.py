@@ -102,7 +102,7 @@ def test_headroom_miniature_runs_every_stage_and_reuses_them(tmp_path, capsys):
         and f"Weight {control['weight']:g}, chosen on validation" in (report / "report.md").read_text()
     )
     dataset = DemoDataset(tmp_path / "test" / "demos", depth=False)
-    assert dataset.privileged is not None and dataset.info["capvector"]["placement"] == "wide"
+    assert dataset.privileged is not None and dataset.generation["placement"] == "wide"
     assert np.allclose(dataset.privileged[0, :3], dataset.privileged[1, :3], atol=0.02)  # the box does not move
     capsys.readouterr()
     headroom("test", out_dir=tmp_path)  # everything cached: no training, no evaluation

@@ -4,6 +4,8 @@ import json
 import shutil
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -211,13 +213,18 @@ def test_pretraining_is_a_cached_stage_that_records_its_errors_and_probe(demos, 
         pretrain_teacher(TeacherPretraining(**{**config.__dict__, "steps": 4}), out)
 
 
-def edited_copy(demos, tmp_path, edit_info=None, edit_episodes=None):
+def edited_copy(demos, tmp_path, edit_info=None, edit_seeds=None):
+    """A copy of `demos` with meta/info.json's text edited, and the episodes' placement seeds."""
     copy = tmp_path / "edited"
     shutil.copytree(demos, copy)
-    for name, edit in (("info.json", edit_info), ("episodes.jsonl", edit_episodes)):
-        if edit is not None:
-            path = copy / "meta" / name
-            path.write_text(edit(path.read_text()))
+    if edit_info is not None:
+        path = copy / "meta" / "info.json"
+        path.write_text(edit_info(path.read_text()))
+    if edit_seeds is not None:
+        path = copy / "meta" / "episodes" / "chunk-000" / "file-000.parquet"
+        table = pq.read_table(path)
+        seeds = pa.array(edit_seeds(table.column("placement_seed").to_pylist()), pa.int64())
+        pq.write_table(table.set_column(table.schema.get_field_index("placement_seed"), "placement_seed", seeds), path)
     return copy
 
 
@@ -233,7 +240,7 @@ def test_a_dataset_without_depth_or_positions_or_with_evaluation_placements_is_r
     evaluated = edited_copy(
         demos,
         tmp_path / "b",
-        edit_episodes=lambda text: text.replace('"placement_seed": 0', '"placement_seed": 1000000000'),
+        edit_seeds=lambda seeds: [1_000_000_000, *seeds[1:]],
     )
     with pytest.raises(CapvectorError, match="holds evaluation placements"):
         check_dataset(evaluated, TeacherConfig(**TINY))

@@ -29,7 +29,7 @@ from typing import Any
 
 from torch import nn
 
-from capvector.bench.env.dataset import DemoDataset, read_meta
+from capvector.bench.env.dataset import CAPVECTOR_META, DemoDataset, capvector_meta, image_size, open_meta
 from capvector.bench.env.evaluation import evaluate
 from capvector.bench.env.sim import MAX_EPISODE_STEPS
 from capvector.bench.objectives.alignment import TeacherAlignment
@@ -39,12 +39,6 @@ from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.bench.policy.modeling_policy import CONFIG_NAME, TOKENIZER_NAME, Policy, check_tokenizer
 from capvector.errors import CapvectorError
 from capvector.params.checkpoints import ADAPTER_CONFIG, open_checkpoint
-
-
-def dataset_info(root: str | Path) -> tuple[dict, dict]:
-    """The dataset folder's meta/info.json and meta/stats.json (checked by capvector.bench.env.dataset)."""
-    info, _, _, stats = read_meta(Path(root))
-    return info, stats
 
 
 def policy(init_from: str | None, dataset: str | None = None, **config: object) -> Policy:
@@ -62,9 +56,9 @@ def policy(init_from: str | None, dataset: str | None = None, **config: object) 
             "a new benchmark policy needs policy_args.dataset: the demonstration folder whose "
             "meta/stats.json gives its normalization"
         )
-    info, stats = dataset_info(dataset)
-    config.setdefault("image_size", info["capvector"]["image_size"])
-    return Policy(PolicyConfig.from_dataset_stats(stats, **config))
+    meta = open_meta(dataset)
+    config.setdefault("image_size", image_size(meta))
+    return Policy(PolicyConfig.from_dataset_stats(meta.stats, **config))
 
 
 def dataset(root: str, chunk_size: int = 8, depth: bool = True) -> DemoDataset:
@@ -72,10 +66,17 @@ def dataset(root: str, chunk_size: int = 8, depth: bool = True) -> DemoDataset:
     return DemoDataset(root, chunk_size=chunk_size, depth=depth)
 
 
-def spatial(dataset: str, **args: Any) -> SpatialObjective:
-    """The Spatial Forcing analog with the cameras' fields of view read from `dataset`'s meta/info.json."""
-    info, _ = dataset_info(dataset)
-    fovy = {camera: facts["fovy"] for camera, facts in info["capvector"]["cameras"].items()}
+def spatial(dataset: str, fovy: dict[str, float] | None = None, **args: Any) -> SpatialObjective:
+    """The Spatial Forcing analog; the cameras' vertical fields of view (degrees) are `fovy`, or read from
+    `dataset`'s capvector block (written by `capvector demos`)."""
+    if fovy is None:
+        block = capvector_meta(dataset)
+        if block is None:
+            raise CapvectorError(
+                f"the spatial objective needs the cameras' fields of view: {dataset} has no {CAPVECTOR_META} "
+                "(another tool wrote it); pass auxiliary_args.fovy, e.g. {scene: 40.0, wrist: 90.0}"
+            )
+        fovy = {camera: facts["fovy"] for camera, facts in block["cameras"].items()}
     return SpatialObjective(fovy=fovy, **args)
 
 

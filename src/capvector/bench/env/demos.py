@@ -1,4 +1,5 @@
-"""Scripted-expert demonstrations written as a dataset folder (format: capvector.bench.env.dataset).
+"""Scripted-expert demonstrations written as a LeRobot v3.0 dataset folder (capvector.bench.env.lerobot_format),
+with the capvector block of capvector.bench.env.dataset.
 
 Each task's episode slot e tries placements demo_placement_seed(seed, e, 0), (seed, e, 1), ... and keeps
 the first episode the expert finishes successfully, so the dataset is a pure function of
@@ -13,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from capvector.bench.env import dataset as fmt
 from capvector.bench.env.camera import CAMERAS, intrinsics
+from capvector.bench.env.dataset import CAPVECTOR_META, DEPTH_SCALE, FORMAT_VERSION, depth_key, image_key
 from capvector.bench.env.features import ACTION_KEY, PRIVILEGED_KEY, PRIVILEGED_NAMES, STATE_KEY
+from capvector.bench.env.lerobot_format import Episode, write_dataset
 from capvector.bench.env.sim import (
     ACTION_DIM,
     MAX_ATTEMPTS,
@@ -29,7 +29,7 @@ from capvector.bench.env.sim import (
     shards,
     when_tasks_finish,
 )
-from capvector.bench.env.tasks import instruction, resolve_tasks, task_index
+from capvector.bench.env.tasks import instruction, resolve_tasks
 from capvector.errors import CapvectorError
 from capvector.files import atomic_path
 
@@ -47,10 +47,8 @@ def record_episode(env: SimEnv, expert, placement_seed: int) -> dict | None:
         if success:
             episode = {key: np.stack([f[key] for f in frames]) for key in frames[0]}
             for camera in CAMERAS:  # stored as uint16 millimetres
-                depth = episode.pop(f"observation.depth.{camera}")
-                episode[f"observation.depth.{camera}"] = np.clip(np.round(depth * fmt.DEPTH_SCALE), 0, 65535).astype(
-                    np.uint16
-                )
+                depth = np.round(episode[depth_key(camera)] * DEPTH_SCALE)
+                episode[depth_key(camera)] = np.clip(depth, 0, 65535).astype(np.uint16)
             return episode
     return None
 
@@ -75,139 +73,48 @@ def record_shard(
     return {"camera_fovy": env.camera_fovy, "fps": 1.0 / env.env.dt}, out
 
 
-def frame_table(frames: dict, episode_index: int, first_index: int, task: int, fps: float) -> pa.Table:
-    length = len(frames["action"])
-    columns = {}
-    for key in sorted(k for k in frames if k.startswith(("observation.images", "observation.depth"))):
-        rows = frames[key].reshape(length, -1)
-        columns[key] = pa.FixedSizeBinaryArray.from_buffers(
-            pa.binary(rows.strides[0]), length, [None, pa.py_buffer(np.ascontiguousarray(rows).tobytes())]
-        )
-    for key in (STATE_KEY, ACTION_KEY, PRIVILEGED_KEY):
-        columns[key] = pa.FixedSizeListArray.from_arrays(
-            pa.array(frames[key].reshape(-1), pa.float32()), frames[key].shape[1]
-        )
-    steps = np.arange(length)
-    columns.update(
-        {
-            "timestamp": pa.array((steps / fps).astype(np.float32)),
-            "frame_index": pa.array(steps),
-            "episode_index": pa.array(np.full(length, episode_index)),
-            "index": pa.array(first_index + steps),
-            "task_index": pa.array(np.full(length, task)),
-            "next.success": pa.array(steps == length - 1),
-            "next.done": pa.array(steps == length - 1),
-        }
-    )
-    return pa.table(columns)
-
-
 def camera_facts(fovy: float, size: int) -> dict[str, float]:
-    """A camera's field of view and pinhole intrinsics (capvector.bench.env.camera) for meta/info.json."""
+    """A camera's field of view and pinhole intrinsics (capvector.bench.env.camera) for the capvector block."""
     K = intrinsics(fovy, size, size)
     return {"fovy": fovy, "height": size, "width": size, "cx": K[0, 2], "cy": K[1, 2], "f": K[0, 0]}
 
 
-def info_json(
-    episodes: list[dict],
-    tasks: list[str],
-    image_size: int,
-    seed: int,
-    variant: str,
-    placement: str,
-    camera_fovy: dict[str, float],
-    fps: float,
-) -> dict:
-    size = image_size
+def frame_features(image_size: int) -> dict[str, dict[str, Any]]:
+    """The recorded features, as LeRobotDataset.create takes them: camera images and millimetre depth maps as
+    `image` features, named state, privileged and action dimensions."""
+    shape = {"names": ["channels", "height", "width"]}
     features: dict[str, dict[str, Any]] = {
-        f"observation.images.{c}": {
-            "dtype": "uint8",
-            "shape": [3, size, size],
-            "names": ["channels", "height", "width"],
+        image_key(c): {"dtype": "image", "shape": [3, image_size, image_size], **shape} for c in CAMERAS
+    }
+    features |= {
+        depth_key(c): {
+            "dtype": "image",
+            "shape": [1, image_size, image_size],
+            **shape,
+            "info": {"is_depth_map": True, "depth_unit": "mm"},  # uint16, clipped at 65.535 m
         }
         for c in CAMERAS
     }
-    features |= {
-        f"observation.depth.{c}": {
-            "dtype": "uint16",
-            "shape": [1, size, size],
-            "names": ["channels", "height", "width"],
-            "info": {"unit": "mm", "clip": 65535},
-        }
-        for c in CAMERAS
+    vector = {
+        STATE_KEY: ["hand_x", "hand_y", "hand_z", "gripper"],
+        PRIVILEGED_KEY: list(PRIVILEGED_NAMES),
+        ACTION_KEY: ["dx", "dy", "dz", "gripper"],
     }
-    features |= {
-        "observation.state": {"dtype": "float32", "shape": [4], "names": ["hand_x", "hand_y", "hand_z", "gripper"]},
-        PRIVILEGED_KEY: {"dtype": "float32", "shape": [len(PRIVILEGED_NAMES)], "names": list(PRIVILEGED_NAMES)},
-        "action": {"dtype": "float32", "shape": [ACTION_DIM], "names": ["dx", "dy", "dz", "gripper"]},
-        "timestamp": {"dtype": "float32", "shape": [1]},
-        "frame_index": {"dtype": "int64", "shape": [1]},
-        "episode_index": {"dtype": "int64", "shape": [1]},
-        "index": {"dtype": "int64", "shape": [1]},
-        "task_index": {"dtype": "int64", "shape": [1]},
-        "next.success": {"dtype": "bool", "shape": [1]},
-        "next.done": {"dtype": "bool", "shape": [1]},
-    }
-    total_frames = sum(len(e["frames"]["action"]) for e in episodes)
-    return {
-        "codebase_version": fmt.CODEBASE_VERSION,
-        "robot_type": "sawyer",
-        "fps": fps,
-        "total_episodes": len(episodes),
-        "total_frames": total_frames,
-        "total_tasks": len(tasks),
-        "total_chunks": (len(episodes) - 1) // fmt.CHUNKS_SIZE + 1,
-        "chunks_size": fmt.CHUNKS_SIZE,
-        "splits": {"train": f"0:{len(episodes)}"},
-        "data_path": "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
-        "video_path": None,
-        "features": features,
-        "capvector": {
-            "format_version": fmt.FORMAT_VERSION,
-            "image_size": size,
-            "variant": variant,
-            "placement": placement,
-            "seed": seed,
-            "source": "metaworld scripted experts (metaworld.policies), successful episodes only",
-            "cameras": {c: camera_facts(camera_fovy[c], size) for c in CAMERAS},
-        },
-    }
+    features |= {key: {"dtype": "float32", "shape": [len(names)], "names": names} for key, names in vector.items()}
+    assert len(vector[ACTION_KEY]) == ACTION_DIM
+    return features | {key: {"dtype": "bool", "shape": [1], "names": None} for key in ("next.success", "next.done")}
 
 
-def write_dataset(root: Path, episodes: list[dict], tasks: list[str], info: dict[str, Any]) -> None:
-    """The dataset folder: the episodes' frames and meta/ with `info` (info_json's) as meta/info.json."""
-    fps = info["fps"]
-    (root / "meta").mkdir(parents=True)
-    first = 0
-    rows = []
-    for episode_index, episode in enumerate(episodes):
-        path = root / fmt.episode_path(episode_index)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        table = frame_table(episode["frames"], episode_index, first, task_index(episode["name"]), fps)
-        pq.write_table(table, path, compression="zstd")
-        first += len(table)
-        rows.append(
-            {
-                "episode_index": episode_index,
-                "tasks": [instruction(episode["name"])],
-                "length": len(table),
-                "name": episode["name"],
-                "placement_seed": episode["placement_seed"],
-            }
-        )
-    frames = {key: np.concatenate([e["frames"][key] for e in episodes]) for key in episodes[0]["frames"]}
-    stats = fmt.dataset_stats(
-        {key: frames[key] for key in (STATE_KEY, ACTION_KEY, PRIVILEGED_KEY)},
-        {c: frames[f"observation.images.{c}"] for c in CAMERAS},
-        {c: frames[f"observation.depth.{c}"] for c in CAMERAS},
-    )
-    meta = root / "meta"
-    (meta / "stats.json").write_text(json.dumps(stats, indent=1))
-    (meta / "tasks.jsonl").write_text(
-        "".join(json.dumps({"task_index": task_index(t), "task": instruction(t), "name": t}) + "\n" for t in tasks)
-    )
-    (meta / "episodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (meta / "info.json").write_text(json.dumps(info, indent=1))
+def write_demonstrations(root: Path, recorded: list[dict], image_size: int, fps: int, block: dict[str, Any]) -> None:
+    """The dataset folder `root`: the recorded episodes in LeRobot v3.0 and `block` as its CAPVECTOR_META."""
+    episodes = []
+    for e in recorded:
+        last = np.arange(len(e["frames"][ACTION_KEY])) == len(e["frames"][ACTION_KEY]) - 1
+        frames = {**e["frames"], "next.success": last, "next.done": last}
+        extra = {"name": e["name"], "placement_seed": e["placement_seed"]}
+        episodes.append(Episode(instruction(e["name"]), frames, extra))
+    write_dataset(root, episodes, frame_features(image_size), fps, robot_type="sawyer")
+    (root / CAPVECTOR_META).write_text(json.dumps(block, indent=1))
 
 
 def generate_demonstrations(
@@ -250,7 +157,17 @@ def generate_demonstrations(
     recorded.sort(key=lambda e: (order[e["name"]], e["slot"]))
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    block = {
+        "format_version": FORMAT_VERSION,
+        "variant": variant,
+        "placement": placement,
+        "seed": seed,
+        "tasks": tasks,
+        "source": "metaworld scripted experts (metaworld.policies), successful episodes only",
+        "cameras": {c: camera_facts(facts["camera_fovy"][c], image_size) for c in CAMERAS},
+    }
+    fps = round(facts["fps"])
+    assert abs(fps - facts["fps"]) < 1e-6, facts["fps"]  # LeRobot's fps is an integer
     with atomic_path(out_dir) as temporary:
-        info = info_json(recorded, tasks, image_size, seed, variant, placement, facts["camera_fovy"], facts["fps"])
-        write_dataset(temporary, recorded, tasks, info)
+        write_demonstrations(temporary, recorded, image_size, fps, block)
     return out_dir

@@ -32,7 +32,7 @@ import torch
 from capvector import __version__
 from capvector.bench import recipe
 from capvector.bench.env.camera import VARIANTS
-from capvector.bench.env.dataset import DemoDataset
+from capvector.bench.env.dataset import DemoDataset, open_meta
 from capvector.bench.experiment.layout import RunLayout, trained_policy, wall_file
 from capvector.bench.experiment.protocol import (
     EXTRACT_STRATEGIES,
@@ -155,7 +155,7 @@ def do_demos(run: Run, plan: Plan) -> dict[str, Any]:
                 image_size=job["image_size"],
                 workers=run.workers,
             )
-    return {split: recipe.dataset_info(run.layout.demos(split))[0]["total_episodes"] for split in plan}
+    return {split: open_meta(run.layout.demos(split)).info["total_episodes"] for split in plan}
 
 
 def plan_pretrain(run: Run) -> Plan:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from capvector.bench.augmentation import shift_images, shift_offsets
 from capvector.bench.env.camera import pixel_rays
-from capvector.bench.env.dataset import DemoDataset, read_meta
+from capvector.bench.env.dataset import CAPVECTOR_META, DemoDataset, capvector_meta, image_size, open_meta
 from capvector.bench.env.features import PRIVILEGED_KEY, STATE_KEY
 from capvector.bench.env.sim import EVAL_SEED_OFFSET
 from capvector.bench.env.tasks import resolve_tasks
@@ -87,28 +87,31 @@ class Frames:
 
 
 def check_dataset(root: Path, config: TeacherConfig) -> dict:
-    """The dataset's info.json, after refusing one that lacks what pretraining needs or holds evaluation
-    placements."""
-    info, _, episodes, _ = read_meta(root)
+    """The dataset's capvector block (capvector.bench.env.dataset), after refusing one that lacks what pretraining
+    needs or holds evaluation placements."""
+    meta = open_meta(root)
     needed = [f"observation.images.{c}" for c in config.cameras] + [f"observation.depth.{c}" for c in config.cameras]
-    missing = [key for key in [*needed, STATE_KEY, PRIVILEGED_KEY] if key not in info["features"]]
-    if missing:
+    missing = [key for key in [*needed, STATE_KEY, PRIVILEGED_KEY] if key not in meta.features]
+    block = capvector_meta(root)
+    if missing or block is None:
         raise CapvectorError(
-            f"teacher pretraining: dataset {root} has no {', '.join(missing)}; the teacher learns from depth maps and "
-            "the simulator's object and goal positions: record the frames with `capvector demos`"
+            f"teacher pretraining: dataset {root} has no {', '.join(missing) or CAPVECTOR_META}; the teacher learns "
+            "from depth maps, the cameras' fields of view and the simulator's object and goal positions: record the "
+            "frames with `capvector demos`"
         )
-    if info["capvector"]["image_size"] != config.image_size:
+    if image_size(meta) != config.image_size:
         raise CapvectorError(
-            f"teacher pretraining: dataset {root} has {info['capvector']['image_size']}px frames, the teacher config "
+            f"teacher pretraining: dataset {root} has {image_size(meta)}px frames, the teacher config "
             f"asks for {config.image_size}px; record the frames at that size or change teacher.image_size"
         )
+    episodes = meta.episodes
     evaluated = [e["episode_index"] for e in episodes if e["placement_seed"] >= EVAL_SEED_OFFSET]
     if evaluated:
         raise CapvectorError(
             f"teacher pretraining: dataset {root} holds evaluation placements (episodes {evaluated[:5]}); a teacher "
             "must never see them: record it with `capvector demos` (placement seeds below 10^9)"
         )
-    return info
+    return block
 
 
 def load_frames(root: Path, config: TeacherConfig, stride: int) -> Frames:
@@ -230,11 +233,13 @@ def frames_folder(config: TeacherPretraining, out_dir: Path) -> Path:
     root = out_dir.parent / f"{out_dir.name}-frames"
     tasks = resolve_tasks(config.tasks)
     recorded = read_json(root / "meta" / "info.json") or {}
-    wanted = {"seed": config.seed, "placement": config.placement, "image_size": config.teacher.image_size}
-    ours = recorded.get("capvector", {})
-    if recorded.get("total_episodes") != len(tasks) * config.episodes_per_task or any(
-        ours.get(key) != value for key, value in wanted.items()
-    ):
+    block = capvector_meta(root) or {}  # absent in a folder of an older format: recorded anew
+    reusable = (
+        recorded.get("total_episodes") == len(tasks) * config.episodes_per_task
+        and (block.get("seed"), block.get("placement")) == (config.seed, config.placement)
+        and image_size(open_meta(root)) == config.teacher.image_size
+    )
+    if not reusable:
         generate_demonstrations(
             root,
             tasks,
@@ -263,8 +268,8 @@ def pretrain_teacher(config: TeacherPretraining, out_dir: str | Path) -> Path:
         )
     start = time.perf_counter()
     root = frames_folder(config, out_dir)
-    info = check_dataset(root, config.teacher)
-    fovy = {c: float(info["capvector"]["cameras"][c]["fovy"]) for c in config.teacher.cameras}
+    block = check_dataset(root, config.teacher)
+    fovy = {c: float(block["cameras"][c]["fovy"]) for c in config.teacher.cameras}
     config = dataclasses.replace(config, teacher=dataclasses.replace(config.teacher, fovy=fovy))
     frames = load_frames(root, config.teacher, config.frame_stride)
     train = frames.episode % config.validation_every != config.validation_every - 1
