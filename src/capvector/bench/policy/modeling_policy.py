@@ -60,6 +60,21 @@ def masked_l1(pred: torch.Tensor, target: torch.Tensor, is_pad: torch.Tensor) ->
     return ((pred - target).abs().mean(-1) * keep).sum() / keep.sum().clamp(min=1)
 
 
+def load_weights(module: nn.Module, folder: Path, what: str) -> None:
+    """Load `folder`/model.safetensors into `module` (built from `folder`/config.json), refusing in one line a file
+    whose tensors do not match the config's (missing, unexpected or of another shape)."""
+    weights = load_file(folder / WEIGHTS_NAME)
+    expected = module.state_dict()
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    wrong = sorted(name for name in set(expected) & set(weights) if weights[name].shape != expected[name].shape)
+    if missing or unexpected or wrong:
+        raise CapvectorError(
+            f"{what}: {folder / WEIGHTS_NAME} does not match {folder / CONFIG_NAME}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}"
+        )
+    module.load_state_dict(weights)
+
+
 @functools.lru_cache(maxsize=4096)
 def tokenize(instruction: str, buckets: int, max_words: int) -> tuple[int, ...]:
     """Word ids by a stable hash (crc32) into buckets 1..buckets-1; 0 pads to max_words (TOKENIZER says it as data)."""
@@ -295,14 +310,5 @@ class Policy(nn.Module):
         config = PolicyConfig.from_json(folder / CONFIG_NAME)
         check_tokenizer(folder / TOKENIZER_NAME, config)
         policy = cls(config)
-        weights = load_file(folder / WEIGHTS_NAME)
-        expected = policy.state_dict()
-        missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
-        wrong = sorted(name for name in set(expected) & set(weights) if weights[name].shape != expected[name].shape)
-        if missing or unexpected or wrong:
-            raise CapvectorError(
-                f"policy: {folder / WEIGHTS_NAME} does not match {folder / CONFIG_NAME}: missing "
-                f"{missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]}"
-            )
-        policy.load_state_dict(weights)
+        load_weights(policy, folder, "policy")
         return policy.to(device)

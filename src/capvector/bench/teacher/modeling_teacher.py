@@ -17,18 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from capvector.bench.env.features import PRIVILEGED_DIM
 from capvector.bench.policy.configuration_policy import PolicyConfig
-from capvector.bench.policy.modeling_policy import VisionEncoder
+from capvector.bench.policy.modeling_policy import CONFIG_NAME, WEIGHTS_NAME, VisionEncoder, load_weights
 from capvector.bench.teacher.configuration_teacher import TeacherConfig
 from capvector.errors import CapvectorError
 from capvector.files import atomic_path
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 RECORD_NAME = "pretraining.json"
 
 
@@ -115,14 +113,5 @@ class Teacher(nn.Module):
                     "written by capvector.bench.teacher.pretraining.pretrain_teacher"
                 )
         teacher = cls(TeacherConfig.from_json(folder / CONFIG_NAME))
-        weights = load_file(folder / WEIGHTS_NAME)
-        expected = teacher.state_dict()
-        missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
-        wrong = sorted(name for name in set(expected) & set(weights) if weights[name].shape != expected[name].shape)
-        if missing or unexpected or wrong:
-            raise CapvectorError(
-                f"teacher: {folder / WEIGHTS_NAME} does not match {folder / CONFIG_NAME}: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}"
-            )
-        teacher.load_state_dict(weights)
+        load_weights(teacher, folder, "teacher")
         return teacher.requires_grad_(False).eval().to(device)
