@@ -163,3 +163,27 @@ def test_bad_input_is_named(tmp_path):
         reproduce("fast", tmp_path)
     with pytest.raises(CapvectorError, match="valid stages: demos, pretrain"):
         reproduce("test", tmp_path, force=["train"])
+
+
+def test_every_method_is_compared_with_sft_paired_by_seed_and_task(run):
+    results = json.loads((run / "report" / "results.json").read_text())
+    evaluations = json.loads((run / "evaluate" / "results.json").read_text())
+
+    def cells(method, budget):
+        tasks = evaluations[f"downstream/{method}/seed0/step{budget}@default"]["tasks"]
+        return np.array([[tasks[t]["successes"] / tasks[t]["episodes"] for t in CONFIG.downstream_tasks]])
+
+    rows = results["versus_sft"]["default"]
+    assert set(rows) == set(METHODS) and "difference" not in rows["sft"]
+    for method in METHODS:
+        if method == "sft":
+            continue
+        for budget in CONFIG.budgets:
+            expected = 100 * (cells(method, budget) - cells("sft", budget)).mean()
+            assert rows[method]["difference"][str(budget)][0] == pytest.approx(expected, abs=0.051)
+        low, high = rows[method]["auc_difference"][1:]
+        assert low <= rows[method]["auc_difference"][0] <= high
+    # SFT reaches its own final success at the latest at its last budget
+    assert rows["sft"]["steps_to_sft_final"][0] <= CONFIG.budgets[-1]
+    report = (run / "report" / "report.md").read_text()
+    assert "Against (a) SFT, paired by (seed, task)" in report

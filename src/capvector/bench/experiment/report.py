@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,7 +35,13 @@ from capvector.bench.experiment.protocol import (
     run_name,
     split_tasks,
 )
-from capvector.bench.statistics import bootstrap_mean, wilson_interval
+from capvector.bench.statistics import (
+    area_under_curve,
+    bootstrap_mean,
+    bootstrap_steps_to_reach,
+    paired_difference,
+    wilson_interval,
+)
 from capvector.files import write_json, write_text
 from capvector.params.checkpoints import open_checkpoint
 from capvector.params.inspection import InspectReport, inspect
@@ -202,7 +209,44 @@ def success_results(config: ReproduceConfig, layout: RunLayout, evaluations: Eva
         "success_band": bands,
         "success_per_task": per_task,
         "steps_to_threshold": threshold,
+        "versus_sft": versus_sft(config, runs, evaluations, tasks),
     }
+
+
+def versus_sft(
+    config: ReproduceConfig, runs: dict[str, list[Path]], evaluations: Evaluations, tasks: list[str]
+) -> dict[str, Any]:
+    """Every method against (a) SFT, paired by (seed, task) on the same placements, in success-rate points with
+    95% seed-bootstrap intervals: the difference at each budget, the difference in area under success-against-steps
+    (mean success over the steps), and the steps the method needs to reach SFT's final success ("converges faster")."""
+    if "sft" not in runs:
+        return {}
+    budgets = config.budgets
+
+    def points(triple: tuple[float, float, float]) -> list[float]:
+        return [round(100 * v, 1) for v in triple]
+
+    out: dict[str, Any] = {}
+    for variant in VARIANTS:
+        curves = {m: np.stack([evaluations.cells(runs[m], b, variant, tasks) for b in budgets]) for m in runs}
+        rows = {}
+        for method, curve in curves.items():
+            row: dict[str, Any] = {
+                "steps_to_sft_final": [
+                    None if math.isinf(v) else round(v) for v in bootstrap_steps_to_reach(curve, budgets, curves["sft"])
+                ]
+            }
+            if method != "sft":
+                row["difference"] = {
+                    str(b): points(paired_difference(curve[i], curves["sft"][i])) for i, b in enumerate(budgets)
+                }
+                if len(budgets) > 1:
+                    row["auc_difference"] = points(
+                        paired_difference(area_under_curve(curve, budgets), area_under_curve(curves["sft"], budgets))
+                    )
+            rows[method] = row
+        out[variant] = rows
+    return out
 
 
 def timing_results(config: ReproduceConfig, layout: RunLayout) -> dict[str, dict]:
@@ -442,6 +486,37 @@ def pictures(results: Mapping) -> list[str]:
     ]
 
 
+def versus_sft_lines(results: Mapping, variant: str, budgets: list[str]) -> list[str]:
+    """The paired comparison with SFT as a table (empty when the run has no SFT arm)."""
+    rows = results.get("versus_sft", {}).get(variant)
+    if not rows:
+        return []
+
+    def triple(value: list | None) -> str:
+        if value is None:
+            return "-"
+        mean, low, high = ("never" if v is None else v for v in value)
+        return f"{mean} [{low}, {high}]"
+
+    lines = [
+        "",
+        "Against (a) SFT, paired by (seed, task); points, 95% bootstrap over seeds. Area: mean success over the steps; "
+        "steps to SFT's final success: when the method's mean first reaches it (interpolated; never: not within the "
+        "budgets).",
+        "",
+        "| method | " + " | ".join(f"{b} steps" for b in budgets) + " | area | steps to SFT's final success |",
+        "|---|" + "---|" * (len(budgets) + 2),
+    ]
+    for method, label in results["methods"].items():
+        row = rows[method]
+        differences = [triple(row["difference"][b]) if "difference" in row else "-" for b in budgets]
+        lines.append(
+            f"| {label} | {' | '.join(differences)} | {triple(row.get('auc_difference'))} | "
+            f"{triple(row['steps_to_sft_final'])} |"
+        )
+    return lines
+
+
 def markdown(results: Mapping) -> str:
     config, success = results["config"], results["success"]
     budgets = [str(b) for b in config["budgets"]]
@@ -468,6 +543,7 @@ def markdown(results: Mapping) -> str:
         ]
         for method, label_m in results["methods"].items():
             lines.append(f"| {label_m} | " + " | ".join(fmt_cell(success[method][variant][b]) for b in budgets) + " |")
+        lines += versus_sft_lines(results, variant, budgets)
         lines.append("")
     tasks = results["tasks"]["downstream"]
     lines += [
