@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +57,14 @@ def test_tasks_and_bad_task(capsys):
 def test_evaluate_needs_exactly_one_policy(capsys):
     assert main(["evaluate"]) == 2
     assert "--expert" in capsys.readouterr().err
+
+
+def test_a_reader_that_stops_early_is_no_error():
+    """`capvector train --help | head -1`: the reader is gone before the help is written; no traceback, exit 0."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to the pipe now fails with EPIPE
+    process = subprocess.run(
+        [sys.executable, "-m", "capvector", "train", "--help"], stdout=write_end, stderr=subprocess.PIPE, timeout=120
+    )
+    os.close(write_end)
+    assert process.returncode == 0 and process.stderr == b"", process.stderr.decode()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -372,7 +373,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        status = run(build_parser().parse_args(argv))
+        sys.stdout.flush()  # inside the try: a short output meets the closed pipe only here
+        return status
+    except BrokenPipeError:
+        # the reader stopped reading (`capvector train --help | head`): nothing went wrong here
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def run(args: argparse.Namespace) -> int:
     try:
         args.run(args)
     except CapvectorError as error:
