@@ -60,6 +60,16 @@ def masked_l1(pred: torch.Tensor, target: torch.Tensor, is_pad: torch.Tensor) ->
     return ((pred - target).abs().mean(-1) * keep).sum() / keep.sum().clamp(min=1)
 
 
+def require_folder(folder: Path, what: str, written_by: str) -> None:
+    """Refuse in one line a `what` folder without its weights or its config."""
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        if not (folder / name).is_file():
+            raise CapvectorError(
+                f"{what}: {folder / name} is missing; a {what} folder holds {WEIGHTS_NAME} and {CONFIG_NAME}, "
+                f"written by {written_by}"
+            )
+
+
 def load_weights(module: nn.Module, folder: Path, what: str) -> None:
     """Load `folder`/model.safetensors into `module` (built from `folder`/config.json), refusing in one line a file
     whose tensors do not match the config's (missing, unexpected or of another shape)."""
@@ -301,12 +311,7 @@ class Policy(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> Policy:
         folder = Path(directory)
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            if not (folder / name).is_file():
-                raise CapvectorError(
-                    f"policy: {folder / name} is missing; a policy folder holds {WEIGHTS_NAME} and "
-                    f"{CONFIG_NAME}, written by save_pretrained"
-                )
+        require_folder(folder, "policy", "save_pretrained")
         config = PolicyConfig.from_json(folder / CONFIG_NAME)
         check_tokenizer(folder / TOKENIZER_NAME, config)
         policy = cls(config)

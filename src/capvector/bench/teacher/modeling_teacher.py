@@ -22,9 +22,14 @@ from torch import nn
 
 from capvector.bench.env.features import PRIVILEGED_DIM
 from capvector.bench.policy.configuration_policy import PolicyConfig
-from capvector.bench.policy.modeling_policy import CONFIG_NAME, WEIGHTS_NAME, VisionEncoder, load_weights
+from capvector.bench.policy.modeling_policy import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    VisionEncoder,
+    load_weights,
+    require_folder,
+)
 from capvector.bench.teacher.configuration_teacher import TeacherConfig
-from capvector.errors import CapvectorError
 from capvector.files import atomic_path
 
 RECORD_NAME = "pretraining.json"
@@ -106,12 +111,7 @@ class Teacher(nn.Module):
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> Teacher:
         """The frozen teacher in `directory` (eval mode, no gradients)."""
         folder = Path(directory)
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            if not (folder / name).is_file():
-                raise CapvectorError(
-                    f"teacher: {folder / name} is missing; a teacher folder holds {WEIGHTS_NAME} and {CONFIG_NAME}, "
-                    "written by capvector.bench.teacher.pretraining.pretrain_teacher"
-                )
+        require_folder(folder, "teacher", "capvector.bench.teacher.pretraining.pretrain_teacher")
         teacher = cls(TeacherConfig.from_json(folder / CONFIG_NAME))
         load_weights(teacher, folder, "teacher")
         return teacher.requires_grad_(False).eval().to(device)
