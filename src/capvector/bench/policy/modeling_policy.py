@@ -60,6 +60,20 @@ def masked_l1(pred: torch.Tensor, target: torch.Tensor, is_pad: torch.Tensor) ->
     return ((pred - target).abs().mean(-1) * keep).sum() / keep.sum().clamp(min=1)
 
 
+def save_folder(module: nn.Module, config: Any, directory: str | Path, extras: Mapping[str, Any]) -> None:
+    """`module`'s weights as model.safetensors, `config` as config.json and each of `extras` as a JSON file, written
+    to a temporary folder renamed over `directory` once complete."""
+    with atomic_path(directory) as temporary:
+        temporary.mkdir(parents=True)
+        save_file(
+            {name: value.detach().cpu().contiguous() for name, value in module.state_dict().items()},
+            temporary / WEIGHTS_NAME,
+        )
+        config.to_json(temporary / CONFIG_NAME)
+        for name, value in extras.items():
+            (temporary / name).write_text(json.dumps(value, indent=1) + "\n")
+
+
 def require_folder(folder: Path, what: str, written_by: str) -> None:
     """Refuse in one line a `what` folder without its weights or its config."""
     for name in (WEIGHTS_NAME, CONFIG_NAME):
@@ -299,14 +313,7 @@ class Policy(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write model.safetensors + config.json to a temporary folder, then rename it over `directory`."""
-        with atomic_path(directory) as temporary:
-            temporary.mkdir(parents=True)
-            save_file(
-                {name: value.detach().cpu().contiguous() for name, value in self.state_dict().items()},
-                temporary / WEIGHTS_NAME,
-            )
-            self.config.to_json(temporary / CONFIG_NAME)
-            (temporary / TOKENIZER_NAME).write_text(json.dumps(tokenizer_file(self.config), indent=1) + "\n")
+        save_folder(self, self.config, directory, {TOKENIZER_NAME: tokenizer_file(self.config)})
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> Policy:

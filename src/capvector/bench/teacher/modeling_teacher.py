@@ -12,25 +12,22 @@ the patch sits. Both statistics are buffers saved in model.safetensors with the 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from capvector.bench.env.features import PRIVILEGED_DIM
 from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.bench.policy.modeling_policy import (
     CONFIG_NAME,
-    WEIGHTS_NAME,
     VisionEncoder,
     load_weights,
     require_folder,
+    save_folder,
 )
 from capvector.bench.teacher.configuration_teacher import TeacherConfig
-from capvector.files import atomic_path
 
 RECORD_NAME = "pretraining.json"
 
@@ -97,15 +94,7 @@ class Teacher(nn.Module):
     def save_pretrained(self, directory: str | Path, record: dict[str, Any] | None = None) -> None:
         """model.safetensors (weights and feature statistics) + config.json (+ `record` as pretraining.json: how
         it was made and what it scored), written together atomically."""
-        with atomic_path(directory) as temporary:
-            temporary.mkdir(parents=True)
-            save_file(
-                {name: value.detach().cpu().contiguous() for name, value in self.state_dict().items()},
-                temporary / WEIGHTS_NAME,
-            )
-            self.config.to_json(temporary / CONFIG_NAME)
-            if record is not None:
-                (temporary / RECORD_NAME).write_text(json.dumps(record, indent=1) + "\n")
+        save_folder(self, self.config, directory, {} if record is None else {RECORD_NAME: record})
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> Teacher:
