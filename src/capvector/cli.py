@@ -328,7 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="parallel processes")
-    p.add_argument("--variant", default="default", help="default, or new_env (camera, lighting, table colour)")
+    p.add_argument(
+        "--variant",
+        default="default",
+        help="default, new_env (camera, lighting, table colour) or random_view (a new scene view each episode)",
+    )
     p.add_argument("--placement", default="default", help="placement ranges: default (Meta-World's) or wide (2.5x)")
 
     p = command("evaluate", "Closed-loop success rate of a policy on held-out placements.", _command_evaluate)
@@ -338,7 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=20, help="episodes per task (default: 20)")
     p.add_argument("--seed", type=int, default=0, help="placement seed offset (disjoint from training seeds)")
     p.add_argument("--workers", type=int, default=2, help="parallel processes")
-    p.add_argument("--variant", default="default", help="default, or new_env for the out-of-domain variant")
+    p.add_argument(
+        "--variant",
+        default="default",
+        help="default, new_env (the out-of-domain variant) or random_view (a new scene view each episode)",
+    )
     p.add_argument("--placement", default="default", help="placement ranges: default (Meta-World's) or wide (2.5x)")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--gifs", metavar="DIR", help="save one rollout per task as a GIF here")

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from capvector.bench.env.camera import depth_to_points, intrinsics
+from capvector.bench.env.camera import VARIANTS, depth_to_points, intrinsics
 from capvector.bench.env.sim import SimEnv
 from capvector.bench.env.tasks import SPLITS, TASKS, resolve_tasks
 from capvector.errors import CapvectorError
@@ -84,3 +84,30 @@ def test_new_environment_variant_looks_different(env):
     other.close()
     with pytest.raises(CapvectorError, match="new_env"):
         SimEnv("pick-place-v3", variant="mars")
+
+
+def test_random_view_moves_the_scene_camera_per_episode_reproducibly():
+    """random_view: each placement seed has its own scene view, the same on every reset with that seed (so every
+    policy is evaluated through the same views), within the jitter ranges; the wrist camera does not move."""
+    look = VARIANTS["random_view"]
+    views = [look.for_episode(seed) for seed in range(200)]
+    assert look.for_episode(3) == views[3]
+    azimuths = np.array([v.azimuth for v in views])
+    assert np.ptp(azimuths) > look.azimuth_jitter  # they vary...
+    assert np.all(np.abs(azimuths - look.azimuth) <= look.azimuth_jitter)  # ...within the range
+    assert all(abs(v.elevation - look.elevation) <= look.elevation_jitter for v in views)
+    assert VARIANTS["default"].for_episode(3) == VARIANTS["default"]
+    moving = SimEnv("button-press-v3", variant="random_view")
+    images = {}
+    for seed in (5, 6, 5):
+        moving.reset(seed)
+        assert moving.cameras["scene"].azimuth == pytest.approx(look.for_episode(seed).azimuth)
+        images.setdefault(seed, []).append({c: moving.render(c, depth=False)[0] for c in ("scene", "wrist")})
+    assert np.array_equal(images[5][0]["scene"], images[5][1]["scene"])
+    moving.reset(6)
+    fixed = SimEnv("button-press-v3")
+    fixed.reset(6)
+    assert np.abs(moving.render("scene")[0].astype(int) - fixed.render("scene")[0]).mean() > 5
+    assert np.array_equal(moving.render("wrist")[0], fixed.render("wrist")[0])
+    moving.close()
+    fixed.close()

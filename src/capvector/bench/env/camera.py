@@ -14,6 +14,7 @@ f = (H / 2) / tan(fovy / 2), cx = (W - 1) / 2, cy = (H - 1) / 2 (pixel centres a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -33,12 +34,35 @@ class Look:
     fovy: float = 40.0
     light_scale: float = 1.0  # multiplies the diffuse light of the headlight and the model's lights
     table_rgba: tuple[float, float, float, float] | None = None  # None keeps the model's
+    # Per-episode viewpoint: azimuth and elevation (degrees) and distance (a fraction of it) drawn uniformly within
+    # +- these of the values above, from the episode's placement seed (so every policy sees the same views).
+    azimuth_jitter: float = 0.0
+    elevation_jitter: float = 0.0
+    distance_jitter: float = 0.0
+
+    def for_episode(self, placement_seed: int) -> Look:
+        """The look of one episode: this one, its scene camera moved within the jitter ranges."""
+        if not (self.azimuth_jitter or self.elevation_jitter or self.distance_jitter):
+            return self
+        u = np.random.default_rng([VIEW_STREAM, int(placement_seed)]).uniform(-1.0, 1.0, size=3)
+        return dataclasses.replace(
+            self,
+            azimuth=self.azimuth + u[0] * self.azimuth_jitter,
+            elevation=self.elevation + u[1] * self.elevation_jitter,
+            distance=self.distance * (1.0 + u[2] * self.distance_jitter),
+        )
+
+
+VIEW_STREAM = 7  # the random stream of per-episode views, apart from the simulator's placement draws
 
 
 # "new_env" is the out-of-domain variant: the scene camera moved, dimmer light, a plain grey-green table.
+# "random_view": the default look with the scene camera moved in every episode (azimuth +-40 degrees, elevation
+# +-10, distance +-15%), so that where an object is on the table must be read through a changing projection.
 VARIANTS = {
     "default": Look(),
     "new_env": Look(azimuth=170.0, elevation=-34.0, distance=1.15, light_scale=0.7, table_rgba=(0.42, 0.48, 0.4, 1.0)),
+    "random_view": Look(azimuth_jitter=40.0, elevation_jitter=10.0, distance_jitter=0.15),
 }
 
 

@@ -244,6 +244,7 @@ class SimEnv:
             decoy = self.privileged()
         self.env.seed(int(placement_seed))
         self.obs, _ = self.env.reset()
+        self.cameras["scene"] = scene_camera(self.look.for_episode(placement_seed))
         if self.decoy:
             self._decoy_shift = decoy - self.privileged()
         return self.obs

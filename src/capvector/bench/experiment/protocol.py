@@ -39,6 +39,8 @@ METHODS = {
     "capvector": Method("(d) CapVector: SFT + lambda L_orth from theta_meta", "meta", "capvector", "full"),
     "capvector_lora": Method("(e) CapVector with LoRA", "meta", "capvector", "lora"),
 }
+# The environment variants every checkpoint is evaluated in: in-domain and the paper's new environment.
+EVALUATED_VARIANTS = ("default", "new_env")
 LONG_METHODS = ("meta_sft", "capvector")  # the long ablation: from theta_meta without and with L_orth
 EXTRACT_STRATEGIES = ("sft", "aux")
 

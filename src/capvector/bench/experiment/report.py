@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from capvector.bench.env.camera import VARIANTS
 from capvector.bench.experiment.layout import PLOTS, RESULTS_FILE, RunLayout, metrics_file, wall_file
 from capvector.bench.experiment.protocol import (
+    EVALUATED_VARIANTS,
     LONG_METHODS,
     METHODS,
     DownstreamRun,
@@ -90,7 +90,7 @@ class Evaluations:
 
     def variants(self, folder: Path, steps: int) -> dict[str, dict]:
         """One run's checkpoint in every variant."""
-        return {v: self.pooled([folder], steps, v) for v in VARIANTS}
+        return {v: self.pooled([folder], steps, v) for v in EVALUATED_VARIANTS}
 
 
 def along_gamma(checkpoint: str | Path, pretrained: Path, gamma: CapabilityVector, base: str | None = None) -> dict:
@@ -191,16 +191,21 @@ def success_results(config: ReproduceConfig, layout: RunLayout, evaluations: Eva
     bootstrap over seeds); per task at the largest budget; steps to the threshold."""
     budgets, last = config.budgets, config.budgets[-1]
     runs = {m: [layout.downstream(m, s) for s in config.seeds] for m in config.methods}
-    success = {m: {v: {str(b): evaluations.pooled(runs[m], b, v) for b in budgets} for v in VARIANTS} for m in runs}
+    success = {
+        m: {v: {str(b): evaluations.pooled(runs[m], b, v) for b in budgets} for v in EVALUATED_VARIANTS} for m in runs
+    }
     tasks = split_tasks(config)["downstream"]
     bands = {
-        m: {v: {str(b): band(evaluations.cells(runs[m], b, v, tasks)) for b in budgets} for v in VARIANTS} for m in runs
+        m: {v: {str(b): band(evaluations.cells(runs[m], b, v, tasks)) for b in budgets} for v in EVALUATED_VARIANTS}
+        for m in runs
     }
-    per_task = {m: {v: {t: evaluations.pooled(runs[m], last, v, t) for t in tasks} for v in VARIANTS} for m in runs}
+    per_task = {
+        m: {v: {t: evaluations.pooled(runs[m], last, v, t) for t in tasks} for v in EVALUATED_VARIANTS} for m in runs
+    }
     threshold = {
         m: {
             v: next((b for b in budgets if success[m][v][str(b)]["rate"] >= config.success_threshold), None)
-            for v in VARIANTS
+            for v in EVALUATED_VARIANTS
         }
         for m in runs
     }
@@ -227,7 +232,7 @@ def versus_sft(
         return [round(100 * v, 1) for v in triple]
 
     out: dict[str, Any] = {}
-    for variant in VARIANTS:
+    for variant in EVALUATED_VARIANTS:
         curves = {m: np.stack([evaluations.cells(runs[m], b, variant, tasks) for b in budgets]) for m in runs}
         rows = {}
         for method, curve in curves.items():

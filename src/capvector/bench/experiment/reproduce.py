@@ -31,10 +31,10 @@ import torch
 
 from capvector import __version__
 from capvector.bench import recipe
-from capvector.bench.env.camera import VARIANTS
 from capvector.bench.env.dataset import DemoDataset, open_meta
 from capvector.bench.experiment.layout import RunLayout, trained_policy, wall_file
 from capvector.bench.experiment.protocol import (
+    EVALUATED_VARIANTS,
     EXTRACT_STRATEGIES,
     METHODS,
     DownstreamRun,
@@ -265,7 +265,7 @@ def plan_evaluate(run: Run) -> Plan:
         "tasks": split_tasks(c)["downstream"],
         "episodes": c.eval_episodes,
         "seed": c.eval_seed,
-        "variants": list(VARIANTS),
+        "variants": list(EVALUATED_VARIANTS),
     }
 
 
