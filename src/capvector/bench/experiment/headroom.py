@@ -348,10 +348,11 @@ def report_markdown(summary: dict) -> str:
     lines = [
         f"# Headroom: regime `{summary['regime']}`",
         "",
-        f"Tasks {', '.join(config['tasks'])}; placement ranges `{config['placement']}`; {config['demos_per_task']} "
-        f"demonstrations per task; {len(config['seeds'])} seeds; {config['eval_episodes']} held-out placements per "
-        f"task, the same for every policy. Success in %, mean over seeds and tasks, 95% interval from a bootstrap "
-        "over seeds; differences paired by (seed, task).",
+        f"Tasks {', '.join(config['tasks'])}; placement ranges `{config['placement']}`; scene look "
+        f"`{config.get('variant', 'default')}`; {config['demos_per_task']} demonstrations per task; "
+        f"{len(config['seeds'])} seeds; {config['eval_episodes']} held-out placements per task (placement seed "
+        f"{config['eval_seed']}), the same for every policy. Success in %, mean over seeds and tasks, 95% interval "
+        "from a bootstrap over seeds; differences paired by (seed, task).",
         "",
         "| steps | SFT | oracle (+ object/goal positions) | oracle - SFT | "
         f"resolvable difference ({len(config['seeds'])} seeds) |",
