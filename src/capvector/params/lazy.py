@@ -14,7 +14,6 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 
 from capvector.errors import CapvectorError
-from capvector.params import kernels
 
 # safetensors' dtype names; the format is documented at https://github.com/huggingface/safetensors
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -224,6 +223,8 @@ class Combination(LazyTensor):
         """(rows rounded to this dtype, whether all are finite) in one compiled pass, for a bfloat16 tensor plus a
         scaled float32 one (a merge of extract's default vector): the same bits as `read` then rounding. None when
         the terms do not fit or numba is not installed (capvector.params.kernels)."""
+        from capvector.params import kernels  # numba loads with it: only where a merge needs it
+
         if len(self.terms) != 2 or self.terms[0][0] != 1.0 or not kernels.available():
             return None
         (_, a), (coefficient, b) = self.terms
