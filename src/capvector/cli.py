@@ -41,7 +41,9 @@ EXAMPLES = {
     "reproduce": """example:
   capvector reproduce --preset quick                       (what `make demo` runs; minutes on a laptop CPU)
   capvector reproduce --preset full --device cuda
-  capvector reproduce --preset quick --force downstream    (redo a stage and the ones after it)""",
+  capvector reproduce --preset quick --force downstream    (redo a stage and the ones after it)
+  capvector reproduce --preset quick --objective privileged --placement wide --variant random_view
+      (another regime, in its own folder runs/reproduce/quick-privileged-wide-random_view)""",
 }
 
 
@@ -218,10 +220,15 @@ def _command_evaluate(args: argparse.Namespace) -> None:
 
 
 def _command_reproduce(args: argparse.Namespace) -> None:
+    import dataclasses
+
     from capvector.bench.experiment.layout import RunLayout
+    from capvector.bench.experiment.protocol import REGIME_FIELDS, preset_config
     from capvector.bench.experiment.reproduce import reproduce
 
-    folder = reproduce(args.preset, out_dir=args.out, force=args.force, device=args.device)
+    regime = {name: getattr(args, name) for name in REGIME_FIELDS if getattr(args, name) is not None}
+    config = dataclasses.replace(preset_config(args.preset), **regime)
+    folder = reproduce(config, out_dir=args.out, force=args.force, device=args.device)
     print(f"report: {RunLayout(folder).report_file}")
 
 
@@ -356,7 +363,23 @@ def build_parser() -> argparse.ArgumentParser:
         "reproduce", "The paper's experiment end to end on the embedded benchmark, with a report.", _command_reproduce
     )
     p.add_argument("--preset", default="quick", help="quick (minutes, proves the pipeline) or full (the experiment)")
-    p.add_argument("--out", default="runs/reproduce", help="parent of the run folder <out>/<preset>")
+    p.add_argument(
+        "--objective",
+        help="auxiliary objective of extraction and method (b): spatial (the presets') or privileged (regresses "
+        "object and goal positions)",
+    )
+    p.add_argument("--placement", help="placement ranges of demonstrations and evaluation: default or wide (2.5x)")
+    p.add_argument(
+        "--variant",
+        help="in-domain scene look of demonstrations and evaluation: default or random_view (new_env: "
+        "the out-of-domain look, always evaluated too)",
+    )
+    p.add_argument(
+        "--out",
+        default="runs/reproduce",
+        help="parent of the run folder <out>/<preset>, or <out>/<preset>-<regime> with --objective, --placement or "
+        "--variant other than the preset's (e.g. runs/reproduce/quick-privileged-wide)",
+    )
     p.add_argument("--force", action="append", default=[], metavar="STAGE", help="redo a stage (repeatable)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
 

@@ -25,17 +25,17 @@ def test_the_band_is_the_seed_bootstrap_of_the_per_seed_and_task_success_rates(t
     }
     layout.evaluations.write_text(json.dumps(records))
     folders = [layout.downstream("sft", seed) for seed in range(3)]
-    cells = Evaluations(layout).cells(folders, 10, "default", TASKS)
+    cells = Evaluations(layout, ("default", "new_env")).cells(folders, 10, "default", TASKS)
     assert np.array_equal(cells, np.array(SUCCESSES) / 5)
     numbers = band(cells)
     assert (numbers["mean"], numbers["low"], numbers["high"]) == bootstrap_mean(np.array(SUCCESSES) / 5)
     assert numbers["low"] < numbers["mean"] < numbers["high"]  # three seeds that disagree: a band of some width
     assert numbers["mean"] == pytest.approx(
-        Evaluations(layout).pooled(folders, 10, "default")["rate"]
+        Evaluations(layout, ("default", "new_env")).pooled(folders, 10, "default")["rate"]
     )  # equal episodes per cell
 
     results = {
-        "config": {"budgets": [10, 20]},
+        "config": {"budgets": [10, 20], "variant": "default"},
         "methods": {"sft": "(a) SFT from theta_pt"},
         "success_band": {"sft": {v: {"10": numbers, "20": numbers} for v in ("default", "new_env")}},
     }

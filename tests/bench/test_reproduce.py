@@ -15,6 +15,7 @@ from capvector.bench.env.evaluation import CAPTION_PIXELS, COLUMN_GAP, GIF_PIXEL
 from capvector.bench.env.sim import CONTROL_HZ
 from capvector.bench.experiment.layout import PLOTS
 from capvector.bench.experiment.protocol import METHODS, PRESETS
+from capvector.bench.experiment.report import markdown
 from capvector.bench.experiment.reproduce import STAGES, reproduce
 from capvector.bench.policy.modeling_policy import Policy
 from capvector.bench.statistics import bootstrap_mean
@@ -142,6 +143,26 @@ def test_report_numbers_are_those_of_results_json_and_the_evaluations(run):
     for method, timing in results["timing"].items():
         label = results["methods"].get(method, method)
         assert f"| {label} | {timing['step_ms']:.1f} |" in report
+
+
+def test_the_report_names_the_regime_and_reads_the_in_domain_look_it_ran_in(run):
+    """This run's numbers relabelled as a run in random_view: every table reads the in-domain look's numbers."""
+    results = json.loads((run / "report" / "results.json").read_text())
+    report = (run / "report" / "report.md").read_text()
+    assert results["command"] == "capvector reproduce --preset test" and f"`{results['command']}`" in report
+    assert "`spatial` (capvector.bench.recipe:spatial); placement ranges `default`" in report
+
+    def relabel(value):
+        if isinstance(value, dict):
+            return {("random_view" if k == "default" else k): relabel(v) for k, v in value.items()}
+        return [relabel(v) for v in value] if isinstance(value, list) else value
+
+    regime = {"objective": "privileged", "placement": "wide", "variant": "random_view"}
+    moved = markdown(relabel(results) | {"config": results["config"] | regime}).splitlines()
+    changed = [i for i, (a, b) in enumerate(zip(report.splitlines(), moved)) if a != b]
+    assert len(moved) == len(report.splitlines()) and len(changed) == 1  # the header line, nothing else
+    assert "`privileged` (capvector.bench.recipe:privileged); placement ranges `wide`" in moved[changed[0]]
+    assert "in-domain scene look `random_view`" in moved[changed[0]]
 
 
 def test_a_rerun_trains_nothing_and_force_redoes_only_that_stage(run, capsys):

@@ -1,6 +1,6 @@
 """Every path of a `capvector reproduce` run folder, in one place.
 
-    <out>/<preset>/
+    <out>/<preset>/                     <out>/<preset>-<regime>/ in a regime not the preset's (protocol.run_label)
       run.json                          the config and capvector version of the last invocation
       <stage>/stage.json                per stage: its key, whether it finished, an id for its outputs
       demos/<split>/                    demonstration datasets (pretrain, extract, downstream)

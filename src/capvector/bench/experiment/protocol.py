@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from capvector.bench.env.camera import VARIANTS
+from capvector.bench.env.sim import PLACEMENTS
 from capvector.bench.env.tasks import SPLITS, resolve_tasks
 from capvector.bench.experiment.layout import RunLayout, checkpoint_folder
 from capvector.errors import CapvectorError
@@ -39,8 +42,7 @@ METHODS = {
     "capvector": Method("(d) CapVector: SFT + lambda L_orth from theta_meta", "meta", "capvector", "full"),
     "capvector_lora": Method("(e) CapVector with LoRA", "meta", "capvector", "lora"),
 }
-# The environment variants every checkpoint is evaluated in: in-domain and the paper's new environment.
-EVALUATED_VARIANTS = ("default", "new_env")
+NEW_ENV = "new_env"  # the paper's "new environment": the out-of-domain variant every checkpoint is also evaluated in
 LONG_METHODS = ("meta_sft", "capvector")  # the long ablation: from theta_meta without and with L_orth
 EXTRACT_STRATEGIES = ("sft", "aux")
 
@@ -67,11 +69,21 @@ class ReproduceConfig:
     train_seed: int = 0  # pretraining and extraction
     pretrain_steps: int = 2000
     pretrain_lr: float = 5e-4
+    # The regime. The auxiliary objective of extraction's aux run and of method (b) (OBJECTIVES); the placement
+    # ranges of every demonstration and evaluation (capvector.bench.env.sim.PLACEMENTS: "wide" spans 2.5x
+    # Meta-World's); the in-domain scene look of every demonstration and the in-domain evaluation
+    # (capvector.bench.env.camera.VARIANTS: "random_view" moves the scene camera every episode). Every checkpoint is
+    # also evaluated in NEW_ENV. The headroom measurements found perception to matter only away from the defaults.
+    objective: str = "spatial"
+    placement: str = "default"
+    variant: str = "default"
     # Extraction: sft and aux from theta_pt with identical settings; the auxiliary weight and layer.
     extract_steps: int = 500
     extract_lr: float = 3e-4
     aux_weight: float = 0.5
-    aux_layer: str | None = None  # None: the policy's hook_layer (about 2/3 of the trunk)
+    # None: the objective's own layer (spatial: the policy's hook_layer, about 2/3 of the trunk; privileged: the
+    # vision encoder's output)
+    aux_layer: str | None = None
     alpha: float = 1.0
     # Downstream: every method at every budget (checkpoints of one run per seed) and seed.
     methods: list[str] = field(default_factory=lambda: list(METHODS))
@@ -164,6 +176,52 @@ PRESETS = {
 }
 
 
+@dataclass(frozen=True)
+class Objective:
+    """An auxiliary objective the experiment trains with: the factory TrainConfig.auxiliary names, whether it reads
+    the demonstrations' depth maps, and its auxiliary_args from the config and the demonstration folder."""
+
+    recipe: str
+    depth: bool
+    args: Callable[[ReproduceConfig, str], dict[str, Any]]
+
+
+OBJECTIVES = {
+    # Spatial Forcing's analog: visual tokens aligned with geometry from depth (the paper's objective).
+    "spatial": Objective(
+        "capvector.bench.recipe:spatial",
+        True,
+        lambda c, root: {"dataset": root, "weight": c.aux_weight, "layer": c.aux_layer},
+    ),
+    # The positive control: visual tokens regress the object and goal positions (observation.privileged, which
+    # every demonstration dataset records).
+    "privileged": Objective(
+        "capvector.bench.recipe:privileged",
+        False,
+        lambda c, root: {"weight": c.aux_weight} | ({"layer": c.aux_layer} if c.aux_layer is not None else {}),
+    ),
+}
+REGIME_FIELDS = ("objective", "placement", "variant")  # what `capvector reproduce` sets on top of a preset
+
+
+def evaluated_variants(config: ReproduceConfig) -> tuple[str, ...]:
+    """The environment variants every checkpoint is evaluated in: the in-domain look, then the new environment."""
+    return tuple(dict.fromkeys((config.variant, NEW_ENV)))
+
+
+def regime_overrides(config: ReproduceConfig) -> dict[str, str]:
+    """The regime fields in which `config` differs from its preset (all of them against the defaults, if its preset
+    is not one of PRESETS)."""
+    preset = PRESETS.get(config.preset, ReproduceConfig())
+    return {name: getattr(config, name) for name in REGIME_FIELDS if getattr(config, name) != getattr(preset, name)}
+
+
+def run_label(config: ReproduceConfig) -> str:
+    """The run folder's name: the preset, then the regime it is run in where that is not the preset's own
+    ("full-privileged-wide-random_view"), so that another regime never redoes (and so deletes) the preset's run."""
+    return "-".join([config.preset, *regime_overrides(config).values()])
+
+
 def preset_config(preset: str | ReproduceConfig) -> ReproduceConfig:
     if isinstance(preset, ReproduceConfig):
         return preset
@@ -178,6 +236,11 @@ def split_tasks(config: ReproduceConfig) -> dict[str, list[str]]:
 
 
 def check_config(config: ReproduceConfig) -> None:
+    for name, valid in (("objective", OBJECTIVES), ("placement", PLACEMENTS), ("variant", VARIANTS)):
+        if getattr(config, name) not in valid:
+            raise CapvectorError(
+                f"reproduce config: unknown {name} {getattr(config, name)!r}; valid: {', '.join(valid)}"
+            )
     sets = split_tasks(config)
     for a, b in (("pretrain", "extract"), ("pretrain", "downstream"), ("extract", "downstream")):
         shared = sorted(set(sets[a]) & set(sets[b]))

@@ -18,20 +18,23 @@ import numpy as np
 
 from capvector.bench.experiment.layout import PLOTS, RESULTS_FILE, RunLayout, metrics_file, wall_file
 from capvector.bench.experiment.protocol import (
-    EVALUATED_VARIANTS,
     LONG_METHODS,
     METHODS,
+    NEW_ENV,
+    OBJECTIVES,
     DownstreamRun,
     ReproduceConfig,
     alpha_ablation,
     checkpoint_at,
     downstream_runs,
     evaluated_checkpoints,
+    evaluated_variants,
     evaluation_key,
     evaluation_name,
     lambda_ablation,
     long_ablation,
     long_checkpoints,
+    regime_overrides,
     run_name,
     split_tasks,
 )
@@ -73,8 +76,9 @@ def pooled(records: list[Mapping]) -> dict:
 class Evaluations:
     """evaluate/results.json, looked up by training run folder, step and variant."""
 
-    def __init__(self, layout: RunLayout):
+    def __init__(self, layout: RunLayout, evaluated: tuple[str, ...]):
         self.layout, self.records = layout, json.loads(layout.evaluations.read_text())
+        self.evaluated = evaluated  # the variants every checkpoint was evaluated in (protocol.evaluated_variants)
 
     def record(self, folder: Path, steps: int, variant: str, task: str | None = None) -> dict:
         record = self.records[evaluation_key(evaluation_name(self.layout, folder, steps), variant)]
@@ -90,7 +94,7 @@ class Evaluations:
 
     def variants(self, folder: Path, steps: int) -> dict[str, dict]:
         """One run's checkpoint in every variant."""
-        return {v: self.pooled([folder], steps, v) for v in EVALUATED_VARIANTS}
+        return {v: self.pooled([folder], steps, v) for v in self.evaluated}
 
 
 def along_gamma(checkpoint: str | Path, pretrained: Path, gamma: CapabilityVector, base: str | None = None) -> dict:
@@ -189,23 +193,18 @@ def median_timing(runs: list[dict]) -> dict:
 def success_results(config: ReproduceConfig, layout: RunLayout, evaluations: Evaluations) -> dict[str, Any]:
     """Pooled success per method, variant and budget (with Wilson intervals over episodes, and a band from a
     bootstrap over seeds); per task at the largest budget; steps to the threshold."""
-    budgets, last = config.budgets, config.budgets[-1]
+    budgets, last, variants = config.budgets, config.budgets[-1], evaluations.evaluated
     runs = {m: [layout.downstream(m, s) for s in config.seeds] for m in config.methods}
-    success = {
-        m: {v: {str(b): evaluations.pooled(runs[m], b, v) for b in budgets} for v in EVALUATED_VARIANTS} for m in runs
-    }
+    success = {m: {v: {str(b): evaluations.pooled(runs[m], b, v) for b in budgets} for v in variants} for m in runs}
     tasks = split_tasks(config)["downstream"]
     bands = {
-        m: {v: {str(b): band(evaluations.cells(runs[m], b, v, tasks)) for b in budgets} for v in EVALUATED_VARIANTS}
-        for m in runs
+        m: {v: {str(b): band(evaluations.cells(runs[m], b, v, tasks)) for b in budgets} for v in variants} for m in runs
     }
-    per_task = {
-        m: {v: {t: evaluations.pooled(runs[m], last, v, t) for t in tasks} for v in EVALUATED_VARIANTS} for m in runs
-    }
+    per_task = {m: {v: {t: evaluations.pooled(runs[m], last, v, t) for t in tasks} for v in variants} for m in runs}
     threshold = {
         m: {
             v: next((b for b in budgets if success[m][v][str(b)]["rate"] >= config.success_threshold), None)
-            for v in EVALUATED_VARIANTS
+            for v in variants
         }
         for m in runs
     }
@@ -232,7 +231,7 @@ def versus_sft(
         return [round(100 * v, 1) for v in triple]
 
     out: dict[str, Any] = {}
-    for variant in EVALUATED_VARIANTS:
+    for variant in evaluations.evaluated:
         curves = {m: np.stack([evaluations.cells(runs[m], b, variant, tasks) for b in budgets]) for m in runs}
         rows = {}
         for method, curve in curves.items():
@@ -322,10 +321,17 @@ def build_results(
 ) -> dict:
     """Every number of the run, from its stage folders, as one JSON-able dictionary; `episode`: what the
     side-by-side GIF shows (reproduce's side_by_side_episode)."""
-    evaluations, inspected = Evaluations(layout), vector.to_dict()
+    evaluations, inspected = Evaluations(layout, evaluated_variants(config)), vector.to_dict()
     total = inspected["total"]
     return {
         "preset": config.preset,
+        "command": " ".join(
+            [
+                "capvector reproduce --preset",
+                config.preset,
+                *(f"--{k} {v}" for k, v in regime_overrides(config).items()),
+            ]
+        ),
         "note": config.note,
         "config": dataclasses.asdict(config),
         "methods": {m: METHODS[m].label for m in config.methods},
@@ -373,7 +379,7 @@ def comparison(name_a: str, a: Mapping, name_b: str, b: Mapping) -> str:
 def findings(results: Mapping) -> list[str]:
     """Sentences chosen by the numbers: what this run supports and what it cannot say."""
     config, success, timing = results["config"], results["success"], results["timing"]
-    last, labels = str(config["budgets"][-1]), results["methods"]
+    last, labels, home = str(config["budgets"][-1]), results["methods"], config["variant"]
     out = []
     best = max(c["rate"] for m in success.values() for v in m.values() for c in v.values())
     if best == 0:
@@ -386,7 +392,7 @@ def findings(results: Mapping) -> list[str]:
             f"The best success rate anywhere is {100 * best:.0f}%: too close to zero for the comparisons below "
             "to mean much."
         )
-    for variant, where in (("default", "in-domain"), ("new_env", "in the new environment")):
+    for variant, where in ((home, "in-domain"), (NEW_ENV, "in the new environment")):
         for other in ("sft", "aux", "meta_sft"):
             out.append(
                 f"At {last} steps {where}: "
@@ -401,10 +407,10 @@ def findings(results: Mapping) -> list[str]:
     ahead = [
         b
         for b in config["budgets"]
-        if success["capvector"]["default"][str(b)]["rate"] > success["sft"]["default"][str(b)]["rate"]
+        if success["capvector"][home][str(b)]["rate"] > success["sft"][home][str(b)]["rate"]
     ]
     reached = results["steps_to_threshold"]
-    steps_to = {m: reached[m]["default"] or "not reached" for m in ("capvector", "sft", "aux")}
+    steps_to = {m: reached[m][home] or "not reached" for m in ("capvector", "sft", "aux")}
     out.append(
         f"In-domain, CapVector's pooled success is above plain SFT's at {len(ahead)} of "
         f"{len(config['budgets'])} step budgets ({', '.join(map(str, ahead)) or 'none'}); steps to reach "
@@ -441,7 +447,7 @@ def findings(results: Mapping) -> list[str]:
             else ""
         )
         + "; in-domain success "
-        + comparison("with L_orth", with_["default"], "without", without["default"])
+        + comparison("with L_orth", with_[home], "without", without[home])
         + "."
     )
     gamma = results["gamma"]
@@ -524,14 +530,19 @@ def versus_sft_lines(results: Mapping, variant: str, budgets: list[str]) -> list
 
 def markdown(results: Mapping) -> str:
     config, success = results["config"], results["success"]
-    budgets = [str(b) for b in config["budgets"]]
-    variants = (("default", "in-domain"), ("new_env", "new environment (out-of-domain)"))
+    budgets, home = [str(b) for b in config["budgets"]], config["variant"]
+    variants = ((home, "in-domain"), (NEW_ENV, "new environment (out-of-domain)"))
     lines = [
         f"# CapVector on the embedded Meta-World benchmark: preset `{results['preset']}`",
         "",
         f"> {results['note']}",
         "",
-        f"Command: `capvector reproduce --preset {results['preset']}`. Downstream tasks: "
+        f"Auxiliary objective (extraction's aux run and method (b)): `{config['objective']}` "
+        f"({OBJECTIVES[config['objective']].recipe}); placement ranges `{config['placement']}` (demonstrations and "
+        f"evaluation); in-domain scene look `{home}` (demonstrations and the in-domain evaluation), out-of-domain "
+        f"`{NEW_ENV}`.",
+        "",
+        f"Command: `{results['command']}`. Downstream tasks: "
         f"{', '.join(results['tasks']['downstream'])}; D_ext: {', '.join(results['tasks']['extract'])}; "
         f"pretraining: {', '.join(results['tasks']['pretrain'])}. Seeds {config['seeds']}, "
         f"{config['eval_episodes']} evaluation episodes per task, checkpoint and seed on placements disjoint from "
@@ -561,9 +572,7 @@ def markdown(results: Mapping) -> str:
         cells = results["success_per_task"][method]
         lines.append(
             f"| {label_m} | "
-            + " | ".join(
-                f"{100 * cells['default'][t]['rate']:.0f}% / {100 * cells['new_env'][t]['rate']:.0f}%" for t in tasks
-            )
+            + " | ".join(f"{100 * cells[home][t]['rate']:.0f}% / {100 * cells[NEW_ENV][t]['rate']:.0f}%" for t in tasks)
             + " |"
         )
     lines += [
@@ -590,7 +599,7 @@ def markdown(results: Mapping) -> str:
     ]
     for method, label_m in results["methods"].items():
         reached = results["steps_to_threshold"][method]
-        lines.append(f"| {label_m} | {reached['default'] or 'not reached'} | {reached['new_env'] or 'not reached'} |")
+        lines.append(f"| {label_m} | {reached[home] or 'not reached'} | {reached[NEW_ENV] or 'not reached'} |")
     ablations = results["ablations"]
     lines += [
         "",
@@ -601,7 +610,7 @@ def markdown(results: Mapping) -> str:
     ]
     for row in ablations["alpha"]:
         lines.append(
-            f"| {row['alpha']:g} | {fmt_cell(row['default'])} | {fmt_cell(row['new_env'])} | "
+            f"| {row['alpha']:g} | {fmt_cell(row[home])} | {fmt_cell(row[NEW_ENV])} | "
             f"{row['theta_meta_retention']:.3f} |"
         )
     lines += [
@@ -612,7 +621,7 @@ def markdown(results: Mapping) -> str:
         "|---|---|---|",
     ]
     for row in ablations["lambda"]:
-        lines.append(f"| {row['lambda']:g} | {fmt_cell(row['default'])} | {fmt_cell(row['new_env'])} |")
+        lines.append(f"| {row['lambda']:g} | {fmt_cell(row[home])} | {fmt_cell(row[NEW_ENV])} |")
     lines += [
         "",
         "## Ablation: long run from theta_meta, with and without L_orth",
@@ -623,8 +632,8 @@ def markdown(results: Mapping) -> str:
     for method, rows in ablations["long"].items():
         for row in rows:
             lines.append(
-                f"| {results['methods'][method]} | {row['step']} | {fmt_cell(row['default'])} | "
-                f"{fmt_cell(row['new_env'])} | {row['retention']:.3f} |"
+                f"| {results['methods'][method]} | {row['step']} | {fmt_cell(row[home])} | "
+                f"{fmt_cell(row[NEW_ENV])} | {row['retention']:.3f} |"
             )
     gamma = results["gamma"]
     lines += [
@@ -666,8 +675,8 @@ def plot_success(results: Mapping, path: Path) -> None:
     """Success against steps per method: the mean over seeds and tasks, its seed-bootstrap interval as a band."""
     plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    budgets = results["config"]["budgets"]
-    for ax, (variant, title) in zip(axes, (("default", "in-domain"), ("new_env", "new environment"))):
+    budgets, home = results["config"]["budgets"], results["config"]["variant"]
+    for ax, (variant, title) in zip(axes, ((home, f"in-domain ({home})"), (NEW_ENV, "new environment"))):
         for i, (method, label) in enumerate(results["methods"].items()):
             cells = [results["success_band"][method][variant][str(b)] for b in budgets]
             ax.plot(budgets, [c["mean"] for c in cells], marker="o", color=f"C{i}", label=label)

@@ -10,6 +10,8 @@ Stages (run by capvector.bench.experiment.stages, each a folder of the run: capv
   downstream  (a)-(e) of the protocol's methods on the held-out tasks, every seed, a checkpoint at every budget
   ablations   alpha sweep, lambda sweep, and a long run with and without L_orth (first seed)
   evaluate    every checkpoint on new placements, in-domain and in the "new environment" variant
+The regime (the auxiliary objective, the placement ranges, the in-domain look: ReproduceConfig's objective, placement
+and variant) is part of the plans of the stages it shapes.
   report      report.md, results.json and plots (capvector.bench.experiment.report)
 What is trained and evaluated is capvector.bench.experiment.protocol; this module plans each stage from it and
 carries the plans out. An interrupted stage keeps what it finished and resumes its training runs from their last
@@ -34,18 +36,20 @@ from capvector.bench import recipe
 from capvector.bench.env.dataset import DemoDataset, open_meta
 from capvector.bench.experiment.layout import RunLayout, trained_policy, wall_file
 from capvector.bench.experiment.protocol import (
-    EVALUATED_VARIANTS,
     EXTRACT_STRATEGIES,
     METHODS,
+    OBJECTIVES,
     DownstreamRun,
     ReproduceConfig,
     ablation_runs,
     check_config,
     downstream_runs,
     evaluated_checkpoints,
+    evaluated_variants,
     evaluation_key,
     evaluation_name,
     preset_config,
+    run_label,
     run_name,
     split_tasks,
     start_point,
@@ -80,7 +84,7 @@ class Run:
     ) -> TrainConfig:
         """A training run on the demonstrations of `split`; `fields` set or override TrainConfig fields."""
         root, c = str(self.layout.demos(split)), self.config
-        aux = fields.get("strategy") == "aux"
+        aux, objective = fields.get("strategy") == "aux", OBJECTIVES[c.objective]
         settings: dict[str, Any] = {
             "out_dir": str(out_dir),
             "steps": steps,
@@ -94,10 +98,10 @@ class Run:
             "policy_args": {} if init_from else {"dataset": root, **c.policy},
             "init_from": str(init_from) if init_from else None,
             "dataset": "capvector.bench.recipe:dataset",
-            # depth maps are read by the spatial objective, which never runs on the pretraining set
-            "dataset_args": {"root": root, "depth": split != "pretrain"},
-            "auxiliary": "capvector.bench.recipe:spatial" if aux else "",
-            "auxiliary_args": {"dataset": root, "weight": c.aux_weight, "layer": c.aux_layer} if aux else {},
+            # depth maps are read only by an objective that needs them, which never runs on the pretraining set
+            "dataset_args": {"root": root, "depth": objective.depth and split != "pretrain"},
+            "auxiliary": objective.recipe if aux else "",
+            "auxiliary_args": objective.args(c, root) if aux else {},
             "lora_rank": c.lora_rank,
             "lora_alpha": 2.0 * c.lora_rank,
             "checkpoint_every": steps,
@@ -135,6 +139,8 @@ def plan_demos(run: Run) -> Plan:
             "episodes": getattr(c, f"{split}_episodes"),
             "seed": c.demo_seed,
             "image_size": c.image_size,
+            "placement": c.placement,
+            "variant": c.variant,
         }
         for split, tasks in split_tasks(c).items()
     }
@@ -154,6 +160,8 @@ def do_demos(run: Run, plan: Plan) -> dict[str, Any]:
                 seed=job["seed"],
                 image_size=job["image_size"],
                 workers=run.workers,
+                variant=job["variant"],
+                placement=job["placement"],
             )
     return {split: open_meta(run.layout.demos(split)).info["total_episodes"] for split in plan}
 
@@ -265,7 +273,8 @@ def plan_evaluate(run: Run) -> Plan:
         "tasks": split_tasks(c)["downstream"],
         "episodes": c.eval_episodes,
         "seed": c.eval_seed,
-        "variants": list(EVALUATED_VARIANTS),
+        "variants": list(evaluated_variants(c)),
+        "placement": c.placement,
     }
 
 
@@ -275,7 +284,7 @@ def trained_loader(path: str, base: str | None) -> functools.partial[Policy]:
 
 
 def do_evaluate(run: Run, plan: Plan) -> dict[str, Any]:
-    """Every checkpoint on the same placements of every task, in both variants, through the evaluation harness
+    """Every checkpoint on the same placements of every task, in every evaluated variant, through the evaluation harness
     (capvector.bench.env.evaluation.evaluate_many); saved as it goes (a killed stage keeps what it evaluated)."""
     from capvector.bench.env.evaluation import evaluate_many, task_result
 
@@ -293,7 +302,14 @@ def do_evaluate(run: Run, plan: Plan) -> dict[str, Any]:
     for (variant, tasks), names in todo.items():
         factories = [trained_loader(*plan["checkpoints"][name]) for name in names]
         outcomes = evaluate_many(
-            factories, list(tasks), plan["episodes"], plan["seed"], run.workers, variant, run.config.image_size
+            factories,
+            list(tasks),
+            plan["episodes"],
+            plan["seed"],
+            run.workers,
+            variant,
+            run.config.image_size,
+            placement=plan["placement"],
         )
         for i, task, rows in outcomes:
             result = dataclasses.asdict(task_result(task, rows))
@@ -320,7 +336,15 @@ def side_by_side_episode(run: Run) -> dict[str, Any]:
     episodes = {
         i: rows[0]
         for i, _, rows in evaluate_many(
-            factories, [task], 1, c.eval_seed, run.workers, image_size=c.image_size, gif_episodes=1
+            factories,
+            [task],
+            1,
+            c.eval_seed,
+            run.workers,
+            variant=c.variant,
+            image_size=c.image_size,
+            placement=c.placement,
+            gif_episodes=1,
         )
     }
     outcomes = {}
@@ -375,18 +399,22 @@ def reproduce(
     force: Iterable[str] = (),
     device: str = "auto",
 ) -> Path:
-    """Run (or resume) the experiment of `preset` in out_dir/<preset> and return that folder; the report is in its
-    report/ folder. `force`: stage names to redo (the stages after them follow, as their inputs change)."""
+    """Run (or resume) the experiment of `preset` (a name or a config) in out_dir/<run_label> (the preset's name,
+    and the regime where it is not the preset's) and return that folder; the report is in its report/ folder.
+    `force`: stage names to redo (the stages after them follow, as their inputs change)."""
     config = preset_config(preset)
     check_config(config)
     force = list(force)
-    root = Path(out_dir, config.preset)
+    root = Path(out_dir, run_label(config))
     stages = pipeline(RunLayout(root.resolve()))
     stages.check(force)
     root.mkdir(parents=True, exist_ok=True)
     layout = stages.layout
     write_json(layout.run_file, {"version": __version__, "config": dataclasses.asdict(config), "device": device})
-    print(f"capvector reproduce: preset {config.preset}, run folder {layout.root}\n{stages.listing()}")
+    print(
+        f"capvector reproduce: preset {config.preset}, objective {config.objective}, placement {config.placement}, "
+        f"variant {config.variant}, run folder {layout.root}\n{stages.listing()}"
+    )
     started = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads or threads)
