@@ -14,9 +14,7 @@ that peak RSS is its own:
 Before each measurement, earlier outputs are flushed (sync) and dropped from the page cache, and its inputs read
 once, so that every one of them, ours and the floors alike, starts with its inputs in the page cache, no writeback
 pending and as much free memory. The operation and its floor take turns going first. Times exclude the 1-5 s that
-importing torch takes, and for merge numba's start-up with its cached kernel (0.5-1 s; both reported apart as
-import_s, and merge_with_startup_s is the whole process); the mergekit comparison uses whole process times on both
-sides.
+importing torch takes (reported apart as import_s); the mergekit comparison uses whole process times on both sides.
 
   python benchmarks/merge_throughput.py [--layers 16 8] [--runs 3] [--workdir DIR] [--mergekit .venv-mergekit]
 """
@@ -127,10 +125,6 @@ began = time.perf_counter()
 if op != "floor":  # importing torch takes 1-5 s, with the machine's load: timed apart from the work
     from capvector.params.vectors import extract
     from capvector.params.merging import merge
-    if op == "merge":  # so does numba's start-up with the cached kernel (0.5-1 s, whatever the model's size)
-        import torch
-        from capvector.params import kernels
-        kernels.add_scaled_bf16(torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1), 1.0)
 start, cpu_start = time.perf_counter(), os.times()
 if op == "extract":
     extract(args["aux"], args["sft"], args["out"], hash_sources=args["hash"]).close()

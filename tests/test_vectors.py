@@ -389,60 +389,6 @@ def test_native_fast_path_equals_float32_arithmetic_bitwise(dtype, sign):
     assert Combination([(1.0, a), (0.5, b)]).read_native(0, 512) is None  # other scales go through float32
 
 
-@pytest.mark.parametrize("alpha", [1.0, -1.0, 0.3, -1.7])
-def test_fused_merge_kernel_equals_float32_arithmetic_bitwise(alpha):
-    """bfloat16 + alpha * float32 in one compiled pass: the bits of torch's float32 arithmetic and one rounding, over
-    magnitudes from float32 subnormals to near bfloat16's largest."""
-    from capvector.params import kernels
-    from capvector.params.lazy import Combination, InMemoryTensor
-
-    if not kernels.available():
-        pytest.skip("numba is not installed (the fast extra)")
-    generator = torch.Generator().manual_seed(1)
-    scales = torch.logspace(-40, 37, 256).repeat_interleave(64).reshape(256, 64)
-    a = InMemoryTensor("w", (torch.randn(256, 64, generator=generator) * scales).to(torch.bfloat16))
-    b = InMemoryTensor("w", torch.randn(256, 64, generator=generator) * scales / 100)
-    combined = Combination([(1.0, a), (alpha, b)], dtype=torch.bfloat16)
-    fused = combined.read_fused(0, 256)
-    assert fused is not None and fused[1] and fused[0].dtype == torch.bfloat16
-    expected = combined.read(0, 256).to(torch.bfloat16)
-    assert torch.isfinite(expected).all()
-    assert torch.equal(fused[0].view(torch.int16), expected.view(torch.int16))
-
-
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 3.3e38])
-def test_fused_merge_kernel_flags_non_finite(bad):
-    """NaN or Inf in either input, or finite inputs whose sum rounds past bfloat16's largest value."""
-    from capvector.params import kernels
-
-    if not kernels.available():
-        pytest.skip("numba is not installed (the fast extra)")
-    a, b = torch.zeros(100, dtype=torch.bfloat16), torch.zeros(100)
-    b[37] = bad
-    a[37] = 3.3e38 if bad == 3.3e38 else 0.0
-    result = kernels.add_scaled_bf16(a, b, 1.0)
-    assert result is not None and not result[1]
-    assert kernels.add_scaled_bf16(torch.zeros(100, dtype=torch.bfloat16), torch.zeros(100), 1.0)[1]  # type: ignore[index]
-
-
-def test_merge_without_numba_writes_the_same_bits(tmp_path, monkeypatch, random_state, perturbed, write_checkpoint):
-    """The torch fallback (numba not installed) and the fused kernel write identical files."""
-    from capvector.params import kernels
-
-    pt = random_state(SHAPES, torch.bfloat16, 3)
-    for name, state in (("pt", pt), ("ft", perturbed(pt, 4)), ("ao", perturbed(pt, 5))):
-        write_checkpoint(tmp_path / name, state, "sharded", extra_files=False)
-    extract(tmp_path / "ao", tmp_path / "ft", tmp_path / "gamma", hash_sources=False)
-    calls, fused = [], kernels.add_scaled_bf16
-    monkeypatch.setattr(kernels, "add_scaled_bf16", lambda *args: calls.append(1) or fused(*args))
-    merge(tmp_path / "pt", tmp_path / "gamma", tmp_path / "fused", alpha=0.7)
-    assert calls or not kernels.available()
-    monkeypatch.setattr(kernels, "available", lambda: False)
-    merge(tmp_path / "pt", tmp_path / "gamma", tmp_path / "torch", alpha=0.7)
-    for shard in sorted(p.name for p in (tmp_path / "torch").glob("*.safetensors")):
-        assert (tmp_path / "fused" / shard).read_bytes() == (tmp_path / "torch" / shard).read_bytes()
-
-
 def test_membership_reads_no_tensor(tmp_path, monkeypatch, random_state, write_checkpoint):
     """`name in checkpoint` and `a.keys() - b.keys()` look at names only (Mapping's own `in` reads the tensor: it made
     every extract read the whole SFT model twice before writing anything)."""

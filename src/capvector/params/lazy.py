@@ -219,22 +219,6 @@ class Combination(LazyTensor):
         b_rows = rest[0][1].read_native(start, stop)
         return None if b_rows is None else torch.add(a_rows, b_rows, alpha=rest[0][0])
 
-    def read_fused(self, start: int, stop: int) -> tuple[torch.Tensor, bool] | None:
-        """(rows rounded to this dtype, whether all are finite) in one compiled pass, for a bfloat16 tensor plus a
-        scaled float32 one (a merge of extract's default vector): the same bits as `read` then rounding. None when
-        the terms do not fit or numba is not installed (capvector.params.kernels)."""
-        from capvector.params import kernels  # numba loads with it: only where a merge needs it
-
-        if len(self.terms) != 2 or self.terms[0][0] != 1.0 or not kernels.available():
-            return None
-        (_, a), (coefficient, b) = self.terms
-        if not (a.dtype == self.dtype == torch.bfloat16 and b.dtype == torch.float32):
-            return None
-        a_rows, b_rows = a.read_native(start, stop), b.read_native(start, stop)
-        if a_rows is None or b_rows is None:
-            return None
-        return kernels.add_scaled_bf16(a_rows.contiguous(), b_rows.contiguous(), coefficient)
-
 
 class LazyTensorMapping(Mapping[str, torch.Tensor]):
     """Names to tensors read only when asked for (`mapping[name]`); `lazy(name)` gives the tensor unread.

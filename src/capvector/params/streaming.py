@@ -103,17 +103,9 @@ def evaluate_chunk(tensor: OutputTensor, start: int, stop: int, statistics: bool
 
     Computed rows are checked for NaN/Inf through a cheap reduction (their sum of squares with `statistics`, else
     their min and max, which propagate NaN, in one pass over the stored dtype), and only searched element by element
-    when it is not finite (a merge of a bfloat16 model and a float32 vector is computed and checked in one compiled
-    pass: Combination.read_fused). Rows copied byte for byte are not checked.
+    when it is not finite. Rows copied byte for byte are not checked.
     """
     source = tensor.source
-    if not statistics and isinstance(source, Combination) and source.dtype == tensor.dtype:
-        fused = source.read_fused(start, stop)
-        if fused is not None:
-            rows, finite = fused
-            if not finite:
-                raise non_finite_error(source, start, stop)
-            return rows.reshape(-1).view(torch.uint8), math.nan
     stored = source.read_native(start, stop) if source.dtype == tensor.dtype else None
     copied = stored is not None and not isinstance(source, Combination)
     if stored is None:
@@ -134,11 +126,9 @@ def evaluate_chunk(tensor: OutputTensor, start: int, stop: int, statistics: bool
 def ensure_finite(source: LazyTensor, values: torch.Tensor, start: int, stop: int) -> None:
     """Raise, naming the input tensor and file, if rows [start, stop) of `source` (= values) hold NaN or Inf."""
     if not torch.isfinite(values).all():
-        raise non_finite_error(source, start, stop)
-
-
-def non_finite_error(source: LazyTensor, start: int, stop: int) -> CapvectorError:
-    return CapvectorError(f"{_non_finite_culprit(source, start, stop)}; fix or exclude it (--exclude '{source.name}')")
+        raise CapvectorError(
+            f"{_non_finite_culprit(source, start, stop)}; fix or exclude it (--exclude '{source.name}')"
+        )
 
 
 def _write_all(handle: io.FileIO, data: torch.Tensor, path: Path, name: str) -> None:
