@@ -118,9 +118,10 @@ def test_headroom_miniature_runs_every_stage_and_reuses_them(tmp_path, capsys):
         ({"control_weights": [0.1, -1.0]}, "must be positive"),
         ({"selection_seeds": 0}, "selection_seeds"),
         ({"validation_seed": 0}, "validation_seed must differ"),
+        ({"variant": "mars"}, "unknown variant 'mars'; valid: default, new_env, random_view"),
     ],
 )
-def test_a_control_sweep_that_cannot_choose_is_refused(change, message):
+def test_a_control_sweep_or_regime_that_cannot_run_is_refused(change, message):
     with pytest.raises(CapvectorError, match=message):
         check_config(dataclasses.replace(REGIMES["test"], **change))
 
