@@ -671,6 +671,12 @@ def pyplot() -> Any:
     return plt
 
 
+def save_figure(figure: Any, path: Path) -> None:
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot().close(figure)
+
+
 def plot_success(results: Mapping, path: Path) -> None:
     """Success against steps per method: the mean over seeds and tasks, its seed-bootstrap interval as a band."""
     plt = pyplot()
@@ -686,9 +692,7 @@ def plot_success(results: Mapping, path: Path) -> None:
         ax.set_ylim(-0.02, 1.02)
     axes[0].set_ylabel("success rate (band: 95% bootstrap over seeds)")
     axes[0].legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def plot_training(results: Mapping, path: Path) -> None:
@@ -713,9 +717,7 @@ def plot_training(results: Mapping, path: Path) -> None:
     axes[2].axhline(results["config"]["alpha"], color="grey", linestyle=":", linewidth=1)  # right after the merge
     axes[2].set_ylabel("<theta - theta_pt, gamma> / |gamma|^2")
     axes[0].legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def plot_step_time(results: Mapping, path: Path) -> None:
@@ -725,9 +727,7 @@ def plot_step_time(results: Mapping, path: Path) -> None:
     ax.bar(range(len(names)), [results["timing"][n]["step_ms"] for n in names])
     ax.set_xticks(range(len(names)), names, rotation=20)
     ax.set_ylabel("ms per training step (median)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def write_report(
