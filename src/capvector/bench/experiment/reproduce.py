@@ -10,9 +10,9 @@ Stages (run by capvector.bench.experiment.stages, each a folder of the run: capv
   downstream  (a)-(e) of the protocol's methods on the held-out tasks, every seed, a checkpoint at every budget
   ablations   alpha sweep, lambda sweep, and a long run with and without L_orth (first seed)
   evaluate    every checkpoint on new placements, in-domain and in the "new environment" variant
+  report      report.md, results.json and plots (capvector.bench.experiment.report)
 The regime (the auxiliary objective, the placement ranges, the in-domain look: ReproduceConfig's objective, placement
 and variant) is part of the plans of the stages it shapes.
-  report      report.md, results.json and plots (capvector.bench.experiment.report)
 What is trained and evaluated is capvector.bench.experiment.protocol; this module plans each stage from it and
 carries the plans out. An interrupted stage keeps what it finished and resumes its training runs from their last
 checkpoints.
