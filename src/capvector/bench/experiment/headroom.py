@@ -121,6 +121,27 @@ REGIMES = {
         variant="random_view",
         budgets=[1000, 2000],
     ),
+    # Which tasks have headroom when the camera moves? The scan's screening under random_view, on validation
+    # placements, over the eight tasks whose experts finish every wide placement and that are neither at the ceiling
+    # (drawer-close: 100% for both arms in the scan) nor at the floor (sweep-into: ~1% for both arms in `views`).
+    "views-scan": HeadroomConfig(
+        regime="views-scan",
+        tasks=[
+            "button-press-v3",
+            "drawer-open-v3",
+            "door-close-v3",
+            "door-lock-v3",
+            "handle-pull-v3",
+            "handle-press-v3",
+            "button-press-topdown-v3",
+            "faucet-open-v3",
+        ],
+        variant="random_view",
+        budgets=[2000],
+        seeds=[0, 1],
+        eval_seed=1,
+        validation_seed=2,
+    ),
     # The suite's miniature: one task, a tiny policy, a few steps.
     "test": HeadroomConfig(
         regime="test",
