@@ -8,7 +8,7 @@ import torch
 from capvector.bench.env.dataset import DemoDataset
 from capvector.bench.env.features import PRIVILEGED_KEY
 from capvector.bench.env.sim import DECOY_SEED_OFFSET, PLACEMENTS, SimEnv
-from capvector.bench.experiment.headroom import REGIMES, check_config, control_name, headroom
+from capvector.bench.experiment.headroom import PROBE_EPISODES, REGIMES, check_config, control_name, headroom
 from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.bench.policy.modeling_policy import Policy
 from capvector.errors import CapvectorError
@@ -101,12 +101,20 @@ def test_headroom_miniature_runs_every_stage_and_reuses_them(tmp_path, capsys):
         "control_minus_sft" in row
         and f"Weight {control['weight']:g}, chosen on validation" in (report / "report.md").read_text()
     )
+    # the probe of the visual tokens: every arm's policy of every seed and an untrained one, each an R^2
+    probe = json.loads((tmp_path / "test" / "evaluate" / "probe.json").read_text())
+    assert len(probe) == 3 * len(config.seeds) + 1 and all(r2 <= 1 for r2 in probe.values())
+    assert set(results["probe"]) == {"steps", "untrained", "sft", "oracle", "control"}
+    assert "What the image-only visual tokens carry" in (report / "report.md").read_text()
+    held_out = DemoDataset(tmp_path / "test" / "demos-held-out", depth=False)
+    assert len(held_out.episodes) == PROBE_EPISODES * len(config.tasks)
     dataset = DemoDataset(tmp_path / "test" / "demos", depth=False)
+    assert not {e["placement_seed"] for e in dataset.episodes} & {e["placement_seed"] for e in held_out.episodes}
     assert dataset.privileged is not None and dataset.generation["placement"] == "wide"
     assert np.allclose(dataset.privileged[0, :3], dataset.privileged[1, :3], atol=0.02)  # the box does not move
     capsys.readouterr()
     headroom("test", out_dir=tmp_path)  # everything cached: no training, no evaluation
-    assert "evaluated" not in capsys.readouterr().out
+    assert not {"evaluated", "probing"} & set(capsys.readouterr().out.split())
     with pytest.raises(CapvectorError, match="unknown headroom regime"):
         headroom("nope", out_dir=tmp_path)
 

@@ -12,6 +12,8 @@ If the oracle is not clearly ahead, no perception objective can help here and th
 The control's weight is chosen on validation placements (another placement seed than the test's): every candidate
 weight is trained with the first `selection_seeds` seeds and evaluated there, and the best (mean success over the
 budgets) is trained with the remaining seeds and evaluated on the test placements like the other arms.
+The probe reads what each arm's image-only visual tokens carry about where things are on placements no policy
+trained on (capvector.bench.probe.held_out_r2): the acceptance figure of the control's learned target.
 The decoy test evaluates the oracle with the positions of another placement (moved as the real ones move): if its
 success drops, the oracle uses the positions; if not, it finds the objects from the images anyway.
 
@@ -30,13 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from capvector.bench import recipe
-from capvector.bench.env.camera import VARIANTS
+from capvector.bench.env.camera import CAMERAS, VARIANTS
 from capvector.bench.env.features import PRIVILEGED_DIM
 from capvector.bench.env.sim import PLACEMENTS, parallel_map
 from capvector.bench.env.tasks import resolve_tasks
 from capvector.bench.experiment.layout import HeadroomLayout, checkpoint_folder, trained_policy
+from capvector.bench.objectives.privileged import relative_positions
+from capvector.bench.probe import held_out_r2
 from capvector.bench.statistics import bootstrap_mean, paired_difference, resolvable_difference
 from capvector.errors import CapvectorError
 from capvector.files import content_hash, read_json, write_json, write_text
@@ -45,6 +50,10 @@ from capvector.training.config import TrainConfig
 from capvector.training.engine import train
 
 ARMS = ("sft", "oracle", "control")
+# The probe of the visual tokens: demonstrations on placements no policy trained on (the next demonstration seed),
+# every PROBE_STRIDE-th frame (neighbouring frames are nearly the same image).
+PROBE_EPISODES = 3
+PROBE_STRIDE = 3
 
 
 @dataclass
@@ -307,15 +316,82 @@ def final_evaluations(config: HeadroomConfig, runs: dict[str, str]) -> list[Eval
     return todo + [Evaluation(runs["oracle"], s, config.budgets[-1], decoy=True) for s in config.seeds]
 
 
+def record_demonstrations(config: HeadroomConfig, root: Path, episodes_per_task: int, seed: int) -> None:
+    """The regime's demonstrations (tasks, scene look, placements, image size) into `root`, once."""
+    if root.exists():
+        return
+    from capvector.bench.env.demos import generate_demonstrations  # the simulator, only when recording
+
+    print(f"demonstrations: {len(config.tasks)} tasks x {episodes_per_task}, placement {config.placement}, seed {seed}")
+    generate_demonstrations(
+        root,
+        config.tasks,
+        episodes_per_task,
+        seed=seed,
+        image_size=config.image_size,
+        workers=config.workers,
+        variant=config.variant,
+        placement=config.placement,
+    )
+
+
+def probe_frames(config: HeadroomConfig, layout: HeadroomLayout) -> tuple[torch.Tensor, ...]:
+    """Images (N, cameras, 3, H, W) of the training demonstrations' frames and of held-out ones, the object's and
+    goal's positions relative to the hand (N, 6, metres), the training frames (N,) and among them the episodes that
+    choose the probe's ridge (every fifth)."""
+    from capvector.bench.teacher.pretraining import load_frames
+
+    record_demonstrations(config, layout.held_out_demos, PROBE_EPISODES, config.demo_seed + 1)
+    seen, new = (load_frames(root, CAMERAS, PROBE_STRIDE) for root in (layout.demos, layout.held_out_demos))
+    images = torch.cat([seen.images, new.images])
+    positions = relative_positions(
+        torch.cat([seen.privileged, new.privileged]), torch.cat([seen.state, new.state]), scale=1.0
+    )
+    train = torch.arange(len(images)) < len(seen.images)
+    inner = torch.cat([seen.episode % 5 == 1, torch.zeros(len(new.images), dtype=torch.bool)])
+    return images, positions, train, inner
+
+
+@torch.no_grad()
+def visual_tokens(policy: Any, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """The vision encoder's output (image-only visual tokens) for every frame."""
+    return torch.cat([policy.vision(images[i : i + batch]) for i in range(0, len(images), batch)])
+
+
+def probe_tokens(config: HeadroomConfig, layout: HeadroomLayout, runs: dict[str, str]) -> dict[str, float]:
+    """Held-out R^2 of the positions from the visual tokens of every arm's policies at the last budget and of an
+    untrained policy ("untrained"), cached in layout.probe."""
+    results = read_json(layout.probe) or {}
+    todo = [Evaluation(run, seed, config.budgets[-1]) for run in runs.values() for seed in config.seeds]
+    missing = [e for e in todo if e.name not in results] + [None] * ("untrained" not in results)
+    if missing:
+        images, positions, train, inner = probe_frames(config, layout)
+        print(f"probing the visual tokens: {int(train.sum())} training frames, {int((~train).sum())} held out")
+        for evaluation in missing:
+            if evaluation is None:
+                torch.manual_seed(config.seeds[0])
+                policy = recipe.policy(None, dataset=str(layout.demos), **config.policy).eval()
+            else:
+                policy = recipe.load_trained(policy_at(layout, evaluation.run, evaluation.seed, evaluation.steps))
+            tokens = visual_tokens(policy, images)
+            results["untrained" if evaluation is None else evaluation.name] = held_out_r2(
+                tokens, positions, train, inner
+            )
+            write_json(layout.probe, results)
+    return results
+
+
 def cells(results: dict, config: HeadroomConfig, run: str, steps: int, decoy: bool = False) -> np.ndarray:
     """(seeds, tasks) success rates of one training run's policies at one budget."""
     return np.array([[results[Evaluation(run, s, steps, decoy).name][t] for t in config.tasks] for s in config.seeds])
 
 
-def summarize(results: dict, config: HeadroomConfig, runs: dict[str, str], control: dict | None = None) -> dict:
+def summarize(
+    results: dict, config: HeadroomConfig, runs: dict[str, str], probe: dict[str, float], control: dict | None = None
+) -> dict:
     """Per arm and budget: mean success and its seed-bootstrap interval; oracle - sft paired; the decoy's drop; how
-    small a difference these seeds resolve; the control's weight and its validation figures. Success rates in
-    points (0-100). `runs`: arm -> training run name."""
+    small a difference these seeds resolve; the probe's R^2 per arm; the control's weight and its validation
+    figures. Success rates in points (0-100). `runs`: arm -> training run name."""
 
     def points(triple: tuple[float, float, float]) -> list[float]:
         return [round(100 * v, 1) for v in triple]
@@ -339,6 +415,7 @@ def summarize(results: dict, config: HeadroomConfig, runs: dict[str, str], contr
     last = config.budgets[-1]
     oracle, decoy = cells(results, config, runs["oracle"], last), cells(results, config, runs["oracle"], last, True)
     best = max(budgets, key=lambda b: budgets[b]["oracle_minus_sft"][1])
+    r2 = {arm: [[probe[Evaluation(run, s, last).name]] for s in config.seeds] for arm, run in runs.items()}
     return {
         "regime": config.regime,
         "config": dataclasses.asdict(config),
@@ -349,6 +426,11 @@ def summarize(results: dict, config: HeadroomConfig, runs: dict[str, str], contr
             "oracle_with_decoy": points(bootstrap_mean(decoy)),
             "drop": points(paired_difference(oracle, decoy)),
             "steps": last,
+        },
+        "probe": {
+            "steps": last,
+            "untrained": round(probe["untrained"], 3),
+            **{arm: [round(v, 3) for v in bootstrap_mean(np.array(values))] for arm, values in r2.items()},
         },
         "headroom": {
             "budget": int(best),
@@ -405,6 +487,15 @@ def report_markdown(summary: dict) -> str:
         ]
     decoy = summary["decoy"]
     head = summary["headroom"]
+    probe = summary["probe"]
+    carried = ", ".join(f"{arm} {interval(probe[arm])}" for arm in summary["arms"])
+    lines += [
+        "",
+        f"What the image-only visual tokens carry at {probe['steps']} steps: held-out R^2 of the object's and goal's "
+        f"positions relative to the hand, from a linear probe fitted on the training demonstrations' frames and "
+        f"scored on {PROBE_EPISODES} demonstrations per task on placements no policy trained on (mean over seeds, "
+        f"95% interval): {carried}; an untrained policy {probe['untrained']}.",
+    ]
     lines += [
         "",
         f"Decoy test at {decoy['steps']} steps: the oracle {decoy['oracle'][0]}% with the true positions, "
@@ -453,20 +544,7 @@ def headroom(regime: str | HeadroomConfig = "wide", out_dir: str | Path = "runs/
     layout.root.mkdir(parents=True, exist_ok=True)
     write_json(layout.config, {"key": key, "config": dataclasses.asdict(config)})
     started = time.perf_counter()
-    if not layout.demos.exists():
-        from capvector.bench.env.demos import generate_demonstrations
-
-        print(f"demonstrations: {len(config.tasks)} tasks x {config.demos_per_task}, placement {config.placement}")
-        generate_demonstrations(
-            layout.demos,
-            config.tasks,
-            config.demos_per_task,
-            seed=config.demo_seed,
-            image_size=config.image_size,
-            workers=config.workers,
-            variant=config.variant,
-            placement=config.placement,
-        )
+    record_demonstrations(config, layout.demos, config.demos_per_task, config.demo_seed)
     jobs = [(train_config(config, layout, arm, seed),) for seed in config.seeds for arm in ("sft", "oracle")]
     print(f"training {len(jobs)} runs of {config.budgets[-1]} steps, {config.workers} at a time")
     parallel_map(train_arm, jobs, config.workers)
@@ -480,7 +558,8 @@ def headroom(regime: str | HeadroomConfig = "wide", out_dir: str | Path = "runs/
         parallel_map(train_arm, jobs, config.workers)
     print(f"trained in {time.perf_counter() - started:.0f} s; evaluating")
     results = run_evaluations(config, layout, final_evaluations(config, runs), layout.evaluations, config.eval_seed)
-    summary = summarize(results, config, runs, control)
+    probe = probe_tokens(config, layout, runs)
+    summary = summarize(results, config, runs, probe, control)
     layout.report.mkdir(exist_ok=True)
     write_json(layout.report_results, summary)
     write_text(layout.report_file, report_markdown(summary))

@@ -16,9 +16,11 @@
     <out>/<regime>/                     a `capvector headroom` run folder (HeadroomLayout)
       config.json                       the config and its key
       demos/                            the demonstrations of the regime's tasks
+      demos-held-out/                   a few more on other placements, for the probe of the visual tokens
       train/<arm>/seed<k>/              training runs (sft, oracle, control_w<weight>)
       evaluate/results.json             "<arm>/seed<k>/step<n>[/decoy]" -> {task: success rate}
       evaluate/validation_placements<p>.json   the same for the control's candidate weights, on validation placements
+      evaluate/probe.json               "<arm>/seed<k>/step<n>" -> held-out R^2 of positions from its visual tokens
       report/                           report.md and results.json
 
 A training run folder is the engine's (capvector.training.engine): policy/, checkpoints/step_N/policy/,
@@ -115,6 +117,8 @@ class HeadroomLayout:
         self.root = root
         self.config = root / "config.json"
         self.demos = root / "demos"
+        self.held_out_demos = root / "demos-held-out"
+        self.probe = root / "evaluate" / "probe.json"
         self.evaluations = root / "evaluate" / RESULTS_FILE
         self.report = root / "report"
         self.report_file = self.report / REPORT_FILE

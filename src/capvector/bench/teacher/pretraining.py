@@ -35,9 +35,9 @@ from capvector.bench.env.features import PRIVILEGED_KEY, STATE_KEY
 from capvector.bench.env.sim import EVAL_SEED_OFFSET
 from capvector.bench.env.tasks import resolve_tasks
 from capvector.bench.objectives.privileged import relative_positions
+from capvector.bench.probe import feature_statistics, position_share
 from capvector.bench.teacher.configuration_teacher import TeacherConfig
 from capvector.bench.teacher.modeling_teacher import RECORD_NAME, Teacher
-from capvector.bench.teacher.probe import feature_statistics, position_share
 from capvector.errors import CapvectorError
 from capvector.files import read_json
 
@@ -114,7 +114,7 @@ def check_dataset(root: Path, config: TeacherConfig) -> dict:
     return block
 
 
-def load_frames(root: Path, config: TeacherConfig, stride: int) -> Frames:
+def load_frames(root: Path, cameras: tuple[str, ...], stride: int) -> Frames:
     """Every `stride`-th frame of the dataset, through the dataset reader."""
     dataset = DemoDataset(root, chunk_size=1, depth=True)
     lengths = [e["length"] for e in dataset.episodes]
@@ -123,8 +123,8 @@ def load_frames(root: Path, config: TeacherConfig, stride: int) -> Frames:
     samples = [dataset[i] for i in keep]
     stack = lambda key: torch.stack([s[key] for s in samples])  # noqa: E731
     return Frames(
-        images=torch.stack([stack(f"observation.images.{c}") for c in config.cameras], dim=1),
-        depth=torch.stack([stack(f"observation.depth.{c}") for c in config.cameras], dim=1).half(),
+        images=torch.stack([stack(f"observation.images.{c}") for c in cameras], dim=1),
+        depth=torch.stack([stack(f"observation.depth.{c}") for c in cameras], dim=1).half(),
         state=stack(STATE_KEY),
         privileged=stack(PRIVILEGED_KEY),
         episode=episode[list(keep)],
@@ -271,7 +271,7 @@ def pretrain_teacher(config: TeacherPretraining, out_dir: str | Path) -> Path:
     block = check_dataset(root, config.teacher)
     fovy = {c: float(block["cameras"][c]["fovy"]) for c in config.teacher.cameras}
     config = dataclasses.replace(config, teacher=dataclasses.replace(config.teacher, fovy=fovy))
-    frames = load_frames(root, config.teacher, config.frame_stride)
+    frames = load_frames(root, config.teacher.cameras, config.frame_stride)
     train = frames.episode % config.validation_every != config.validation_every - 1
     torch.manual_seed(config.train_seed)
     untrained = probe(Teacher(config.teacher).eval(), frames, train)

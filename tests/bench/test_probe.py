@@ -1,0 +1,35 @@
+"""The linear probe of learned features (capvector.bench.probe.held_out_r2) on features with a known answer."""
+
+import pytest
+import torch
+
+from capvector.bench.probe import held_out_r2
+
+
+def frames(features: int, noise: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(1500, features, generator=generator)
+    weights = torch.randn(features, 6, generator=generator) / features**0.5
+    return x, x @ weights + noise * torch.randn(1500, 6, generator=generator)
+
+
+def masks(n: int = 1500, held_out: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
+    index = torch.arange(n)
+    return index < n - held_out, (index // 50) % 5 == 1  # inner: whole 50-frame "episodes"
+
+
+def test_the_probe_recovers_the_share_a_linear_signal_explains():
+    x, y = frames(features=100, noise=0.5, seed=0)  # signal variance 1, noise 0.25: R^2 = 0.8
+    train, inner = masks()
+    assert held_out_r2(x, y, train, inner) == pytest.approx(0.8, abs=0.03)
+    # the same targets from features that carry nothing: nothing explained on held-out frames
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    assert abs(held_out_r2(noise, y, train, inner)) < 0.02
+
+
+def test_the_probe_fits_more_features_than_frames_and_reads_token_grids():
+    x, y = frames(features=2000, noise=0.1, seed=2)
+    train, inner = masks()
+    tokens = x.view(1500, 20, 100)  # (frames, tokens, dim): flattened by the probe
+    assert held_out_r2(tokens, y, train, inner) == pytest.approx(held_out_r2(x, y, train, inner))
+    assert 0.3 < held_out_r2(tokens, y, train, inner) < 1
