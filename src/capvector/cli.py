@@ -35,9 +35,9 @@ EXAMPLES = {
   capvector evaluate --expert --tasks reach-v3,push-v3 --episodes 10""",
     "headroom": """example:
   capvector headroom --regime wide        (SFT against an oracle given object positions; runs/headroom/wide/report)
-  capvector headroom --regime coarse      (wide placements seen through 32px frames)
-  capvector headroom --regime scarce      (the same with 5 demos per task)
-  capvector headroom --regime default     (the same in Meta-World's own placement ranges)""",
+  capvector headroom --regime default     (the same in Meta-World's own placement ranges)
+  capvector headroom --regime views-scan  (which tasks gain from positions when the camera moves? validation placements)
+  capvector headroom --regime views-picked --arms sft,oracle,control   (the four chosen, 5 seeds, the control too)""",
     "reproduce": """example:
   capvector reproduce --preset quick                       (what `make demo` runs; minutes on a laptop CPU)
   capvector reproduce --preset full --device cuda
@@ -389,8 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--regime",
         default="wide",
-        help="wide (2.5x placement ranges), coarse (wide, 32px frames), scarce (coarse, 5 demos per task) or "
-        "default (Meta-World's)",
+        help="a regime of capvector.bench.experiment.headroom (an unknown name lists them); see the examples",
     )
     p.add_argument("--out", default="runs/headroom", help="parent of the run folder <out>/<regime>")
     p.add_argument("--arms", default="sft,oracle", help="sft,oracle (always) and control (the positive control)")

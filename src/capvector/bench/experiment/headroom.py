@@ -40,7 +40,6 @@ from capvector.bench.env.features import PRIVILEGED_DIM
 from capvector.bench.env.sim import PLACEMENTS, parallel_map
 from capvector.bench.env.tasks import resolve_tasks
 from capvector.bench.experiment.layout import HeadroomLayout, checkpoint_folder, trained_policy
-from capvector.bench.objectives.privileged import relative_positions
 from capvector.bench.probe import held_out_r2
 from capvector.bench.statistics import bootstrap_mean, paired_difference, resolvable_difference
 from capvector.errors import CapvectorError
@@ -345,20 +344,28 @@ def record_demonstrations(config: HeadroomConfig, root: Path, episodes_per_task:
 
 
 def probe_frames(config: HeadroomConfig, layout: HeadroomLayout) -> tuple[torch.Tensor, ...]:
-    """Images (N, cameras, 3, H, W) of the training demonstrations' frames and of held-out ones, the object's and
-    goal's positions relative to the hand (N, 6, metres), the training frames (N,) and among them the episodes that
-    choose the probe's ridge (every fifth)."""
+    """Images (N, cameras, 3, H, W) of the training demonstrations' frames and of held-out ones; the object's and
+    goal's positions (N, 6, metres, world frame: what the oracle is given and SFT must read from the images) less
+    their task's mean over the training frames, since which task it is, and so roughly where its objects are, any
+    features tell; the training frames (N,) and among them the episodes that choose the probe's ridge (every
+    fifth)."""
+    from capvector.bench.env.dataset import open_meta
     from capvector.bench.teacher.pretraining import load_frames
 
     record_demonstrations(config, layout.held_out_demos, PROBE_EPISODES, config.demo_seed + 1)
-    seen, new = (load_frames(root, CAMERAS, PROBE_STRIDE) for root in (layout.demos, layout.held_out_demos))
-    images = torch.cat([seen.images, new.images])
-    positions = relative_positions(
-        torch.cat([seen.privileged, new.privileged]), torch.cat([seen.state, new.state]), scale=1.0
-    )
-    train = torch.arange(len(images)) < len(seen.images)
-    inner = torch.cat([seen.episode % 5 == 1, torch.zeros(len(new.images), dtype=torch.bool)])
-    return images, positions, train, inner
+    roots = (layout.demos, layout.held_out_demos)
+    seen, new = (load_frames(root, CAMERAS, PROBE_STRIDE) for root in roots)
+    task = [
+        torch.tensor([config.tasks.index(open_meta(root).episodes[e]["name"]) for e in frames.episode.tolist()])
+        for root, frames in zip(roots, (seen, new))
+    ]
+    positions = torch.cat([seen.privileged, new.privileged])
+    task_of_frame = torch.cat(task)
+    train = torch.arange(len(positions)) < len(seen.privileged)
+    for t in task_of_frame.unique():
+        positions[task_of_frame == t] -= positions[train & (task_of_frame == t)].mean(0)
+    inner = torch.cat([seen.episode % 5 == 1, torch.zeros(len(new.episode), dtype=torch.bool)])
+    return torch.cat([seen.images, new.images]), positions, train, inner
 
 
 @torch.no_grad()
@@ -501,9 +508,9 @@ def report_markdown(summary: dict) -> str:
     lines += [
         "",
         f"What the image-only visual tokens carry at {probe['steps']} steps: held-out R^2 of the object's and goal's "
-        f"positions relative to the hand, from a linear probe fitted on the training demonstrations' frames and "
-        f"scored on {PROBE_EPISODES} demonstrations per task on placements no policy trained on (mean over seeds, "
-        f"95% interval): {carried}; an untrained policy {probe['untrained']}.",
+        "positions within their task (less the task's mean), from a linear probe fitted on the training "
+        f"demonstrations' frames and scored on {PROBE_EPISODES} demonstrations per task on placements no policy "
+        f"trained on (mean over seeds, 95% interval): {carried}; an untrained policy {probe['untrained']}.",
     ]
     lines += [
         "",
