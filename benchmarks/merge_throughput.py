@@ -125,6 +125,8 @@ began = time.perf_counter()
 if op != "floor":  # importing torch takes 1-5 s, with the machine's load: timed apart from the work
     from capvector.params.vectors import extract
     from capvector.params.merging import merge
+    from capvector.params.streaming import retain_freed_memory
+    retain_freed_memory()  # as the commands do
 start, cpu_start = time.perf_counter(), os.times()
 if op == "extract":
     extract(args["aux"], args["sft"], args["out"], hash_sources=args["hash"]).close()

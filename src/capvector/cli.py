@@ -82,8 +82,10 @@ def _progress(line: str) -> None:
 
 
 def _command_extract(args: argparse.Namespace) -> None:
+    from capvector.params.streaming import retain_freed_memory
     from capvector.params.vectors import extract
 
+    retain_freed_memory()
     with _file_errors():
         vector = extract(
             args.aux,
@@ -115,7 +117,9 @@ def _command_extract(args: argparse.Namespace) -> None:
 
 def _command_merge(args: argparse.Namespace) -> None:
     from capvector.params.merging import merge, parse_alpha_arguments
+    from capvector.params.streaming import retain_freed_memory
 
+    retain_freed_memory()
     alpha, patterns = parse_alpha_arguments(args.alpha or ["1.0"])
     with _file_errors():
         output = merge(args.pretrained, args.vector, args.output, alpha=alpha, alpha_patterns=patterns)
