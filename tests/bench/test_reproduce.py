@@ -208,3 +208,19 @@ def test_every_method_is_compared_with_sft_paired_by_seed_and_task(run):
     assert rows["sft"]["steps_to_sft_final"][0] <= CONFIG.budgets[-1]
     report = (run / "report" / "report.md").read_text()
     assert "Against (a) SFT, paired by (seed, task)" in report
+
+
+def test_the_summary_block_holds_the_headline_comparisons_of_this_runs_objective(run):
+    results = json.loads((run / "report" / "results.json").read_text())
+    summary, last = results["summary"], str(CONFIG.budgets[-1])
+    assert (summary["seeds"], summary["budget"]) == (len(CONFIG.seeds), CONFIG.budgets[-1])
+    rows = results["versus_sft"][CONFIG.variant]
+    assert CONFIG.objective == "spatial"  # the spatial rows filled, the control's left to another run
+    assert summary["spatial_aux_minus_sft"] == rows["aux"]["difference"][last]
+    assert summary["spatial_capvector_minus_sft"] == rows["capvector"]["difference"][last]
+    assert summary["control_aux_minus_sft"] is None and summary["control_capvector_minus_sft"] is None
+    low, mean, high = sorted(summary["spatial_aux_minus_sft"])
+    assert summary["spatial_aux_minus_sft"] == [mean, low, high]
+    timing = results["timing"]
+    for method in ("aux", "capvector"):
+        assert summary["step_time_vs_sft"][method] == round(timing[method]["step_ms"] / timing["sft"]["step_ms"], 3)

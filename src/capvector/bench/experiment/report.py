@@ -312,6 +312,43 @@ def gamma_results(config: ReproduceConfig, layout: RunLayout, evaluations: Evalu
     return {"along_gamma": along, "ablations": {"alpha": alphas, "lambda": lambdas, "long": long}}
 
 
+# Which rows of the summary a run's auxiliary objective fills: the positive control's or the spatial objective's.
+SUMMARY_PREFIX = {"privileged": "control", "spatial": "spatial"}
+
+
+def summary(config: ReproduceConfig, versus: Mapping, timing: Mapping) -> dict[str, Any]:
+    """The headline figures, in the run's in-domain look at its last budget: (b) auxiliary SFT and (d) CapVector
+    against (a) SFT, paired ([mean, low, high] in success-rate points, 95% seed-bootstrap interval), filled for this
+    run's objective and null for the other one's (another run: `--objective`); and the step-time ratios to SFT.
+    The oracle's lead is measured by `capvector headroom`, and the teacher is not in these presets, so those
+    two are null here."""
+    last = str(config.budgets[-1])
+    rows = versus.get(config.variant, {})
+    sft_ms = timing.get("sft", {}).get("step_ms")
+
+    def minus_sft(method: str) -> list[float] | None:
+        return rows.get(method, {}).get("difference", {}).get(last)
+
+    def step_ratio(method: str) -> float | None:
+        ms = timing.get(method, {}).get("step_ms")
+        return round(ms / sft_ms, 3) if ms and sft_ms else None
+
+    filled = SUMMARY_PREFIX[config.objective]
+    return {
+        "seeds": len(config.seeds),
+        "budget": int(last),
+        "variant": config.variant,
+        "oracle_minus_sft": None,
+        **{
+            f"{prefix}_{method}_minus_sft": minus_sft(method) if prefix == filled else None
+            for prefix in SUMMARY_PREFIX.values()
+            for method in ("aux", "capvector")
+        },
+        "teacher_object_variance_explained": None,
+        "step_time_vs_sft": {"aux": step_ratio("aux"), "capvector": step_ratio("capvector")},
+    }
+
+
 def build_results(
     config: ReproduceConfig,
     layout: RunLayout,
@@ -323,6 +360,7 @@ def build_results(
     side-by-side GIF shows (reproduce's side_by_side_episode)."""
     evaluations, inspected = Evaluations(layout, evaluated_variants(config)), vector.to_dict()
     total = inspected["total"]
+    success, timing = success_results(config, layout, evaluations), timing_results(config, layout)
     return {
         "preset": config.preset,
         "command": " ".join(
@@ -336,8 +374,9 @@ def build_results(
         "config": dataclasses.asdict(config),
         "methods": {m: METHODS[m].label for m in config.methods},
         "tasks": split_tasks(config),
-        **success_results(config, layout, evaluations),
-        "timing": timing_results(config, layout),
+        "summary": summary(config, success["versus_sft"], timing),
+        **success,
+        "timing": timing,
         "gamma": {
             "norm": total["norm"],
             "relative_to_pretrained": total["relative_to_base"],
