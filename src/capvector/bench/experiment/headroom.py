@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -355,12 +356,9 @@ def probe_frames(config: HeadroomConfig, layout: HeadroomLayout) -> tuple[torch.
     record_demonstrations(config, layout.held_out_demos, PROBE_EPISODES, config.demo_seed + 1)
     roots = (layout.demos, layout.held_out_demos)
     seen, new = (load_frames(root, CAMERAS, PROBE_STRIDE) for root in roots)
-    task = [
-        torch.tensor([config.tasks.index(open_meta(root).episodes[e]["name"]) for e in frames.episode.tolist()])
-        for root, frames in zip(roots, (seen, new))
-    ]
+    task_of_episode = [[config.tasks.index(e["name"]) for e in open_meta(root).episodes] for root in roots]
+    task_of_frame = torch.cat([torch.tensor(tasks)[f.episode] for tasks, f in zip(task_of_episode, (seen, new))])
     positions = torch.cat([seen.privileged, new.privileged])
-    task_of_frame = torch.cat(task)
     train = torch.arange(len(positions)) < len(seen.privileged)
     for t in task_of_frame.unique():
         positions[task_of_frame == t] -= positions[train & (task_of_frame == t)].mean(0)
@@ -377,22 +375,23 @@ def visual_tokens(policy: Any, images: torch.Tensor, batch: int = 256) -> torch.
 def probe_tokens(config: HeadroomConfig, layout: HeadroomLayout, runs: dict[str, str]) -> dict[str, float]:
     """Held-out R^2 of the positions from the visual tokens of every arm's policies at the last budget and of an
     untrained policy ("untrained"), cached in layout.probe."""
-    results = read_json(layout.probe) or {}
+
+    def untrained() -> Any:
+        torch.manual_seed(config.seeds[0])
+        return recipe.policy(None, dataset=str(layout.demos), **config.policy).eval()
+
     todo = [Evaluation(run, seed, config.budgets[-1]) for run in runs.values() for seed in config.seeds]
-    missing = [e for e in todo if e.name not in results] + [None] * ("untrained" not in results)
+    policies: dict[str, Callable[[], Any]] = {
+        e.name: functools.partial(recipe.load_trained, policy_at(layout, e.run, e.seed, e.steps)) for e in todo
+    }
+    policies["untrained"] = untrained
+    results = read_json(layout.probe) or {}
+    missing = [name for name in policies if name not in results]
     if missing:
         images, positions, train, inner = probe_frames(config, layout)
         print(f"probing the visual tokens: {int(train.sum())} training frames, {int((~train).sum())} held out")
-        for evaluation in missing:
-            if evaluation is None:
-                torch.manual_seed(config.seeds[0])
-                policy = recipe.policy(None, dataset=str(layout.demos), **config.policy).eval()
-            else:
-                policy = recipe.load_trained(policy_at(layout, evaluation.run, evaluation.seed, evaluation.steps))
-            tokens = visual_tokens(policy, images)
-            results["untrained" if evaluation is None else evaluation.name] = held_out_r2(
-                tokens, positions, train, inner
-            )
+        for name in missing:
+            results[name] = held_out_r2(visual_tokens(policies[name](), images), positions, train, inner)
             write_json(layout.probe, results)
     return results
 

@@ -20,7 +20,8 @@
       train/<arm>/seed<k>/              training runs (sft, oracle, control_w<weight>)
       evaluate/results.json             "<arm>/seed<k>/step<n>[/decoy]" -> {task: success rate}
       evaluate/validation_placements<p>.json   the same for the control's candidate weights, on validation placements
-      evaluate/probe.json               "<arm>/seed<k>/step<n>" -> held-out R^2 of positions from its visual tokens
+      evaluate/probe.json               "<arm>/seed<k>/step<n>" and "untrained" -> held-out R^2 of positions from
+                                        its visual tokens
       report/                           report.md and results.json
 
 A training run folder is the engine's (capvector.training.engine): policy/, checkpoints/step_N/policy/,
