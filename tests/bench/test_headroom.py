@@ -110,8 +110,9 @@ def test_headroom_miniature_runs_every_stage_and_reuses_them(tmp_path, capsys):
     assert len(held_out.episodes) == PROBE_EPISODES * len(config.tasks)
     dataset = DemoDataset(tmp_path / "test" / "demos", depth=False)
     assert not {e["placement_seed"] for e in dataset.episodes} & {e["placement_seed"] for e in held_out.episodes}
-    assert dataset.privileged is not None and dataset.generation["placement"] == "wide"
-    assert np.allclose(dataset.privileged[0, :3], dataset.privileged[1, :3], atol=0.02)  # the box does not move
+    assert PRIVILEGED_KEY in dataset.privileged and dataset.generation["placement"] == "wide"
+    positions = dataset.privileged[PRIVILEGED_KEY]
+    assert np.allclose(positions[0, :3], positions[1, :3], atol=0.02)  # the box does not move
     capsys.readouterr()
     headroom("test", out_dir=tmp_path)  # everything cached: no training, no evaluation
     assert not {"evaluated", "probing"} & set(capsys.readouterr().out.split())

@@ -44,7 +44,12 @@ def synthetic_episodes(size: int, lengths: list[int], tasks: list[str], seed: in
         }
         frames |= {
             key: rng.normal(size=(length, dim)).astype(np.float32)
-            for key, dim in [("observation.state", 4), ("observation.privileged", 6), ("action", 4)]
+            for key, dim in [
+                ("observation.state", 4),
+                ("observation.privileged", 6),
+                ("observation.privileged_pixels", 12),
+                ("action", 4),
+            ]
         }
         frames |= {key: np.arange(length) == length - 1 for key in ("next.success", "next.done")}
         episodes.append(Episode(task, frames, {"name": f"task-{task}", "placement_seed": i}))
@@ -87,6 +92,12 @@ def test_meta_is_lerobot_v30(written):
         "goal_x",
         "goal_y",
         "goal_z",
+    ]
+    assert features["observation.privileged_pixels"]["names"][:4] == [
+        "scene_object_u",
+        "scene_object_v",
+        "scene_object_z",
+        "scene_goal_u",
     ]
 
     tasks = pq.read_table(root / "meta" / "tasks.parquet")
@@ -168,7 +179,8 @@ def test_the_reader_gets_back_every_frame(written):
     for key in ("scene", "wrist"):
         assert np.array_equal(ds.images[key], np.concatenate([e.frames[f"observation.images.{key}"] for e in episodes]))
         assert np.array_equal(ds.depth[key], np.concatenate([e.frames[f"observation.depth.{key}"] for e in episodes]))
-    assert np.array_equal(ds.privileged, np.concatenate([e.frames["observation.privileged"] for e in episodes]))
+    for key in ("observation.privileged", "observation.privileged_pixels"):
+        assert np.array_equal(ds.privileged[key], np.concatenate([e.frames[key] for e in episodes]))
     sample = ds[6]
     assert sample["instruction"] == "push it" and sample["action_is_pad"].tolist() == [False, False, True, True]
     assert torch.equal(sample["action"][1], torch.from_numpy(episodes[1].frames["action"][2]))
@@ -179,7 +191,7 @@ def test_a_dataset_lerobot_wrote_trains(tmp_path):
     block (so the spatial objective needs fovy)."""
     expected = np.load(LEROBOT_CREATED.with_suffix(".npz"))
     ds = DemoDataset(LEROBOT_CREATED)
-    assert ds.image_size == 16 and ds.generation is None and ds.privileged is None
+    assert ds.image_size == 16 and ds.generation is None and ds.privileged == {}
     for key in ("scene", "wrist"):
         assert np.array_equal(ds.images[key], expected[f"images.{key}"])
         assert np.array_equal(ds.depth[key], expected[f"depth.{key}"])

@@ -33,6 +33,7 @@ from capvector.bench.env.dataset import CAPVECTOR_META, DemoDataset, capvector_m
 from capvector.bench.env.evaluation import evaluate
 from capvector.bench.env.sim import MAX_EPISODE_STEPS
 from capvector.bench.objectives.alignment import TeacherAlignment
+from capvector.bench.objectives.localization import LocalizationObjective
 from capvector.bench.objectives.privileged import PrivilegedObjective
 from capvector.bench.objectives.spatial import SpatialObjective
 from capvector.bench.policy.configuration_policy import PolicyConfig
@@ -101,6 +102,12 @@ def load_trained(path: str | Path, device: str = "cpu", base: str | Path | None 
 def privileged(layer: str = "vision", weight: float = 0.5, scale: float = 0.1) -> PrivilegedObjective:
     """The positive control: visual tokens regress the object's and the goal's positions relative to the hand."""
     return PrivilegedObjective(layer=layer, weight=weight, scale=scale)
+
+
+def localization(layer: str = "vision", weight: float = 0.5) -> LocalizationObjective:
+    """The positive control that can localize: each visual patch learns where the object and goal appear relative
+    to it in its camera's image."""
+    return LocalizationObjective(layer=layer, weight=weight)
 
 
 def teacher_alignment(teacher: str, layer: str = "vision", weight: float = 0.5) -> TeacherAlignment:

@@ -72,6 +72,18 @@ def intrinsics(fovy: float, height: int, width: int) -> np.ndarray:
     return np.array([[f, 0, (width - 1) / 2], [0, f, (height - 1) / 2], [0, 0, 1]])
 
 
+def project(points: np.ndarray, position: np.ndarray, rotation: np.ndarray, fovy: float, size: int) -> np.ndarray:
+    """(N, 3) pixel column u, row v and depth z (metres along the camera axis) of world points (N, 3), seen by a
+    camera at `position` with `rotation` (OpenCV axes as columns) in a size x size image."""
+    camera_frame = (np.asarray(points, np.float64) - position) @ rotation
+    z = camera_frame[:, 2]
+    K = intrinsics(fovy, size, size)
+    safe = np.where(np.abs(z) < 1e-9, 1e-9, z)  # a point in the camera's plane: u, v meaningless, z says so
+    u = K[0, 0] * camera_frame[:, 0] / safe + K[0, 2]
+    v = K[1, 1] * camera_frame[:, 1] / safe + K[1, 2]
+    return np.stack([u, v, z], axis=1)
+
+
 def pixel_rays(fovy: float, height: int, width: int, stride: int = 1) -> np.ndarray:
     """(h, w, 3) rays ((u - cx) / f, (v - cy) / f, 1) at pixels (v, u) on a grid of step `stride` starting at
     stride // 2; a ray times the pixel's depth is its camera-frame point."""

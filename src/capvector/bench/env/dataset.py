@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from capvector.bench.env.camera import CAMERAS
-from capvector.bench.env.features import ACTION_KEY, PRIVILEGED_KEY, STATE_KEY
+from capvector.bench.env.features import ACTION_KEY, PIXELS_KEY, PRIVILEGED_KEY, STATE_KEY
 from capvector.bench.env.lerobot_format import Meta, decode_images, read_frames, read_meta, vectors
 from capvector.errors import CapvectorError
 
@@ -98,8 +98,9 @@ class DemoDataset(torch.utils.data.Dataset):
         needed += [depth_key(c) for c in CAMERAS] if depth else []
         require_features(meta, needed)
         self.image_size = image_size(meta)
-        has_privileged = PRIVILEGED_KEY in meta.features  # for oracles and privileged objectives only
-        table = read_frames(meta, needed + [PRIVILEGED_KEY] * has_privileged, HINT)
+        # for oracles and privileged objectives only; datasets other tools wrote have neither
+        optional = [key for key in (PRIVILEGED_KEY, PIXELS_KEY) if key in meta.features]
+        table = read_frames(meta, needed + optional, HINT)
         if not np.array_equal(table.column("index").to_numpy(), np.arange(len(table))):
             raise CapvectorError(f"dataset {self.root}: its frames' index is not 0..{len(table) - 1} in file order")
         self.images = {c: decode_images(table.column(image_key(c))) for c in CAMERAS}
@@ -107,7 +108,7 @@ class DemoDataset(torch.utils.data.Dataset):
             {c: self._millimetres(meta, c, decode_images(table.column(depth_key(c)))) for c in CAMERAS} if depth else {}
         )
         self.state = vectors(table.column(STATE_KEY), np.float32)
-        self.privileged = vectors(table.column(PRIVILEGED_KEY), np.float32) if has_privileged else None
+        self.privileged = {key: vectors(table.column(key), np.float32) for key in optional}
         self.action = vectors(table.column(ACTION_KEY), np.float32)
         self.task_index = vectors(table.column("task_index"), np.int64)[:, 0]
         # the last frame of each frame's episode
@@ -142,7 +143,7 @@ class DemoDataset(torch.utils.data.Dataset):
         sample.update(
             {
                 STATE_KEY: torch.from_numpy(self.state[i]),
-                **({PRIVILEGED_KEY: torch.from_numpy(self.privileged[i])} if self.privileged is not None else {}),
+                **{key: torch.from_numpy(values[i]) for key, values in self.privileged.items()},
                 "task_index": torch.tensor(task, dtype=torch.int64),
                 "instruction": self.tasks[task],
                 ACTION_KEY: torch.from_numpy(self.action[steps]),

@@ -17,7 +17,15 @@ import numpy as np
 
 from capvector.bench.env.camera import CAMERAS, intrinsics
 from capvector.bench.env.dataset import CAPVECTOR_META, DEPTH_SCALE, FORMAT_VERSION, depth_key, image_key
-from capvector.bench.env.features import ACTION_KEY, PRIVILEGED_KEY, PRIVILEGED_NAMES, STATE_KEY
+from capvector.bench.env.features import (
+    ACTION_KEY,
+    PIXEL_FIELDS,
+    PIXEL_POINTS,
+    PIXELS_KEY,
+    PRIVILEGED_KEY,
+    PRIVILEGED_NAMES,
+    STATE_KEY,
+)
 from capvector.bench.env.lerobot_format import Episode, write_dataset
 from capvector.bench.env.sim import (
     ACTION_DIM,
@@ -98,6 +106,7 @@ def frame_features(image_size: int) -> dict[str, dict[str, Any]]:
     vector = {
         STATE_KEY: ["hand_x", "hand_y", "hand_z", "gripper"],
         PRIVILEGED_KEY: list(PRIVILEGED_NAMES),
+        PIXELS_KEY: [f"{c}_{p}_{f}" for c in CAMERAS for p in PIXEL_POINTS for f in PIXEL_FIELDS],
         ACTION_KEY: ["dx", "dy", "dz", "gripper"],
     }
     features |= {key: {"dtype": "float32", "shape": [len(names)], "names": names} for key, names in vector.items()}

@@ -12,3 +12,10 @@ ACTION_KEY = "action"  # dx, dy, dz, gripper
 PRIVILEGED_KEY = "observation.privileged"
 PRIVILEGED_NAMES = ("object_x", "object_y", "object_z", "goal_x", "goal_y", "goal_z")
 PRIVILEGED_DIM = len(PRIVILEGED_NAMES)
+# Where those two points appear in each camera's image, for per-patch privileged targets: per camera (in
+# capvector.bench.env.camera.CAMERAS order) and point (object, goal), the pixel column u and row v of the point's
+# projection (pinhole model of capvector.bench.env.camera, pixel centres at integers, in the recorded image size)
+# and its depth z in metres along the camera axis (z <= 0: behind the camera, u and v meaningless).
+PIXELS_KEY = "observation.privileged_pixels"
+PIXEL_POINTS = ("object", "goal")
+PIXEL_FIELDS = ("u", "v", "z")

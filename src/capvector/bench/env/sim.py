@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from capvector.bench.env.camera import CAMERAS, VARIANTS, Look
-from capvector.bench.env.features import PRIVILEGED_KEY, PRIVILEGED_NAMES
+from capvector.bench.env.camera import CAMERAS, VARIANTS, Look, project
+from capvector.bench.env.features import PIXELS_KEY, PRIVILEGED_KEY, PRIVILEGED_NAMES
 from capvector.errors import CapvectorError
 
 ACTION_DIM = 4
@@ -261,16 +261,22 @@ class SimEnv:
         return self.renderer.render(self.env.model, self.env.data, self.cameras[camera], depth=depth)
 
     def observe(self, depth: bool = True) -> dict[str, np.ndarray]:
-        """The current observation with the dataset's keys: images (3, H, W) uint8, depth (1, H, W), state (4,)."""
+        """The current observation with the dataset's keys: images (3, H, W) uint8, depth (1, H, W), state (4,),
+        privileged positions (6,) and their pixels in each camera (PIXELS_KEY; the true ones, also for a decoy)."""
         out = {
             "observation.state": self.obs[:STATE_DIM].astype(np.float32),
             PRIVILEGED_KEY: (self.privileged() + self._decoy_shift).astype(np.float32),
         }
+        points = self.privileged().reshape(2, 3)
+        pixels = []
         for camera in CAMERAS:
             rgb, dep = self.render(camera, depth=depth)
             out[f"observation.images.{camera}"] = np.ascontiguousarray(rgb.transpose(2, 0, 1))
             if dep is not None:  # rendered when `depth`
                 out[f"observation.depth.{camera}"] = dep[None]
+            pose = self.renderer.camera_pose()
+            pixels.append(project(points, *pose, self.camera_fovy[camera], self.image_size))
+        out[PIXELS_KEY] = np.concatenate(pixels, axis=None).astype(np.float32)
         return out
 
     def camera_pose(self, camera: str) -> tuple[np.ndarray, np.ndarray]:

@@ -186,6 +186,11 @@ class Objective:
     args: Callable[[ReproduceConfig, str], dict[str, Any]]
 
 
+def weight_and_layer(config: ReproduceConfig, root: str) -> dict[str, Any]:
+    """An objective's arguments: the weight, and the layer when the config gives one (else the objective's own)."""
+    return {"weight": config.aux_weight} | ({"layer": config.aux_layer} if config.aux_layer is not None else {})
+
+
 OBJECTIVES = {
     # Spatial Forcing's analog: visual tokens aligned with geometry from depth (the paper's objective).
     "spatial": Objective(
@@ -195,11 +200,10 @@ OBJECTIVES = {
     ),
     # The positive control: visual tokens regress the object and goal positions (observation.privileged, which
     # every demonstration dataset records).
-    "privileged": Objective(
-        "capvector.bench.recipe:privileged",
-        False,
-        lambda c, root: {"weight": c.aux_weight} | ({"layer": c.aux_layer} if c.aux_layer is not None else {}),
-    ),
+    "privileged": Objective("capvector.bench.recipe:privileged", False, weight_and_layer),
+    # The positive control that can localize: each visual patch learns where the object and goal appear relative
+    # to it (observation.privileged_pixels).
+    "localization": Objective("capvector.bench.recipe:localization", False, weight_and_layer),
 }
 REGIME_FIELDS = ("objective", "placement", "variant")  # what `capvector reproduce` sets on top of a preset
 
