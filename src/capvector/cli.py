@@ -369,8 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="quick", help="quick (minutes, proves the pipeline) or full (the experiment)")
     p.add_argument(
         "--objective",
-        help="auxiliary objective of extraction and method (b): spatial (the presets') or privileged (regresses "
-        "object and goal positions)",
+        help="auxiliary objective of extraction and method (b): spatial (the presets'), privileged (every visual "
+        "token regresses object and goal positions) or localization (each patch regresses where they appear)",
     )
     p.add_argument("--placement", help="placement ranges of demonstrations and evaluation: default or wide (2.5x)")
     p.add_argument(

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from capvector.bench.env.camera import depth_to_points
 from capvector.bench.env.dataset import DemoDataset
-from capvector.bench.env.features import PRIVILEGED_KEY
+from capvector.bench.env.features import PIXELS_KEY, PRIVILEGED_KEY
 from capvector.bench.env.sim import DECOY_SEED_OFFSET, PLACEMENTS, SimEnv
 from capvector.bench.experiment.headroom import PROBE_EPISODES, REGIMES, check_config, control_name, headroom
 from capvector.bench.policy.configuration_policy import PolicyConfig
@@ -44,6 +45,29 @@ def test_privileged_positions_are_the_simulators_and_the_decoy_takes_another_pla
     decoy.reset(123)
     assert np.allclose(decoy.obs, env.obs) is False  # the decoy env plays the real placement...
     assert np.allclose(decoy.observe(depth=False)[PRIVILEGED_KEY], other, atol=1e-5)  # ...and shows the other one
+    env.close()
+    decoy.close()
+
+
+def test_recorded_pixels_land_on_the_object_in_the_scene_camera():
+    """The surface seen at the object's projection (PIXELS_KEY), lifted back to the world by the depth map and the
+    camera pose, is the object, in every episode's view; the decoy keeps the true pixels (they teach, they are not
+    an oracle's input)."""
+    env = SimEnv(TASK, image_size=64, variant="random_view")
+    for seed in range(4):
+        env.reset(seed)
+        frame = env.observe(depth=True)
+        u, v, z = frame[PIXELS_KEY][:3]  # scene camera, object
+        assert 0 <= round(u) < 64 and 0 <= round(v) < 64 and z > 0
+        seen = depth_to_points(frame["observation.depth.scene"][0], env.camera_fovy["scene"])[round(v), round(u)]
+        position, rotation = env.camera_pose("scene")
+        distance = np.linalg.norm(position + rotation @ seen - frame[PRIVILEGED_KEY][:3])
+        assert distance < 0.06, (seed, distance)  # the box's face, within its size of its centre
+    env.close()
+    env, decoy = SimEnv(TASK, image_size=64), SimEnv(TASK, image_size=64, decoy=True)
+    env.reset(0)
+    decoy.reset(0)
+    assert np.allclose(decoy.observe(depth=False)[PIXELS_KEY], env.observe(depth=False)[PIXELS_KEY], atol=1e-4)
     env.close()
     decoy.close()
 

@@ -1,6 +1,7 @@
 """The whole `capvector reproduce` pipeline in miniature (preset "test": a tiny policy, three tasks, a few steps,
 one episode per checkpoint): every stage's artifact exists and agrees with the others, and a re-run trains nothing."""
 
+import dataclasses
 import json
 import math
 import re
@@ -16,6 +17,7 @@ from capvector.bench.env.sim import CONTROL_HZ
 from capvector.bench.experiment.layout import PLOTS
 from capvector.bench.experiment.protocol import METHODS, PRESETS
 from capvector.bench.experiment.report import markdown
+from capvector.bench.experiment.report import summary as report_summary
 from capvector.bench.experiment.reproduce import STAGES, reproduce
 from capvector.bench.policy.modeling_policy import Policy
 from capvector.bench.statistics import bootstrap_mean
@@ -224,3 +226,14 @@ def test_the_summary_block_holds_the_headline_comparisons_of_this_runs_objective
     timing = results["timing"]
     for method in ("aux", "capvector"):
         assert summary["step_time_vs_sft"][method] == round(timing[method]["step_ms"] / timing["sft"]["step_ms"], 3)
+
+
+@pytest.mark.parametrize("objective", ["privileged", "localization"])
+def test_either_positive_control_fills_the_summarys_control_rows(objective):
+    config = dataclasses.replace(CONFIG, objective=objective)
+    last = str(config.budgets[-1])
+    rows = {m: {"difference": {last: [float(i), 0.0, 9.0]}} for i, m in enumerate(["aux", "capvector"])}
+    versus = {config.variant: rows}
+    block = report_summary(config, versus, {})
+    assert block["control_aux_minus_sft"] == [0.0, 0.0, 9.0] and block["control_capvector_minus_sft"] == [1.0, 0.0, 9.0]
+    assert block["spatial_aux_minus_sft"] is None and block["step_time_vs_sft"] == {"aux": None, "capvector": None}

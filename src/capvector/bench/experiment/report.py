@@ -312,8 +312,9 @@ def gamma_results(config: ReproduceConfig, layout: RunLayout, evaluations: Evalu
     return {"along_gamma": along, "ablations": {"alpha": alphas, "lambda": lambdas, "long": long}}
 
 
-# Which rows of the summary a run's auxiliary objective fills: the positive control's or the spatial objective's.
-SUMMARY_PREFIX = {"privileged": "control", "spatial": "spatial"}
+# Which rows of the summary a run's auxiliary objective fills: the positive control's (either of the two) or the
+# spatial objective's.
+SUMMARY_PREFIX = {"privileged": "control", "localization": "control", "spatial": "spatial"}
 
 
 def summary(config: ReproduceConfig, versus: Mapping, timing: Mapping) -> dict[str, Any]:
@@ -341,7 +342,7 @@ def summary(config: ReproduceConfig, versus: Mapping, timing: Mapping) -> dict[s
         "oracle_minus_sft": None,
         **{
             f"{prefix}_{method}_minus_sft": minus_sft(method) if prefix == filled else None
-            for prefix in SUMMARY_PREFIX.values()
+            for prefix in dict.fromkeys(SUMMARY_PREFIX.values())
             for method in ("aux", "capvector")
         },
         "teacher_object_variance_explained": None,
