@@ -366,7 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "reproduce", "The paper's experiment end to end on the embedded benchmark, with a report.", _command_reproduce
     )
-    p.add_argument("--preset", default="quick", help="quick (minutes, proves the pipeline) or full (the experiment)")
+    p.add_argument(
+        "--preset",
+        default="quick",
+        help="quick (minutes, proves the pipeline), full (the experiment, ~1 h on 2 cores) or gpu (paper-like sizes "
+        "for one GPU)",
+    )
     p.add_argument(
         "--objective",
         help="auxiliary objective of extraction and method (b): spatial (the presets'), privileged (every visual "

@@ -15,10 +15,11 @@ from safetensors.torch import load_file
 from capvector.bench.env.evaluation import CAPTION_PIXELS, COLUMN_GAP, GIF_PIXELS, GIF_STRIDE
 from capvector.bench.env.sim import CONTROL_HZ
 from capvector.bench.experiment.layout import PLOTS
-from capvector.bench.experiment.protocol import METHODS, PRESETS
+from capvector.bench.experiment.protocol import METHODS, PRESETS, check_config
 from capvector.bench.experiment.report import markdown
 from capvector.bench.experiment.report import summary as report_summary
 from capvector.bench.experiment.reproduce import STAGES, reproduce
+from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.bench.policy.modeling_policy import Policy
 from capvector.bench.statistics import bootstrap_mean
 from capvector.errors import CapvectorError
@@ -237,3 +238,22 @@ def test_either_positive_control_fills_the_summarys_control_rows(objective):
     block = report_summary(config, versus, {})
     assert block["control_aux_minus_sft"] == [0.0, 0.0, 9.0] and block["control_capvector_minus_sft"] == [1.0, 0.0, 9.0]
     assert block["spatial_aux_minus_sft"] is None and block["step_time_vs_sft"] == {"aux": None, "capvector": None}
+
+
+def test_the_gpu_preset_is_valid_and_its_policy_trains_a_step():
+    """The gpu preset is not run in the suite (nor yet anywhere); its config passes the checks and its policy, with
+    8x8 patches per camera, computes a loss and gradients on a CPU batch."""
+    config = PRESETS["gpu"]
+    check_config(config)
+    policy = Policy(PolicyConfig(image_size=config.image_size, **config.policy))
+    assert policy.vision(torch.zeros(2, 2, 3, 64, 64, dtype=torch.uint8)).shape == (2, 2 * 64, 256)
+    batch = {
+        "observation.images.scene": torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8),
+        "observation.images.wrist": torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8),
+        "observation.state": torch.zeros(2, 4),
+        "instruction": ["press the button", "open the drawer"],
+        "action": torch.zeros(2, 8, 4),
+        "action_is_pad": torch.zeros(2, 8, dtype=torch.bool),
+    }
+    policy(batch)["action"].backward()
+    assert all(p.grad is not None for p in policy.vision.parameters())

@@ -139,6 +139,27 @@ PRESETS = {
         note="full preset: 12 pretraining tasks, 4 extraction and 4 held-out tasks, 10-15 demonstrations per task, "
         "3 seeds, 5 episodes per task, seed and checkpoint (60 per table cell)",
     ),
+    # Paper-like sizes for one GPU (training picks CUDA when present; the simulator and evaluation use every CPU
+    # core): a policy ~20x full's, 8x8 patches per camera, 2-5x the demonstrations, 5 seeds, 20 episodes per task and
+    # checkpoint. Not yet run: no GPU was lent to a session so far, so its running time is not measured.
+    "gpu": ReproduceConfig(
+        preset="gpu",
+        pretrain_episodes=50,
+        extract_episodes=30,
+        downstream_episodes=20,
+        policy={"dim": 256, "heads": 8, "trunk_layers": 6, "vision_layers": 2, "patch_grid": 8},
+        batch_size=64,
+        warmup_steps=200,
+        pretrain_steps=20000,
+        extract_steps=3000,
+        budgets=[250, 500, 1000, 2000],
+        seeds=[0, 1, 2, 3, 4],
+        eval_episodes=20,
+        long_steps=6000,
+        threads=0,
+        note="gpu preset: paper-like sizes for one GPU (a 256-wide, 6-layer policy, 8x8 patches per camera, 20-50 "
+        "demonstrations per task, 5 seeds, 20 episodes per task, seed and checkpoint)",
+    ),
     # The test suite's miniature: two tasks, a few steps, one episode per checkpoint.
     "test": ReproduceConfig(
         preset="test",
