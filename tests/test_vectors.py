@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from capvector.cli import main
+from capvector.errors import CapvectorError
 from capvector.params.checkpoints import open_checkpoint
 from capvector.params.inspection import inspect, layer_of
 from capvector.params.lowrank import truncated_svd
@@ -438,3 +439,30 @@ def test_retain_freed_memory_reuses_freed_buffers():
     pages = 10 * (40 << 20) // resource.getpagesize()
     assert faults["default"] >= 0.9 * pages
     assert faults["retain"] <= 0.7 * faults["default"]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "pretrained", "added", "problem"),
+    [
+        (torch.float16, 65000.0, 2000.0, "overflows to Inf when combined"),  # finite in float32, Inf in float16
+        (torch.bfloat16, 1.0, float("nan"), "contains NaN or Inf"),
+        (torch.bfloat16, 1e30, 1.0, None),  # squares overflow float32: looked at element by element, and fine
+        (torch.float16, 1.0, 0.5, None),
+    ],
+)
+def test_merged_rows_that_round_to_inf_or_hold_nan_are_refused(dtype, pretrained, added, problem):
+    """The cheap finiteness check of computed rows (sum of squares before rounding) catches NaN and a value that only
+    rounding to the output dtype makes infinite, and a large but finite tensor still passes."""
+    from capvector.params.lazy import Combination, InMemoryTensor
+    from capvector.params.streaming import OutputTensor, evaluate_chunk
+
+    pt = InMemoryTensor("w", torch.full((4, 8), pretrained).to(dtype), "pt")
+    gamma = torch.zeros(4, 8)
+    gamma[2, 5] = added
+    tensor = OutputTensor("w", Combination([(1.0, pt), (0.5, InMemoryTensor("w", gamma, "gamma"))], dtype), dtype)
+    if problem is None:
+        data, _ = evaluate_chunk(tensor, 0, 4, statistics=False)
+        assert torch.isfinite(data.view(dtype)).all()
+    else:
+        with pytest.raises(CapvectorError, match=problem):
+            evaluate_chunk(tensor, 0, 4, statistics=False)
