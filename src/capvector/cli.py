@@ -369,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--preset",
         default="quick",
-        help="quick (minutes, proves the pipeline), full (the experiment, ~1 h on 2 cores) or gpu (paper-like sizes "
+        help="quick (minutes, proves the pipeline), full (the experiment, ~1 h on 2 cores), views (full's sizes in "
+        "the headroom regime: wide placements, a moving camera, the localization control) or gpu (paper-like sizes "
         "for one GPU)",
     )
     p.add_argument(

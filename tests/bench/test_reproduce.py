@@ -257,3 +257,10 @@ def test_the_gpu_preset_is_valid_and_its_policy_trains_a_step():
     }
     policy(batch)["action"].backward()
     assert all(p.grad is not None for p in policy.vision.parameters())
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_passes_the_config_checks(preset):
+    config = PRESETS[preset]
+    check_config(config)
+    assert config.preset == preset

@@ -139,6 +139,37 @@ PRESETS = {
         note="full preset: 12 pretraining tasks, 4 extraction and 4 held-out tasks, 10-15 demonstrations per task, "
         "3 seeds, 5 episodes per task, seed and checkpoint (60 per table cell)",
     ),
+    # The full preset's sizes in the regime where knowing where things are pays (capvector headroom's views
+    # regimes): wide placements, a scene camera that moves every episode, and as held-out tasks the four of the
+    # views-confirm regime; extraction, trained 3x longer than full's, on four others whose experts finish every wide
+    # placement; pretraining on the remaining twelve (their experts finish 2-8 of 8 wide placements; demonstrations
+    # keep the finished ones). The auxiliary objective is the localization control: does a capability that an
+    # objective taught on the extraction tasks move, in parameter space, to new tasks?
+    "views": ReproduceConfig(
+        preset="views",
+        pretrain_tasks=[
+            "reach-v3",
+            "push-v3",
+            "pick-place-v3",
+            "drawer-close-v3",
+            "window-open-v3",
+            "window-close-v3",
+            "plate-slide-v3",
+            "coffee-push-v3",
+            "sweep-into-v3",
+            "button-press-wall-v3",
+            "plate-slide-back-v3",
+            "faucet-close-v3",
+        ],
+        extract_tasks=["door-close-v3", "handle-pull-v3", "handle-press-v3", "button-press-topdown-v3"],
+        downstream_tasks=["button-press-v3", "drawer-open-v3", "faucet-open-v3", "door-lock-v3"],
+        extract_steps=1500,
+        objective="localization",
+        placement="wide",
+        variant="random_view",
+        note="views preset: the full preset's sizes with wide placements, a moving scene camera, the localization "
+        "control as the auxiliary objective and the headroom regime's tasks held out",
+    ),
     # Paper-like sizes for one GPU (training picks CUDA when present; the simulator and evaluation use every CPU
     # core): a policy ~20x full's, 8x8 patches per camera, 2-5x the demonstrations, 5 seeds, 20 episodes per task and
     # checkpoint. Not yet run: no GPU was lent to a session so far, so its running time is not measured.
