@@ -17,45 +17,36 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from capvector.bench.objectives.spatial import cosine_alignment_loss
-from capvector.bench.policy.configuration_policy import policy_config
+from capvector.bench.objectives.visual_tokens import VisualTokenObjective
+from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.bench.teacher.modeling_teacher import Teacher
 from capvector.errors import CapvectorError
-from capvector.training.auxiliary import AuxiliaryObjective
 
 
-class TeacherAlignment(AuxiliaryObjective):
+class TeacherAlignment(VisualTokenObjective):
     """Aligns the visual tokens at `layer` with a frozen teacher's normalized patch features by cosine."""
 
     def __init__(self, teacher: Teacher | str | Path, layer: str = "vision", weight: float = 0.5):
-        super().__init__(layer, weight)
+        super().__init__(layer, weight, "teacher alignment", hidden_ratio=2)
         teacher = teacher if isinstance(teacher, Teacher) else Teacher.from_pretrained(teacher)
         self.teacher = teacher.requires_grad_(False).eval()  # frozen: never in the optimizer, never updated
-        self.projector: nn.Module | None = None
-        self._visual: slice | None = None
         self._images: torch.Tensor | None = None
         self._image_handle: RemovableHandle | None = None
 
-    def attach(self, policy: nn.Module) -> None:
-        config = policy_config(policy, "teacher alignment")
+    def prepare(self, config: PolicyConfig) -> int:
         self.teacher.config.check_fits(config.cameras, config.image_size, config.patch_grid, "alignment")
-        if self.projector is None:
-            self.projector = nn.Sequential(
-                nn.LayerNorm(config.dim),
-                nn.Linear(config.dim, 2 * config.dim),
-                nn.GELU(),
-                nn.Linear(2 * config.dim, self.teacher.config.dim),
-            ).to(next(policy.parameters()).device)
+        return self.teacher.config.dim
+
+    def attach(self, policy: nn.Module) -> None:
         super().attach(policy)
         self._image_handle = policy.get_submodule("vision").register_forward_hook(self._capture_images)
-        # the vision encoder's output holds only the visual tokens; a trunk layer's holds the whole sequence
-        self._visual = None if self.layer == "vision" else cast(slice, policy.visual_token_slice)
 
     def detach(self) -> None:
         super().detach()
@@ -77,5 +68,4 @@ class TeacherAlignment(AuxiliaryObjective):
         images, self._images = self._images, None
         with torch.no_grad():
             target = self.teacher.normalized(images)
-        tokens = features if self._visual is None else features[:, self._visual]
-        return cosine_alignment_loss(self.projector(tokens), target)
+        return cosine_alignment_loss(self.project(features), target)

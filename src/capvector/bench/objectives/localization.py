@@ -14,16 +14,15 @@ Points behind a camera (the wrist camera often looks past them) teach no offset,
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
 import torch
-from torch import nn
 
 from capvector.bench.env.camera import CAMERAS
 from capvector.bench.env.features import PIXEL_FIELDS, PIXEL_POINTS, PIXELS_KEY
-from capvector.bench.policy.configuration_policy import policy_config
+from capvector.bench.objectives.visual_tokens import VisualTokenObjective
+from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.errors import CapvectorError
-from capvector.training.auxiliary import AuxiliaryObjective
 
 MIN_DEPTH = 0.02  # metres in front of the camera for a point's projection to count
 OFFSET_CLIP = 1.5  # image widths: farther projections (a point far outside the view) teach the clipped offset
@@ -55,32 +54,20 @@ def patch_targets(pixels: torch.Tensor, cameras: list[int], image_size: int, gri
     return target.flatten(3).flatten(1, 2), mask.flatten(3).flatten(1, 2)
 
 
-class LocalizationObjective(AuxiliaryObjective):
+class LocalizationObjective(VisualTokenObjective):
     """Hooks `layer` (default "vision": the image-only visual tokens) and regresses, per visual token, where the
     object and the goal appear relative to its patch, by a masked mean squared error."""
 
     def __init__(self, layer: str = "vision", weight: float = 0.5):
-        super().__init__(layer, weight)
-        self.projector: nn.Module | None = None
-        self._visual: slice | None = None
+        super().__init__(layer, weight, "localization objective")
 
-    def attach(self, policy: nn.Module) -> None:
-        config = policy_config(policy, "localization objective")
+    def prepare(self, config: PolicyConfig) -> int:
         unknown = [camera for camera in config.cameras if camera not in CAMERAS]
         if unknown:
             raise CapvectorError(f"localization objective: cameras {unknown} have no recorded pixels; known: {CAMERAS}")
         self.cameras = [CAMERAS.index(camera) for camera in config.cameras]
         self.image_size, self.grid = config.image_size, config.patch_grid
-        if self.projector is None:
-            self.projector = nn.Sequential(
-                nn.LayerNorm(config.dim),
-                nn.Linear(config.dim, config.dim),
-                nn.GELU(),
-                nn.Linear(config.dim, TARGETS_PER_POINT * len(PIXEL_POINTS)),
-            ).to(next(policy.parameters()).device)
-        super().attach(policy)
-        # the vision encoder's output holds only the visual tokens; a trunk layer's holds the whole sequence
-        self._visual = None if self.layer == "vision" else cast(slice, policy.visual_token_slice)
+        return TARGETS_PER_POINT * len(PIXEL_POINTS)
 
     def compute(self, features: Any, batch: Mapping[str, Any]) -> torch.Tensor:
         if PIXELS_KEY not in batch:
@@ -88,8 +75,8 @@ class LocalizationObjective(AuxiliaryObjective):
                 f"localization objective: the batch has no '{PIXELS_KEY}'; record the demonstrations with this "
                 "version of `capvector demos` (it stores where the object and goal appear in each camera)"
             )
-        tokens = features if self._visual is None else features[:, self._visual]
-        target, mask = patch_targets(batch[PIXELS_KEY].to(tokens.device), self.cameras, self.image_size, self.grid)
-        assert self.projector is not None, "attach() builds the projector"
-        error = (self.projector(tokens) - target).square() * mask
+        prediction = self.project(features)
+        pixels = batch[PIXELS_KEY].to(prediction.device)
+        target, mask = patch_targets(pixels, self.cameras, self.image_size, self.grid)
+        error = (prediction - target).square() * mask
         return error.sum() / mask.sum().clamp(min=1)

@@ -12,16 +12,15 @@ in training only; at evaluation the policy sees images, state and instruction al
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from capvector.bench.env.features import PRIVILEGED_DIM, PRIVILEGED_KEY, STATE_KEY
-from capvector.bench.policy.configuration_policy import policy_config
+from capvector.bench.objectives.visual_tokens import VisualTokenObjective
+from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.errors import CapvectorError
-from capvector.training.auxiliary import AuxiliaryObjective
 
 HAND = slice(0, 3)  # the hand's xyz in observation.state
 
@@ -32,28 +31,16 @@ def relative_positions(privileged: torch.Tensor, state: torch.Tensor, scale: flo
     return torch.cat([privileged[:, 0:3] - hand, privileged[:, 3:6] - hand], dim=1) / scale
 
 
-class PrivilegedObjective(AuxiliaryObjective):
+class PrivilegedObjective(VisualTokenObjective):
     """Hooks `layer` (default "vision": image-only visual tokens) and regresses object and goal positions relative
     to the hand from every visual token, by a mean squared error."""
 
     def __init__(self, layer: str = "vision", weight: float = 0.5, scale: float = 0.1):
-        super().__init__(layer, weight)
+        super().__init__(layer, weight, "privileged objective")
         self.scale = scale
-        self.projector: nn.Module | None = None
-        self._visual: slice | None = None
 
-    def attach(self, policy: nn.Module) -> None:
-        config = policy_config(policy, "privileged objective")
-        if self.projector is None:
-            self.projector = nn.Sequential(
-                nn.LayerNorm(config.dim),
-                nn.Linear(config.dim, config.dim),
-                nn.GELU(),
-                nn.Linear(config.dim, PRIVILEGED_DIM),
-            ).to(next(policy.parameters()).device)
-        super().attach(policy)
-        # the vision encoder's output holds only the visual tokens; a trunk layer's holds the whole sequence
-        self._visual = None if self.layer == "vision" else cast(slice, policy.visual_token_slice)
+    def prepare(self, config: PolicyConfig) -> int:
+        return PRIVILEGED_DIM
 
     def compute(self, features: Any, batch: Mapping[str, Any]) -> torch.Tensor:
         if PRIVILEGED_KEY not in batch:
@@ -61,10 +48,8 @@ class PrivilegedObjective(AuxiliaryObjective):
                 f"privileged objective: the batch has no '{PRIVILEGED_KEY}'; record the demonstrations with "
                 "this version of `capvector demos` (it stores the simulator's object and goal positions)"
             )
-        tokens = features if self._visual is None else features[:, self._visual]
+        prediction = self.project(features)
         target = relative_positions(
-            batch[PRIVILEGED_KEY].to(tokens.device), batch[STATE_KEY].to(tokens.device), self.scale
+            batch[PRIVILEGED_KEY].to(prediction.device), batch[STATE_KEY].to(prediction.device), self.scale
         )
-        assert self.projector is not None, "attach() builds the projector"
-        prediction = self.projector(tokens)
         return F.mse_loss(prediction, target.unsqueeze(1).expand_as(prediction))
