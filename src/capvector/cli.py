@@ -249,7 +249,8 @@ def _command_headroom(args: argparse.Namespace) -> None:
         weights = [float(w) for w in weights]
     except ValueError:
         raise CapvectorError(f"--control-weights {args.control_weights!r}: give numbers separated by commas") from None
-    config = dataclasses.replace(config, arms=args.arms.split(","), control_weights=weights)
+    arms = args.arms.split(",") if args.arms else config.arms
+    config = dataclasses.replace(config, arms=arms, control_weights=weights)
     folder = headroom(config, out_dir=args.out)
     print((folder / "report.md").read_text())
 
@@ -402,7 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a regime of capvector.bench.experiment.headroom (an unknown name lists them); see the examples",
     )
     p.add_argument("--out", default="runs/headroom", help="parent of the run folder <out>/<regime>")
-    p.add_argument("--arms", default="sft,oracle", help="sft,oracle (always) and control (the positive control)")
+    p.add_argument(
+        "--arms",
+        default="",
+        help="sft,oracle (always) and control (the positive control); the regime's by default",
+    )
     p.add_argument(
         "--control-weights",
         default="",

@@ -190,3 +190,13 @@ def test_the_positive_control_regresses_positions_relative_to_the_hand_from_imag
     del batch[PRIVILEGED_KEY]
     with pytest.raises(CapvectorError, match="observation.privileged"):
         objective(batch)
+
+
+def test_the_cli_runs_the_regimes_arms_unless_told_otherwise(tmp_path, capsys):
+    from capvector.cli import main
+
+    assert "control" in REGIMES["test"].arms
+    assert main(["headroom", "--regime", "test", "--out", str(tmp_path)]) == 0
+    assert "Positive control" in capsys.readouterr().out  # the regime's arms, the control among them
+    assert main(["headroom", "--regime", "test", "--out", str(tmp_path), "--arms", "sft,oracle"]) == 0
+    assert "Positive control" not in capsys.readouterr().out  # cached: the report of the arms asked for
