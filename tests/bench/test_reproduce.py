@@ -183,7 +183,7 @@ def test_a_rerun_trains_nothing_and_force_redoes_only_that_stage(run, capsys):
 
 
 def test_bad_input_is_named(tmp_path):
-    with pytest.raises(CapvectorError, match="valid presets: quick, full, test"):
+    with pytest.raises(CapvectorError, match="valid presets: quick, full, views, gpu, test"):
         reproduce("fast", tmp_path)
     with pytest.raises(CapvectorError, match="valid stages: demos, pretrain"):
         reproduce("test", tmp_path, force=["train"])
