@@ -371,8 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         default="quick",
         help="quick (minutes, proves the pipeline), full (the experiment, ~1 h on 2 cores), views (full's sizes in "
-        "the headroom regime: wide placements, a moving camera, the localization control) or gpu (paper-like sizes "
-        "for one GPU)",
+        "the headroom regime: wide placements, a moving camera, the localization control), views-long (views at 1000 "
+        "and 2000 steps, 5 seeds, methods (a)-(d)) or gpu (paper-like sizes for one GPU)",
     )
     p.add_argument(
         "--objective",

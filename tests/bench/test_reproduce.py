@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,11 +15,18 @@ from safetensors.torch import load_file
 
 from capvector.bench.env.evaluation import CAPTION_PIXELS, COLUMN_GAP, GIF_PIXELS, GIF_STRIDE
 from capvector.bench.env.sim import CONTROL_HZ
-from capvector.bench.experiment.layout import PLOTS
+from capvector.bench.experiment.layout import PLOTS, RunLayout, trained_policy
 from capvector.bench.experiment.protocol import METHODS, PRESETS, check_config
 from capvector.bench.experiment.report import markdown
 from capvector.bench.experiment.report import summary as report_summary
-from capvector.bench.experiment.reproduce import STAGES, reproduce
+from capvector.bench.experiment.reproduce import (
+    STAGES,
+    Run,
+    do_training,
+    plan_downstream,
+    reproduce,
+    training_processes,
+)
 from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.bench.policy.modeling_policy import Policy
 from capvector.bench.statistics import bootstrap_mean
@@ -182,8 +190,30 @@ def test_a_rerun_trains_nothing_and_force_redoes_only_that_stage(run, capsys):
     assert [name for name in STAGES if after[name] != ids[name]] == ["report"]
 
 
+def test_training_runs_in_parallel_processes_give_the_weights_of_sequential_training(run, tmp_path):
+    # the fixture trained one run at a time (the test preset's workers = 1); here two go at once, one per process
+    parallel = Run(dataclasses.replace(CONFIG, workers=2), RunLayout(run), "cpu")
+    assert training_processes(parallel, 2) == 2
+    plan = {name: config for name, config in plan_downstream(parallel).items() if name.endswith("seed0")}
+    assert len(plan) == len(METHODS)
+    moved = {name: dataclasses.replace(config, out_dir=str(tmp_path / name)) for name, config in plan.items()}
+    do_training(parallel, moved)
+    for name, config in plan.items():
+        expected, actual = trained_policy(Path(config.out_dir)), trained_policy(tmp_path / name)
+        files = sorted(path.name for path in expected.glob("*.safetensors"))  # LoRA runs save an adapter
+        assert files and files == sorted(path.name for path in actual.glob("*.safetensors"))
+        for file in files:
+            assert_equal_tensors(load_file(expected / file), load_file(actual / file))
+
+
+def assert_equal_tensors(expected, actual):
+    assert expected.keys() == actual.keys()
+    for key, tensor in expected.items():
+        assert torch.equal(tensor, actual[key]), key
+
+
 def test_bad_input_is_named(tmp_path):
-    with pytest.raises(CapvectorError, match="valid presets: quick, full, views, gpu, test"):
+    with pytest.raises(CapvectorError, match="valid presets: quick, full, views, views-long, gpu, test"):
         reproduce("fast", tmp_path)
     with pytest.raises(CapvectorError, match="valid stages: demos, pretrain"):
         reproduce("test", tmp_path, force=["train"])

@@ -34,6 +34,7 @@ import torch
 from capvector import __version__
 from capvector.bench import recipe
 from capvector.bench.env.dataset import DemoDataset, open_meta
+from capvector.bench.env.sim import parallel_imap
 from capvector.bench.experiment.layout import RunLayout, trained_policy, wall_file
 from capvector.bench.experiment.protocol import (
     EXTRACT_STRATEGIES,
@@ -63,6 +64,7 @@ from capvector.params.vectors import extract
 from capvector.training.checkpointing import STATE_FILE, checkpoint_dirs
 from capvector.training.config import TrainConfig, result_fields
 from capvector.training.engine import train
+from capvector.training.preflight import pick_device
 
 
 class Run:
@@ -194,10 +196,27 @@ def plan_extract(run: Run) -> Plan:
     }
 
 
+def train_in_worker(config: ReproduceConfig, layout: RunLayout, device: str, train_config: TrainConfig) -> str:
+    """run_training in a spawned process (parallel_imap's worker: one torch thread)."""
+    return str(run_training(Run(config, layout, device), train_config))
+
+
+def training_processes(run: Run, runs: int) -> int:
+    """How many training runs go at once: one per core on a CPU with single-threaded training (threads 1: measured
+    faster than one run on two threads), else one (a GPU, or torch's own threads over every core)."""
+    if run.config.threads != 1 or pick_device(run.device).type != "cpu":
+        return 1
+    return min(run.workers, runs)
+
+
 def do_training(run: Run, plan: Plan) -> dict[str, Any]:
+    """Every training run of the plan; independent runs on a CPU go in parallel (each seeded: the same weights)."""
+    configs = list(plan.values())
     for name, config in plan.items():
         print(f"  {name}: {config.strategy}, {config.finetune}, {config.steps} steps")
-        run_training(run, config)
+    jobs = [(run.config, run.layout, run.device, config) for config in configs]
+    for i, _ in parallel_imap(train_in_worker, jobs, training_processes(run, len(jobs))):
+        print(f"  {list(plan)[i]}: trained")
     return {}
 
 
