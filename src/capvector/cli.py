@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from capvector.errors import CapvectorError
 
@@ -37,7 +38,8 @@ EXAMPLES = {
   capvector headroom --regime wide        (SFT against an oracle given object positions; runs/headroom/wide/report)
   capvector headroom --regime default     (the same in Meta-World's own placement ranges)
   capvector headroom --regime views-scan  (which tasks gain from positions when the camera moves? validation placements)
-  capvector headroom --regime views-picked --arms sft,oracle,control   (the four chosen, 5 seeds, the control too)""",
+  capvector headroom --regime views-picked --arms sft,oracle,control   (the four chosen, 5 seeds, the control too)
+  capvector headroom --regime views-confirm --arms sft,oracle,control,teacher   (with the 3D teacher's objective)""",
     "reproduce": """example:
   capvector reproduce --preset quick                       (what `make demo` runs; minutes on a laptop CPU)
   capvector reproduce --preset full --device cuda
@@ -239,18 +241,20 @@ def _command_reproduce(args: argparse.Namespace) -> None:
 def _command_headroom(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from capvector.bench.experiment.headroom import REGIMES, headroom
+    from capvector.bench.experiment.headroom import AUX_ARMS, REGIMES, arm_weights, headroom
 
     if args.regime not in REGIMES:
         raise CapvectorError(f"unknown headroom regime {args.regime!r}; valid: {', '.join(REGIMES)}")
     config = REGIMES[args.regime]
-    weights = args.control_weights.split(",") if args.control_weights else config.control_weights
-    try:
-        weights = [float(w) for w in weights]
-    except ValueError:
-        raise CapvectorError(f"--control-weights {args.control_weights!r}: give numbers separated by commas") from None
+    weights: dict[str, Any] = {}
+    for arm in AUX_ARMS:
+        given = getattr(args, f"{arm}_weights")
+        try:
+            weights[f"{arm}_weights"] = [float(w) for w in given.split(",")] if given else arm_weights(config, arm)
+        except ValueError:
+            raise CapvectorError(f"--{arm}-weights {given!r}: give numbers separated by commas") from None
     arms = args.arms.split(",") if args.arms else config.arms
-    config = dataclasses.replace(config, arms=arms, control_weights=weights)
+    config = dataclasses.replace(config, arms=arms, **weights)
     folder = headroom(config, out_dir=args.out)
     print((folder / "report.md").read_text())
 
@@ -406,14 +410,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--arms",
         default="",
-        help="sft,oracle (always) and control (the positive control); the regime's by default",
+        help="sft,oracle (always), control (the positive control) and teacher (alignment with a frozen 3D teacher, "
+        "pretrained first in the run folder); the regime's by default",
     )
-    p.add_argument(
-        "--control-weights",
-        default="",
-        help="the positive control's candidate weights, e.g. 0.05,0.1,0.2 (the regime's by default); the one with "
-        "the best success on validation placements is run with every seed",
-    )
+    for arm in ("control", "teacher"):
+        p.add_argument(
+            f"--{arm}-weights",
+            default="",
+            help=f"the {arm} arm's candidate weights, e.g. 0.1,0.3 (the regime's by default); the one with the best "
+            "success on validation placements is run with every seed",
+        )
     return parser
 
 

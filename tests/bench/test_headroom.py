@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -9,10 +10,18 @@ from capvector.bench.env.camera import depth_to_points
 from capvector.bench.env.dataset import DemoDataset
 from capvector.bench.env.features import PIXELS_KEY, PRIVILEGED_KEY
 from capvector.bench.env.sim import DECOY_SEED_OFFSET, PLACEMENTS, SimEnv
-from capvector.bench.experiment.headroom import PROBE_EPISODES, REGIMES, check_config, control_name, headroom
+from capvector.bench.experiment.headroom import (
+    AUX_ARMS,
+    PROBE_EPISODES,
+    REGIMES,
+    aux_run_name,
+    check_config,
+    headroom,
+)
 from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.bench.policy.modeling_policy import Policy
 from capvector.errors import CapvectorError
+from capvector.training.config import load_config
 
 TASK = "button-press-topdown-v3"
 
@@ -113,22 +122,34 @@ def test_headroom_miniature_runs_every_stage_and_reuses_them(tmp_path, capsys):
     assert control["weight"] in config.control_weights and control["seeds"] == [0]
     assert set(control["validation"]) == {"0.1", "0.2"}
     validation = json.loads((tmp_path / "test" / "evaluate" / "validation_placements1.json").read_text())
-    assert set(validation) == {"control_w0.1/seed0/step4", "control_w0.2/seed0/step4"}
+    assert set(validation) == {"control_w0.1/seed0/step4", "control_w0.2/seed0/step4", "teacher_w0.5/seed0/step4"}
     trained = {p.parent.name + "/" + p.name for p in (tmp_path / "test" / "train").glob("control_w*/seed*")}
-    other = control_name(0.3 - control["weight"])
+    other = aux_run_name("control", 0.3 - control["weight"])
     assert trained == {
-        f"{control_name(control['weight'])}/seed0",
-        f"{control_name(control['weight'])}/seed1",
+        f"{aux_run_name('control', control['weight'])}/seed0",
+        f"{aux_run_name('control', control['weight'])}/seed1",
         f"{other}/seed0",
     }
+    # the teacher arm: its teacher pretrained in the run folder on another task's frames in this regime's look and
+    # placements, for the policy's image size; its figures in the report, its policies aligned with that teacher
+    teacher = results["teacher"]
+    figures = teacher["pretraining"]
+    assert teacher["weight"] == 0.5 and figures["frames"]["validation"] > 0  # (a held-out share can be negative)
+    assert all(math.isfinite(v) for v in [*figures["validation"].values(), figures["probe"]["share"]])
+    frames = DemoDataset(tmp_path / "test" / "demos-teacher", depth=True)
+    assert {e["name"] for e in frames.episodes} == {"reach-v3"} and frames.generation["placement"] == config.placement
+    assert json.loads((tmp_path / "test" / "teacher" / "config.json").read_text())["image_size"] == config.image_size
+    trained_with = load_config(tmp_path / "test" / "train" / "teacher_w0.5" / "seed1" / "config.yaml")
+    assert trained_with.auxiliary_args["teacher"] == str(tmp_path.resolve() / "test" / "teacher")
+    assert "teacher_minus_sft" in row and "The teacher, on" in (report / "report.md").read_text()
     assert (
         "control_minus_sft" in row
         and f"Weight {control['weight']:g}, chosen on validation" in (report / "report.md").read_text()
     )
     # the probe of the visual tokens: every arm's policy of every seed and an untrained one, each an R^2
     probe = json.loads((tmp_path / "test" / "evaluate" / "probe.json").read_text())
-    assert len(probe) == 3 * len(config.seeds) + 1 and all(r2 <= 1 for r2 in probe.values())
-    assert set(results["probe"]) == {"steps", "untrained", "sft", "oracle", "control"}
+    assert len(probe) == 4 * len(config.seeds) + 1 and all(r2 <= 1 for r2 in probe.values())
+    assert set(results["probe"]) == {"steps", "untrained", "sft", "oracle", "control", "teacher"}
     assert "What the image-only visual tokens carry" in (report / "report.md").read_text()
     held_out = DemoDataset(tmp_path / "test" / "demos-held-out", depth=False)
     assert len(held_out.episodes) == PROBE_EPISODES * len(config.tasks)
@@ -149,6 +170,8 @@ def test_headroom_miniature_runs_every_stage_and_reuses_them(tmp_path, capsys):
     [
         ({"control_weights": []}, "must be positive"),
         ({"control_weights": [0.1, -1.0]}, "must be positive"),
+        ({"teacher_weights": [0.0]}, "teacher_weights \\[0.0\\] must be positive"),
+        ({"teacher": {"dataset": "elsewhere"}}, "teacher fields \\['dataset'\\] are not TeacherPretraining settings"),
         ({"selection_seeds": 0}, "selection_seeds"),
         ({"validation_seed": 0}, "validation_seed must differ"),
         ({"variant": "mars"}, "unknown variant 'mars'; valid: default, new_env, random_view"),
@@ -193,9 +216,11 @@ def test_the_positive_control_regresses_positions_relative_to_the_hand_from_imag
 
 
 def test_the_cli_runs_the_regimes_arms_unless_told_otherwise(tmp_path, capsys):
-    from capvector.cli import main
+    from capvector.cli import build_parser, main
 
     assert "control" in REGIMES["test"].arms
+    flags = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["headroom"]._actions}
+    assert {f"{arm}_weights" for arm in AUX_ARMS} <= flags  # a flag per auxiliary arm
     assert main(["headroom", "--regime", "test", "--out", str(tmp_path)]) == 0
     assert "Positive control" in capsys.readouterr().out  # the regime's arms, the control among them
     assert main(["headroom", "--regime", "test", "--out", str(tmp_path), "--arms", "sft,oracle"]) == 0

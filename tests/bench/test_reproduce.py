@@ -289,6 +289,12 @@ def test_the_gpu_preset_is_valid_and_its_policy_trains_a_step():
     assert all(p.grad is not None for p in policy.vision.parameters())
 
 
+def test_a_method_set_without_one_the_report_compares_is_named():
+    check_config(dataclasses.replace(CONFIG, methods=["sft", "aux", "meta_sft", "capvector"]))  # LoRA is optional
+    with pytest.raises(CapvectorError, match=r"methods lack \['aux'\]; the report compares sft, aux"):
+        check_config(dataclasses.replace(CONFIG, methods=["sft", "meta_sft", "capvector", "capvector_lora"]))
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_every_preset_passes_the_config_checks(preset):
     config = PRESETS[preset]

@@ -9,10 +9,14 @@ placements (paired):
   control  auxiliary SFT with the positive control (capvector.bench.objectives.localization): where the object and
            goal appear in each camera is a per-patch training target for the visual tokens, never an input; at
            evaluation it sees what sft sees.
-If the oracle is not clearly ahead, no perception objective can help here and the regime cannot test the method.
-The control's weight is chosen on validation placements (another placement seed than the test's): every candidate
-weight is trained with the first `selection_seeds` seeds and evaluated there, and the best (mean success over the
-budgets) is trained with the remaining seeds and evaluated on the test placements like the other arms.
+  teacher  auxiliary SFT with Spatial Forcing's analog (capvector.bench.objectives.alignment): the visual tokens
+           aligned with a frozen 3D teacher's patch features. The teacher is pretrained first, in the run folder, on
+           frames of other tasks (the pretraining split) recorded in this regime's look and placements.
+If the oracle is not clearly ahead, no perception objective can help here and the regime cannot test the method;
+if the control helps and the teacher does not, the teacher's objective is the missing link.
+An auxiliary arm's weight is chosen on validation placements (another placement seed than the test's): every
+candidate weight is trained with the first `selection_seeds` seeds and evaluated there, and the best (mean success
+over the budgets) is trained with the remaining seeds and evaluated on the test placements like the other arms.
 The probe reads what each arm's image-only visual tokens carry about where things are on placements no policy
 trained on (capvector.bench.probe.held_out_r2): the acceptance figure of the control's learned target.
 The decoy test evaluates the oracle with the positions of another placement (moved as the real ones move): if its
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import time
 from collections.abc import Callable
@@ -42,15 +47,33 @@ from capvector.bench.env.features import PRIVILEGED_DIM
 from capvector.bench.env.sim import PLACEMENTS, parallel_map
 from capvector.bench.env.tasks import resolve_tasks
 from capvector.bench.experiment.layout import HeadroomLayout, checkpoint_folder, trained_policy
+from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.bench.probe import held_out_r2
 from capvector.bench.statistics import bootstrap_mean, paired_difference, resolvable_difference
+from capvector.bench.teacher.modeling_teacher import RECORD_NAME
+from capvector.bench.teacher.pretraining import TeacherPretraining, pretrain_teacher
 from capvector.errors import CapvectorError
 from capvector.files import content_hash, read_json, write_json, write_text
 from capvector.training.checkpointing import checkpoint_dirs
 from capvector.training.config import TrainConfig
 from capvector.training.engine import train
 
-ARMS = ("sft", "oracle", "control")
+# The auxiliary arms: the objective each trains with (a capvector.bench.recipe factory) and what the report says it is.
+AUX_ARMS = {
+    "control": (
+        "capvector.bench.recipe:localization",
+        "Positive control (auxiliary SFT: each visual patch regresses where the object and goal appear relative to it "
+        "in its camera's image; positions never an input)",
+    ),
+    "teacher": (
+        "capvector.bench.recipe:teacher_alignment",
+        "Frozen 3D teacher (auxiliary SFT, Spatial Forcing's analog: the image-only visual tokens aligned by cosine "
+        "with the normalized patch features of a teacher pretrained on the pretraining tasks' frames in this look)",
+    ),
+}
+ARMS = ("sft", "oracle", *AUX_ARMS)
+# TeacherPretraining fields the regime sets: the teacher's frames are recorded in its look and placements.
+TEACHER_SET_BY_REGIME = ("dataset", "placement", "workers")
 # The probe of the visual tokens: demonstrations on placements no policy trained on (the next demonstration seed),
 # every PROBE_STRIDE-th frame (neighbouring frames are nearly the same image).
 PROBE_EPISODES = 3
@@ -60,7 +83,7 @@ PROBE_STRIDE = 3
 @dataclass
 class HeadroomConfig:
     regime: str = "wide"
-    arms: list = field(default_factory=lambda: ["sft", "oracle"])  # sft and oracle always; "control" optional
+    arms: list = field(default_factory=lambda: ["sft", "oracle"])  # sft and oracle always; control, teacher optional
     # Tasks whose success hinges on reaching an object placed at random (the goal sits at a fixed offset from it).
     tasks: list = field(
         default_factory=lambda: ["button-press-topdown-v3", "button-press-v3", "door-lock-v3", "handle-press-v3"]
@@ -80,15 +103,18 @@ class HeadroomConfig:
     eval_seed: int = 0
     # The scripted experts finish these tasks in at most ~230 steps on wide placements; a failure stops at the cap.
     max_steps: int = 300
-    # The positive control: candidate weights, chosen on validation placements with the first selection_seeds seeds.
+    # The auxiliary arms' candidate weights, chosen on validation placements with the first selection_seeds seeds.
     control_weights: list = field(default_factory=lambda: [0.05, 0.1, 0.2])
+    teacher_weights: list = field(default_factory=lambda: [0.1, 0.5])
+    # The teacher arm's teacher: TeacherPretraining fields (its image size and patch grid are the policy's).
+    teacher: dict = field(default_factory=dict)
     selection_seeds: int = 2
     validation_seed: int = 1  # placement seed of the validation episodes; the test's is eval_seed
     workers: int = 2
 
 
 # Fields that say which arms to run, not how: a run folder's finished arms stay valid when they change.
-ARM_FIELDS = ("arms", "control_weights", "selection_seeds", "validation_seed")
+ARM_FIELDS = ("arms", "control_weights", "teacher_weights", "teacher", "selection_seeds", "validation_seed")
 
 
 REGIMES = {
@@ -178,7 +204,7 @@ REGIMES = {
     # The suite's miniature: one task, a tiny policy, a few steps.
     "test": HeadroomConfig(
         regime="test",
-        arms=["sft", "oracle", "control"],
+        arms=["sft", "oracle", "control", "teacher"],
         tasks=["button-press-topdown-v3"],
         demos_per_task=2,
         image_size=32,
@@ -190,6 +216,15 @@ REGIMES = {
         eval_episodes=1,
         max_steps=40,
         control_weights=[0.1, 0.2],
+        teacher_weights=[0.5],
+        teacher={
+            "teacher": {"stem_channels": [8, 16], "dim": 32, "heads": 2, "layers": 2, "depth_grid": 8},
+            "tasks": "reach-v3",
+            "episodes_per_task": 2,
+            "validation_every": 2,
+            "steps": 4,
+            "batch_size": 8,
+        },
         selection_seeds=1,
         workers=1,
     ),
@@ -208,31 +243,46 @@ def check_config(config: HeadroomConfig) -> None:
         raise CapvectorError(f"headroom: budgets {config.budgets} must be increasing positive step counts")
     if len(config.seeds) < 2:
         raise CapvectorError("headroom: give at least two seeds (the paired intervals are over seeds)")
-    if not config.control_weights or min(config.control_weights) <= 0:
-        raise CapvectorError(f"headroom: control_weights {config.control_weights} must be positive numbers")
+    for arm in AUX_ARMS:
+        weights = arm_weights(config, arm)
+        if not weights or min(weights) <= 0:
+            raise CapvectorError(f"headroom: {arm}_weights {weights} must be positive numbers")
+    open_fields = {f.name for f in dataclasses.fields(TeacherPretraining)} - set(TEACHER_SET_BY_REGIME)
+    unknown = sorted(set(config.teacher) - open_fields)
+    if unknown:
+        raise CapvectorError(
+            f"headroom: teacher fields {unknown} are not TeacherPretraining settings a regime sets; valid: "
+            f"{', '.join(sorted(open_fields))}"
+        )
     if not 1 <= config.selection_seeds <= len(config.seeds):
         raise CapvectorError(f"headroom: selection_seeds must be between 1 and the {len(config.seeds)} seeds")
     if config.validation_seed == config.eval_seed:
         raise CapvectorError("headroom: validation_seed must differ from eval_seed (choose on other placements)")
 
 
-def control_name(weight: float) -> str:
-    """The folder and result name of the control's runs at one weight."""
-    return f"control_w{weight:g}"
+def arm_weights(config: HeadroomConfig, arm: str) -> list:
+    """An auxiliary arm's candidate weights."""
+    return getattr(config, f"{arm}_weights")
+
+
+def aux_run_name(arm: str, weight: float) -> str:
+    """The folder and result name of an auxiliary arm's runs at one weight."""
+    return f"{arm}_w{weight:g}"
 
 
 def train_config(
     config: HeadroomConfig, layout: HeadroomLayout, arm: str, seed: int, weight: float | None = None
 ) -> TrainConfig:
-    """The training run of `arm` ("sft", "oracle" or "control" at `weight`) with `seed`."""
+    """The training run of `arm` ("sft", "oracle", or an auxiliary arm at `weight`) with `seed`."""
     demos = str(layout.demos)
     oracle = {"privileged_dim": PRIVILEGED_DIM} if arm == "oracle" else {}
-    control = arm == "control"
+    teacher = {"teacher": str(layout.teacher)} if arm == "teacher" else {}
+    aux = {} if weight is None else {"weight": weight, **teacher}
     return TrainConfig(
-        strategy="aux" if control else "sft",
-        auxiliary="capvector.bench.recipe:localization" if control else "",
-        auxiliary_args={"weight": weight} if control else {},
-        out_dir=str(layout.training(control_name(weight) if control and weight else arm, seed)),
+        strategy="aux" if aux else "sft",
+        auxiliary=AUX_ARMS[arm][0] if aux else "",
+        auxiliary_args=aux,
+        out_dir=str(layout.training(arm if weight is None else aux_run_name(arm, weight), seed)),
         steps=config.budgets[-1],
         lr=config.lr,
         min_lr=config.lr / 10,
@@ -266,7 +316,7 @@ def policy_at(layout: HeadroomLayout, name: str, seed: int, steps: int) -> Path:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """One closed-loop evaluation: the policy of training run `run` (sft, oracle, control_w0.1) with `seed` at
+    """One closed-loop evaluation: the policy of training run `run` (sft, oracle, control_w0.1, ...) with `seed` at
     `steps`; `decoy`: the oracle sees another placement's positions."""
 
     run: str
@@ -316,18 +366,19 @@ def run_evaluations(
     return results
 
 
-def choose_control_weight(config: HeadroomConfig, layout: HeadroomLayout) -> dict:
-    """Train the control at every candidate weight with the first selection_seeds seeds and evaluate it on the
+def choose_weight(config: HeadroomConfig, layout: HeadroomLayout, arm: str) -> dict:
+    """Train an auxiliary arm at every candidate weight with the first selection_seeds seeds and evaluate it on the
     validation placements at every budget; the chosen weight has the best mean success (ties: the smaller)."""
     seeds = config.seeds[: config.selection_seeds]
-    weights = config.control_weights
-    jobs = [(train_config(config, layout, "control", seed, weight),) for weight in weights for seed in seeds]
-    print(f"choosing the control's weight among {weights} with seeds {seeds} on validation placements")
+    weights = arm_weights(config, arm)
+    jobs = [(train_config(config, layout, arm, seed, weight),) for weight in weights for seed in seeds]
+    print(f"choosing the {arm} arm's weight among {weights} with seeds {seeds} on validation placements")
     parallel_map(train_arm, jobs, config.workers)
-    todo = [Evaluation(control_name(w), s, b) for w in weights for s in seeds for b in config.budgets]
+    todo = [Evaluation(aux_run_name(arm, w), s, b) for w in weights for s in seeds for b in config.budgets]
     results = run_evaluations(config, layout, todo, layout.validation(config.validation_seed), config.validation_seed)
     rates = {
-        w: [results[Evaluation(control_name(w), s, b).name] for s in seeds for b in config.budgets] for w in weights
+        w: [results[Evaluation(aux_run_name(arm, w), s, b).name] for s in seeds for b in config.budgets]
+        for w in weights
     }
     means = {w: float(np.mean([list(r.values()) for r in rates[w]])) for w in weights}
     chosen = max(weights, key=lambda w: (means[w], -w))
@@ -340,16 +391,20 @@ def final_evaluations(config: HeadroomConfig, runs: dict[str, str]) -> list[Eval
     return todo + [Evaluation(runs["oracle"], s, config.budgets[-1], decoy=True) for s in config.seeds]
 
 
-def record_demonstrations(config: HeadroomConfig, root: Path, episodes_per_task: int, seed: int) -> None:
-    """The regime's demonstrations (tasks, scene look, placements, image size) into `root`, once."""
+def record_demonstrations(
+    config: HeadroomConfig, root: Path, episodes_per_task: int, seed: int, tasks: list[str] | None = None
+) -> None:
+    """Demonstrations of the regime's tasks (or `tasks`) in its scene look, placements and image size into `root`,
+    once."""
     if root.exists():
         return
     from capvector.bench.env.demos import generate_demonstrations  # the simulator, only when recording
 
-    print(f"demonstrations: {len(config.tasks)} tasks x {episodes_per_task}, placement {config.placement}, seed {seed}")
+    tasks = tasks or config.tasks
+    print(f"demonstrations: {len(tasks)} tasks x {episodes_per_task}, placement {config.placement}, seed {seed}")
     generate_demonstrations(
         root,
-        config.tasks,
+        tasks,
         episodes_per_task,
         seed=seed,
         image_size=config.image_size,
@@ -357,6 +412,33 @@ def record_demonstrations(config: HeadroomConfig, root: Path, episodes_per_task:
         variant=config.variant,
         placement=config.placement,
     )
+
+
+def teacher_pretraining(config: HeadroomConfig, layout: HeadroomLayout) -> TeacherPretraining:
+    """The teacher arm's teacher: config.teacher's settings on frames recorded in this regime's look and
+    placements, for the policy's image size and patch grid (so that its patch features match the visual tokens)."""
+    settings = dict(config.teacher)
+    policy = PolicyConfig(image_size=config.image_size, **config.policy)
+    teacher = settings.pop("teacher", {}) | {"image_size": policy.image_size, "patch_grid": policy.patch_grid}
+    return TeacherPretraining(
+        teacher=teacher,
+        dataset=str(layout.teacher_demos),
+        placement=config.placement,
+        workers=config.workers,
+        **settings,
+    )
+
+
+def pretrained_teacher(config: HeadroomConfig, layout: HeadroomLayout) -> dict:
+    """Record the teacher's frames and pretrain it in the run folder, once; its validation errors and probe."""
+    settings = teacher_pretraining(config, layout)
+    tasks = resolve_tasks(settings.tasks)
+    record_demonstrations(config, layout.teacher_demos, settings.episodes_per_task, settings.seed, tasks)
+    started = time.perf_counter()
+    print(f"pretraining the teacher on {len(tasks)} tasks' frames ({settings.steps} steps)")
+    record = json.loads((pretrain_teacher(settings, layout.teacher) / RECORD_NAME).read_text())
+    print(f"teacher ready in {time.perf_counter() - started:.0f} s")
+    return {key: record[key] for key in ("frames", "validation", "probe", "probe_untrained")}
 
 
 def probe_frames(config: HeadroomConfig, layout: HeadroomLayout) -> tuple[torch.Tensor, ...]:
@@ -417,11 +499,11 @@ def cells(results: dict, config: HeadroomConfig, run: str, steps: int, decoy: bo
 
 
 def summarize(
-    results: dict, config: HeadroomConfig, runs: dict[str, str], probe: dict[str, float], control: dict | None = None
+    results: dict, config: HeadroomConfig, runs: dict[str, str], probe: dict[str, float], chosen: dict | None = None
 ) -> dict:
     """Per arm and budget: mean success and its seed-bootstrap interval; oracle - sft paired; the decoy's drop; how
-    small a difference these seeds resolve; the probe's R^2 per arm; the control's weight and its validation
-    figures. Success rates in points (0-100). `runs`: arm -> training run name."""
+    small a difference these seeds resolve; the probe's R^2 per arm; per auxiliary arm (`chosen`) its weight and
+    validation figures. Success rates in points (0-100). `runs`: arm -> training run name."""
 
     def points(triple: tuple[float, float, float]) -> list[float]:
         return [round(100 * v, 1) for v in triple]
@@ -467,13 +549,26 @@ def summarize(
             "oracle_minus_sft": budgets[best]["oracle_minus_sft"],
             "accepted": budgets[best]["oracle_minus_sft"][0] >= 20 and budgets[best]["oracle_minus_sft"][1] > 0,
         },
-        **({"control": control} if control else {}),
+        **(chosen or {}),
     }
 
 
 def interval(triple: list[float], sign: str = "") -> str:
     mean, low, high = triple
     return f"{mean:{sign}} [{low:{sign}}, {high:{sign}}]"
+
+
+def teacher_line(pretraining: dict) -> str:
+    """The teacher's pretraining figures and its acceptance probe, in one line."""
+    errors, share = pretraining["validation"], pretraining["probe"]["share"]
+    return (
+        f"The teacher, on {pretraining['frames']['validation']} held-out frames of its pretraining episodes: depth "
+        f"error {100 * errors['depth_mae_m']:.1f} cm, camera-frame points {100 * errors['point_error_m']:.1f} cm, "
+        f"object/goal localisation {errors['localisation_error_cm']:.1f} cm (predicting the mean: "
+        f"{errors['localisation_error_cm_predicting_the_mean']:.1f}). Share of its normalized features' variance that "
+        f"object and goal positions explain beyond patch and hand position: {share:.3f} (untrained "
+        f"{pretraining['probe_untrained']['share']:.3f}; the issue's bar: 0.30)."
+    )
 
 
 def report_markdown(summary: dict) -> str:
@@ -497,24 +592,26 @@ def report_markdown(summary: dict) -> str:
             f"| {steps} | {interval(sft)} | {interval(oracle)} | {interval(diff, '+')} | "
             f"{row['resolvable_paired_difference']} |"
         )
-    if "control" in summary:
-        control = summary["control"]
-        candidates = ", ".join(f"{w}: {m}%" for w, m in control["validation"].items())
+    for arm, (_, description) in AUX_ARMS.items():
+        if arm not in summary:
+            continue
+        chosen = summary[arm]
+        candidates = ", ".join(f"{w}: {m}%" for w, m in chosen["validation"].items())
         lines += [
             "",
-            f"Positive control (auxiliary SFT: each visual patch regresses where the object and goal appear relative "
-            f"to it in its camera's image; positions never an input). Weight {control['weight']:g}, chosen on "
-            f"validation placements (placement seed {config['validation_seed']}, seeds {control['seeds']}, mean "
-            f"success over the budgets: {candidates}); test placements below:",
+            f"{description}. Weight {chosen['weight']:g}, chosen on validation placements (placement seed "
+            f"{config['validation_seed']}, seeds {chosen['seeds']}, mean success over the budgets: {candidates}); "
+            "test placements below:",
             "",
-            "| steps | SFT | control | control - SFT |",
+            f"| steps | SFT | {arm} | {arm} - SFT |",
             "|---|---|---|---|",
         ]
         lines += [
-            f"| {steps} | {interval(row['sft'])} | {interval(row['control'])} | "
-            f"{interval(row['control_minus_sft'], '+')} |"
+            f"| {steps} | {interval(row['sft'])} | {interval(row[arm])} | {interval(row[f'{arm}_minus_sft'], '+')} |"
             for steps, row in summary["budgets"].items()
         ]
+        if "pretraining" in chosen:
+            lines += ["", teacher_line(chosen["pretraining"])]
     decoy = summary["decoy"]
     head = summary["headroom"]
     probe = summary["probe"]
@@ -579,17 +676,19 @@ def headroom(regime: str | HeadroomConfig = "wide", out_dir: str | Path = "runs/
     print(f"training {len(jobs)} runs of {config.budgets[-1]} steps, {config.workers} at a time")
     parallel_map(train_arm, jobs, config.workers)
     runs = {"sft": "sft", "oracle": "oracle"}
-    control = None
-    if "control" in config.arms:
-        control = choose_control_weight(config, layout)
-        runs["control"] = control_name(control["weight"])
-        jobs = [(train_config(config, layout, "control", seed, control["weight"]),) for seed in config.seeds]
-        print(f"control weight {control['weight']:g} (validation: {control['validation']}); training every seed")
+    chosen: dict[str, dict] = {}
+    for arm in (arm for arm in AUX_ARMS if arm in config.arms):
+        teacher = {"pretraining": pretrained_teacher(config, layout)} if arm == "teacher" else {}
+        chosen[arm] = choose_weight(config, layout, arm) | teacher
+        weight = chosen[arm]["weight"]
+        runs[arm] = aux_run_name(arm, weight)
+        jobs = [(train_config(config, layout, arm, seed, weight),) for seed in config.seeds]
+        print(f"{arm} weight {weight:g} (validation: {chosen[arm]['validation']}); training every seed")
         parallel_map(train_arm, jobs, config.workers)
     print(f"trained in {time.perf_counter() - started:.0f} s; evaluating")
     results = run_evaluations(config, layout, final_evaluations(config, runs), layout.evaluations, config.eval_seed)
     probe = probe_tokens(config, layout, runs)
-    summary = summarize(results, config, runs, probe, control)
+    summary = summarize(results, config, runs, probe, chosen)
     layout.report.mkdir(exist_ok=True)
     write_json(layout.report_results, summary)
     write_text(layout.report_file, report_markdown(summary))

@@ -119,6 +119,8 @@ class HeadroomLayout:
         self.config = root / "config.json"
         self.demos = root / "demos"
         self.held_out_demos = root / "demos-held-out"
+        self.teacher_demos = root / "demos-teacher"  # the teacher arm's teacher: its pretraining frames
+        self.teacher = root / "teacher"  # and the teacher
         self.probe = root / "evaluate" / "probe.json"
         self.evaluations = root / "evaluate" / RESULTS_FILE
         self.report = root / "report"
@@ -129,5 +131,5 @@ class HeadroomLayout:
         return self.root / "train" / name / f"seed{seed}"
 
     def validation(self, placements: int) -> Path:
-        """The evaluations on the validation placements of seed `placements` (choosing the control's weight)."""
+        """The evaluations on the validation placements of seed `placements` (choosing auxiliary arms' weights)."""
         return self.root / "evaluate" / f"validation_placements{placements}.json"

@@ -43,6 +43,7 @@ METHODS = {
     "capvector_lora": Method("(e) CapVector with LoRA", "meta", "capvector", "lora"),
 }
 NEW_ENV = "new_env"  # the paper's "new environment": the out-of-domain variant every checkpoint is also evaluated in
+COMPARED_METHODS = ("sft", "aux", "meta_sft", "capvector")  # (a)-(d): what the report's conclusions compare
 LONG_METHODS = ("meta_sft", "capvector")  # the long ablation: from theta_meta without and with L_orth
 EXTRACT_STRATEGIES = ("sft", "aux")
 
@@ -332,6 +333,12 @@ def check_config(config: ReproduceConfig) -> None:
     unknown = [m for m in config.methods if m not in METHODS]
     if unknown:
         raise CapvectorError(f"reproduce config: unknown methods {unknown}; valid methods: {', '.join(METHODS)}")
+    missing = [m for m in COMPARED_METHODS if m not in config.methods]
+    if missing:
+        raise CapvectorError(
+            f"reproduce config: methods lack {missing}; the report compares {', '.join(COMPARED_METHODS)} (add them; "
+            "only capvector_lora may be left out)"
+        )
     if not config.budgets or sorted(set(config.budgets)) != list(config.budgets) or config.budgets[0] < 1:
         raise CapvectorError(f"reproduce config: budgets {config.budgets} must be increasing positive step counts")
     if config.long_steps % 2 or config.long_steps <= config.budgets[-1]:
