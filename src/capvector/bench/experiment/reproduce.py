@@ -197,7 +197,7 @@ def plan_extract(run: Run) -> Plan:
 
 
 def train_in_worker(config: ReproduceConfig, layout: RunLayout, device: str, train_config: TrainConfig) -> str:
-    """run_training in a spawned process (parallel_imap's worker: one torch thread)."""
+    """run_training in a spawned process (parallel_imap's worker: one torch thread), which reads its dataset anew."""
     return str(run_training(Run(config, layout, device), train_config))
 
 
@@ -211,12 +211,17 @@ def training_processes(run: Run, runs: int) -> int:
 
 def do_training(run: Run, plan: Plan) -> dict[str, Any]:
     """Every training run of the plan; independent runs on a CPU go in parallel (each seeded: the same weights)."""
-    configs = list(plan.values())
+    names, configs = list(plan), list(plan.values())
     for name, config in plan.items():
         print(f"  {name}: {config.strategy}, {config.finetune}, {config.steps} steps")
-    jobs = [(run.config, run.layout, run.device, config) for config in configs]
-    for i, _ in parallel_imap(train_in_worker, jobs, training_processes(run, len(jobs))):
-        print(f"  {list(plan)[i]}: trained")
+    processes = training_processes(run, len(configs))
+    if processes == 1:  # here, on the run's datasets read once
+        finished: Iterable[tuple[int, Any]] = ((i, run_training(run, config)) for i, config in enumerate(configs))
+    else:
+        jobs = [(run.config, run.layout, run.device, config) for config in configs]
+        finished = parallel_imap(train_in_worker, jobs, processes)
+    for i, _ in finished:
+        print(f"  {names[i]}: trained")
     return {}
 
 
