@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
 from capvector.bench.env.evaluation import CAPTION_PIXELS, COLUMN_GAP, GIF_PIXELS, GIF_STRIDE
 from capvector.bench.env.sim import CONTROL_HZ
 from capvector.bench.experiment.layout import PLOTS, RunLayout, trained_policy
-from capvector.bench.experiment.protocol import METHODS, PRESETS, check_config
+from capvector.bench.experiment.protocol import METHODS, PRESETS, ablation_runs, check_config
 from capvector.bench.experiment.report import markdown
 from capvector.bench.experiment.report import summary as report_summary
 from capvector.bench.experiment.reproduce import (
@@ -60,7 +61,8 @@ def test_every_stage_leaves_its_artifacts(run):
         for step in CONFIG.budgets:
             assert (run / "downstream" / method / "seed0" / "checkpoints" / f"step_{step:07d}" / "policy").is_dir()
     evaluations = json.loads((run / "evaluate" / "results.json").read_text())
-    assert len(evaluations) == 2 * (len(METHODS) * len(CONFIG.budgets) + len(CONFIG.alphas) + len(CONFIG.lambdas) + 4)
+    ablations = len(CONFIG.alphas) + len(CONFIG.lambdas) + CONFIG.ablate_head
+    assert len(evaluations) == 2 * (len(METHODS) * len(CONFIG.budgets) + ablations + 4)
     for name in ("report.md", "results.json", *PLOTS.values()):
         assert (run / "report" / name).stat().st_size > 0
     report = (run / "report" / "report.md").read_text()
@@ -132,6 +134,62 @@ def test_theta_meta_is_theta_pt_plus_alpha_gamma(run, alpha):
     assert set(theta_meta) == set(theta_pt)
     for name in theta_pt:
         torch.testing.assert_close(theta_meta[name], theta_pt[name] + alpha * gamma[name])
+
+
+def test_the_head_ablation_merges_gamma_without_the_action_head_and_keeps_that_vector(run):
+    gamma, theta_pt = vector(run / "vector" / "gamma"), weights(run / "pretrain" / "policy")
+    without_head = vector(run / "vector" / "gamma_no_head")
+    head = {name for name in gamma if name.startswith("head.")}
+    assert head and set(without_head) == set(gamma) - head
+    theta_meta = weights(run / "vector" / f"theta_meta_gamma_no_head_alpha{CONFIG.alpha:g}")
+    for name in theta_pt:
+        expected = theta_pt[name] if name in head else theta_pt[name] + CONFIG.alpha * gamma[name]
+        torch.testing.assert_close(theta_meta[name], expected)
+    config = yaml.safe_load((run / "ablations" / "no_head" / "seed0" / "config.yaml").read_text())
+    assert Path(config["vector"]).name == "gamma_no_head"
+    assert Path(config["init_from"]).name == f"theta_meta_gamma_no_head_alpha{CONFIG.alpha:g}"
+
+
+def test_every_ablation_is_compared_with_sft_on_the_same_seeds(run):
+    results = json.loads((run / "report" / "results.json").read_text())
+    evaluations = json.loads((run / "evaluate" / "results.json").read_text())
+    last, ablations = CONFIG.budgets[-1], results["ablations"]
+
+    def success(name):
+        tasks = evaluations[f"{name}/seed0/step{last}@default"]["tasks"]
+        return np.mean([tasks[t]["successes"] / tasks[t]["episodes"] for t in CONFIG.downstream_tasks])
+
+    assert ablations["seeds"] == CONFIG.seeds[: CONFIG.ablation_seeds]
+    expected = {
+        "alpha": {CONFIG.alpha: "downstream/capvector", **{a: f"ablations/alpha{a:g}" for a in CONFIG.alphas}},
+        "lambda": {CONFIG.orth_lambda: "downstream/capvector", **{v: f"ablations/lambda{v:g}" for v in CONFIG.lambdas}},
+        "head": {"gamma": "downstream/capvector", "gamma_no_head": "ablations/no_head"},
+    }
+    for kind, runs in expected.items():
+        key = {"head": "vector"}.get(kind, kind)
+        assert [row[key] for row in ablations[kind]] == list(runs)
+        for row, name in zip(ablations[kind], runs.values()):
+            difference = 100 * (success(name) - success("downstream/sft"))
+            assert row["versus_sft"]["default"][0] == pytest.approx(difference, abs=0.051)
+    report = (run / "report" / "report.md").read_text()
+    assert "## Ablation: gamma without the action head" in report and "| gamma_no_head |" in report
+
+
+def test_ablations_run_on_the_first_ablation_seeds_and_the_long_runs_on_the_first(tmp_path):
+    config = dataclasses.replace(CONFIG, seeds=[3, 5, 7], ablation_seeds=2)
+    runs = ablation_runs(config, RunLayout(tmp_path))
+    sweeps = [r for r in runs if r.method == "capvector" and r.steps == config.budgets[-1]]
+    per_seed = len(config.alphas) + len(config.lambdas) + 1
+    assert sorted(r.seed for r in sweeps) == [3] * per_seed + [5] * per_seed
+    assert len({r.folder for r in runs}) == len(runs)
+    assert {r.vector for r in sweeps} == {"gamma", "gamma_no_head"}
+    assert [(r.method, r.seed, r.steps) for r in runs if r not in sweeps] == [
+        ("meta_sft", 3, config.long_steps),
+        ("capvector", 3, config.long_steps),
+    ]
+    for count in (0, 4):
+        with pytest.raises(CapvectorError, match=f"ablation_seeds {count} must be between 1 and the number of seeds"):
+            check_config(dataclasses.replace(config, ablation_seeds=count))
 
 
 def test_report_numbers_are_those_of_results_json_and_the_evaluations(run):

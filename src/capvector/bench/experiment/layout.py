@@ -7,9 +7,10 @@
       pretrain/                         a training run folder (below) for theta_pt
       extract/<strategy>/               theta_ft (sft) and theta_ao (aux)
       vector/gamma, vector/tau          capability vector and task vector
-      vector/theta_meta_alpha<alpha>/   theta_pt + alpha * gamma
+      vector/gamma_no_head              gamma without the action head (the head ablation)
+      vector/theta_meta_alpha<alpha>/   theta_pt + alpha * gamma (theta_meta_<vector>_alpha<alpha>: another vector)
       downstream/<method>/seed<k>/      the methods' training runs
-      ablations/<name>/                 alpha<a>, lambda<l>, long_<method>
+      ablations/<name>/seed<k>/         alpha<a>, lambda<l>, no_head, long_<method>
       evaluate/results.json             "<checkpoint>@<variant>" -> {"tasks": {task: counts}}
       report/                           report.md, results.json, the plots and the side-by-side GIF
 
@@ -35,6 +36,7 @@ from pathlib import Path
 from capvector.training.checkpointing import POLICY_DIR, checkpoint_dir
 from capvector.training.metrics import METRICS_FILE
 
+GAMMA = "gamma"  # the capability vector's folder under vector/ (other vectors: the ablations')
 RUN_FILE = "run.json"
 STAGE_FILE = "stage.json"
 WALL_FILE = "wall.json"
@@ -75,8 +77,8 @@ class RunLayout:
         self.run_file = root / RUN_FILE
         self.pretrain = root / "pretrain"
         self.pretrained = trained_policy(self.pretrain)  # theta_pt
-        self.gamma = root / "vector" / "gamma"
-        self.tau = root / "vector" / "tau"
+        self.gamma = self.vector(GAMMA)
+        self.tau = self.vector("tau")
         self.evaluations = root / "evaluate" / RESULTS_FILE
         self.report = root / "report"
         self.report_file = self.report / REPORT_FILE
@@ -94,18 +96,23 @@ class RunLayout:
     def extract(self, strategy: str) -> Path:
         return self.root / "extract" / strategy
 
-    def theta_meta(self, alpha: float) -> Path:
-        return self.root / "vector" / f"theta_meta_alpha{alpha:g}"
+    def vector(self, name: str) -> Path:
+        return self.root / "vector" / name
+
+    def theta_meta(self, alpha: float, vector: str = GAMMA) -> Path:
+        """theta_pt + alpha * the vector `vector`."""
+        prefix = "theta_meta" if vector == GAMMA else f"theta_meta_{vector}"
+        return self.root / "vector" / f"{prefix}_alpha{alpha:g}"
 
     def theta_metas(self) -> list[Path]:
-        """Every theta_meta merged in this run folder, whatever its alpha."""
-        return sorted((self.root / "vector").glob("theta_meta_alpha*"))
+        """Every theta_meta merged in this run folder, whatever its alpha and vector."""
+        return sorted((self.root / "vector").glob("theta_meta_*"))
 
     def downstream(self, method: str, seed: int) -> Path:
         return self.root / "downstream" / method / f"seed{seed}"
 
-    def ablation(self, name: str) -> Path:
-        return self.root / "ablations" / name
+    def ablation(self, name: str, seed: int) -> Path:
+        return self.root / "ablations" / name / f"seed{seed}"
 
     def plot(self, name: str) -> Path:
         return self.report / PLOTS[name]

@@ -1,8 +1,9 @@
 """The experiment's protocol as data: its presets, the downstream methods, and which runs and checkpoints exist.
 
-    (a)-(e) of METHODS on the held-out tasks, every seed, a checkpoint at every step budget; ablations (first seed,
-    the largest budget): alpha sweep, lambda sweep, and a long run with and without L_orth; every checkpoint
-    evaluated on new placements, in-domain and in the "new environment" variant.
+    (a)-(e) of METHODS on the held-out tasks, every seed, a checkpoint at every step budget; ablations of CapVector
+    (the first `ablation_seeds` seeds, the largest budget): alpha sweep, lambda sweep, gamma without the action head;
+    a long run with and without L_orth (first seed); every checkpoint evaluated on new placements, in-domain and in
+    the "new environment" variant.
 
 `capvector.bench.experiment.reproduce` runs it; `capvector.bench.experiment.report` reads what it wrote. Neither
 path nor name of a run is spelled anywhere else: folders come from `layout`, names of evaluated checkpoints from
@@ -21,7 +22,7 @@ from typing import Any, Literal
 from capvector.bench.env.camera import VARIANTS
 from capvector.bench.env.sim import PLACEMENTS
 from capvector.bench.env.tasks import SPLITS, resolve_tasks
-from capvector.bench.experiment.layout import RunLayout, checkpoint_folder
+from capvector.bench.experiment.layout import GAMMA, RunLayout, checkpoint_folder
 from capvector.errors import CapvectorError
 
 Start = Literal["pretrained", "meta"]
@@ -46,6 +47,12 @@ NEW_ENV = "new_env"  # the paper's "new environment": the out-of-domain variant 
 COMPARED_METHODS = ("sft", "aux", "meta_sft", "capvector")  # (a)-(d): what the report's conclusions compare
 LONG_METHODS = ("meta_sft", "capvector")  # the long ablation: from theta_meta without and with L_orth
 EXTRACT_STRATEGIES = ("sft", "aux")
+# The capability vectors a run merges, by folder name: gamma, and for the head ablation gamma extracted without the
+# policy's action head (the tensors of capvector.bench.policy's `head`, which maps the trunk's action queries to
+# actions; extract's exclude patterns).
+GAMMA_NO_HEAD = "gamma_no_head"
+VECTORS: dict[str, tuple[str, ...]] = {GAMMA: (), GAMMA_NO_HEAD: ("head.*",)}
+HEAD_ABLATION = "no_head"
 
 
 @dataclass
@@ -98,9 +105,13 @@ class ReproduceConfig:
     eval_episodes: int = 5
     eval_seed: int = 0
     success_threshold: float = 0.5
-    # Ablations (first seed, the largest budget): merge scales, regularizer weights, a long run.
+    # Ablations of CapVector at the largest budget, on the first `ablation_seeds` seeds (paired with SFT's runs of
+    # those seeds): merge scales, regularizer weights, gamma without the action head; and a long run with and
+    # without L_orth (first seed).
     alphas: list[float] = field(default_factory=lambda: [0.5, 2.0])
     lambdas: list[float] = field(default_factory=lambda: [1.0, 100.0])
+    ablate_head: bool = True
+    ablation_seeds: int = 1
     long_steps: int = 1200
     # simulator processes for demonstrations and evaluation, and training runs at once on a CPU when threads is 1;
     # 0: one per CPU core
@@ -180,7 +191,9 @@ PRESETS = {
     # (+5.5 [+4.0, +6.8] points at 2000 steps, all 5 seeds; not resolved at 1000): does gamma, extracted with that
     # control, carry the gain to the held-out tasks there? The control's weight as chosen on validation placements
     # there (0.3), test placements of views-confirm (eval seed 3), 5 seeds; methods (a)-(d) (not LoRA) and the long
-    # runs, no alpha or lambda sweep, to fit ~1.5 h on 2 cores.
+    # runs. Its first run found gamma costing 11-13 points; the ablations ask why, on all 5 seeds: does a smaller
+    # alpha cost less, and does gamma's action head (fitted to D_ext's actions) carry the cost? No lambda sweep
+    # (L_orth kept gamma 1.000 against 0.990 without it). ~2 h on 2 cores.
     "views-long": dataclasses.replace(
         VIEWS,
         preset="views-long",
@@ -189,11 +202,13 @@ PRESETS = {
         budgets=[1000, 2000],
         seeds=[0, 1, 2, 3, 4],
         eval_seed=3,
-        alphas=[],
+        alphas=[0.25, 0.5],
         lambdas=[],
+        ablation_seeds=5,
         long_steps=2400,
         note="views-long preset: the views preset at 1000 and 2000 steps (where the localization control helped in "
-        "views-confirm), its validated weight 0.3, 5 seeds, methods (a)-(d), the views-confirm test placements",
+        "views-confirm), its validated weight 0.3, 5 seeds, methods (a)-(d), the views-confirm test placements; "
+        "alpha 0.25 and 0.5 and gamma without the action head on all 5 seeds",
     ),
     # Paper-like sizes for one GPU (training picks CUDA when present; the simulator and evaluation use every CPU
     # core): a policy ~20x full's, 8x8 patches per camera, 2-5x the demonstrations, 5 seeds, 20 episodes per task and
@@ -348,6 +363,11 @@ def check_config(config: ReproduceConfig) -> None:
         )
     if len(config.seeds) < 1:
         raise CapvectorError("reproduce config: give at least one training seed (the protocol asks for 3)")
+    if not 1 <= config.ablation_seeds <= len(config.seeds):
+        raise CapvectorError(
+            f"reproduce config: ablation_seeds {config.ablation_seeds} must be between 1 and the number of seeds "
+            f"({len(config.seeds)}): the ablations run on the first ablation_seeds of them"
+        )
 
 
 # ---- the downstream runs and what is evaluated of them ------------------------------------------------------------
@@ -364,6 +384,7 @@ class DownstreamRun:
     alpha: float
     orth_lambda: float
     evaluated: tuple[int, ...]
+    vector: str = GAMMA  # the vector merged into its start point (VECTORS) and kept by L_orth
 
     @property
     def start(self) -> Start:
@@ -386,6 +407,11 @@ def alpha_ablation(alpha: float) -> str:
 
 def lambda_ablation(value: float) -> str:
     return f"lambda{value:g}"
+
+
+def ablation_seeds(config: ReproduceConfig) -> list[int]:
+    """The seeds the alpha, lambda and head ablations run on."""
+    return config.seeds[: config.ablation_seeds]
 
 
 def long_ablation(method: str) -> str:
@@ -415,20 +441,26 @@ def downstream_runs(config: ReproduceConfig, layout: RunLayout) -> list[Downstre
 
 
 def ablation_runs(config: ReproduceConfig, layout: RunLayout) -> list[DownstreamRun]:
-    """CapVector at other alphas and lambdas (first seed, largest budget), and the long runs with and without L_orth
-    (evaluated halfway and at the end)."""
-    seed, steps, c = config.seeds[0], config.budgets[-1], config
+    """CapVector at other alphas and lambdas and with gamma without the action head (the ablation seeds, largest
+    budget), and the long runs with and without L_orth (first seed, evaluated halfway and at the end)."""
+    steps, c = config.budgets[-1], config
 
-    def capvector(name: str, alpha: float, orth_lambda: float) -> DownstreamRun:
-        return DownstreamRun(layout.ablation(name), "capvector", seed, steps, alpha, orth_lambda, (steps,))
+    def capvector(name: str, seed: int, alpha: float, orth_lambda: float, vector: str = GAMMA) -> DownstreamRun:
+        return DownstreamRun(
+            layout.ablation(name, seed), "capvector", seed, steps, alpha, orth_lambda, (steps,), vector
+        )
 
-    runs = [capvector(alpha_ablation(alpha), alpha, c.orth_lambda) for alpha in c.alphas]
-    runs += [capvector(lambda_ablation(value), c.alpha, value) for value in c.lambdas]
+    runs = []
+    for seed in ablation_seeds(c):
+        runs += [capvector(alpha_ablation(alpha), seed, alpha, c.orth_lambda) for alpha in c.alphas]
+        runs += [capvector(lambda_ablation(value), seed, c.alpha, value) for value in c.lambdas]
+        if c.ablate_head:
+            runs.append(capvector(HEAD_ABLATION, seed, c.alpha, c.orth_lambda, GAMMA_NO_HEAD))
     runs += [
         DownstreamRun(
-            layout.ablation(long_ablation(method)),
+            layout.ablation(long_ablation(method), c.seeds[0]),
             method,
-            seed,
+            c.seeds[0],
             c.long_steps,
             c.alpha,
             c.orth_lambda,
@@ -440,8 +472,8 @@ def ablation_runs(config: ReproduceConfig, layout: RunLayout) -> list[Downstream
 
 
 def start_point(layout: RunLayout, run: DownstreamRun) -> Path:
-    """The weights a downstream run starts from: theta_pt, or theta_meta at the run's alpha."""
-    return layout.pretrained if run.start == "pretrained" else layout.theta_meta(run.alpha)
+    """The weights a downstream run starts from: theta_pt, or theta_meta at the run's alpha and vector."""
+    return layout.pretrained if run.start == "pretrained" else layout.theta_meta(run.alpha, run.vector)
 
 
 def run_name(layout: RunLayout, folder: Path) -> str:

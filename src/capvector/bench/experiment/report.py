@@ -16,14 +16,17 @@ from typing import Any
 
 import numpy as np
 
-from capvector.bench.experiment.layout import PLOTS, RESULTS_FILE, RunLayout, metrics_file, wall_file
+from capvector.bench.experiment.layout import GAMMA, PLOTS, RESULTS_FILE, RunLayout, metrics_file, wall_file
 from capvector.bench.experiment.protocol import (
+    GAMMA_NO_HEAD,
+    HEAD_ABLATION,
     LONG_METHODS,
     METHODS,
     NEW_ENV,
     OBJECTIVES,
     DownstreamRun,
     ReproduceConfig,
+    ablation_seeds,
     alpha_ablation,
     checkpoint_at,
     downstream_runs,
@@ -226,10 +229,6 @@ def versus_sft(
     if "sft" not in runs:
         return {}
     budgets = config.budgets
-
-    def points(triple: tuple[float, float, float]) -> list[float]:
-        return [round(100 * v, 1) for v in triple]
-
     out: dict[str, Any] = {}
     for variant in evaluations.evaluated:
         curves = {m: np.stack([evaluations.cells(runs[m], b, variant, tasks) for b in budgets]) for m in runs}
@@ -261,40 +260,63 @@ def timing_results(config: ReproduceConfig, layout: RunLayout) -> dict[str, dict
     return timing
 
 
+def points(triple: tuple[float, float, float]) -> list[float]:
+    """A (mean, low, high) difference of success rates in rounded percentage points."""
+    return [round(100 * v, 1) for v in triple]
+
+
+def ablation_row(evaluations: Evaluations, runs: list[Path], sft: list[Path], steps: int, tasks: list[str]) -> dict:
+    """An ablation's runs (one per seed) after `steps`: pooled success in every variant, and the difference to SFT's
+    runs of the same seeds, paired by (seed, task)."""
+    cells = lambda folders, v: evaluations.cells(folders, steps, v, tasks)  # noqa: E731
+    return {
+        **{v: evaluations.pooled(runs, steps, v) for v in evaluations.evaluated},
+        "versus_sft": {v: points(paired_difference(cells(runs, v), cells(sft, v))) for v in evaluations.evaluated},
+    }
+
+
 def gamma_results(config: ReproduceConfig, layout: RunLayout, evaluations: Evaluations) -> dict[str, Any]:
-    """Where the runs end along gamma, and the ablations (alpha, lambda, long runs) with their success rates."""
-    seed, last, pretrained = config.seeds[0], config.budgets[-1], layout.pretrained
-    checkpoints = evaluated_checkpoints(config, layout)
-    main = layout.downstream("capvector", seed)
+    """Where the runs end along gamma, and the ablations (alpha, lambda, the action head, long runs) with their
+    success rates."""
+    last, pretrained, seeds = config.budgets[-1], layout.pretrained, ablation_seeds(config)
+    checkpoints, tasks = evaluated_checkpoints(config, layout), split_tasks(config)["downstream"]
+    sft = [layout.downstream("sft", s) for s in seeds]
     gamma = open_vector(layout.gamma)
 
     def shifted(folder: Path, steps: int) -> dict:
         path, base = checkpoints[evaluation_name(layout, folder, steps)]
         return along_gamma(path, pretrained, gamma, base)
 
+    def capvector(ablation: str | None) -> dict:
+        """CapVector's runs on the ablation seeds: the main ones (None) or an ablation's."""
+        runs = [layout.downstream("capvector", s) if ablation is None else layout.ablation(ablation, s) for s in seeds]
+        return ablation_row(evaluations, runs, sft, last, tasks)
+
+    def retained(alpha: float, vector: str = GAMMA) -> dict:
+        return {"theta_meta_retention": along_gamma(layout.theta_meta(alpha, vector), pretrained, gamma)["retention"]}
+
     try:
         shift = {m: [shifted(layout.downstream(m, s), last) for s in config.seeds] for m in config.methods}
         alphas = [
-            {
-                "alpha": alpha,
-                **evaluations.variants(main if alpha == config.alpha else layout.ablation(alpha_ablation(alpha)), last),
-                "theta_meta_retention": along_gamma(layout.theta_meta(alpha), pretrained, gamma)["retention"],
-            }
+            {"alpha": alpha, **capvector(None if alpha == config.alpha else alpha_ablation(alpha)), **retained(alpha)}
             for alpha in [config.alpha, *config.alphas]
         ]
         lambdas = [
-            {
-                "lambda": value,
-                **evaluations.variants(
-                    main if value == config.orth_lambda else layout.ablation(lambda_ablation(value)), last
-                ),
-            }
+            {"lambda": value, **capvector(None if value == config.orth_lambda else lambda_ablation(value))}
             for value in [config.orth_lambda, *config.lambdas]
         ]
+        head = (
+            [
+                {"vector": GAMMA, **capvector(None), **retained(config.alpha)},
+                {"vector": GAMMA_NO_HEAD, **capvector(HEAD_ABLATION), **retained(config.alpha, GAMMA_NO_HEAD)},
+            ]
+            if config.ablate_head
+            else []
+        )
         long = {
             m: [
                 {"step": steps, **evaluations.variants(folder, steps), **shifted(folder, steps)}
-                for folder in (layout.ablation(long_ablation(m)),)
+                for folder in (layout.ablation(long_ablation(m), config.seeds[0]),)
                 for steps in long_checkpoints(config)
             ]
             for m in LONG_METHODS
@@ -309,7 +331,10 @@ def gamma_results(config: ReproduceConfig, layout: RunLayout, evaluations: Evalu
         }
         for m, rows in shift.items()
     }
-    return {"along_gamma": along, "ablations": {"alpha": alphas, "lambda": lambdas, "long": long}}
+    return {
+        "along_gamma": along,
+        "ablations": {"seeds": seeds, "alpha": alphas, "lambda": lambdas, "head": head, "long": long},
+    }
 
 
 # Which rows of the summary a run's auxiliary objective fills: the positive control's (either of the two) or the
@@ -490,6 +515,16 @@ def findings(results: Mapping) -> list[str]:
         + comparison("with L_orth", with_[home], "without", without[home])
         + "."
     )
+    ablations = results["ablations"]
+    rows = [(f"alpha {r['alpha']:g}", r) for r in ablations["alpha"]]
+    rows += [(f"lambda {r['lambda']:g}", r) for r in ablations["lambda"][1:]]
+    rows += [("gamma without the action head", r) for r in ablations["head"][1:]]
+    out.append(
+        f"Ablations, CapVector against SFT on the same {len(ablations['seeds'])} seed(s) at {last} steps in-domain "
+        "(points, 95% bootstrap over seeds): "
+        + "; ".join(f"{name} {triple(r['versus_sft'][home])}" for name, r in rows)
+        + "."
+    )
     gamma = results["gamma"]
     out.append(
         f"|gamma| is {gamma['relative_to_pretrained']:.3g} of |theta_pt|; its cosine with the task vector "
@@ -537,18 +572,19 @@ def pictures(results: Mapping) -> list[str]:
     ]
 
 
+def triple(value: list | None) -> str:
+    """A [mean, low, high] of results.json ("-" when absent; a None bound: never)."""
+    if value is None:
+        return "-"
+    mean, low, high = ("never" if v is None else v for v in value)
+    return f"{mean} [{low}, {high}]"
+
+
 def versus_sft_lines(results: Mapping, variant: str, budgets: list[str]) -> list[str]:
     """The paired comparison with SFT as a table (empty when the run has no SFT arm)."""
     rows = results.get("versus_sft", {}).get(variant)
     if not rows:
         return []
-
-    def triple(value: list | None) -> str:
-        if value is None:
-            return "-"
-        mean, low, high = ("never" if v is None else v for v in value)
-        return f"{mean} [{low}, {high}]"
-
     lines = [
         "",
         "Against (a) SFT, paired by (seed, task); points, 95% bootstrap over seeds. Area: mean success over the steps; "
@@ -641,27 +677,31 @@ def markdown(results: Mapping) -> str:
         reached = results["steps_to_threshold"][method]
         lines.append(f"| {label_m} | {reached[home] or 'not reached'} | {reached[NEW_ENV] or 'not reached'} |")
     ablations = results["ablations"]
-    lines += [
-        "",
-        f"## Ablation: alpha (CapVector, seed {config['seeds'][0]}, {budgets[-1]} steps)",
-        "",
-        "| alpha | in-domain | new environment | gamma in theta_meta |",
-        "|---|---|---|---|",
-    ]
-    for row in ablations["alpha"]:
-        lines.append(
-            f"| {row['alpha']:g} | {fmt_cell(row[home])} | {fmt_cell(row[NEW_ENV])} | "
-            f"{row['theta_meta_retention']:.3f} |"
-        )
-    lines += [
-        "",
-        f"## Ablation: lambda (CapVector, seed {config['seeds'][0]}, {budgets[-1]} steps)",
-        "",
-        "| lambda | in-domain | new environment |",
-        "|---|---|---|",
-    ]
-    for row in ablations["lambda"]:
-        lines.append(f"| {row['lambda']:g} | {fmt_cell(row[home])} | {fmt_cell(row[NEW_ENV])} |")
+    seeds = ", ".join(map(str, ablations["seeds"]))
+    where = (
+        f"CapVector, seeds {seeds}, {budgets[-1]} steps; success pooled over seeds and tasks (95% Wilson interval), "
+        "vs SFT: against (a) SFT on the same seeds, paired by (seed, task), points, 95% bootstrap over seeds"
+    )
+    header = "| in-domain | vs SFT | new environment | vs SFT |"
+
+    def ablation_cells(row: Mapping) -> str:
+        return " | ".join(f"{fmt_cell(row[v])} | {triple(row['versus_sft'][v])}" for v in (home, NEW_ENV))
+
+    lines += ["", f"## Ablation: alpha ({where})", "", f"| alpha {header} gamma in theta_meta |", "|---" * 6 + "|"]
+    lines += [f"| {r['alpha']:g} | {ablation_cells(r)} | {r['theta_meta_retention']:.3f} |" for r in ablations["alpha"]]
+    lines += ["", f"## Ablation: lambda ({where})", "", f"| lambda {header}", "|---" * 5 + "|"]
+    lines += [f"| {r['lambda']:g} | {ablation_cells(r)} |" for r in ablations["lambda"]]
+    if ablations["head"]:
+        lines += [
+            "",
+            f"## Ablation: gamma without the action head ({where}; gamma in theta_meta: retention along all of gamma)",
+            "",
+            f"| merged {header} gamma in theta_meta |",
+            "|---" * 6 + "|",
+        ]
+        lines += [
+            f"| {r['vector']} | {ablation_cells(r)} | {r['theta_meta_retention']:.3f} |" for r in ablations["head"]
+        ]
     lines += [
         "",
         "## Ablation: long run from theta_meta, with and without L_orth",

@@ -35,11 +35,12 @@ from capvector import __version__
 from capvector.bench import recipe
 from capvector.bench.env.dataset import DemoDataset, open_meta
 from capvector.bench.env.sim import parallel_imap
-from capvector.bench.experiment.layout import RunLayout, trained_policy, wall_file
+from capvector.bench.experiment.layout import GAMMA, RunLayout, trained_policy, wall_file
 from capvector.bench.experiment.protocol import (
     EXTRACT_STRATEGIES,
     METHODS,
     OBJECTIVES,
+    VECTORS,
     DownstreamRun,
     ReproduceConfig,
     ablation_runs,
@@ -235,20 +236,29 @@ def plan_vector(run: Run) -> Plan:
     }
 
 
-def merged(run: Run, alpha: float) -> Path:
-    """theta_pt + alpha * gamma, written once per alpha."""
-    path = run.layout.theta_meta(alpha)
+def merged(run: Run, alpha: float, vector: str = GAMMA) -> Path:
+    """theta_pt + alpha * the vector `vector` (VECTORS), written once per alpha and vector."""
+    layout = run.layout
+    path = layout.theta_meta(alpha, vector)
     if not path.exists():
-        merge(run.layout.pretrained, run.layout.gamma, path, alpha=alpha)
+        if not layout.vector(vector).exists():  # gamma comes from the vector stage, the ablations' vectors from here
+            extract(
+                trained_policy(layout.extract("aux")),
+                trained_policy(layout.extract("sft")),
+                layout.vector(vector),
+                exclude=VECTORS[vector],
+            ).close()
+        merge(layout.pretrained, layout.vector(vector), path, alpha=alpha)
     return path
 
 
 def do_vector(run: Run, plan: Plan) -> dict[str, Any]:
     gamma_dir, tau_dir = run.layout.gamma, run.layout.tau
-    # extract writes both; a half-finished pair is redone, and the merges of a previous gamma go with it (a
-    # capvector run refuses a theta_meta merged from another vector)
-    for stale in (gamma_dir, tau_dir, *run.layout.theta_metas()):
-        shutil.rmtree(stale, ignore_errors=True)
+    # extract writes both; a half-finished pair is redone, and the vectors and merges made from a previous
+    # extraction go with it (a capvector run refuses a theta_meta merged from another vector)
+    stale = [run.layout.vector(name) for name in VECTORS] + [tau_dir, *run.layout.theta_metas()]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
     gamma = extract(plan["aux"], plan["sft"], gamma_dir, pretrained=plan["pretrained"], task_vector_output=tau_dir)
     summary = {"tensors": len(gamma), "global_norm": gamma.metadata.get("global_norm")}
     gamma.close()
@@ -260,7 +270,7 @@ def downstream_config(run: Run, spec: DownstreamRun) -> TrainConfig:
     c, method = run.config, METHODS[spec.method]
     fields: dict[str, Any] = {}
     if method.strategy == "capvector":
-        fields = {"vector": str(run.layout.gamma), "orth_lambda": spec.orth_lambda}
+        fields = {"vector": str(run.layout.vector(spec.vector)), "orth_lambda": spec.orth_lambda}
     return run.train_config(
         spec.folder,
         "downstream",
@@ -285,8 +295,9 @@ def plan_ablations(run: Run) -> Plan:
 
 
 def do_ablations(run: Run, plan: Plan) -> dict[str, Any]:
-    for alpha in run.config.alphas:
-        merged(run, alpha)
+    for spec in ablation_runs(run.config, run.layout):
+        if spec.start == "meta":
+            merged(run, spec.alpha, spec.vector)
     return do_training(run, plan)
 
 
