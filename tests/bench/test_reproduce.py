@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from capvector.bench.env.evaluation import CAPTION_PIXELS, COLUMN_GAP, GIF_PIXELS, GIF_STRIDE
 from capvector.bench.env.sim import CONTROL_HZ
+from capvector.bench.experiment.carried import carried_share, split_frames
 from capvector.bench.experiment.layout import PLOTS, RunLayout, trained_policy
 from capvector.bench.experiment.protocol import METHODS, PRESETS, ablation_runs, check_config
 from capvector.bench.experiment.report import markdown
@@ -30,7 +31,9 @@ from capvector.bench.experiment.reproduce import (
 )
 from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.bench.policy.modeling_policy import Policy
+from capvector.bench.probe import PROBE_STRIDE
 from capvector.bench.statistics import bootstrap_mean
+from capvector.bench.teacher.pretraining import load_frames
 from capvector.errors import CapvectorError
 
 pytestmark = pytest.mark.slow
@@ -190,6 +193,30 @@ def test_ablations_run_on_the_first_ablation_seeds_and_the_long_runs_on_the_firs
     for count in (0, 4):
         with pytest.raises(CapvectorError, match=f"ablation_seeds {count} must be between 1 and the number of seeds"):
             check_config(dataclasses.replace(config, ablation_seeds=count))
+
+
+def test_the_probe_of_what_gamma_carries_scores_held_out_demonstrations_of_every_probed_weight(run):
+    _, positions, train, inner = split_frames(run / "demos" / "downstream")
+    episodes = load_frames(run / "demos" / "downstream", ("scene", "wrist"), PROBE_STRIDE).episode
+    assert set(episodes[~train].tolist()) == {2} and set(episodes[inner].tolist()) == {1}  # fitted on episode 0
+    assert torch.allclose(positions[train].mean(0), torch.zeros(6), atol=1e-5)  # less the task's mean
+    assert split_frames(run / "demos" / "pretrain") is None  # two demonstrations: too few to hold one out
+    carried = json.loads((run / "report" / "results.json").read_text())["carried"]
+    for split in ("extract", "downstream"):
+        r2 = carried["r2"][split]
+        alphas = [CONFIG.alpha, *CONFIG.alphas]
+        assert list(r2) == ["theta_pt", "theta_ft", "theta_ao", *(f"theta_meta alpha {a:g}" for a in alphas)]
+        assert all(value <= 1 for value in r2.values())
+        for alpha in alphas:
+            assert carried["share"][split][f"{alpha:g}"] == carried_share(r2, alpha)
+    report = (run / "report" / "report.md").read_text()
+    assert "What gamma carries: held-out R^2" in report and "| theta_meta alpha 0.5 |" in report
+
+
+def test_the_carried_share_is_theta_metas_gain_as_a_part_of_theta_aos():
+    r2 = {"theta_pt": 0.3, "theta_ft": 0.3, "theta_ao": 0.5, "theta_meta alpha 1": 0.4, "theta_meta alpha 0.5": 0.2}
+    assert carried_share(r2, 1.0) == pytest.approx(0.5) and carried_share(r2, 0.5) == pytest.approx(-0.5)
+    assert carried_share({**r2, "theta_ao": 0.3}, 1.0) is None  # the objective gave nothing to carry
 
 
 def test_report_numbers_are_those_of_results_json_and_the_evaluations(run):

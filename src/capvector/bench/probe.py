@@ -17,7 +17,11 @@ do not carry them on new placements better than plain SFT's tokens do, the contr
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+PROBE_STRIDE = 3  # the probes read every third frame of a demonstration (neighbouring frames are nearly the same image)
 
 
 def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,3 +95,18 @@ def held_out_r2(
     chosen = min(ridges, key=lambda ridge: float(errors(fit, train & inner, ridge)[0]))
     sse, sst = errors(train, ~train, chosen)
     return float(1 - sse / sst)
+
+
+@torch.no_grad()
+def visual_tokens(policy: Any, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """A policy's vision encoder output (its image-only visual tokens) for every frame (N, cameras, 3, H, W)."""
+    return torch.cat([policy.vision(images[i : i + batch]) for i in range(0, len(images), batch)])
+
+
+def less_task_means(positions: torch.Tensor, task_of_frame: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
+    """Positions (N, k) less their task's mean over the training frames: which task it is, and so roughly where its
+    objects are, any features tell."""
+    positions = positions.clone()
+    for task in task_of_frame.unique():
+        positions[task_of_frame == task] -= positions[train & (task_of_frame == task)].mean(0)
+    return positions

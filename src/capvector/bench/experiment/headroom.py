@@ -48,7 +48,7 @@ from capvector.bench.env.sim import PLACEMENTS, parallel_map
 from capvector.bench.env.tasks import resolve_tasks
 from capvector.bench.experiment.layout import HeadroomLayout, checkpoint_folder, trained_policy
 from capvector.bench.policy.configuration_policy import PolicyConfig
-from capvector.bench.probe import held_out_r2
+from capvector.bench.probe import PROBE_STRIDE, held_out_r2, less_task_means, visual_tokens
 from capvector.bench.statistics import bootstrap_mean, paired_difference, resolvable_difference
 from capvector.bench.teacher.modeling_teacher import RECORD_NAME
 from capvector.bench.teacher.pretraining import TeacherPretraining, pretrain_teacher
@@ -75,9 +75,8 @@ ARMS = ("sft", "oracle", *AUX_ARMS)
 # TeacherPretraining fields the regime sets: the teacher's frames are recorded in its look and placements.
 TEACHER_SET_BY_REGIME = ("dataset", "placement", "workers")
 # The probe of the visual tokens: demonstrations on placements no policy trained on (the next demonstration seed),
-# every PROBE_STRIDE-th frame (neighbouring frames are nearly the same image).
+# every PROBE_STRIDE-th frame.
 PROBE_EPISODES = 3
-PROBE_STRIDE = 3
 
 
 @dataclass
@@ -455,18 +454,10 @@ def probe_frames(config: HeadroomConfig, layout: HeadroomLayout) -> tuple[torch.
     seen, new = (load_frames(root, CAMERAS, PROBE_STRIDE) for root in roots)
     task_of_episode = [[config.tasks.index(e["name"]) for e in open_meta(root).episodes] for root in roots]
     task_of_frame = torch.cat([torch.tensor(tasks)[f.episode] for tasks, f in zip(task_of_episode, (seen, new))])
-    positions = torch.cat([seen.privileged, new.privileged])
-    train = torch.arange(len(positions)) < len(seen.privileged)
-    for t in task_of_frame.unique():
-        positions[task_of_frame == t] -= positions[train & (task_of_frame == t)].mean(0)
+    train = torch.arange(len(task_of_frame)) < len(seen.privileged)
+    positions = less_task_means(torch.cat([seen.privileged, new.privileged]), task_of_frame, train)
     inner = torch.cat([seen.episode % 5 == 1, torch.zeros(len(new.episode), dtype=torch.bool)])
     return torch.cat([seen.images, new.images]), positions, train, inner
-
-
-@torch.no_grad()
-def visual_tokens(policy: Any, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """The vision encoder's output (image-only visual tokens) for every frame."""
-    return torch.cat([policy.vision(images[i : i + batch]) for i in range(0, len(images), batch)])
 
 
 def probe_tokens(config: HeadroomConfig, layout: HeadroomLayout, runs: dict[str, str]) -> dict[str, float]:

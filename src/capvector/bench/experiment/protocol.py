@@ -238,8 +238,8 @@ PRESETS = {
         extract_tasks=["handle-pull-v3"],
         downstream_tasks=["door-lock-v3"],
         pretrain_episodes=2,
-        extract_episodes=1,
-        downstream_episodes=1,
+        extract_episodes=3,  # the probe of what gamma carries holds one of three out (carried.MIN_EPISODES)
+        downstream_episodes=3,
         image_size=32,
         policy={
             "dim": 16,

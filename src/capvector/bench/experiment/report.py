@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from capvector.bench.experiment.carried import HELD_OUT_EVERY, MIN_EPISODES, carried, carried_share
+from capvector.bench.experiment.carried import SPLITS as CARRIED_SPLITS
 from capvector.bench.experiment.layout import GAMMA, PLOTS, RESULTS_FILE, RunLayout, metrics_file, wall_file
 from capvector.bench.experiment.protocol import (
     GAMMA_NO_HEAD,
@@ -337,6 +339,15 @@ def gamma_results(config: ReproduceConfig, layout: RunLayout, evaluations: Evalu
     }
 
 
+def carried_results(config: ReproduceConfig, layout: RunLayout) -> dict[str, Any]:
+    """What gamma carries (capvector.bench.experiment.carried): the probe's R^2 per split and weights, and the part
+    of theta_ao's gain that theta_meta shows at every alpha, per split."""
+    r2 = carried(config, layout)
+    alphas = [config.alpha, *config.alphas]
+    share = {split: None if v is None else {f"{a:g}": carried_share(v, a) for a in alphas} for split, v in r2.items()}
+    return {"r2": r2, "share": share}
+
+
 # Which rows of the summary a run's auxiliary objective fills: the positive control's (either of the two) or the
 # spatial objective's.
 SUMMARY_PREFIX = {"privileged": "control", "localization": "control", "spatial": "spatial"}
@@ -410,6 +421,7 @@ def build_results(
             "layers": inspected["layers"],
         },
         **gamma_results(config, layout, evaluations),
+        "carried": carried_results(config, layout),
         "curves": training_curves(config, layout),
         "side_by_side": dict(episode),
         "stage_seconds": dict(stage_seconds),
@@ -525,6 +537,19 @@ def findings(results: Mapping) -> list[str]:
         + "; ".join(f"{name} {triple(r['versus_sft'][home])}" for name, r in rows)
         + "."
     )
+    r2, shares = results["carried"]["r2"]["downstream"], results["carried"]["share"]["downstream"]
+    if r2 is not None:
+        ao, ft, pt = r2["theta_ao"], r2["theta_ft"], r2["theta_pt"]
+        kept = "; ".join(
+            f"alpha {alpha} R^2 {r2[f'theta_meta alpha {alpha}']:.3f}" + ("" if v is None else f", {v:.2f} of it")
+            for alpha, v in shares.items()
+        )
+        out.append(
+            "What gamma carries, on the held-out tasks' frames (R^2 of object and goal positions from the visual "
+            f"tokens, held-out placements): theta_ao {ao:.3f} against theta_ft {ft:.3f}, "
+            + ("a gain the auxiliary objective gave" if ao > ft else "no gain to carry")
+            + f"; theta_pt {pt:.3f}, theta_meta at {kept}."
+        )
     gamma = results["gamma"]
     out.append(
         f"|gamma| is {gamma['relative_to_pretrained']:.3g} of |theta_pt|; its cosine with the task vector "
@@ -600,6 +625,32 @@ def versus_sft_lines(results: Mapping, variant: str, budgets: list[str]) -> list
         lines.append(
             f"| {label} | {' | '.join(differences)} | {triple(row.get('auc_difference'))} | "
             f"{triple(row['steps_to_sft_final'])} |"
+        )
+    return lines
+
+
+def carried_lines(carried: Mapping) -> list[str]:
+    """The probe of what gamma carries (capvector.bench.experiment.carried) as a table."""
+    splits = [split for split in CARRIED_SPLITS if carried["r2"][split] is not None]
+    if not splits:
+        return ["", f"What gamma carries: not probed (fewer than {MIN_EPISODES} demonstrations per split)."]
+    names = {"extract": "D_ext (extraction tasks)", "downstream": "held-out tasks"}
+    lines = [
+        "",
+        "What gamma carries: held-out R^2 of the object's and goal's positions (less their task's mean) from the "
+        "image-only visual tokens, a ridge regression fitted on the frames of most demonstrations of a split and "
+        f"scored on every {HELD_OUT_EVERY}th (other placements); carried: theta_meta's gain over theta_pt as a part "
+        "of theta_ao's over theta_ft.",
+        "",
+        "| weights | " + " | ".join(names[split] for split in splits) + " |",
+        "|---|" + "---|" * len(splits),
+    ]
+    for name in carried["r2"][splits[0]]:
+        lines.append(f"| {name} | " + " | ".join(f"{carried['r2'][split][name]:.3f}" for split in splits) + " |")
+    for alpha in carried["share"][splits[0]]:
+        shares = [carried["share"][split][alpha] for split in splits]
+        lines.append(
+            f"| carried at alpha {alpha} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in shares) + " |"
         )
     return lines
 
@@ -729,6 +780,7 @@ def markdown(results: Mapping) -> str:
     ]
     for method, shift in results["along_gamma"].items():
         lines.append(f"| {results['methods'][method]} | {shift['retention']:.3f} | {shift['distance']:.2f} |")
+    lines += carried_lines(results["carried"])
     lines += ["", "## What this shows and what it does not", ""]
     lines += [f"- {line}" for line in findings(results)]
     lines += [
