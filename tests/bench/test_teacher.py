@@ -23,8 +23,10 @@ from capvector.bench.teacher.modeling_teacher import Teacher
 from capvector.bench.teacher.pretraining import (
     Frames,
     TeacherPretraining,
+    camera_rays,
     check_dataset,
     pretrain_teacher,
+    pretraining_loss,
     probe,
     train_teacher,
 )
@@ -85,6 +87,20 @@ def test_a_pretrained_teacher_carries_object_positions_a_random_one_less(frames)
     trained = probe(train_teacher(config, frames, train), frames, train)
     assert abs(trained["patch"]) < 1e-6  # the per-patch mean is removed: patch position alone explains nothing
     assert trained["share"] > 0.2 and trained["share"] > untrained["share"], (trained, untrained)
+
+
+def test_the_localisation_term_enters_the_loss_with_its_weight(frames):
+    frames, fovy = frames
+    teacher = tiny_teacher(fovy=fovy)
+    rays, index = camera_rays(teacher.config), torch.arange(8)
+
+    def loss(weight):
+        return float(pretraining_loss(teacher, frames, index, rays, 2, weight, torch.Generator().manual_seed(0)))
+
+    located = loss(1.0) - loss(0.0)
+    assert located > 0 and loss(3.0) - loss(0.0) == pytest.approx(3 * located, rel=1e-4)
+    with pytest.raises(CapvectorError, match="locate_weight must be 0 or more"):
+        TeacherPretraining(locate_weight=-1.0)
 
 
 def test_save_load_round_trip_keeps_weights_and_feature_statistics(tmp_path):

@@ -11,7 +11,7 @@ Training. Frames are shifted at random as the policy's are (capvector.bench.augm
 point targets shifted alike, so the teacher is at home on the augmented images it reads online. Loss: L1 of depth
 and of camera-frame points (depth times the pixel's ray, capvector.bench.env.camera) on the depth grid, in units
 of 10 cm, plus the mean squared error of the object's and goal's positions relative to the hand predicted from
-every patch (the positive control's target, capvector.bench.objectives.privileged).
+every patch (the positive control's target, capvector.bench.objectives.privileged), weighted by locate_weight.
 
     teacher_dir = pretrain_teacher(TeacherPretraining(dataset="runs/demos/pretrain"), "runs/teacher")
 """
@@ -62,6 +62,10 @@ class TeacherPretraining:
     lr: float = 1e-3
     weight_decay: float = 0.05
     shift: int = 4  # random shift in pixels, as the policy's augment_shift
+    # The localisation term's weight against depth and points. Depth and points describe the view, which a moving
+    # camera changes in every episode; weighting localisation up gives where the objects are a larger share of the
+    # features (the acceptance probe), at some cost in depth error.
+    locate_weight: float = 1.0
     train_seed: int = 0
 
     def __post_init__(self):
@@ -70,6 +74,8 @@ class TeacherPretraining:
         for name in ("episodes_per_task", "frame_stride", "steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise CapvectorError(f"teacher pretraining: {name} must be at least 1, got {getattr(self, name)}")
+        if not self.locate_weight >= 0:
+            raise CapvectorError(f"teacher pretraining: locate_weight must be 0 or more, got {self.locate_weight}")
         if self.validation_every < 2:
             raise CapvectorError("teacher pretraining: validation_every must be at least 2 (some episodes train)")
 
@@ -151,7 +157,13 @@ def dense_targets(
 
 
 def pretraining_loss(
-    teacher: Teacher, frames: Frames, index: torch.Tensor, rays: torch.Tensor, shift: int, generator: torch.Generator
+    teacher: Teacher,
+    frames: Frames,
+    index: torch.Tensor,
+    rays: torch.Tensor,
+    shift: int,
+    locate_weight: float,
+    generator: torch.Generator,
 ) -> torch.Tensor:
     config = teacher.config
     images = frames.images[index]
@@ -163,7 +175,7 @@ def pretraining_loss(
     return (
         F.l1_loss(predicted["depth"], depth) / LOSS_UNIT
         + F.l1_loss(predicted["points"], points) / LOSS_UNIT
-        + F.mse_loss(predicted["locate"], located.unsqueeze(1).expand_as(predicted["locate"]))
+        + locate_weight * F.mse_loss(predicted["locate"], located.unsqueeze(1).expand_as(predicted["locate"]))
     )
 
 
@@ -212,7 +224,7 @@ def train_teacher(config: TeacherPretraining, frames: Frames, train: torch.Tenso
     teacher.train()
     for _ in range(config.steps):
         index = pool[torch.randint(len(pool), (config.batch_size,), generator=generator)]
-        loss = pretraining_loss(teacher, frames, index, rays, config.shift, generator)
+        loss = pretraining_loss(teacher, frames, index, rays, config.shift, config.locate_weight, generator)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
