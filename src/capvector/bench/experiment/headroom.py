@@ -199,6 +199,9 @@ REGIMES = {
         eval_seed=3,
         control_weights=[0.1, 0.3],
         selection_seeds=1,
+        # Its moving camera: with locate_weight 1 (stop 19) depth and points took most of the teacher's features
+        # (probe share 0.157); 30 passes the bar (0.308; 10: 0.288), at 9.3 cm of depth error instead of 4.3.
+        teacher={"locate_weight": 30.0},
     ),
     # The suite's miniature: one task, a tiny policy, a few steps.
     "test": HeadroomConfig(
