@@ -299,17 +299,18 @@ def gamma_results(config: ReproduceConfig, layout: RunLayout, evaluations: Evalu
 
     try:
         shift = {m: [shifted(layout.downstream(m, s), last) for s in config.seeds] for m in config.methods}
+        main = capvector(None)  # the first row of every ablation table
         alphas = [
-            {"alpha": alpha, **capvector(None if alpha == config.alpha else alpha_ablation(alpha)), **retained(alpha)}
+            {"alpha": alpha, **(main if alpha == config.alpha else capvector(alpha_ablation(alpha))), **retained(alpha)}
             for alpha in [config.alpha, *config.alphas]
         ]
         lambdas = [
-            {"lambda": value, **capvector(None if value == config.orth_lambda else lambda_ablation(value))}
+            {"lambda": value, **(main if value == config.orth_lambda else capvector(lambda_ablation(value)))}
             for value in [config.orth_lambda, *config.lambdas]
         ]
         head = (
             [
-                {"vector": GAMMA, **capvector(None), **retained(config.alpha)},
+                {"vector": GAMMA, **main, "theta_meta_retention": alphas[0]["theta_meta_retention"]},
                 {"vector": GAMMA_NO_HEAD, **capvector(HEAD_ABLATION), **retained(config.alpha, GAMMA_NO_HEAD)},
             ]
             if config.ablate_head
