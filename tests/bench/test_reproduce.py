@@ -18,7 +18,14 @@ from capvector.bench.env.evaluation import CAPTION_PIXELS, COLUMN_GAP, GIF_PIXEL
 from capvector.bench.env.sim import CONTROL_HZ
 from capvector.bench.experiment.carried import carried_share, split_frames
 from capvector.bench.experiment.layout import PLOTS, RunLayout, trained_policy
-from capvector.bench.experiment.protocol import METHODS, PRESETS, ablation_runs, check_config
+from capvector.bench.experiment.protocol import (
+    METHODS,
+    PRESETS,
+    ablation_runs,
+    alpha_candidates,
+    check_config,
+    with_chosen_alpha,
+)
 from capvector.bench.experiment.report import markdown
 from capvector.bench.experiment.report import summary as report_summary
 from capvector.bench.experiment.reproduce import (
@@ -45,6 +52,11 @@ def run(tmp_path_factory):
     return reproduce("test", tmp_path_factory.mktemp("reproduce"))
 
 
+def chosen_alpha(run):
+    """The alpha the select stage chose (the test preset selects it)."""
+    return json.loads((run / "report" / "results.json").read_text())["config"]["alpha"]
+
+
 def weights(folder):
     return load_file(folder / "model.safetensors")
 
@@ -64,7 +76,7 @@ def test_every_stage_leaves_its_artifacts(run):
         for step in CONFIG.budgets:
             assert (run / "downstream" / method / "seed0" / "checkpoints" / f"step_{step:07d}" / "policy").is_dir()
     evaluations = json.loads((run / "evaluate" / "results.json").read_text())
-    ablations = len(CONFIG.alphas) + len(CONFIG.lambdas) + CONFIG.ablate_head
+    ablations = len(alpha_candidates(CONFIG)) + len(CONFIG.lambdas) + CONFIG.ablate_head  # alphas: select's runs
     assert len(evaluations) == 2 * (len(METHODS) * len(CONFIG.budgets) + ablations + 4)
     for name in ("report.md", "results.json", *PLOTS.values()):
         assert (run / "report" / name).stat().st_size > 0
@@ -115,7 +127,7 @@ def test_the_bands_and_curves_agree_with_the_evaluations_and_the_checkpoints(run
         assert (curves["orth"] is not None) == (METHODS[method].strategy == "capvector")
         retention = curves["retention"]
         assert retention["steps"] == [0, *range(every, last + 1, every)]  # the start point and every checkpoint
-        start = CONFIG.alpha if METHODS[method].start == "meta" else 0.0
+        start = chosen_alpha(run) if METHODS[method].start == "meta" else 0.0
         assert retention["mean"][0] == pytest.approx(start, abs=1e-5)
         assert retention["mean"][-1] == pytest.approx(results["along_gamma"][method]["retention"])
 
@@ -130,7 +142,7 @@ def test_gamma_is_aux_minus_sft_over_the_policys_own_parameters(run):
     assert any(g.abs().max() > 0 for g in gamma.values())  # the spatial objective moved the weights
 
 
-@pytest.mark.parametrize("alpha", [CONFIG.alpha, *CONFIG.alphas])
+@pytest.mark.parametrize("alpha", alpha_candidates(CONFIG))
 def test_theta_meta_is_theta_pt_plus_alpha_gamma(run, alpha):
     gamma, theta_pt = vector(run / "vector" / "gamma"), weights(run / "pretrain" / "policy")
     theta_meta = weights(run / "vector" / f"theta_meta_alpha{alpha:g}")
@@ -144,13 +156,14 @@ def test_the_head_ablation_merges_gamma_without_the_action_head_and_keeps_that_v
     without_head = vector(run / "vector" / "gamma_no_head")
     head = {name for name in gamma if name.startswith("head.")}
     assert head and set(without_head) == set(gamma) - head
-    theta_meta = weights(run / "vector" / f"theta_meta_gamma_no_head_alpha{CONFIG.alpha:g}")
+    alpha = chosen_alpha(run)
+    theta_meta = weights(run / "vector" / f"theta_meta_gamma_no_head_alpha{alpha:g}")
     for name in theta_pt:
-        expected = theta_pt[name] if name in head else theta_pt[name] + CONFIG.alpha * gamma[name]
+        expected = theta_pt[name] if name in head else theta_pt[name] + alpha * gamma[name]
         torch.testing.assert_close(theta_meta[name], expected)
     config = yaml.safe_load((run / "ablations" / "no_head" / "seed0" / "config.yaml").read_text())
     assert Path(config["vector"]).name == "gamma_no_head"
-    assert Path(config["init_from"]).name == f"theta_meta_gamma_no_head_alpha{CONFIG.alpha:g}"
+    assert Path(config["init_from"]).name == f"theta_meta_gamma_no_head_alpha{alpha:g}"
 
 
 def test_every_ablation_is_compared_with_sft_on_the_same_seeds(run):
@@ -163,8 +176,10 @@ def test_every_ablation_is_compared_with_sft_on_the_same_seeds(run):
         return np.mean([tasks[t]["successes"] / tasks[t]["episodes"] for t in CONFIG.downstream_tasks])
 
     assert ablations["seeds"] == CONFIG.seeds[: CONFIG.ablation_seeds]
+    alpha = chosen_alpha(run)
+    others = [a for a in alpha_candidates(CONFIG) if a != alpha]
     expected = {
-        "alpha": {CONFIG.alpha: "downstream/capvector", **{a: f"ablations/alpha{a:g}" for a in CONFIG.alphas}},
+        "alpha": {alpha: "downstream/capvector", **{a: f"select/alpha{a:g}" for a in others}},
         "lambda": {CONFIG.orth_lambda: "downstream/capvector", **{v: f"ablations/lambda{v:g}" for v in CONFIG.lambdas}},
         "head": {"gamma": "downstream/capvector", "gamma_no_head": "ablations/no_head"},
     }
@@ -178,8 +193,49 @@ def test_every_ablation_is_compared_with_sft_on_the_same_seeds(run):
     assert "## Ablation: gamma without the action head" in report and "| gamma_no_head |" in report
 
 
+def test_alpha_is_chosen_on_validation_placements_and_every_method_from_theta_meta_then_uses_it(run):
+    validation = json.loads((run / "select" / "validation.json").read_text())
+    evaluations = json.loads((run / "evaluate" / "results.json").read_text())
+    candidates, last, task = alpha_candidates(CONFIG), CONFIG.budgets[-1], CONFIG.downstream_tasks[0]
+
+    def placements(results, alpha):
+        return results[f"select/alpha{alpha:g}/seed0/step{last}@default"]["tasks"][task]["placement_seeds"]
+
+    means = {}
+    for alpha in candidates:
+        assert not set(placements(validation, alpha)) & set(placements(evaluations, alpha))  # other placements
+        tasks = validation[f"select/alpha{alpha:g}/seed0/step{last}@default"]["tasks"]
+        means[alpha] = np.mean([tasks[t]["success_rate"] for t in CONFIG.downstream_tasks])
+    chosen = chosen_alpha(run)
+    assert chosen == max(candidates, key=lambda a: means[a])  # the best, the earlier on a tie
+    record = json.loads((run / "select" / "stage.json").read_text())["outputs"]
+    assert record["validation"] == {f"{a:g}": round(100 * m, 1) for a, m in means.items()}
+    for method in ("meta_sft", "capvector"):
+        config = yaml.safe_load((run / "downstream" / method / "seed0" / "config.yaml").read_text())
+        assert Path(config["init_from"]).name == f"theta_meta_alpha{chosen:g}"
+    selected = yaml.safe_load((run / "select" / f"alpha{chosen:g}" / "seed0" / "config.yaml").read_text())
+    main = yaml.safe_load((run / "downstream" / "capvector" / "seed0" / "config.yaml").read_text())
+    assert selected["init_from"] == main["init_from"] and selected["orth_lambda"] == main["orth_lambda"]
+    report = (run / "report" / "report.md").read_text()
+    assert f"alpha {chosen:g} was chosen before the other methods were trained" in report
+
+
+def test_alpha_selection_needs_candidates_and_other_placements_and_a_finished_choice():
+    for fields in ({"alphas": []}, {"validation_seed": CONFIG.eval_seed}):
+        with pytest.raises(CapvectorError, match="select_alpha needs candidates besides alpha"):
+            check_config(dataclasses.replace(CONFIG, **fields))
+    with pytest.raises(CapvectorError, match="run the select stage first"):
+        with_chosen_alpha(CONFIG, None)
+    with pytest.raises(CapvectorError, match="run the select stage first"):  # chosen among other candidates
+        with_chosen_alpha(CONFIG, {"alpha": 2.0, "candidates": [1.0, 2.0]})
+    resolved = with_chosen_alpha(CONFIG, {"alpha": 0.5, "candidates": alpha_candidates(CONFIG)})
+    assert (resolved.alpha, resolved.alphas) == (0.5, [1.0])
+    fixed = dataclasses.replace(CONFIG, select_alpha=False)
+    assert with_chosen_alpha(fixed, None) is fixed
+
+
 def test_ablations_run_on_the_first_ablation_seeds_and_the_long_runs_on_the_first(tmp_path):
-    config = dataclasses.replace(CONFIG, seeds=[3, 5, 7], ablation_seeds=2)
+    config = dataclasses.replace(CONFIG, seeds=[3, 5, 7], ablation_seeds=2, select_alpha=False)
     runs = ablation_runs(config, RunLayout(tmp_path))
     sweeps = [r for r in runs if r.method == "capvector" and r.steps == config.budgets[-1]]
     per_seed = len(config.alphas) + len(config.lambdas) + 1
@@ -204,7 +260,7 @@ def test_the_probe_of_what_gamma_carries_scores_held_out_demonstrations_of_every
     carried = json.loads((run / "report" / "results.json").read_text())["carried"]
     for split in ("extract", "downstream"):
         r2 = carried["r2"][split]
-        alphas = [CONFIG.alpha, *CONFIG.alphas]
+        alphas = [chosen_alpha(run), *(a for a in alpha_candidates(CONFIG) if a != chosen_alpha(run))]
         assert list(r2) == ["theta_pt", "theta_ft", "theta_ao", *(f"theta_meta alpha {a:g}" for a in alphas)]
         assert all(value <= 1 for value in r2.values())
         for alpha in alphas:

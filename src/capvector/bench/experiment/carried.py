@@ -19,7 +19,7 @@ from capvector.bench import recipe
 from capvector.bench.env.camera import CAMERAS
 from capvector.bench.env.dataset import open_meta
 from capvector.bench.experiment.layout import RunLayout, trained_policy
-from capvector.bench.experiment.protocol import ReproduceConfig
+from capvector.bench.experiment.protocol import ReproduceConfig, alpha_candidates
 from capvector.bench.probe import PROBE_STRIDE, held_out_r2, less_task_means, visual_tokens
 
 SPLITS = ("extract", "downstream")
@@ -50,7 +50,7 @@ def policies(config: ReproduceConfig, layout: RunLayout) -> dict[str, Path]:
         "theta_pt": layout.pretrained,
         "theta_ft": trained_policy(layout.extract("sft")),
         "theta_ao": trained_policy(layout.extract("aux")),
-        **{f"theta_meta alpha {alpha:g}": layout.theta_meta(alpha) for alpha in [config.alpha, *config.alphas]},
+        **{f"theta_meta alpha {alpha:g}": layout.theta_meta(alpha) for alpha in alpha_candidates(config)},
     }
 
 

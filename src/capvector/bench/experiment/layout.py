@@ -10,6 +10,8 @@
       vector/gamma_no_head              gamma without the action head (the head ablation)
       vector/theta_meta_alpha<alpha>/   theta_pt + alpha * gamma (theta_meta_<vector>_alpha<alpha>: another vector)
       downstream/<method>/seed<k>/      the methods' training runs
+      select/alpha<a>/seed<k>/          CapVector at each candidate alpha (select_alpha), the alpha ablation then
+      select/validation.json            their evaluations on the validation placements, "<checkpoint>@<variant>"
       ablations/<name>/seed<k>/         alpha<a>, lambda<l>, no_head, long_<method>
       evaluate/results.json             "<checkpoint>@<variant>" -> {"tasks": {task: counts}}
       report/                           report.md, results.json, the plots and the side-by-side GIF
@@ -80,6 +82,7 @@ class RunLayout:
         self.gamma = self.vector(GAMMA)
         self.tau = self.vector("tau")
         self.evaluations = root / "evaluate" / RESULTS_FILE
+        self.validation = root / "select" / "validation.json"
         self.report = root / "report"
         self.report_file = self.report / REPORT_FILE
         self.report_results = self.report / RESULTS_FILE
@@ -113,6 +116,10 @@ class RunLayout:
 
     def ablation(self, name: str, seed: int) -> Path:
         return self.root / "ablations" / name / f"seed{seed}"
+
+    def selection(self, alpha: float, seed: int) -> Path:
+        """CapVector at a candidate alpha (choosing alpha on validation placements)."""
+        return self.root / "select" / f"alpha{alpha:g}" / f"seed{seed}"
 
     def plot(self, name: str) -> Path:
         return self.report / PLOTS[name]

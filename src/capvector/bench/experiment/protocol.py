@@ -93,6 +93,12 @@ class ReproduceConfig:
     # vision encoder's output)
     aux_layer: str | None = None
     alpha: float = 1.0
+    # With select_alpha, alpha is chosen among [alpha, *alphas] before any downstream run: CapVector is trained at
+    # each on the ablation seeds to the largest budget and evaluated in-domain on the validation placements of
+    # validation_seed (never the test's eval_seed); the best mean success wins (ties: the earlier in that list).
+    # Every method then uses the chosen alpha, and the others are the alpha ablation. Without it alpha is fixed.
+    select_alpha: bool = False
+    validation_seed: int = 1
     # Downstream: every method at every budget (checkpoints of one run per seed) and seed.
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     budgets: list[int] = field(default_factory=lambda: [100, 200, 400])
@@ -193,7 +199,8 @@ PRESETS = {
     # there (0.3), test placements of views-confirm (eval seed 3), 5 seeds; methods (a)-(d) (not LoRA) and the long
     # runs. Its first run found gamma costing 11-13 points; the ablations ask why, on all 5 seeds: does a smaller
     # alpha cost less, and does gamma's action head (fitted to D_ext's actions) carry the cost? No lambda sweep
-    # (L_orth kept gamma 1.000 against 0.990 without it). ~2 h on 2 cores.
+    # (L_orth kept gamma 1.000 against 0.990 without it). alpha is chosen among 1, 0.25 and 0.5 on the validation
+    # placements of views-confirm (placement seed 2), on all 5 seeds, before (c) and (d) are trained. ~3 h on 2 cores.
     "views-long": dataclasses.replace(
         VIEWS,
         preset="views-long",
@@ -203,12 +210,15 @@ PRESETS = {
         seeds=[0, 1, 2, 3, 4],
         eval_seed=3,
         alphas=[0.25, 0.5],
+        select_alpha=True,
+        validation_seed=2,
         lambdas=[],
         ablation_seeds=5,
         long_steps=2400,
         note="views-long preset: the views preset at 1000 and 2000 steps (where the localization control helped in "
         "views-confirm), its validated weight 0.3, 5 seeds, methods (a)-(d), the views-confirm test placements; "
-        "alpha 0.25 and 0.5 and gamma without the action head on all 5 seeds",
+        "alpha chosen among 1, 0.25 and 0.5 on validation placements with all 5 seeds, gamma without the action "
+        "head on all 5 seeds",
     ),
     # Paper-like sizes for one GPU (training picks CUDA when present; the simulator and evaluation use every CPU
     # core): a policy ~20x full's, 8x8 patches per camera, 2-5x the demonstrations, 5 seeds, 20 episodes per task and
@@ -260,6 +270,7 @@ PRESETS = {
         lora_rank=2,
         eval_episodes=1,
         alphas=[0.5],
+        select_alpha=True,
         lambdas=[100.0],
         long_steps=6,
         workers=1,
@@ -363,6 +374,11 @@ def check_config(config: ReproduceConfig) -> None:
         )
     if len(config.seeds) < 1:
         raise CapvectorError("reproduce config: give at least one training seed (the protocol asks for 3)")
+    if config.select_alpha and (not config.alphas or config.validation_seed == config.eval_seed):
+        raise CapvectorError(
+            "reproduce config: select_alpha needs candidates besides alpha (alphas) and a validation_seed other than "
+            f"eval_seed ({config.eval_seed}): alpha is chosen on other placements than the test's"
+        )
     if not 1 <= config.ablation_seeds <= len(config.seeds):
         raise CapvectorError(
             f"reproduce config: ablation_seeds {config.ablation_seeds} must be between 1 and the number of seeds "
@@ -440,19 +456,60 @@ def downstream_runs(config: ReproduceConfig, layout: RunLayout) -> list[Downstre
     ]
 
 
+def alpha_candidates(config: ReproduceConfig) -> list[float]:
+    """The alphas a run merges: its own, then the alpha ablation's (with select_alpha: the candidates)."""
+    return [config.alpha, *config.alphas]
+
+
+def alpha_folder(config: ReproduceConfig, layout: RunLayout, alpha: float, seed: int) -> Path:
+    """The alpha ablation's run at `alpha`: the selection's run with select_alpha, else the ablations'."""
+    return layout.selection(alpha, seed) if config.select_alpha else layout.ablation(alpha_ablation(alpha), seed)
+
+
+def capvector_run(
+    config: ReproduceConfig, folder: Path, seed: int, alpha: float, orth_lambda: float, vector: str = GAMMA
+) -> DownstreamRun:
+    """CapVector trained to the largest budget and evaluated there (an ablation or a selection run)."""
+    steps = config.budgets[-1]
+    return DownstreamRun(folder, "capvector", seed, steps, alpha, orth_lambda, (steps,), vector)
+
+
+def selection_runs(config: ReproduceConfig, layout: RunLayout) -> list[DownstreamRun]:
+    """With select_alpha: CapVector at every candidate alpha on the ablation seeds (the runs alpha is chosen by)."""
+    if not config.select_alpha:
+        return []
+    return [
+        capvector_run(config, layout.selection(alpha, seed), seed, alpha, config.orth_lambda)
+        for alpha in alpha_candidates(config)
+        for seed in ablation_seeds(config)
+    ]
+
+
+def with_chosen_alpha(config: ReproduceConfig, choice: dict[str, Any] | None) -> ReproduceConfig:
+    """The config every stage after the selection plans with: alpha the chosen one (choice, the select stage's
+    record) and alphas the other candidates, in their order. Without select_alpha: config itself."""
+    if not config.select_alpha:
+        return config
+    candidates = alpha_candidates(config)
+    if not choice or choice.get("candidates") != candidates:
+        raise CapvectorError("reproduce: alpha is not chosen yet for these candidates; run the select stage first")
+    chosen = choice["alpha"]
+    return dataclasses.replace(config, alpha=chosen, alphas=[a for a in candidates if a != chosen])
+
+
 def ablation_runs(config: ReproduceConfig, layout: RunLayout) -> list[DownstreamRun]:
-    """CapVector at other alphas and lambdas and with gamma without the action head (the ablation seeds, largest
-    budget), and the long runs with and without L_orth (first seed, evaluated halfway and at the end)."""
-    steps, c = config.budgets[-1], config
+    """CapVector at other alphas (unless they are the selection's runs) and lambdas and with gamma without the action
+    head (the ablation seeds, largest budget), and the long runs with and without L_orth (first seed, evaluated
+    halfway and at the end)."""
+    c = config
 
     def capvector(name: str, seed: int, alpha: float, orth_lambda: float, vector: str = GAMMA) -> DownstreamRun:
-        return DownstreamRun(
-            layout.ablation(name, seed), "capvector", seed, steps, alpha, orth_lambda, (steps,), vector
-        )
+        return capvector_run(c, layout.ablation(name, seed), seed, alpha, orth_lambda, vector)
 
     runs = []
     for seed in ablation_seeds(c):
-        runs += [capvector(alpha_ablation(alpha), seed, alpha, c.orth_lambda) for alpha in c.alphas]
+        if not c.select_alpha:
+            runs += [capvector(alpha_ablation(alpha), seed, alpha, c.orth_lambda) for alpha in c.alphas]
         runs += [capvector(lambda_ablation(value), seed, c.alpha, value) for value in c.lambdas]
         if c.ablate_head:
             runs.append(capvector(HEAD_ABLATION, seed, c.alpha, c.orth_lambda, GAMMA_NO_HEAD))
@@ -504,6 +561,6 @@ def evaluated_checkpoints(config: ReproduceConfig, layout: RunLayout) -> dict[st
     """name -> checkpoint_at(...) of every evaluated checkpoint."""
     return {
         evaluation_name(layout, run.folder, steps): checkpoint_at(layout, run, steps)
-        for run in downstream_runs(config, layout) + ablation_runs(config, layout)
+        for run in downstream_runs(config, layout) + selection_runs(config, layout) + ablation_runs(config, layout)
         for steps in run.evaluated
     }

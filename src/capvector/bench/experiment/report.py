@@ -29,7 +29,8 @@ from capvector.bench.experiment.protocol import (
     DownstreamRun,
     ReproduceConfig,
     ablation_seeds,
-    alpha_ablation,
+    alpha_candidates,
+    alpha_folder,
     checkpoint_at,
     downstream_runs,
     evaluated_checkpoints,
@@ -289,10 +290,14 @@ def gamma_results(config: ReproduceConfig, layout: RunLayout, evaluations: Evalu
         path, base = checkpoints[evaluation_name(layout, folder, steps)]
         return along_gamma(path, pretrained, gamma, base)
 
+    def at_alpha(runs: list[Path]) -> dict:
+        return ablation_row(evaluations, runs, sft, last, tasks)
+
     def capvector(ablation: str | None) -> dict:
         """CapVector's runs on the ablation seeds: the main ones (None) or an ablation's."""
-        runs = [layout.downstream("capvector", s) if ablation is None else layout.ablation(ablation, s) for s in seeds]
-        return ablation_row(evaluations, runs, sft, last, tasks)
+        return at_alpha(
+            [layout.downstream("capvector", s) if ablation is None else layout.ablation(ablation, s) for s in seeds]
+        )
 
     def retained(alpha: float, vector: str = GAMMA) -> dict:
         return {"theta_meta_retention": along_gamma(layout.theta_meta(alpha, vector), pretrained, gamma)["retention"]}
@@ -301,8 +306,14 @@ def gamma_results(config: ReproduceConfig, layout: RunLayout, evaluations: Evalu
         shift = {m: [shifted(layout.downstream(m, s), last) for s in config.seeds] for m in config.methods}
         main = capvector(None)  # the first row of every ablation table
         alphas = [
-            {"alpha": alpha, **(main if alpha == config.alpha else capvector(alpha_ablation(alpha))), **retained(alpha)}
-            for alpha in [config.alpha, *config.alphas]
+            {
+                "alpha": alpha,
+                **(
+                    main if alpha == config.alpha else at_alpha([alpha_folder(config, layout, alpha, s) for s in seeds])
+                ),
+                **retained(alpha),
+            }
+            for alpha in alpha_candidates(config)
         ]
         lambdas = [
             {"lambda": value, **(main if value == config.orth_lambda else capvector(lambda_ablation(value)))}
@@ -344,7 +355,7 @@ def carried_results(config: ReproduceConfig, layout: RunLayout) -> dict[str, Any
     """What gamma carries (capvector.bench.experiment.carried): the probe's R^2 per split and weights, and the part
     of theta_ao's gain that theta_meta shows at every alpha, per split."""
     r2 = carried(config, layout)
-    alphas = [config.alpha, *config.alphas]
+    alphas = alpha_candidates(config)
     share = {split: None if v is None else {f"{a:g}": carried_share(v, a) for a in alphas} for split, v in r2.items()}
     return {"r2": r2, "share": share}
 
@@ -393,9 +404,11 @@ def build_results(
     vector: InspectReport,
     stage_seconds: Mapping[str, float | None],
     episode: Mapping[str, Any],
+    selection: Mapping[str, Any] | None = None,
 ) -> dict:
     """Every number of the run, from its stage folders, as one JSON-able dictionary; `episode`: what the
-    side-by-side GIF shows (reproduce's side_by_side_episode)."""
+    side-by-side GIF shows (reproduce's side_by_side_episode); `selection`: how alpha was chosen (the select
+    stage's outputs), None when the preset fixed it."""
     evaluations, inspected = Evaluations(layout, evaluated_variants(config)), vector.to_dict()
     total = inspected["total"]
     success, timing = success_results(config, layout, evaluations), timing_results(config, layout)
@@ -426,6 +439,7 @@ def build_results(
         "curves": training_curves(config, layout),
         "side_by_side": dict(episode),
         "stage_seconds": dict(stage_seconds),
+        "alpha_selection": dict(selection) if selection else None,
     }
 
 
@@ -567,8 +581,14 @@ def findings(results: Mapping) -> list[str]:
     )
     out.append(
         "Not shown: whether any of this holds at the paper's scale (a large pretrained VLA, LIBERO/RoboTwin, "
-        "tens of thousands of steps). alpha and lambda were fixed by the preset before any evaluation; the "
-        "sweeps are reported, not used to choose them."
+        "tens of thousands of steps). "
+        + (
+            "alpha was chosen on validation placements (above); lambda was fixed by the preset, and its sweep is "
+            "reported, not used to choose it."
+            if results["alpha_selection"]
+            else "alpha and lambda were fixed by the preset before any evaluation; the sweeps are reported, not used "
+            "to choose them."
+        )
     )
     return out
 
@@ -739,7 +759,18 @@ def markdown(results: Mapping) -> str:
     def ablation_cells(row: Mapping) -> str:
         return " | ".join(f"{fmt_cell(row[v])} | {triple(row['versus_sft'][v])}" for v in (home, NEW_ENV))
 
-    lines += ["", f"## Ablation: alpha ({where})", "", f"| alpha {header} gamma in theta_meta |", "|---" * 6 + "|"]
+    selection = results["alpha_selection"]
+    lines += ["", f"## Ablation: alpha ({where})", ""]
+    if selection:
+        candidates = ", ".join(f"{a}: {m}%" for a, m in selection["validation"].items())
+        lines += [
+            f"alpha {selection['alpha']:g} was chosen before the other methods were trained: CapVector at every "
+            f"candidate on seeds {', '.join(map(str, selection['seeds']))}, in-domain mean success on the validation "
+            f"placements (placement seed {selection['placement_seed']}, not the test's): {candidates}. Below, the "
+            "same runs on the test placements.",
+            "",
+        ]
+    lines += [f"| alpha {header} gamma in theta_meta |", "|---" * 6 + "|"]
     lines += [f"| {r['alpha']:g} | {ablation_cells(r)} | {r['theta_meta_retention']:.3f} |" for r in ablations["alpha"]]
     lines += ["", f"## Ablation: lambda ({where})", "", f"| lambda {header}", "|---" * 5 + "|"]
     lines += [f"| {r['lambda']:g} | {ablation_cells(r)} |" for r in ablations["lambda"]]
@@ -868,12 +899,13 @@ def write_report(
     layout: RunLayout,
     stage_seconds: Mapping[str, float | None],
     episode: Mapping[str, Any],
+    selection: Mapping[str, Any] | None = None,
 ) -> Path:
     """results.json, report.md and the plots into the run's report folder (where `episode`'s GIF already is);
-    returns report.md's path."""
+    returns report.md's path. `selection`: as build_results."""
     layout.report.mkdir(parents=True, exist_ok=True)
     vector = inspect(layout.gamma, against=layout.tau, base=layout.pretrained)
-    results = build_results(config, layout, vector, stage_seconds, episode)
+    results = build_results(config, layout, vector, stage_seconds, episode, selection)
     write_json(layout.report_results, results)
     plot_success(results, layout.plot("success"))
     plot_training(results, layout.plot("training"))

@@ -7,6 +7,8 @@ Stages (run by capvector.bench.experiment.stages, each a folder of the run: capv
   pretrain    theta_pt: SFT from scratch on the pretraining tasks
   extract     theta_ft (sft) and theta_ao (aux) from theta_pt on D_ext, identical settings
   vector      gamma = theta_ao - theta_ft, tau = theta_ft - theta_pt, theta_meta = theta_pt + alpha * gamma
+  select      with select_alpha: CapVector at every candidate alpha, evaluated on validation placements; the best
+              alpha is the one every later stage uses
   downstream  (a)-(e) of the protocol's methods on the held-out tasks, every seed, a checkpoint at every budget
   ablations   alpha sweep, lambda sweep, and a long run with and without L_orth (first seed)
   evaluate    every checkpoint on new placements, in-domain and in the "new environment" variant
@@ -24,6 +26,7 @@ import dataclasses
 import functools
 import os
 import shutil
+import statistics
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -44,7 +47,10 @@ from capvector.bench.experiment.protocol import (
     DownstreamRun,
     ReproduceConfig,
     ablation_runs,
+    ablation_seeds,
+    alpha_candidates,
     check_config,
+    checkpoint_at,
     downstream_runs,
     evaluated_checkpoints,
     evaluated_variants,
@@ -53,8 +59,10 @@ from capvector.bench.experiment.protocol import (
     preset_config,
     run_label,
     run_name,
+    selection_runs,
     split_tasks,
     start_point,
+    with_chosen_alpha,
 )
 from capvector.bench.experiment.report import write_report
 from capvector.bench.experiment.stages import Pipeline, Plan, Stage
@@ -75,6 +83,11 @@ class Run:
         self.config, self.layout, self.device = config, layout, device
         self.workers = config.workers or os.cpu_count() or 1
         self._datasets: dict[tuple[str, bool], DemoDataset] = {}
+
+    @property
+    def protocol(self) -> ReproduceConfig:
+        """The config the stages after the selection plan with: alpha the chosen one (protocol.with_chosen_alpha)."""
+        return with_chosen_alpha(self.config, pipeline(self.layout).record("select").get("outputs"))
 
     def dataset(self, root: str, depth: bool) -> DemoDataset:
         """A demonstration folder, read once per process (every run on it trains on the same object)."""
@@ -286,23 +299,82 @@ def downstream_config(run: Run, spec: DownstreamRun) -> TrainConfig:
     )
 
 
+def training_plan(run: Run, runs: list[DownstreamRun]) -> Plan:
+    return {run_name(run.layout, r.folder): downstream_config(run, r) for r in runs}
+
+
+def plan_select(run: Run) -> Plan:
+    c = run.config
+    if not c.select_alpha:
+        return {}
+    runs = selection_runs(c, run.layout)
+    return {
+        "candidates": alpha_candidates(c),
+        "training": training_plan(run, runs),
+        "evaluation": {
+            "checkpoints": {
+                evaluation_name(run.layout, r.folder, r.steps): checkpoint_at(run.layout, r, r.steps) for r in runs
+            },
+            "tasks": split_tasks(c)["downstream"],
+            "episodes": c.eval_episodes,
+            "seed": c.validation_seed,
+            "variants": [c.variant],
+            "placement": c.placement,
+        },
+    }
+
+
+def do_select(run: Run, plan: Plan) -> dict[str, Any]:
+    """CapVector at every candidate alpha, evaluated on the validation placements; the chosen alpha has the best mean
+    success over (seed, task) (ties: the earlier candidate). Its record's outputs are what Run.protocol reads."""
+    if not plan:
+        return {}
+    runs = selection_runs(run.config, run.layout)
+    for alpha in plan["candidates"]:
+        merged(run, alpha)
+    do_training(run, plan["training"])
+    evaluation = plan["evaluation"]
+    results = evaluate_checkpoints(run, evaluation, run.layout.validation)
+    variant = evaluation["variants"][0]
+    means = {
+        alpha: statistics.mean(
+            task["success_rate"]
+            for r in runs
+            if r.alpha == alpha
+            for task in results[evaluation_key(evaluation_name(run.layout, r.folder, r.steps), variant)][
+                "tasks"
+            ].values()
+        )
+        for alpha in plan["candidates"]
+    }
+    chosen = max(plan["candidates"], key=lambda alpha: means[alpha])
+    print(f"  alpha {chosen:g} chosen: " + ", ".join(f"{a:g}: {100 * m:.1f}%" for a, m in means.items()))
+    return {
+        "alpha": chosen,
+        "candidates": plan["candidates"],
+        "validation": {f"{a:g}": round(100 * m, 1) for a, m in means.items()},
+        "seeds": ablation_seeds(run.config),
+        "placement_seed": evaluation["seed"],
+    }
+
+
 def plan_downstream(run: Run) -> Plan:
-    return {run_name(run.layout, r.folder): downstream_config(run, r) for r in downstream_runs(run.config, run.layout)}
+    return training_plan(run, downstream_runs(run.protocol, run.layout))
 
 
 def plan_ablations(run: Run) -> Plan:
-    return {run_name(run.layout, r.folder): downstream_config(run, r) for r in ablation_runs(run.config, run.layout)}
+    return training_plan(run, ablation_runs(run.protocol, run.layout))
 
 
 def do_ablations(run: Run, plan: Plan) -> dict[str, Any]:
-    for spec in ablation_runs(run.config, run.layout):
+    for spec in ablation_runs(run.protocol, run.layout):
         if spec.start == "meta":
             merged(run, spec.alpha, spec.vector)
     return do_training(run, plan)
 
 
 def plan_evaluate(run: Run) -> Plan:
-    c = run.config
+    c = run.protocol
     return {
         "checkpoints": evaluated_checkpoints(c, run.layout),
         "tasks": split_tasks(c)["downstream"],
@@ -319,11 +391,15 @@ def trained_loader(path: str, base: str | None) -> functools.partial[Policy]:
 
 
 def do_evaluate(run: Run, plan: Plan) -> dict[str, Any]:
-    """Every checkpoint on the same placements of every task, in every evaluated variant, through the evaluation harness
-    (capvector.bench.env.evaluation.evaluate_many); saved as it goes (a killed stage keeps what it evaluated)."""
+    return {"evaluations": len(evaluate_checkpoints(run, plan, run.layout.evaluations))}
+
+
+def evaluate_checkpoints(run: Run, plan: Plan, path: Path) -> dict[str, Any]:
+    """Every checkpoint of `plan` (plan_evaluate's fields) on the same placements of every task, in every variant,
+    through the evaluation harness (capvector.bench.env.evaluation.evaluate_many); saved into `path` as it goes (a
+    killed stage keeps what it evaluated). Returns every result in `path`."""
     from capvector.bench.env.evaluation import evaluate_many, task_result
 
-    path = run.layout.evaluations
     results = read_json(path) or {}
     todo: dict[tuple[str, tuple[str, ...]], list[str]] = {}  # (variant, tasks not evaluated yet) -> checkpoints
     for variant in plan["variants"]:
@@ -354,7 +430,7 @@ def do_evaluate(run: Run, plan: Plan) -> dict[str, Any]:
             if finished == total or time.perf_counter() - last_print > 30:
                 last_print = time.perf_counter()
                 print(f"  evaluated {finished}/{total} (checkpoint, task, variant) in {last_print - started:.0f} s")
-    return {"evaluations": len(results)}
+    return results
 
 
 def side_by_side_episode(run: Run) -> dict[str, Any]:
@@ -363,7 +439,7 @@ def side_by_side_episode(run: Run) -> dict[str, Any]:
     right; returns what it shows."""
     from capvector.bench.env.evaluation import evaluate_many, save_gif, side_by_side
 
-    c, layout = run.config, run.layout
+    c, layout = run.protocol, run.layout
     seed, steps, task = c.seeds[0], c.budgets[-1], split_tasks(c)["downstream"][0]
     checkpoints = evaluated_checkpoints(c, layout)
     names = [evaluation_name(layout, layout.downstream(m, seed), steps) for m in c.methods]
@@ -396,12 +472,15 @@ def side_by_side_episode(run: Run) -> dict[str, Any]:
 
 
 def plan_report(run: Run) -> Plan:
-    return {"config": dataclasses.asdict(run.config), "version": __version__}
+    return {"config": dataclasses.asdict(run.protocol), "version": __version__}
 
 
 def do_report(run: Run, plan: Plan) -> dict[str, Any]:
-    seconds = pipeline(run.layout).seconds()
-    return {"report": str(write_report(run.config, run.layout, seconds, side_by_side_episode(run)))}
+    stages = pipeline(run.layout)
+    selection = stages.record("select").get("outputs") or None
+    return {
+        "report": str(write_report(run.protocol, run.layout, stages.seconds(), side_by_side_episode(run), selection))
+    }
 
 
 STAGES: dict[str, Stage[Run]] = {
@@ -411,10 +490,11 @@ STAGES: dict[str, Stage[Run]] = {
         Stage("pretrain", ("demos",), plan_pretrain, do_training),
         Stage("extract", ("demos", "pretrain"), plan_extract, do_training),
         Stage("vector", ("pretrain", "extract"), plan_vector, do_vector),
-        Stage("downstream", ("demos", "pretrain", "vector"), plan_downstream, do_training),
-        Stage("ablations", ("demos", "pretrain", "vector"), plan_ablations, do_ablations),
-        Stage("evaluate", ("downstream", "ablations"), plan_evaluate, do_evaluate),
-        Stage("report", ("vector", "downstream", "ablations", "evaluate"), plan_report, do_report),
+        Stage("select", ("demos", "pretrain", "vector"), plan_select, do_select),
+        Stage("downstream", ("demos", "pretrain", "vector", "select"), plan_downstream, do_training),
+        Stage("ablations", ("demos", "pretrain", "vector", "select"), plan_ablations, do_ablations),
+        Stage("evaluate", ("select", "downstream", "ablations"), plan_evaluate, do_evaluate),
+        Stage("report", ("vector", "select", "downstream", "ablations", "evaluate"), plan_report, do_report),
     ]
 }
 
