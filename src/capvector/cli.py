@@ -376,12 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="quick",
         help="quick (minutes, proves the pipeline), full (the experiment, ~1 h on 2 cores), views (full's sizes in "
         "the headroom regime: wide placements, a moving camera, the localization control), views-long (views at 1000 "
-        "and 2000 steps, 5 seeds, methods (a)-(d)) or gpu (paper-like sizes for one GPU)",
+        "and 2000 steps, 5 seeds, methods (a)-(d), alpha chosen on validation placements), views-teacher (views-long "
+        "with the frozen 3D teacher's alignment) or gpu (paper-like sizes for one GPU)",
     )
     p.add_argument(
         "--objective",
-        help="auxiliary objective of extraction and method (b): spatial (the presets'), privileged (every visual "
-        "token regresses object and goal positions) or localization (each patch regresses where they appear)",
+        help="auxiliary objective of extraction and method (b): spatial (alignment with geometry from depth), teacher "
+        "(alignment with a frozen 3D teacher pretrained first in the run folder), privileged (every visual token "
+        "regresses object and goal positions) or localization (each patch regresses where they appear)",
     )
     p.add_argument("--placement", help="placement ranges of demonstrations and evaluation: default or wide (2.5x)")
     p.add_argument(

@@ -354,9 +354,9 @@ def assert_equal_tensors(expected, actual):
 
 
 def test_bad_input_is_named(tmp_path):
-    with pytest.raises(CapvectorError, match="valid presets: quick, full, views, views-long, gpu, test"):
+    with pytest.raises(CapvectorError, match="valid presets: quick, full, views, views-long, views-teacher, gpu, test"):
         reproduce("fast", tmp_path)
-    with pytest.raises(CapvectorError, match="valid stages: demos, pretrain"):
+    with pytest.raises(CapvectorError, match="valid stages: demos, teacher, pretrain"):
         reproduce("test", tmp_path, force=["train"])
 
 
@@ -441,3 +441,41 @@ def test_every_preset_passes_the_config_checks(preset):
     config = PRESETS[preset]
     check_config(config)
     assert config.preset == preset
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    """The test preset with the frozen-teacher objective: one extraction and methods (a)-(d), nothing more."""
+    config = dataclasses.replace(
+        CONFIG, objective="teacher", select_alpha=False, alphas=[], lambdas=[], ablate_head=False
+    )
+    return reproduce(config, tmp_path_factory.mktemp("reproduce-teacher"))
+
+
+def test_the_teacher_objective_pretrains_its_teacher_on_the_pretraining_frames_and_aligns_with_it(teacher_run):
+    layout = RunLayout(teacher_run)
+    record = json.loads((layout.teacher / "pretraining.json").read_text())
+    assert Path(record["dataset"]) == layout.demos("pretrain")  # other tasks than D_ext's and the held-out ones
+    assert record["pretraining"]["steps"] == CONFIG.teacher["steps"]
+    for folder in (layout.extract("aux"), layout.downstream("aux", 0)):
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        assert config["auxiliary"] == "capvector.bench.recipe:teacher_alignment"
+        assert Path(config["auxiliary_args"]["teacher"]) == layout.teacher
+    results = json.loads((teacher_run / "report" / "results.json").read_text())
+    summary = results["summary"]
+    assert summary["teacher_object_variance_explained"] == record["probe"]["share"]
+    assert summary["spatial_aux_minus_sft"] is not None and summary["control_aux_minus_sft"] is None
+    assert "The teacher, on" in (teacher_run / "report" / "report.md").read_text()
+
+
+def test_other_objectives_pretrain_no_teacher_and_a_bad_teacher_setting_is_named(run):
+    assert json.loads((run / "teacher" / "stage.json").read_text())["outputs"] == {}
+    assert not RunLayout(run).teacher.exists()
+    assert (
+        json.loads((run / "report" / "results.json").read_text())["summary"]["teacher_object_variance_explained"]
+        is None
+    )
+    with pytest.raises(CapvectorError, match=r"teacher fields \['stepz'\] are not TeacherPretraining settings"):
+        check_config(dataclasses.replace(CONFIG, teacher={"stepz": 3}))
+    with pytest.raises(CapvectorError, match=r"teacher.teacher fields \['width'\] are not TeacherConfig fields"):
+        check_config(dataclasses.replace(CONFIG, teacher={"teacher": {"width": 3}}))

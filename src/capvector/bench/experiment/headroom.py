@@ -51,7 +51,13 @@ from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.bench.probe import PROBE_STRIDE, held_out_r2, less_task_means, visual_tokens
 from capvector.bench.statistics import bootstrap_mean, paired_difference, resolvable_difference
 from capvector.bench.teacher.modeling_teacher import RECORD_NAME
-from capvector.bench.teacher.pretraining import TeacherPretraining, pretrain_teacher
+from capvector.bench.teacher.pretraining import (
+    RECORD_SUMMARY,
+    TeacherPretraining,
+    describe_teacher,
+    experiment_teacher,
+    pretrain_teacher,
+)
 from capvector.errors import CapvectorError
 from capvector.files import content_hash, read_json, write_json, write_text
 from capvector.training.checkpointing import checkpoint_dirs
@@ -72,8 +78,6 @@ AUX_ARMS = {
     ),
 }
 ARMS = ("sft", "oracle", *AUX_ARMS)
-# TeacherPretraining fields the regime sets: the teacher's frames are recorded in its look and placements.
-TEACHER_SET_BY_REGIME = ("dataset", "placement", "workers")
 # The probe of the visual tokens: demonstrations on placements no policy trained on (the next demonstration seed),
 # every PROBE_STRIDE-th frame.
 PROBE_EPISODES = 3
@@ -250,13 +254,7 @@ def check_config(config: HeadroomConfig) -> None:
         weights = arm_weights(config, arm)
         if not weights or min(weights) <= 0:
             raise CapvectorError(f"headroom: {arm}_weights {weights} must be positive numbers")
-    open_fields = {f.name for f in dataclasses.fields(TeacherPretraining)} - set(TEACHER_SET_BY_REGIME)
-    unknown = sorted(set(config.teacher) - open_fields)
-    if unknown:
-        raise CapvectorError(
-            f"headroom: teacher fields {unknown} are not TeacherPretraining settings a regime sets; valid: "
-            f"{', '.join(sorted(open_fields))}"
-        )
+    teacher_pretraining(config, HeadroomLayout(Path(".")))  # names a teacher field it does not know
     if not 1 <= config.selection_seeds <= len(config.seeds):
         raise CapvectorError(f"headroom: selection_seeds must be between 1 and the {len(config.seeds)} seeds")
     if config.validation_seed == config.eval_seed:
@@ -419,16 +417,16 @@ def record_demonstrations(
 
 def teacher_pretraining(config: HeadroomConfig, layout: HeadroomLayout) -> TeacherPretraining:
     """The teacher arm's teacher: config.teacher's settings on frames recorded in this regime's look and
-    placements, for the policy's image size and patch grid (so that its patch features match the visual tokens)."""
-    settings = dict(config.teacher)
+    placements, for the policy's image size and patch grid."""
     policy = PolicyConfig(image_size=config.image_size, **config.policy)
-    teacher = settings.pop("teacher", {}) | {"image_size": policy.image_size, "patch_grid": policy.patch_grid}
-    return TeacherPretraining(
-        teacher=teacher,
+    return experiment_teacher(
+        config.teacher,
+        policy.image_size,
+        policy.patch_grid,
+        "headroom",
         dataset=str(layout.teacher_demos),
         placement=config.placement,
         workers=config.workers,
-        **settings,
     )
 
 
@@ -441,7 +439,7 @@ def pretrained_teacher(config: HeadroomConfig, layout: HeadroomLayout) -> dict:
     print(f"pretraining the teacher on {len(tasks)} tasks' frames ({settings.steps} steps)")
     record = json.loads((pretrain_teacher(settings, layout.teacher) / RECORD_NAME).read_text())
     print(f"teacher ready in {time.perf_counter() - started:.0f} s")
-    return {key: record[key] for key in ("frames", "validation", "probe", "probe_untrained")}
+    return {key: record[key] for key in RECORD_SUMMARY}
 
 
 def probe_frames(config: HeadroomConfig, layout: HeadroomLayout) -> tuple[torch.Tensor, ...]:
@@ -553,19 +551,6 @@ def interval(triple: list[float], sign: str = "") -> str:
     return f"{mean:{sign}} [{low:{sign}}, {high:{sign}}]"
 
 
-def teacher_line(pretraining: dict) -> str:
-    """The teacher's pretraining figures and its acceptance probe, in one line."""
-    errors, share = pretraining["validation"], pretraining["probe"]["share"]
-    return (
-        f"The teacher, on {pretraining['frames']['validation']} held-out frames of its pretraining episodes: depth "
-        f"error {100 * errors['depth_mae_m']:.1f} cm, camera-frame points {100 * errors['point_error_m']:.1f} cm, "
-        f"object/goal localisation {errors['localisation_error_cm']:.1f} cm (predicting the mean: "
-        f"{errors['localisation_error_cm_predicting_the_mean']:.1f}). Share of its normalized features' variance that "
-        f"object and goal positions explain beyond patch and hand position: {share:.3f} (untrained "
-        f"{pretraining['probe_untrained']['share']:.3f}; the issue's bar: 0.30)."
-    )
-
-
 def report_markdown(summary: dict) -> str:
     config = summary["config"]
     lines = [
@@ -606,7 +591,7 @@ def report_markdown(summary: dict) -> str:
             for steps, row in summary["budgets"].items()
         ]
         if "pretraining" in chosen:
-            lines += ["", teacher_line(chosen["pretraining"])]
+            lines += ["", describe_teacher(chosen["pretraining"])]
     decoy = summary["decoy"]
     head = summary["headroom"]
     probe = summary["probe"]

@@ -4,6 +4,7 @@
       run.json                          the config and capvector version of the last invocation
       <stage>/stage.json                per stage: its key, whether it finished, an id for its outputs
       demos/<split>/                    demonstration datasets (pretrain, extract, downstream)
+      teacher/model/                    the frozen 3D teacher (the teacher objective only; capvector.bench.teacher)
       pretrain/                         a training run folder (below) for theta_pt
       extract/<strategy>/               theta_ft (sft) and theta_ao (aux)
       vector/gamma, vector/tau          capability vector and task vector
@@ -79,6 +80,7 @@ class RunLayout:
         self.run_file = root / RUN_FILE
         self.pretrain = root / "pretrain"
         self.pretrained = trained_policy(self.pretrain)  # theta_pt
+        self.teacher = root / "teacher" / "model"
         self.gamma = self.vector(GAMMA)
         self.tau = self.vector("tau")
         self.evaluations = root / "evaluate" / RESULTS_FILE

@@ -51,6 +51,7 @@ from capvector.bench.statistics import (
     paired_difference,
     wilson_interval,
 )
+from capvector.bench.teacher.pretraining import describe_teacher
 from capvector.files import write_json, write_text
 from capvector.params.checkpoints import open_checkpoint
 from capvector.params.inspection import InspectReport, inspect
@@ -362,15 +363,17 @@ def carried_results(config: ReproduceConfig, layout: RunLayout) -> dict[str, Any
 
 # Which rows of the summary a run's auxiliary objective fills: the positive control's (either of the two) or the
 # spatial objective's.
-SUMMARY_PREFIX = {"privileged": "control", "localization": "control", "spatial": "spatial"}
+SUMMARY_PREFIX = {"privileged": "control", "localization": "control", "spatial": "spatial", "teacher": "spatial"}
 
 
-def summary(config: ReproduceConfig, versus: Mapping, timing: Mapping) -> dict[str, Any]:
+def summary(
+    config: ReproduceConfig, versus: Mapping, timing: Mapping, teacher: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The headline figures, in the run's in-domain look at its last budget: (b) auxiliary SFT and (d) CapVector
     against (a) SFT, paired ([mean, low, high] in success-rate points, 95% seed-bootstrap interval), filled for this
-    run's objective and null for the other one's (another run: `--objective`); and the step-time ratios to SFT.
-    The oracle's lead is measured by `capvector headroom`, and the teacher is not in these presets, so those
-    two are null here."""
+    run's objective and null for the other one's (another run: `--objective`); the teacher's acceptance probe (the
+    teacher objective's `teacher` record, else null); and the step-time ratios to SFT. The oracle's lead is measured
+    by `capvector headroom`, so it is null here."""
     last = str(config.budgets[-1])
     rows = versus.get(config.variant, {})
     sft_ms = timing.get("sft", {}).get("step_ms")
@@ -393,7 +396,7 @@ def summary(config: ReproduceConfig, versus: Mapping, timing: Mapping) -> dict[s
             for prefix in dict.fromkeys(SUMMARY_PREFIX.values())
             for method in ("aux", "capvector")
         },
-        "teacher_object_variance_explained": None,
+        "teacher_object_variance_explained": teacher["probe"]["share"] if teacher else None,
         "step_time_vs_sft": {"aux": step_ratio("aux"), "capvector": step_ratio("capvector")},
     }
 
@@ -405,10 +408,12 @@ def build_results(
     stage_seconds: Mapping[str, float | None],
     episode: Mapping[str, Any],
     selection: Mapping[str, Any] | None = None,
+    teacher: Mapping[str, Any] | None = None,
 ) -> dict:
     """Every number of the run, from its stage folders, as one JSON-able dictionary; `episode`: what the
     side-by-side GIF shows (reproduce's side_by_side_episode); `selection`: how alpha was chosen (the select
-    stage's outputs), None when the preset fixed it."""
+    stage's outputs), None when the preset fixed it; `teacher`: the teacher stage's outputs (the teacher
+    objective's), else None."""
     evaluations, inspected = Evaluations(layout, evaluated_variants(config)), vector.to_dict()
     total = inspected["total"]
     success, timing = success_results(config, layout, evaluations), timing_results(config, layout)
@@ -425,7 +430,7 @@ def build_results(
         "config": dataclasses.asdict(config),
         "methods": {m: METHODS[m].label for m in config.methods},
         "tasks": split_tasks(config),
-        "summary": summary(config, success["versus_sft"], timing),
+        "summary": summary(config, success["versus_sft"], timing, teacher),
         **success,
         "timing": timing,
         "gamma": {
@@ -440,6 +445,7 @@ def build_results(
         "side_by_side": dict(episode),
         "stage_seconds": dict(stage_seconds),
         "alpha_selection": dict(selection) if selection else None,
+        "teacher": dict(teacher) if teacher else None,
     }
 
 
@@ -688,7 +694,7 @@ def markdown(results: Mapping) -> str:
         f"Auxiliary objective (extraction's aux run and method (b)): `{config['objective']}` "
         f"({OBJECTIVES[config['objective']].recipe}); placement ranges `{config['placement']}` (demonstrations and "
         f"evaluation); in-domain scene look `{home}` (demonstrations and the in-domain evaluation), out-of-domain "
-        f"`{NEW_ENV}`.",
+        f"`{NEW_ENV}`." + (f" {describe_teacher(results['teacher'])}" if results["teacher"] else ""),
         "",
         f"Command: `{results['command']}`. Downstream tasks: "
         f"{', '.join(results['tasks']['downstream'])}; D_ext: {', '.join(results['tasks']['extract'])}; "
@@ -900,12 +906,13 @@ def write_report(
     stage_seconds: Mapping[str, float | None],
     episode: Mapping[str, Any],
     selection: Mapping[str, Any] | None = None,
+    teacher: Mapping[str, Any] | None = None,
 ) -> Path:
     """results.json, report.md and the plots into the run's report folder (where `episode`'s GIF already is);
-    returns report.md's path. `selection`: as build_results."""
+    returns report.md's path. `selection`, `teacher`: as build_results."""
     layout.report.mkdir(parents=True, exist_ok=True)
     vector = inspect(layout.gamma, against=layout.tau, base=layout.pretrained)
-    results = build_results(config, layout, vector, stage_seconds, episode, selection)
+    results = build_results(config, layout, vector, stage_seconds, episode, selection, teacher)
     write_json(layout.report_results, results)
     plot_success(results, layout.plot("success"))
     plot_training(results, layout.plot("training"))

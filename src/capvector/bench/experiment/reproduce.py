@@ -4,6 +4,7 @@
 
 Stages (run by capvector.bench.experiment.stages, each a folder of the run: capvector.bench.experiment.layout):
   demos       scripted-expert demonstrations of the pretraining, extraction (D_ext) and downstream tasks
+  teacher     the teacher objective's frozen 3D teacher, pretrained on the pretraining demonstrations' frames
   pretrain    theta_pt: SFT from scratch on the pretraining tasks
   extract     theta_ft (sft) and theta_ao (aux) from theta_pt on D_ext, identical settings
   vector      gamma = theta_ao - theta_ft, tau = theta_ft - theta_pt, theta_meta = theta_pt + alpha * gamma
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import shutil
 import statistics
@@ -62,11 +64,14 @@ from capvector.bench.experiment.protocol import (
     selection_runs,
     split_tasks,
     start_point,
+    teacher_pretraining,
     with_chosen_alpha,
 )
 from capvector.bench.experiment.report import write_report
 from capvector.bench.experiment.stages import Pipeline, Plan, Stage
 from capvector.bench.policy.modeling_policy import Policy
+from capvector.bench.teacher.modeling_teacher import RECORD_NAME
+from capvector.bench.teacher.pretraining import RECORD_SUMMARY, pretrain_teacher
 from capvector.files import read_json, write_json
 from capvector.params.merging import merge
 from capvector.params.vectors import extract
@@ -117,7 +122,7 @@ class Run:
             # depth maps are read only by an objective that needs them, which never runs on the pretraining set
             "dataset_args": {"root": root, "depth": objective.depth and split != "pretrain"},
             "auxiliary": objective.recipe if aux else "",
-            "auxiliary_args": objective.args(c, root) if aux else {},
+            "auxiliary_args": objective.args(c, self.layout, root) if aux else {},
             "lora_rank": c.lora_rank,
             "lora_alpha": 2.0 * c.lora_rank,
             "checkpoint_every": steps,
@@ -180,6 +185,21 @@ def do_demos(run: Run, plan: Plan) -> dict[str, Any]:
                 placement=job["placement"],
             )
     return {split: open_meta(run.layout.demos(split)).info["total_episodes"] for split in plan}
+
+
+def plan_teacher(run: Run) -> Plan:
+    if not OBJECTIVES[run.config.objective].teacher:
+        return {}
+    return {"pretraining": dataclasses.asdict(teacher_pretraining(run.config, run.layout))}
+
+
+def do_teacher(run: Run, plan: Plan) -> dict[str, Any]:
+    """Pretrain the teacher (its validation errors and the acceptance probe of its features are the outputs)."""
+    if not plan:
+        return {}
+    folder = pretrain_teacher(teacher_pretraining(run.config, run.layout), run.layout.teacher)
+    record = json.loads((folder / RECORD_NAME).read_text())
+    return {key: record[key] for key in RECORD_SUMMARY}
 
 
 def plan_pretrain(run: Run) -> Plan:
@@ -477,22 +497,22 @@ def plan_report(run: Run) -> Plan:
 
 def do_report(run: Run, plan: Plan) -> dict[str, Any]:
     stages = pipeline(run.layout)
-    selection = stages.record("select").get("outputs") or None
-    return {
-        "report": str(write_report(run.protocol, run.layout, stages.seconds(), side_by_side_episode(run), selection))
-    }
+    selection, teacher = (stages.record(name).get("outputs") or None for name in ("select", "teacher"))
+    report = write_report(run.protocol, run.layout, stages.seconds(), side_by_side_episode(run), selection, teacher)
+    return {"report": str(report)}
 
 
 STAGES: dict[str, Stage[Run]] = {
     stage.name: stage
     for stage in [
         Stage("demos", (), plan_demos, do_demos),
+        Stage("teacher", ("demos",), plan_teacher, do_teacher),
         Stage("pretrain", ("demos",), plan_pretrain, do_training),
-        Stage("extract", ("demos", "pretrain"), plan_extract, do_training),
+        Stage("extract", ("demos", "teacher", "pretrain"), plan_extract, do_training),
         Stage("vector", ("pretrain", "extract"), plan_vector, do_vector),
         Stage("select", ("demos", "pretrain", "vector"), plan_select, do_select),
-        Stage("downstream", ("demos", "pretrain", "vector", "select"), plan_downstream, do_training),
-        Stage("ablations", ("demos", "pretrain", "vector", "select"), plan_ablations, do_ablations),
+        Stage("downstream", ("demos", "teacher", "pretrain", "vector", "select"), plan_downstream, do_training),
+        Stage("ablations", ("demos", "teacher", "pretrain", "vector", "select"), plan_ablations, do_ablations),
         Stage("evaluate", ("select", "downstream", "ablations"), plan_evaluate, do_evaluate),
         Stage("report", ("vector", "select", "downstream", "ablations", "evaluate"), plan_report, do_report),
     ]

@@ -23,6 +23,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +43,10 @@ from capvector.errors import CapvectorError
 from capvector.files import read_json
 
 LOSS_UNIT = 0.1  # metres: depth and point errors enter the loss in the localisation's units
+# TeacherPretraining fields an experiment sets from its own regime (the frames' folder, their placements, the
+# processes that record them); its config's teacher settings may set every other field.
+SET_BY_EXPERIMENT = ("dataset", "placement", "workers")
+RECORD_SUMMARY = ("frames", "validation", "probe", "probe_untrained")  # what an experiment keeps of the record
 
 
 @dataclass
@@ -300,3 +305,38 @@ def pretrain_teacher(config: TeacherPretraining, out_dir: str | Path) -> Path:
     }
     teacher.save_pretrained(out_dir, record=result)
     return out_dir
+
+
+def experiment_teacher(
+    settings: dict[str, Any], image_size: int, patch_grid: int, where: str, **regime: Any
+) -> TeacherPretraining:
+    """The teacher an experiment pretrains: its config's `settings` (TeacherPretraining fields, "teacher" a dict of
+    TeacherConfig fields), for the policy's image size and patch grid (so that the teacher's patch features match the
+    visual tokens), with the SET_BY_EXPERIMENT fields from `regime`. `where` names the config in messages."""
+    open_fields = {f.name for f in dataclasses.fields(TeacherPretraining)} - set(SET_BY_EXPERIMENT)
+    unknown = sorted(set(settings) - open_fields)
+    if unknown:
+        raise CapvectorError(
+            f"{where}: teacher fields {unknown} are not TeacherPretraining settings it may set; valid: "
+            f"{', '.join(sorted(open_fields))}"
+        )
+    settings = dict(settings)
+    teacher = settings.pop("teacher", {})
+    unknown = sorted(set(teacher) - {f.name for f in dataclasses.fields(TeacherConfig)})
+    if unknown:
+        raise CapvectorError(f"{where}: teacher.teacher fields {unknown} are not TeacherConfig fields")
+    teacher |= {"image_size": image_size, "patch_grid": patch_grid}
+    return TeacherPretraining(teacher=teacher, **settings, **regime)
+
+
+def describe_teacher(pretraining: dict[str, Any]) -> str:
+    """The teacher's pretraining figures and its acceptance probe (a record's RECORD_SUMMARY), in one line."""
+    errors, share = pretraining["validation"], pretraining["probe"]["share"]
+    return (
+        f"The teacher, on {pretraining['frames']['validation']} held-out frames of its pretraining episodes: depth "
+        f"error {100 * errors['depth_mae_m']:.1f} cm, camera-frame points {100 * errors['point_error_m']:.1f} cm, "
+        f"object/goal localisation {errors['localisation_error_cm']:.1f} cm (predicting the mean: "
+        f"{errors['localisation_error_cm_predicting_the_mean']:.1f}). Share of its normalized features' variance that "
+        f"object and goal positions explain beyond patch and hand position: {share:.3f} (untrained "
+        f"{pretraining['probe_untrained']['share']:.3f}; the issue's bar: 0.30)."
+    )
