@@ -47,7 +47,6 @@ from capvector.bench.env.features import PRIVILEGED_DIM
 from capvector.bench.env.sim import PLACEMENTS, parallel_map
 from capvector.bench.env.tasks import resolve_tasks
 from capvector.bench.experiment.layout import HeadroomLayout, checkpoint_folder, trained_policy
-from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.bench.probe import PROBE_STRIDE, held_out_r2, less_task_means, visual_tokens
 from capvector.bench.statistics import bootstrap_mean, paired_difference, resolvable_difference
 from capvector.bench.teacher.modeling_teacher import RECORD_NAME
@@ -418,11 +417,10 @@ def record_demonstrations(
 def teacher_pretraining(config: HeadroomConfig, layout: HeadroomLayout) -> TeacherPretraining:
     """The teacher arm's teacher: config.teacher's settings on frames recorded in this regime's look and
     placements, for the policy's image size and patch grid."""
-    policy = PolicyConfig(image_size=config.image_size, **config.policy)
     return experiment_teacher(
         config.teacher,
-        policy.image_size,
-        policy.patch_grid,
+        config.image_size,
+        config.policy,
         "headroom",
         dataset=str(layout.teacher_demos),
         placement=config.placement,

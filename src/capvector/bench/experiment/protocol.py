@@ -23,7 +23,6 @@ from capvector.bench.env.camera import VARIANTS
 from capvector.bench.env.sim import PLACEMENTS
 from capvector.bench.env.tasks import SPLITS, resolve_tasks
 from capvector.bench.experiment.layout import GAMMA, RunLayout, checkpoint_folder
-from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.bench.teacher.pretraining import TeacherPretraining, experiment_teacher
 from capvector.errors import CapvectorError
 
@@ -504,11 +503,10 @@ def downstream_runs(config: ReproduceConfig, layout: RunLayout) -> list[Downstre
 def teacher_pretraining(config: ReproduceConfig, layout: RunLayout) -> TeacherPretraining:
     """The teacher objective's teacher: config.teacher's settings, pretrained on the pretraining demonstrations (one
     process: they are recorded already)."""
-    policy = PolicyConfig(image_size=config.image_size, **config.policy)
     return experiment_teacher(
         config.teacher,
-        policy.image_size,
-        policy.patch_grid,
+        config.image_size,
+        config.policy,
         "reproduce config",
         dataset=str(layout.demos("pretrain")),
         placement=config.placement,

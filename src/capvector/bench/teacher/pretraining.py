@@ -36,6 +36,7 @@ from capvector.bench.env.features import PRIVILEGED_KEY, STATE_KEY
 from capvector.bench.env.sim import EVAL_SEED_OFFSET
 from capvector.bench.env.tasks import resolve_tasks
 from capvector.bench.objectives.privileged import relative_positions
+from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.bench.probe import feature_statistics, position_share
 from capvector.bench.teacher.configuration_teacher import TeacherConfig
 from capvector.bench.teacher.modeling_teacher import RECORD_NAME, Teacher
@@ -308,11 +309,12 @@ def pretrain_teacher(config: TeacherPretraining, out_dir: str | Path) -> Path:
 
 
 def experiment_teacher(
-    settings: dict[str, Any], image_size: int, patch_grid: int, where: str, **regime: Any
+    settings: dict[str, Any], image_size: int, policy: dict[str, Any], where: str, **regime: Any
 ) -> TeacherPretraining:
     """The teacher an experiment pretrains: its config's `settings` (TeacherPretraining fields, "teacher" a dict of
-    TeacherConfig fields), for the policy's image size and patch grid (so that the teacher's patch features match the
-    visual tokens), with the SET_BY_EXPERIMENT fields from `regime`. `where` names the config in messages."""
+    TeacherConfig fields), for the image size and patch grid of its policy (PolicyConfig fields `policy`), so that
+    the teacher's patch features match the visual tokens, with the SET_BY_EXPERIMENT fields from `regime`. `where`
+    names the config in messages."""
     open_fields = {f.name for f in dataclasses.fields(TeacherPretraining)} - set(SET_BY_EXPERIMENT)
     unknown = sorted(set(settings) - open_fields)
     if unknown:
@@ -325,7 +327,7 @@ def experiment_teacher(
     unknown = sorted(set(teacher) - {f.name for f in dataclasses.fields(TeacherConfig)})
     if unknown:
         raise CapvectorError(f"{where}: teacher.teacher fields {unknown} are not TeacherConfig fields")
-    teacher |= {"image_size": image_size, "patch_grid": patch_grid}
+    teacher |= {"image_size": image_size, "patch_grid": PolicyConfig(image_size=image_size, **policy).patch_grid}
     return TeacherPretraining(teacher=teacher, **settings, **regime)
 
 
