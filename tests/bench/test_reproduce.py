@@ -4,6 +4,7 @@ one episode per checkpoint): every stage's artifact exists and agrees with the o
 import dataclasses
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 from capvector.bench.env.evaluation import CAPTION_PIXELS, COLUMN_GAP, GIF_PIXELS, GIF_STRIDE
 from capvector.bench.env.sim import CONTROL_HZ
 from capvector.bench.experiment.carried import carried_share, split_frames
-from capvector.bench.experiment.layout import PLOTS, RunLayout, trained_policy
+from capvector.bench.experiment.layout import PLOTS, RunLayout, checkpoint_folder, trained_policy
 from capvector.bench.experiment.protocol import (
     METHODS,
     PRESETS,
@@ -32,6 +33,7 @@ from capvector.bench.experiment.reproduce import (
     STAGES,
     Run,
     do_training,
+    finished_twin,
     plan_downstream,
     reproduce,
     training_processes,
@@ -218,6 +220,23 @@ def test_alpha_is_chosen_on_validation_placements_and_every_method_from_theta_me
     assert selected["init_from"] == main["init_from"] and selected["orth_lambda"] == main["orth_lambda"]
     report = (run / "report" / "report.md").read_text()
     assert f"alpha {chosen:g} was chosen before the other methods were trained" in report
+
+
+def test_the_selections_run_at_the_chosen_alpha_is_hard_linked_as_capvectors_run_not_trained_again(run):
+    chosen, layout = chosen_alpha(run), RunLayout(run)
+    twin, main = layout.selection(chosen, 0), layout.downstream("capvector", 0)
+    for step in CONFIG.budgets:  # the selection run saved a checkpoint at every budget the method is evaluated at
+        assert os.path.samefile(
+            checkpoint_folder(main, step) / "model.safetensors", checkpoint_folder(twin, step) / "model.safetensors"
+        )
+    assert os.path.samefile(trained_policy(main) / "model.safetensors", trained_policy(twin) / "model.safetensors")
+    assert json.loads((main / "wall.json").read_text())["reused"] == f"select/alpha{chosen:g}/seed0"
+    assert yaml.safe_load((main / "config.yaml").read_text())["out_dir"] == str(main)  # its own config, not the twin's
+    assert "reused" not in json.loads((layout.downstream("meta_sft", 0) / "wall.json").read_text())
+    config = plan_downstream(Run(CONFIG, layout, "auto"))["downstream/capvector/seed0"]
+    assert finished_twin(layout, config) == twin
+    assert finished_twin(layout, dataclasses.replace(config, orth_lambda=1.0)) is None  # other weights
+    assert finished_twin(layout, dataclasses.replace(config, checkpoint_every=1)) is None  # checkpoints it lacks
 
 
 def test_alpha_selection_needs_candidates_and_other_placements_and_a_finished_choice():

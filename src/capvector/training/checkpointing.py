@@ -34,7 +34,7 @@ from torch import nn
 
 from capvector.errors import CapvectorError
 from capvector.files import atomic_path, read_json, remove, sha256_file, write_json
-from capvector.training.config import TrainConfig, config_hash, result_fields
+from capvector.training.config import CONFIG_FILE, TrainConfig, config_hash, result_fields
 from capvector.training.sharding import gathered, is_sharded, scattered, scattered_optimizer
 
 STATE_FILE = "trainer_state.pt"
@@ -256,7 +256,7 @@ def read_checkpoint(out_dir: Path, config: TrainConfig, world: int, report: bool
     if differences:
         raise CapvectorError(
             f"resume: {folder} was made with another config ({'; '.join(differences)}); resume with the config "
-            f"it was made with ({out_dir / 'config.yaml'}) or choose a new out_dir"
+            f"it was made with ({out_dir / CONFIG_FILE}) or choose a new out_dir"
         )
     if state["world_size"] != world:
         raise CapvectorError(

@@ -125,6 +125,7 @@ class TrainConfig:
 
 
 # Fields that change nothing in the trained weights: a run may be resumed with other values for them.
+CONFIG_FILE = "config.yaml"  # the resolved config in a run folder
 BOOKKEEPING = frozenset(
     {
         "out_dir",

@@ -54,7 +54,7 @@ from capvector.training.checkpointing import (
 from capvector.training.checkpointing import (
     STATE_FILE as STATE_FILE,  # re-exported: the benchmark's pipeline finds checkpoints through this module
 )
-from capvector.training.config import TrainConfig, checked, save_config
+from capvector.training.config import CONFIG_FILE, TrainConfig, checked, save_config
 from capvector.training.data import rank_batches, to_device
 from capvector.training.metrics import Metrics, Stopwatch
 from capvector.training.orthogonal import OrthogonalRegularizer, build_regularizer
@@ -290,7 +290,7 @@ def prepare_out_dir(config: TrainConfig, new: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_debris(out_dir)
     if new:
-        save_config(config, out_dir / "config.yaml")
+        save_config(config, out_dir / CONFIG_FILE)
 
 
 # ---- the steps ---------------------------------------------------------------------------------------------

@@ -40,7 +40,14 @@ from capvector import __version__
 from capvector.bench import recipe
 from capvector.bench.env.dataset import DemoDataset, open_meta
 from capvector.bench.env.sim import parallel_imap
-from capvector.bench.experiment.layout import GAMMA, RunLayout, trained_policy, wall_file
+from capvector.bench.experiment.layout import (
+    GAMMA,
+    WALL_FILE,
+    RunLayout,
+    checkpoint_folder,
+    trained_policy,
+    wall_file,
+)
 from capvector.bench.experiment.protocol import (
     EXTRACT_STRATEGIES,
     METHODS,
@@ -76,7 +83,7 @@ from capvector.files import read_json, write_json
 from capvector.params.merging import merge
 from capvector.params.vectors import extract
 from capvector.training.checkpointing import STATE_FILE, checkpoint_dirs
-from capvector.training.config import TrainConfig, result_fields
+from capvector.training.config import CONFIG_FILE, TrainConfig, config_hash, result_fields, save_config
 from capvector.training.engine import train
 from capvector.training.preflight import pick_device
 
@@ -134,19 +141,48 @@ class Run:
 
 
 def run_training(run: Run, config: TrainConfig) -> Path:
-    """Train unless out_dir already holds the finished policy; continue from the last checkpoint if interrupted."""
+    """Train unless out_dir already holds the finished policy, or another finished run of this run folder is its
+    twin (then its files are hard-linked in: the selection's CapVector runs at the chosen alpha are the method's own
+    runs on those seeds); continue from the last checkpoint if interrupted."""
     out_dir = Path(config.out_dir)
     if trained_policy(out_dir).exists():
+        return out_dir
+    twin = finished_twin(run.layout, config)
+    if twin is not None:
+        linking = out_dir.with_name(f"{out_dir.name}.linking")  # renamed when whole: a killed copy is never a run
+        shutil.rmtree(linking, ignore_errors=True)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        shutil.copytree(twin, linking, copy_function=os.link, ignore=shutil.ignore_patterns(CONFIG_FILE, WALL_FILE))
+        save_config(config, linking / CONFIG_FILE)
+        write_json(wall_file(linking), (read_json(wall_file(twin)) or {}) | {"reused": run_name(run.layout, twin)})
+        os.replace(linking, out_dir)
         return out_dir
     resume = bool(checkpoint_dirs(out_dir))
     if not resume:
         shutil.rmtree(out_dir, ignore_errors=True)
     started = time.perf_counter()
     train(dataclasses.replace(config, resume=resume), dataset=run.dataset(**config.dataset_args))
-    write_json(wall_file(out_dir), {"seconds": time.perf_counter() - started, "resumed": resume})
+    seconds = time.perf_counter() - started
+    write_json(wall_file(out_dir), {"seconds": seconds, "resumed": resume, "config_hash": config_hash(config)})
     for state in out_dir.glob(f"checkpoints/*/{STATE_FILE}"):  # finished: only the policies are needed now
         state.unlink()
     return out_dir
+
+
+def finished_twin(layout: RunLayout, config: TrainConfig) -> Path | None:
+    """A finished training run of the run folder with the same result fields as `config` (so the same weights: every
+    run is seeded) and a checkpoint at every step `config` saves one, or None."""
+    wanted, every = config_hash(config), config.checkpoint_every
+    for wall in sorted(layout.root.glob(f"*/**/{WALL_FILE}")):
+        folder = wall.parent
+        if (
+            folder != Path(config.out_dir)
+            and (read_json(wall) or {}).get("config_hash") == wanted
+            and trained_policy(folder).exists()
+            and all(checkpoint_folder(folder, step).exists() for step in range(every, config.steps + 1, every))
+        ):
+            return folder
+    return None
 
 
 # ---- the stages: what each plans and does -------------------------------------------------------------------------
