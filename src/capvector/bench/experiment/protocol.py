@@ -174,7 +174,8 @@ VIEWS = ReproduceConfig(
 # runs. Its first run found gamma costing 11-13 points; the ablations ask why, on all 5 seeds: does a smaller
 # alpha cost less, and does gamma's action head (fitted to D_ext's actions) carry the cost? No lambda sweep
 # (L_orth kept gamma 1.000 against 0.990 without it). alpha is chosen among 1, 0.25 and 0.5 on the validation
-# placements of views-confirm (placement seed 2), on all 5 seeds, before (c) and (d) are trained. ~3 h on 2 cores.
+# placements of views-confirm (placement seed 2), on all 5 seeds, before (c) and (d) are trained. Roughly 3 h on 2
+# cores, estimated from its stages' times in stops 19-22 (it has not run from scratch in one go).
 VIEWS_LONG = dataclasses.replace(
     VIEWS,
     preset="views-long",
@@ -198,8 +199,9 @@ VIEWS_LONG = dataclasses.replace(
 # teacher pretrained on the pretraining demonstrations' frames (ReproduceConfig.teacher's locate_weight 10 and 4000
 # steps), at the weight chosen on validation placements for the teacher arm in views-confirm (0.1 against 0.5: 40.6%
 # against 32.5% success). alpha chosen among 1, 0.25 and 0.5 on validation placements with the first 2 seeds; no head
-# ablation (views-long's found the head carries none of gamma's cost). ~2 h on 2 cores: the online teacher makes each
-# auxiliary step ~2.5x SFT's.
+# ablation (views-long's found the head carries none of gamma's cost). Its stages took 6293 s on 2 cores with the
+# demonstrations, theta_pt, theta_ft and SFT runs reused from views-long; an auxiliary step with the online teacher
+# took 1.27x SFT's (docs/results/views-teacher).
 VIEWS_TEACHER = dataclasses.replace(
     VIEWS_LONG,
     preset="views-teacher",

@@ -81,10 +81,11 @@ def pooled(records: list[Mapping]) -> dict:
 
 
 class Evaluations:
-    """evaluate/results.json, looked up by training run folder, step and variant."""
+    """evaluate/results.json (or another file of evaluations: `path`), looked up by training run folder, step and
+    variant."""
 
-    def __init__(self, layout: RunLayout, evaluated: tuple[str, ...]):
-        self.layout, self.records = layout, json.loads(layout.evaluations.read_text())
+    def __init__(self, layout: RunLayout, evaluated: tuple[str, ...], path: Path | None = None):
+        self.layout, self.records = layout, json.loads((path or layout.evaluations).read_text())
         self.evaluated = evaluated  # the variants every checkpoint was evaluated in (protocol.evaluated_variants)
 
     def record(self, folder: Path, steps: int, variant: str, task: str | None = None) -> dict:

@@ -28,7 +28,6 @@ import functools
 import json
 import os
 import shutil
-import statistics
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -74,7 +73,7 @@ from capvector.bench.experiment.protocol import (
     teacher_pretraining,
     with_chosen_alpha,
 )
-from capvector.bench.experiment.report import write_report
+from capvector.bench.experiment.report import Evaluations, write_report
 from capvector.bench.experiment.stages import Pipeline, Plan, Stage
 from capvector.bench.policy.modeling_policy import Policy
 from capvector.bench.teacher.modeling_teacher import RECORD_NAME
@@ -359,24 +358,30 @@ def training_plan(run: Run, runs: list[DownstreamRun]) -> Plan:
     return {run_name(run.layout, r.folder): downstream_config(run, r) for r in runs}
 
 
+def evaluation_plan(
+    config: ReproduceConfig, checkpoints: dict[str, tuple[str, str | None]], seed: int, variants: list[str]
+) -> Plan:
+    """What evaluate_checkpoints does: `checkpoints` on every held-out task, on the placements of `seed`."""
+    return {
+        "checkpoints": checkpoints,
+        "tasks": split_tasks(config)["downstream"],
+        "episodes": config.eval_episodes,
+        "seed": seed,
+        "variants": variants,
+        "placement": config.placement,
+    }
+
+
 def plan_select(run: Run) -> Plan:
-    c = run.config
+    c, layout = run.config, run.layout
     if not c.select_alpha:
         return {}
-    runs = selection_runs(c, run.layout)
+    runs = selection_runs(c, layout)
+    checkpoints = {evaluation_name(layout, r.folder, r.steps): checkpoint_at(layout, r, r.steps) for r in runs}
     return {
         "candidates": alpha_candidates(c),
         "training": training_plan(run, runs),
-        "evaluation": {
-            "checkpoints": {
-                evaluation_name(run.layout, r.folder, r.steps): checkpoint_at(run.layout, r, r.steps) for r in runs
-            },
-            "tasks": split_tasks(c)["downstream"],
-            "episodes": c.eval_episodes,
-            "seed": c.validation_seed,
-            "variants": [c.variant],
-            "placement": c.placement,
-        },
+        "evaluation": evaluation_plan(c, checkpoints, c.validation_seed, [c.variant]),
     }
 
 
@@ -385,21 +390,19 @@ def do_select(run: Run, plan: Plan) -> dict[str, Any]:
     success over (seed, task) (ties: the earlier candidate). Its record's outputs are what Run.protocol reads."""
     if not plan:
         return {}
-    runs = selection_runs(run.config, run.layout)
+    layout, runs = run.layout, selection_runs(run.config, run.layout)
     for alpha in plan["candidates"]:
         merged(run, alpha)
     do_training(run, plan["training"])
     evaluation = plan["evaluation"]
-    results = evaluate_checkpoints(run, evaluation, run.layout.validation)
-    variant = evaluation["variants"][0]
+    evaluate_checkpoints(run, evaluation, layout.validation)
+    (variant,) = evaluation["variants"]
+    validation = Evaluations(layout, (variant,), layout.validation)
     means = {
-        alpha: statistics.mean(
-            task["success_rate"]
-            for r in runs
-            if r.alpha == alpha
-            for task in results[evaluation_key(evaluation_name(run.layout, r.folder, r.steps), variant)][
-                "tasks"
-            ].values()
+        alpha: float(
+            validation.cells(
+                [r.folder for r in runs if r.alpha == alpha], runs[0].steps, variant, evaluation["tasks"]
+            ).mean()
         )
         for alpha in plan["candidates"]
     }
@@ -431,14 +434,7 @@ def do_ablations(run: Run, plan: Plan) -> dict[str, Any]:
 
 def plan_evaluate(run: Run) -> Plan:
     c = run.protocol
-    return {
-        "checkpoints": evaluated_checkpoints(c, run.layout),
-        "tasks": split_tasks(c)["downstream"],
-        "episodes": c.eval_episodes,
-        "seed": c.eval_seed,
-        "variants": list(evaluated_variants(c)),
-        "placement": c.placement,
-    }
+    return evaluation_plan(c, evaluated_checkpoints(c, run.layout), c.eval_seed, list(evaluated_variants(c)))
 
 
 def trained_loader(path: str, base: str | None) -> functools.partial[Policy]:
@@ -451,7 +447,7 @@ def do_evaluate(run: Run, plan: Plan) -> dict[str, Any]:
 
 
 def evaluate_checkpoints(run: Run, plan: Plan, path: Path) -> dict[str, Any]:
-    """Every checkpoint of `plan` (plan_evaluate's fields) on the same placements of every task, in every variant,
+    """Every checkpoint of `plan` (evaluation_plan's) on the same placements of every task, in every variant,
     through the evaluation harness (capvector.bench.env.evaluation.evaluate_many); saved into `path` as it goes (a
     killed stage keeps what it evaluated). Returns every result in `path`."""
     from capvector.bench.env.evaluation import evaluate_many, task_result
