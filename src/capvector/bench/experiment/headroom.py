@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import time
 from collections.abc import Callable
@@ -49,13 +48,12 @@ from capvector.bench.env.tasks import resolve_tasks
 from capvector.bench.experiment.layout import HeadroomLayout, checkpoint_folder, trained_policy
 from capvector.bench.probe import PROBE_STRIDE, held_out_r2, less_task_means, visual_tokens
 from capvector.bench.statistics import bootstrap_mean, paired_difference, resolvable_difference
-from capvector.bench.teacher.modeling_teacher import RECORD_NAME
 from capvector.bench.teacher.pretraining import (
-    RECORD_SUMMARY,
     TeacherPretraining,
     describe_teacher,
     experiment_teacher,
     pretrain_teacher,
+    pretraining_summary,
 )
 from capvector.errors import CapvectorError
 from capvector.files import content_hash, read_json, write_json, write_text
@@ -435,9 +433,9 @@ def pretrained_teacher(config: HeadroomConfig, layout: HeadroomLayout) -> dict:
     record_demonstrations(config, layout.teacher_demos, settings.episodes_per_task, settings.seed, tasks)
     started = time.perf_counter()
     print(f"pretraining the teacher on {len(tasks)} tasks' frames ({settings.steps} steps)")
-    record = json.loads((pretrain_teacher(settings, layout.teacher) / RECORD_NAME).read_text())
+    summary = pretraining_summary(pretrain_teacher(settings, layout.teacher))
     print(f"teacher ready in {time.perf_counter() - started:.0f} s")
-    return {key: record[key] for key in RECORD_SUMMARY}
+    return summary
 
 
 def probe_frames(config: HeadroomConfig, layout: HeadroomLayout) -> tuple[torch.Tensor, ...]:

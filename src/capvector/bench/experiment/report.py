@@ -292,12 +292,13 @@ def gamma_results(config: ReproduceConfig, layout: RunLayout, evaluations: Evalu
         path, base = checkpoints[evaluation_name(layout, folder, steps)]
         return along_gamma(path, pretrained, gamma, base)
 
-    def at_alpha(runs: list[Path]) -> dict:
+    def row_of(runs: list[Path]) -> dict:
+        """The ablation row of CapVector runs (one per ablation seed), compared with SFT on the same seeds."""
         return ablation_row(evaluations, runs, sft, last, tasks)
 
     def capvector(ablation: str | None) -> dict:
         """CapVector's runs on the ablation seeds: the main ones (None) or an ablation's."""
-        return at_alpha(
+        return row_of(
             [layout.downstream("capvector", s) if ablation is None else layout.ablation(ablation, s) for s in seeds]
         )
 
@@ -310,9 +311,7 @@ def gamma_results(config: ReproduceConfig, layout: RunLayout, evaluations: Evalu
         alphas = [
             {
                 "alpha": alpha,
-                **(
-                    main if alpha == config.alpha else at_alpha([alpha_folder(config, layout, alpha, s) for s in seeds])
-                ),
+                **(main if alpha == config.alpha else row_of([alpha_folder(config, layout, alpha, s) for s in seeds])),
                 **retained(alpha),
             }
             for alpha in alpha_candidates(config)

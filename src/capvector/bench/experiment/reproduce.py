@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import shutil
 import time
@@ -76,8 +75,7 @@ from capvector.bench.experiment.protocol import (
 from capvector.bench.experiment.report import Evaluations, write_report
 from capvector.bench.experiment.stages import Pipeline, Plan, Stage
 from capvector.bench.policy.modeling_policy import Policy
-from capvector.bench.teacher.modeling_teacher import RECORD_NAME
-from capvector.bench.teacher.pretraining import RECORD_SUMMARY, pretrain_teacher
+from capvector.bench.teacher.pretraining import pretrain_teacher, pretraining_summary
 from capvector.files import read_json, write_json
 from capvector.params.merging import merge
 from capvector.params.vectors import extract
@@ -232,9 +230,7 @@ def do_teacher(run: Run, plan: Plan) -> dict[str, Any]:
     """Pretrain the teacher (its validation errors and the acceptance probe of its features are the outputs)."""
     if not plan:
         return {}
-    folder = pretrain_teacher(teacher_pretraining(run.config, run.layout), run.layout.teacher)
-    record = json.loads((folder / RECORD_NAME).read_text())
-    return {key: record[key] for key in RECORD_SUMMARY}
+    return pretraining_summary(pretrain_teacher(teacher_pretraining(run.config, run.layout), run.layout.teacher))
 
 
 def plan_pretrain(run: Run) -> Plan:

@@ -47,7 +47,7 @@ LOSS_UNIT = 0.1  # metres: depth and point errors enter the loss in the localisa
 # TeacherPretraining fields an experiment sets from its own regime (the frames' folder, their placements, the
 # processes that record them); its config's teacher settings may set every other field.
 SET_BY_EXPERIMENT = ("dataset", "placement", "workers")
-RECORD_SUMMARY = ("frames", "validation", "probe", "probe_untrained")  # what an experiment keeps of the record
+RECORD_SUMMARY = ("frames", "validation", "probe", "probe_untrained")  # what pretraining_summary keeps of the record
 
 
 @dataclass
@@ -331,8 +331,14 @@ def experiment_teacher(
     return TeacherPretraining(teacher=teacher, **settings, **regime)
 
 
+def pretraining_summary(teacher_dir: Path) -> dict[str, Any]:
+    """What an experiment keeps of a pretrained teacher's record: its frames, validation errors and probes."""
+    record = json.loads((teacher_dir / RECORD_NAME).read_text())
+    return {key: record[key] for key in RECORD_SUMMARY}
+
+
 def describe_teacher(pretraining: dict[str, Any]) -> str:
-    """The teacher's pretraining figures and its acceptance probe (a record's RECORD_SUMMARY), in one line."""
+    """The teacher's pretraining figures and its acceptance probe (pretraining_summary's), in one line."""
     errors, share = pretraining["validation"], pretraining["probe"]["share"]
     return (
         f"The teacher, on {pretraining['frames']['validation']} held-out frames of its pretraining episodes: depth "
