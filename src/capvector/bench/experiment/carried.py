@@ -18,7 +18,7 @@ import torch
 from capvector.bench import recipe
 from capvector.bench.env.camera import CAMERAS
 from capvector.bench.env.dataset import open_meta
-from capvector.bench.experiment.layout import RunLayout, trained_policy
+from capvector.bench.experiment.layout import RunLayout
 from capvector.bench.experiment.protocol import ReproduceConfig, alpha_candidates
 from capvector.bench.probe import PROBE_STRIDE, held_out_r2, less_task_means, visual_tokens
 
@@ -48,8 +48,8 @@ def policies(config: ReproduceConfig, layout: RunLayout) -> dict[str, Path]:
     """The probed weights: theta_pt, theta_ft, theta_ao and theta_meta at every alpha of the run."""
     return {
         "theta_pt": layout.pretrained,
-        "theta_ft": trained_policy(layout.extract("sft")),
-        "theta_ao": trained_policy(layout.extract("aux")),
+        "theta_ft": layout.finetuned,
+        "theta_ao": layout.auxiliary,
         **{f"theta_meta alpha {alpha:g}": layout.theta_meta(alpha) for alpha in alpha_candidates(config)},
     }
 

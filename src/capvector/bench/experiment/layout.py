@@ -80,6 +80,8 @@ class RunLayout:
         self.run_file = root / RUN_FILE
         self.pretrain = root / "pretrain"
         self.pretrained = trained_policy(self.pretrain)  # theta_pt
+        self.finetuned = trained_policy(self.extract("sft"))  # theta_ft
+        self.auxiliary = trained_policy(self.extract("aux"))  # theta_ao
         self.teacher = root / "teacher" / "model"
         self.gamma = self.vector(GAMMA)
         self.tau = self.vector("tau")

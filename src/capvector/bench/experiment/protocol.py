@@ -26,7 +26,7 @@ from capvector.bench.experiment.layout import GAMMA, RunLayout, checkpoint_folde
 from capvector.bench.teacher.pretraining import TeacherPretraining, experiment_teacher
 from capvector.errors import CapvectorError
 
-Start = Literal["pretrained", "meta"]
+Start = Literal["pretrained", "meta", "finetuned", "auxiliary"]  # theta_pt, theta_meta, theta_ft, theta_ao
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,13 @@ METHODS = {
     "meta_sft": Method("(c) SFT from theta_meta, no L_orth", "meta", "sft", "full"),
     "capvector": Method("(d) CapVector: SFT + lambda L_orth from theta_meta", "meta", "capvector", "full"),
     "capvector_lora": Method("(e) CapVector with LoRA", "meta", "capvector", "lora"),
+    # The transfer ceiling: SFT from extraction's two models, which differ only by what the auxiliary objective
+    # taught on D_ext. If theta_ao, carrying that capability whole, is no better a start than theta_ft for the
+    # held-out tasks, no vector extracted from the two can be.
+    "ft_sft": Method("(f) SFT from theta_ft", "finetuned", "sft", "full"),
+    "ao_sft": Method("(g) SFT from theta_ao", "auxiliary", "sft", "full"),
 }
+TRANSFER_METHODS = ("ao_sft", "ft_sft")  # compared with each other, paired
 NEW_ENV = "new_env"  # the paper's "new environment": the out-of-domain variant every checkpoint is also evaluated in
 COMPARED_METHODS = ("sft", "aux", "meta_sft", "capvector")  # (a)-(d): what the report's conclusions compare
 LONG_METHODS = ("meta_sft", "capvector")  # the long ablation: from theta_meta without and with L_orth
@@ -201,16 +207,19 @@ VIEWS_LONG = dataclasses.replace(
 # against 32.5% success). alpha chosen among 1, 0.25 and 0.5 on validation placements with the first 2 seeds; no head
 # ablation (views-long's found the head carries none of gamma's cost). Its stages took 6293 s on 2 cores with the
 # demonstrations, theta_pt, theta_ft and SFT runs reused from views-long; an auxiliary step with the online teacher
-# took 1.27x SFT's (docs/results/views-teacher).
+# took 1.27x SFT's (docs/results/views-teacher). The teacher helps as (b) but not through gamma, so the transfer
+# ceiling's methods (f) and (g) ask whether theta_ao itself is a better start than theta_ft.
 VIEWS_TEACHER = dataclasses.replace(
     VIEWS_LONG,
     preset="views-teacher",
+    methods=["sft", "aux", "meta_sft", "capvector", "ft_sft", "ao_sft"],
     objective="teacher",
     aux_weight=0.1,
     ablation_seeds=2,
     ablate_head=False,
     note="views-teacher preset: views-long with the frozen 3D teacher's alignment (Spatial Forcing's analog, weight "
-    "0.1) as the auxiliary objective; alpha chosen among 1, 0.25 and 0.5 on validation placements with 2 seeds",
+    "0.1) as the auxiliary objective; alpha chosen among 1, 0.25 and 0.5 on validation placements with 2 seeds; "
+    "the transfer ceiling (SFT from theta_ft and from theta_ao)",
 )
 
 
@@ -409,7 +418,13 @@ def check_config(config: ReproduceConfig) -> None:
     if missing:
         raise CapvectorError(
             f"reproduce config: methods lack {missing}; the report compares {', '.join(COMPARED_METHODS)} (add them; "
-            "only capvector_lora may be left out)"
+            "only capvector_lora and the transfer ceiling's may be left out)"
+        )
+    transfer = [m for m in TRANSFER_METHODS if m in config.methods]
+    if transfer and len(transfer) < len(TRANSFER_METHODS):
+        raise CapvectorError(
+            f"reproduce config: methods have {transfer[0]} without {set(TRANSFER_METHODS).difference(transfer).pop()}; "
+            "the transfer ceiling compares the two (give both or neither)"
         )
     if not config.budgets or sorted(set(config.budgets)) != list(config.budgets) or config.budgets[0] < 1:
         raise CapvectorError(f"reproduce config: budgets {config.budgets} must be increasing positive step counts")
@@ -589,8 +604,11 @@ def ablation_runs(config: ReproduceConfig, layout: RunLayout) -> list[Downstream
 
 
 def start_point(layout: RunLayout, run: DownstreamRun) -> Path:
-    """The weights a downstream run starts from: theta_pt, or theta_meta at the run's alpha and vector."""
-    return layout.pretrained if run.start == "pretrained" else layout.theta_meta(run.alpha, run.vector)
+    """The weights a downstream run starts from: theta_pt, theta_meta at the run's alpha and vector, theta_ft or
+    theta_ao."""
+    if run.start == "meta":
+        return layout.theta_meta(run.alpha, run.vector)
+    return {"pretrained": layout.pretrained, "finetuned": layout.finetuned, "auxiliary": layout.auxiliary}[run.start]
 
 
 def run_name(layout: RunLayout, folder: Path) -> str:

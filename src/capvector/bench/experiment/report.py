@@ -26,6 +26,7 @@ from capvector.bench.experiment.protocol import (
     METHODS,
     NEW_ENV,
     OBJECTIVES,
+    TRANSFER_METHODS,
     DownstreamRun,
     ReproduceConfig,
     ablation_seeds,
@@ -216,45 +217,67 @@ def success_results(config: ReproduceConfig, layout: RunLayout, evaluations: Eva
         }
         for m in runs
     }
+    curves = success_curves(config, runs, evaluations, tasks)
     return {
         "success": success,
         "success_band": bands,
         "success_per_task": per_task,
         "steps_to_threshold": threshold,
-        "versus_sft": versus_sft(config, runs, evaluations, tasks),
+        "versus_sft": versus_sft(config, curves),
+        "transfer": transfer_ceiling(config, curves),
     }
 
 
-def versus_sft(
+def success_curves(
     config: ReproduceConfig, runs: dict[str, list[Path]], evaluations: Evaluations, tasks: list[str]
-) -> dict[str, Any]:
-    """Every method against (a) SFT, paired by (seed, task) on the same placements, in success-rate points with
-    95% seed-bootstrap intervals: the difference at each budget, the difference in area under success-against-steps
-    (mean success over the steps), and the steps the method needs to reach SFT's final success ("converges faster")."""
-    if "sft" not in runs:
-        return {}
+) -> dict[str, dict[str, np.ndarray]]:
+    """variant -> method -> success per (budget, seed, task) on the same placements."""
+    return {
+        variant: {m: np.stack([evaluations.cells(runs[m], b, variant, tasks) for b in config.budgets]) for m in runs}
+        for variant in evaluations.evaluated
+    }
+
+
+def paired_curves(curve: np.ndarray, baseline: np.ndarray, budgets: list[int]) -> dict[str, Any]:
+    """A method's success against a baseline's, paired by (seed, task), in points with 95% seed-bootstrap intervals:
+    the difference at each budget and in area under success-against-steps (mean success over the steps)."""
+    out: dict[str, Any] = {
+        "difference": {str(b): points(paired_difference(curve[i], baseline[i])) for i, b in enumerate(budgets)}
+    }
+    if len(budgets) > 1:
+        out["auc_difference"] = points(
+            paired_difference(area_under_curve(curve, budgets), area_under_curve(baseline, budgets))
+        )
+    return out
+
+
+def versus_sft(config: ReproduceConfig, curves: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, Any]:
+    """Every method against (a) SFT (paired_curves), and the steps it needs to reach SFT's final success
+    ("converges faster")."""
     budgets = config.budgets
     out: dict[str, Any] = {}
-    for variant in evaluations.evaluated:
-        curves = {m: np.stack([evaluations.cells(runs[m], b, variant, tasks) for b in budgets]) for m in runs}
-        rows = {}
-        for method, curve in curves.items():
-            row: dict[str, Any] = {
+    for variant, by_method in curves.items():
+        if "sft" not in by_method:
+            return {}
+        sft = by_method["sft"]
+        out[variant] = {
+            method: {
                 "steps_to_sft_final": [
-                    None if math.isinf(v) else round(v) for v in bootstrap_steps_to_reach(curve, budgets, curves["sft"])
-                ]
+                    None if math.isinf(v) else round(v) for v in bootstrap_steps_to_reach(curve, budgets, sft)
+                ],
+                **(paired_curves(curve, sft, budgets) if method != "sft" else {}),
             }
-            if method != "sft":
-                row["difference"] = {
-                    str(b): points(paired_difference(curve[i], curves["sft"][i])) for i, b in enumerate(budgets)
-                }
-                if len(budgets) > 1:
-                    row["auc_difference"] = points(
-                        paired_difference(area_under_curve(curve, budgets), area_under_curve(curves["sft"], budgets))
-                    )
-            rows[method] = row
-        out[variant] = rows
+            for method, curve in by_method.items()
+        }
     return out
+
+
+def transfer_ceiling(config: ReproduceConfig, curves: Mapping[str, Mapping[str, np.ndarray]]) -> dict | None:
+    """(g) SFT from theta_ao against (f) SFT from theta_ft (paired_curves) per variant; None without them."""
+    ao, ft = TRANSFER_METHODS
+    if ao not in config.methods:
+        return None
+    return {variant: paired_curves(by[ao], by[ft], config.budgets) for variant, by in curves.items()}
 
 
 def timing_results(config: ReproduceConfig, layout: RunLayout) -> dict[str, dict]:
@@ -367,13 +390,17 @@ SUMMARY_PREFIX = {"privileged": "control", "localization": "control", "spatial":
 
 
 def summary(
-    config: ReproduceConfig, versus: Mapping, timing: Mapping, teacher: Mapping[str, Any] | None = None
+    config: ReproduceConfig,
+    versus: Mapping,
+    timing: Mapping,
+    teacher: Mapping[str, Any] | None = None,
+    transfer: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The headline figures, in the run's in-domain look at its last budget: (b) auxiliary SFT and (d) CapVector
     against (a) SFT, paired ([mean, low, high] in success-rate points, 95% seed-bootstrap interval), filled for this
     run's objective and null for the other one's (another run: `--objective`); the teacher's acceptance probe (the
     teacher objective's `teacher` record, else null); and the step-time ratios to SFT. The oracle's lead is measured
-    by `capvector headroom`, so it is null here."""
+    by `capvector headroom`, so it is null here. With the transfer ceiling's methods: (g) against (f), else null."""
     last = str(config.budgets[-1])
     rows = versus.get(config.variant, {})
     sft_ms = timing.get("sft", {}).get("step_ms")
@@ -397,6 +424,7 @@ def summary(
             for method in ("aux", "capvector")
         },
         "teacher_object_variance_explained": teacher["probe"]["share"] if teacher else None,
+        "transfer_ao_minus_ft": transfer[config.variant]["difference"][last] if transfer else None,
         "step_time_vs_sft": {"aux": step_ratio("aux"), "capvector": step_ratio("capvector")},
     }
 
@@ -430,7 +458,7 @@ def build_results(
         "config": dataclasses.asdict(config),
         "methods": {m: METHODS[m].label for m in config.methods},
         "tasks": split_tasks(config),
-        "summary": summary(config, success["versus_sft"], timing, teacher),
+        "summary": summary(config, success["versus_sft"], timing, teacher, success["transfer"]),
         **success,
         "timing": timing,
         "gamma": {
@@ -571,6 +599,21 @@ def findings(results: Mapping) -> list[str]:
             + ("a gain the auxiliary objective gave" if ao > ft else "no gain to carry")
             + f"; theta_pt {pt:.3f}, theta_meta at {kept}."
         )
+    if results["transfer"]:
+        ceiling = results["transfer"][home]["difference"]
+        resolved = [b for b, (_, low, high) in ceiling.items() if low > 0 or high < 0]
+        out.append(
+            "Transfer ceiling in-domain, (g) SFT from theta_ao against (f) SFT from theta_ft (points, 95% bootstrap "
+            "over seeds): "
+            + "; ".join(f"{b} steps {triple(v)}" for b, v in ceiling.items())
+            + (
+                f". Resolved at {', '.join(resolved)} steps."
+                if resolved
+                else ". Not resolved at any budget: carried whole, what the auxiliary objective taught on D_ext does "
+                "not measurably help the held-out tasks, so no capability vector extracted from these runs can be "
+                "expected to."
+            )
+        )
     gamma = results["gamma"]
     out.append(
         f"|gamma| is {gamma['relative_to_pretrained']:.3g} of |theta_pt|; its cosine with the task vector "
@@ -656,6 +699,32 @@ def versus_sft_lines(results: Mapping, variant: str, budgets: list[str]) -> list
     return lines
 
 
+def transfer_lines(results: Mapping, variants: tuple[tuple[str, str], ...], budgets: list[str]) -> list[str]:
+    """The transfer ceiling, (g) against (f), as a table (empty without those methods)."""
+    transfer = results["transfer"]
+    if not transfer:
+        return []
+    lines = [
+        "",
+        "## Transfer ceiling: what the auxiliary objective taught on D_ext, carried whole",
+        "",
+        "(g) SFT from theta_ao against (f) SFT from theta_ft, paired by (seed, task); points, 95% bootstrap over "
+        "seeds. The two starts differ only by the auxiliary objective's share of extraction: if (g) is no better, "
+        "no vector extracted from them can carry a gain to these tasks.",
+        "",
+        "| variant | " + " | ".join(f"{b} steps" for b in budgets) + " | area |",
+        "|---|" + "---|" * (len(budgets) + 1),
+    ]
+    for variant, label in variants:
+        row = transfer[variant]
+        lines.append(
+            f"| {label} | "
+            + " | ".join(triple(row["difference"][b]) for b in budgets)
+            + f" | {triple(row.get('auc_difference'))} |"
+        )
+    return lines
+
+
 def carried_lines(carried: Mapping) -> list[str]:
     """The probe of what gamma carries (capvector.bench.experiment.carried) as a table."""
     splits = [split for split in CARRIED_SPLITS if carried["r2"][split] is not None]
@@ -729,6 +798,7 @@ def markdown(results: Mapping) -> str:
             + " | ".join(f"{100 * cells[home][t]['rate']:.0f}% / {100 * cells[NEW_ENV][t]['rate']:.0f}%" for t in tasks)
             + " |"
         )
+    lines += transfer_lines(results, variants, budgets)
     lines += [
         "",
         "## Training cost",

@@ -294,8 +294,8 @@ def plan_vector(run: Run) -> Plan:
     layout = run.layout
     return {
         "alpha": run.config.alpha,
-        "aux": str(trained_policy(layout.extract("aux"))),
-        "sft": str(trained_policy(layout.extract("sft"))),
+        "aux": str(layout.auxiliary),
+        "sft": str(layout.finetuned),
         "pretrained": str(layout.pretrained),
     }
 
@@ -307,8 +307,8 @@ def merged(run: Run, alpha: float, vector: str = GAMMA) -> Path:
     if not path.exists():
         if not layout.vector(vector).exists():  # gamma comes from the vector stage, the ablations' vectors from here
             extract(
-                trained_policy(layout.extract("aux")),
-                trained_policy(layout.extract("sft")),
+                layout.auxiliary,
+                layout.finetuned,
                 layout.vector(vector),
                 exclude=VECTORS[vector],
             ).close()
@@ -539,7 +539,9 @@ STAGES: dict[str, Stage[Run]] = {
         Stage("extract", ("demos", "teacher", "pretrain"), plan_extract, do_training),
         Stage("vector", ("pretrain", "extract"), plan_vector, do_vector),
         Stage("select", ("demos", "pretrain", "vector"), plan_select, do_select),
-        Stage("downstream", ("demos", "teacher", "pretrain", "vector", "select"), plan_downstream, do_training),
+        Stage(
+            "downstream", ("demos", "teacher", "pretrain", "extract", "vector", "select"), plan_downstream, do_training
+        ),
         Stage("ablations", ("demos", "teacher", "pretrain", "vector", "select"), plan_ablations, do_ablations),
         Stage("evaluate", ("select", "downstream", "ablations"), plan_evaluate, do_evaluate),
         Stage("report", ("vector", "select", "downstream", "ablations", "evaluate"), plan_report, do_report),
