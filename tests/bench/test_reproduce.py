@@ -403,6 +403,27 @@ def test_every_method_is_compared_with_sft_paired_by_seed_and_task(run):
     assert "Against (a) SFT, paired by (seed, task)" in report
 
 
+def test_the_transfer_ceiling_starts_from_extractions_two_models_and_compares_them_paired(run):
+    layout = RunLayout(run)
+    for method, start in (("ft_sft", layout.finetuned), ("ao_sft", layout.auxiliary)):
+        config = yaml.safe_load((layout.downstream(method, 0) / "config.yaml").read_text())
+        assert (Path(config["init_from"]), config["strategy"], config["auxiliary"]) == (start, "sft", "")
+    results = json.loads((run / "report" / "results.json").read_text())
+    evaluations = json.loads((run / "evaluate" / "results.json").read_text())
+
+    def cells(method, budget, variant):
+        tasks = evaluations[f"downstream/{method}/seed0/step{budget}@{variant}"]["tasks"]
+        return np.array([tasks[t]["successes"] / tasks[t]["episodes"] for t in CONFIG.downstream_tasks])
+
+    for variant in ("default", "new_env"):
+        for budget in CONFIG.budgets:
+            expected = 100 * (cells("ao_sft", budget, variant) - cells("ft_sft", budget, variant)).mean()
+            assert results["transfer"][variant]["difference"][str(budget)][0] == pytest.approx(expected, abs=0.051)
+    last = str(CONFIG.budgets[-1])
+    assert results["summary"]["transfer_ao_minus_ft"] == results["transfer"]["default"]["difference"][last]
+    assert "## Transfer ceiling" in (run / "report" / "report.md").read_text()
+
+
 def test_the_summary_block_holds_the_headline_comparisons_of_this_runs_objective(run):
     results = json.loads((run / "report" / "results.json").read_text())
     summary, last = results["summary"], str(CONFIG.budgets[-1])
@@ -453,6 +474,8 @@ def test_a_method_set_without_one_the_report_compares_is_named():
     check_config(dataclasses.replace(CONFIG, methods=["sft", "aux", "meta_sft", "capvector"]))  # LoRA is optional
     with pytest.raises(CapvectorError, match=r"methods lack \['aux'\]; the report compares sft, aux"):
         check_config(dataclasses.replace(CONFIG, methods=["sft", "meta_sft", "capvector", "capvector_lora"]))
+    with pytest.raises(CapvectorError, match="methods have ao_sft without ft_sft; the transfer ceiling compares"):
+        check_config(dataclasses.replace(CONFIG, methods=["sft", "aux", "meta_sft", "capvector", "ao_sft"]))
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))

@@ -180,13 +180,14 @@ VIEWS = ReproduceConfig(
 # runs. Its first run found gamma costing 11-13 points; the ablations ask why, on all 5 seeds: does a smaller
 # alpha cost less, and does gamma's action head (fitted to D_ext's actions) carry the cost? No lambda sweep
 # (L_orth kept gamma 1.000 against 0.990 without it). alpha is chosen among 1, 0.25 and 0.5 on the validation
-# placements of views-confirm (placement seed 2), on all 5 seeds, before (c) and (d) are trained. Roughly 3 h on 2
-# cores, estimated from its stages' times in stops 19-22 (it has not run from scratch in one go).
+# placements of views-confirm (placement seed 2), on all 5 seeds, before (c) and (d) are trained. The transfer
+# ceiling, (f) and (g): is theta_ao itself a better start than theta_ft for the held-out tasks? Roughly 3.5 h on 2
+# cores, estimated from its stages' times in stops 19-23 (it has not run from scratch in one go).
 VIEWS_LONG = dataclasses.replace(
     VIEWS,
     preset="views-long",
     aux_weight=0.3,
-    methods=["sft", "aux", "meta_sft", "capvector"],
+    methods=["sft", "aux", "meta_sft", "capvector", "ft_sft", "ao_sft"],
     budgets=[1000, 2000],
     seeds=[0, 1, 2, 3, 4],
     eval_seed=3,
@@ -197,7 +198,8 @@ VIEWS_LONG = dataclasses.replace(
     ablation_seeds=5,
     long_steps=2400,
     note="views-long preset: the views preset at 1000 and 2000 steps (where the localization control helped in "
-    "views-confirm), its validated weight 0.3, 5 seeds, methods (a)-(d), the views-confirm test placements; "
+    "views-confirm), its validated weight 0.3, 5 seeds, methods (a)-(d) and the transfer ceiling (f)-(g), the "
+    "views-confirm test placements; "
     "alpha chosen among 1, 0.25 and 0.5 on validation placements with all 5 seeds, gamma without the action "
     "head on all 5 seeds",
 )
@@ -207,19 +209,16 @@ VIEWS_LONG = dataclasses.replace(
 # against 32.5% success). alpha chosen among 1, 0.25 and 0.5 on validation placements with the first 2 seeds; no head
 # ablation (views-long's found the head carries none of gamma's cost). Its stages took 6293 s on 2 cores with the
 # demonstrations, theta_pt, theta_ft and SFT runs reused from views-long; an auxiliary step with the online teacher
-# took 1.27x SFT's (docs/results/views-teacher). The teacher helps as (b) but not through gamma, so the transfer
-# ceiling's methods (f) and (g) ask whether theta_ao itself is a better start than theta_ft.
+# took 1.27x SFT's (docs/results/views-teacher).
 VIEWS_TEACHER = dataclasses.replace(
     VIEWS_LONG,
     preset="views-teacher",
-    methods=["sft", "aux", "meta_sft", "capvector", "ft_sft", "ao_sft"],
     objective="teacher",
     aux_weight=0.1,
     ablation_seeds=2,
     ablate_head=False,
     note="views-teacher preset: views-long with the frozen 3D teacher's alignment (Spatial Forcing's analog, weight "
-    "0.1) as the auxiliary objective; alpha chosen among 1, 0.25 and 0.5 on validation placements with 2 seeds; "
-    "the transfer ceiling (SFT from theta_ft and from theta_ao)",
+    "0.1) as the auxiliary objective; alpha chosen among 1, 0.25 and 0.5 on validation placements with 2 seeds",
 )
 
 
