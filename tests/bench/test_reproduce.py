@@ -129,9 +129,13 @@ def test_the_bands_and_curves_agree_with_the_evaluations_and_the_checkpoints(run
         assert (curves["orth"] is not None) == (METHODS[method].strategy == "capvector")
         retention = curves["retention"]
         assert retention["steps"] == [0, *range(every, last + 1, every)]  # the start point and every checkpoint
-        start = chosen_alpha(run) if METHODS[method].start == "meta" else 0.0
-        assert retention["mean"][0] == pytest.approx(start, abs=1e-5)
+        if METHODS[method].start in ("pretrained", "meta"):
+            start = chosen_alpha(run) if METHODS[method].start == "meta" else 0.0
+            assert retention["mean"][0] == pytest.approx(start, abs=1e-5)
         assert retention["mean"][-1] == pytest.approx(results["along_gamma"][method]["retention"])
+    # theta_ao = theta_ft + gamma: the transfer ceiling's starts lie one gamma apart along it
+    starts = {m: results["curves"][m]["retention"]["mean"][0] for m in ("ft_sft", "ao_sft")}
+    assert starts["ao_sft"] - starts["ft_sft"] == pytest.approx(1.0, abs=1e-4)
 
 
 def test_gamma_is_aux_minus_sft_over_the_policys_own_parameters(run):
