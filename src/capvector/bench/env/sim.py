@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import ctypes.util
 import os
+import signal
+import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -356,7 +358,11 @@ def eval_placement_seed(seed: int, episode: int) -> int:
 
 
 def single_threaded_worker() -> None:
-    """Worker-process setup: one rendering thread (llvmpipe) and one torch thread per process."""
+    """Worker-process setup: one rendering thread (llvmpipe) and one torch thread per process; on Linux the worker
+    is ended with its parent (a killed `reproduce` must not leave training workers running on its folder)."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
     os.environ["LP_NUM_THREADS"] = "1"
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
