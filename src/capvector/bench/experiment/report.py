@@ -206,9 +206,8 @@ def success_results(config: ReproduceConfig, layout: RunLayout, evaluations: Eva
     runs = {m: [layout.downstream(m, s) for s in config.seeds] for m in config.methods}
     success = {m: {v: {str(b): evaluations.pooled(runs[m], b, v) for b in budgets} for v in variants} for m in runs}
     tasks = split_tasks(config)["downstream"]
-    bands = {
-        m: {v: {str(b): band(evaluations.cells(runs[m], b, v, tasks)) for b in budgets} for v in variants} for m in runs
-    }
+    curves = success_curves(config, runs, evaluations, tasks)
+    bands = {m: {v: {str(b): band(curves[v][m][i]) for i, b in enumerate(budgets)} for v in variants} for m in runs}
     per_task = {m: {v: {t: evaluations.pooled(runs[m], last, v, t) for t in tasks} for v in variants} for m in runs}
     threshold = {
         m: {
@@ -217,7 +216,6 @@ def success_results(config: ReproduceConfig, layout: RunLayout, evaluations: Eva
         }
         for m in runs
     }
-    curves = success_curves(config, runs, evaluations, tasks)
     return {
         "success": success,
         "success_band": bands,
