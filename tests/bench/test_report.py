@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from capvector.bench.experiment.layout import RunLayout
-from capvector.bench.experiment.report import Evaluations, band, metric_curve, plot_success
+from capvector.bench.experiment.protocol import METHODS
+from capvector.bench.experiment.report import Evaluations, band, metric_curve, plot_success, resolved_line
 from capvector.bench.statistics import bootstrap_mean
 
 TASKS = ["door-lock-v3", "faucet-close-v3"]
@@ -52,3 +53,31 @@ def test_metric_curves_average_over_seeds_at_the_steps_all_of_them_logged(tmp_pa
     folders = [tmp_path / "seed0", tmp_path / "seed1"]
     assert metric_curve(folders, "loss/orth", scale=0.5) == {"steps": [10, 20], "mean": [1.0, 1.5]}
     assert metric_curve(folders, "loss/action") is None
+
+
+def comparisons(seeds):
+    """A results block with one method against SFT and the transfer ceiling, at two budgets."""
+    return {
+        "config": {"seeds": list(range(seeds))},
+        "methods": {m: METHODS[m].label for m in ("sft", "capvector", "ft_sft", "ao_sft")},
+        "versus_sft": {
+            "default": {
+                "sft": {"steps_to_sft_final": [100, 100, 100]},
+                "capvector": {"difference": {"100": [4.0, -1.0, 9.0], "200": [-6.0, -9.0, -2.0]}},
+                "ft_sft": {"difference": {"100": [0.0, -5.0, 5.0], "200": [1.0, -3.0, 4.0]}},
+                "ao_sft": {"difference": {"100": [2.0, -2.0, 6.0], "200": [3.0, -1.0, 7.0]}},
+            }
+        },
+        "transfer": {"default": {"difference": {"100": [2.0, 0.5, 4.0], "200": [2.0, -1.0, 5.0]}}},
+    }
+
+
+def test_the_report_names_the_differences_whose_interval_excludes_zero_and_counts_the_rest():
+    line = resolved_line(comparisons(5), "default", "in-domain")
+    assert "(d) vs (a) at 200 steps -6.0 [-9.0, -2.0]" in line and "(g) vs (f) at 100 steps 2.0 [0.5, 4.0]" in line
+    assert "(d) vs (a) at 100 steps" not in line and "6 of the 8 paired differences are not resolved" in line
+
+
+def test_with_fewer_than_five_seeds_the_report_claims_no_significance():
+    line = resolved_line(comparisons(3), "default", "in-domain")
+    assert "none can be claimed with 3 seed(s)" in line and "-6.0" not in line

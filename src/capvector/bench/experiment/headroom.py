@@ -47,7 +47,7 @@ from capvector.bench.env.sim import PLACEMENTS, parallel_map
 from capvector.bench.env.tasks import resolve_tasks
 from capvector.bench.experiment.layout import HeadroomLayout, checkpoint_folder, trained_policy
 from capvector.bench.probe import PROBE_STRIDE, held_out_r2, less_task_means, visual_tokens
-from capvector.bench.statistics import bootstrap_mean, paired_difference, resolvable_difference
+from capvector.bench.statistics import bootstrap_mean, paired_difference, points, resolvable_difference
 from capvector.bench.teacher.pretraining import (
     TeacherPretraining,
     describe_teacher,
@@ -493,10 +493,6 @@ def summarize(
     """Per arm and budget: mean success and its seed-bootstrap interval; oracle - sft paired; the decoy's drop; how
     small a difference these seeds resolve; the probe's R^2 per arm; per auxiliary arm (`chosen`) its weight and
     validation figures. Success rates in points (0-100). `runs`: arm -> training run name."""
-
-    def points(triple: tuple[float, float, float]) -> list[float]:
-        return [round(100 * v, 1) for v in triple]
-
     budgets: dict[str, Any] = {}
     for steps in config.budgets:
         by_arm = {arm: cells(results, config, run, steps) for arm, run in runs.items()}

@@ -46,10 +46,12 @@ from capvector.bench.experiment.protocol import (
     split_tasks,
 )
 from capvector.bench.statistics import (
+    MIN_SEEDS,
     area_under_curve,
     bootstrap_mean,
     bootstrap_steps_to_reach,
     paired_difference,
+    points,
     wilson_interval,
 )
 from capvector.bench.teacher.pretraining import describe_teacher
@@ -286,11 +288,6 @@ def timing_results(config: ReproduceConfig, layout: RunLayout) -> dict[str, dict
     return timing
 
 
-def points(triple: tuple[float, float, float]) -> list[float]:
-    """A (mean, low, high) difference of success rates in rounded percentage points."""
-    return [round(100 * v, 1) for v in triple]
-
-
 def ablation_row(evaluations: Evaluations, runs: list[Path], sft: list[Path], steps: int, tasks: list[str]) -> dict:
     """An ablation's runs (one per seed) after `steps`: pooled success in every variant, and the difference to SFT's
     runs of the same seeds, paired by (seed, task)."""
@@ -500,11 +497,53 @@ def comparison(name_a: str, a: Mapping, name_b: str, b: Mapping) -> str:
     )
 
 
+def resolved(interval: list) -> bool:
+    """Whether a [mean, low, high] difference's interval excludes 0."""
+    return interval[1] > 0 or interval[2] < 0
+
+
+def paired_comparisons(results: Mapping, variant: str) -> list[tuple[str, list]]:
+    """Every paired difference the report gives in one variant, named: each method against (a) SFT and (g)
+    against (f), at each budget and in area."""
+    letter = {m: label.split(" ")[0] for m, label in results["methods"].items()}
+    rows = {f"{letter[m]} vs (a)": row for m, row in results["versus_sft"].get(variant, {}).items() if m != "sft"}
+    if results["transfer"]:
+        ao, ft = TRANSFER_METHODS
+        rows[f"{letter[ao]} vs {letter[ft]}"] = results["transfer"][variant]
+    named = []
+    for name, row in rows.items():
+        named += [(f"{name} at {b} steps", v) for b, v in row["difference"].items()]
+        if row.get("auc_difference"):
+            named.append((f"{name} in area", row["auc_difference"]))
+    return named
+
+
+def resolved_line(results: Mapping, variant: str, where: str) -> str:
+    """Which paired differences are significant at 95% in one variant, or why none can be."""
+    seeds = len(results["config"]["seeds"])
+    named = paired_comparisons(results, variant)
+    if seeds < MIN_SEEDS:
+        return (
+            f"Significance: none can be claimed with {seeds} seed(s); an interval from resampling seeds "
+            f"never reaches past the best and worst seed, so below {MIN_SEEDS} seeds it covers well under 95% "
+            "(every seed on one side of the truth happens too often): the intervals here describe the seeds, "
+            "they do not test."
+        )
+    hits = [f"{name} {triple(v)}" for name, v in named if resolved(v)]
+    return (
+        f"Significant {where} (paired by seed and task, 95% interval excluding 0): "
+        + ("; ".join(hits) if hits else "none")
+        + f"; {len(named) - len(hits)} of the {len(named)} paired differences are not resolved with {seeds} seeds."
+    )
+
+
 def findings(results: Mapping) -> list[str]:
     """Sentences chosen by the numbers: what this run supports and what it cannot say."""
     config, success, timing = results["config"], results["success"], results["timing"]
     last, labels, home = str(config["budgets"][-1]), results["methods"], config["variant"]
-    out = []
+    out = [resolved_line(results, home, "in-domain")]
+    if len(config["seeds"]) >= MIN_SEEDS:
+        out.append(resolved_line(results, NEW_ENV, "in the new environment"))
     best = max(c["rate"] for m in success.values() for v in m.values() for c in v.values())
     if best == 0:
         out.append(
@@ -578,10 +617,14 @@ def findings(results: Mapping) -> list[str]:
     rows = [(f"alpha {r['alpha']:g}", r) for r in ablations["alpha"]]
     rows += [(f"lambda {r['lambda']:g}", r) for r in ablations["lambda"][1:]]
     rows += [("gamma without the action head", r) for r in ablations["head"][1:]]
+    few = len(ablations["seeds"]) < MIN_SEEDS  # an interval then describes the seeds, it does not test
     out.append(
         f"Ablations, CapVector against SFT on the same {len(ablations['seeds'])} seed(s) at {last} steps in-domain "
-        "(points, 95% bootstrap over seeds): "
-        + "; ".join(f"{name} {triple(r['versus_sft'][home])}" for name, r in rows)
+        + ("(points; too few seeds for a 95% interval): " if few else "(points, 95% bootstrap over seeds): ")
+        + "; ".join(
+            f"{name} {r['versus_sft'][home][0]:+g}" if few else f"{name} {triple(r['versus_sft'][home])}"
+            for name, r in rows
+        )
         + "."
     )
     r2, shares = results["carried"]["r2"]["downstream"], results["carried"]["share"]["downstream"]
@@ -599,14 +642,16 @@ def findings(results: Mapping) -> list[str]:
         )
     if results["transfer"]:
         ceiling = results["transfer"][home]["difference"]
-        resolved = [b for b, (_, low, high) in ceiling.items() if low > 0 or high < 0]
+        ahead = [b for b, v in ceiling.items() if resolved(v)]
         out.append(
             "Transfer ceiling in-domain, (g) SFT from theta_ao against (f) SFT from theta_ft (points, 95% bootstrap "
             "over seeds): "
             + "; ".join(f"{b} steps {triple(v)}" for b, v in ceiling.items())
             + (
-                f". Resolved at {', '.join(resolved)} steps."
-                if resolved
+                f". {len(config['seeds'])} seeds are too few to resolve it (the significance lines above)."
+                if len(config["seeds"]) < MIN_SEEDS
+                else f". Resolved at {', '.join(ahead)} steps."
+                if ahead
                 else ". Not resolved at any budget: carried whole, what the auxiliary objective taught on D_ext does "
                 "not measurably help the held-out tasks, so no capability vector extracted from these runs can be "
                 "expected to."
