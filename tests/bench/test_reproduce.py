@@ -15,6 +15,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
+from capvector.bench.env.dataset import capvector_meta, open_meta
 from capvector.bench.env.evaluation import CAPTION_PIXELS, COLUMN_GAP, GIF_PIXELS, GIF_STRIDE
 from capvector.bench.env.sim import CONTROL_HZ
 from capvector.bench.experiment.carried import carried_share, split_frames
@@ -498,11 +499,18 @@ def teacher_run(tmp_path_factory):
     return reproduce(config, tmp_path_factory.mktemp("reproduce-teacher"))
 
 
-def test_the_teacher_objective_pretrains_its_teacher_on_the_pretraining_frames_and_aligns_with_it(teacher_run):
+def test_the_teacher_objective_pretrains_its_teacher_on_frames_of_its_own_and_aligns_with_it(teacher_run):
     layout = RunLayout(teacher_run)
     record = json.loads((layout.teacher / "pretraining.json").read_text())
-    assert Path(record["dataset"]) == layout.demos("pretrain")  # other tasks than D_ext's and the held-out ones
+    assert Path(record["dataset"]) == layout.teacher_frames
     assert record["pretraining"]["steps"] == CONFIG.teacher["steps"]
+    # its own recording: the pretraining tasks (other tasks than D_ext's and the held-out ones), as many episodes
+    # of each as its settings ask, in the run's look and placements
+    frames, demos = capvector_meta(layout.teacher_frames), capvector_meta(layout.demos("pretrain"))
+    assert frames["tasks"] == demos["tasks"] == CONFIG.pretrain_tasks
+    assert (frames["variant"], frames["placement"]) == (CONFIG.variant, CONFIG.placement)
+    episodes = open_meta(layout.teacher_frames).info["total_episodes"]
+    assert episodes == CONFIG.teacher["episodes_per_task"] * len(CONFIG.pretrain_tasks)
     for folder in (layout.extract("aux"), layout.downstream("aux", 0)):
         config = yaml.safe_load((folder / "config.yaml").read_text())
         assert config["auxiliary"] == "capvector.bench.recipe:teacher_alignment"

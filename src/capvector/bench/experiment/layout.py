@@ -4,7 +4,8 @@
       run.json                          the config and capvector version of the last invocation
       <stage>/stage.json                per stage: its key, whether it finished, an id for its outputs
       demos/<split>/                    demonstration datasets (pretrain, extract, downstream)
-      teacher/model/                    the frozen 3D teacher (the teacher objective only; capvector.bench.teacher)
+      teacher/frames/                   the teacher's pretraining frames (the teacher objective only)
+      teacher/model/                    the frozen 3D teacher (capvector.bench.teacher)
       pretrain/                         a training run folder (below) for theta_pt
       extract/<strategy>/               theta_ft (sft) and theta_ao (aux)
       vector/gamma, vector/tau          capability vector and task vector
@@ -83,6 +84,7 @@ class RunLayout:
         self.finetuned = trained_policy(self.extract("sft"))  # theta_ft
         self.auxiliary = trained_policy(self.extract("aux"))  # theta_ao
         self.teacher = root / "teacher" / "model"
+        self.teacher_frames = root / "teacher" / "frames"
         self.gamma = self.vector(GAMMA)
         self.tau = self.vector("tau")
         self.evaluations = root / "evaluate" / RESULTS_FILE

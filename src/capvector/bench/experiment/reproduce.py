@@ -4,7 +4,7 @@
 
 Stages (run by capvector.bench.experiment.stages, each a folder of the run: capvector.bench.experiment.layout):
   demos       scripted-expert demonstrations of the pretraining, extraction (D_ext) and downstream tasks
-  teacher     the teacher objective's frozen 3D teacher, pretrained on the pretraining demonstrations' frames
+  teacher     the teacher objective's frozen 3D teacher, pretrained on frames it records of the pretraining tasks
   pretrain    theta_pt: SFT from scratch on the pretraining tasks
   extract     theta_ft (sft) and theta_ao (aux) from theta_pt on D_ext, identical settings
   vector      gamma = theta_ao - theta_ft, tau = theta_ft - theta_pt, theta_meta = theta_pt + alpha * gamma
@@ -221,16 +221,37 @@ def do_demos(run: Run, plan: Plan) -> dict[str, Any]:
 
 
 def plan_teacher(run: Run) -> Plan:
-    if not OBJECTIVES[run.config.objective].teacher:
+    c = run.config
+    if not OBJECTIVES[c.objective].teacher:
         return {}
-    return {"pretraining": dataclasses.asdict(teacher_pretraining(run.config, run.layout))}
+    settings = teacher_pretraining(c, run.layout)
+    frames = {"tasks": c.pretrain_tasks, "image_size": c.image_size, "variant": c.variant, "placement": c.placement}
+    return {"pretraining": dataclasses.asdict(settings), "frames": frames}
 
 
 def do_teacher(run: Run, plan: Plan) -> dict[str, Any]:
-    """Pretrain the teacher (its validation errors and the acceptance probe of its features are the outputs)."""
+    """Record the teacher's frames (VGGT's role: a model pretrained on data of its own, here more episodes of the
+    pretraining tasks than the policy's demonstrations) and pretrain it; its validation errors and the acceptance
+    probe of its features are the outputs."""
     if not plan:
         return {}
-    return pretraining_summary(pretrain_teacher(teacher_pretraining(run.config, run.layout), run.layout.teacher))
+    settings, folder = teacher_pretraining(run.config, run.layout), run.layout.teacher_frames
+    if not folder.exists():  # written whole (renamed at the end): present means complete
+        from capvector.bench.env.demos import generate_demonstrations
+
+        frames = plan["frames"]
+        print(f"  teacher frames: {settings.episodes_per_task} episodes of each pretraining task")
+        generate_demonstrations(
+            folder,
+            frames["tasks"],
+            settings.episodes_per_task,
+            seed=settings.seed,
+            image_size=frames["image_size"],
+            workers=run.workers,
+            variant=frames["variant"],
+            placement=frames["placement"],
+        )
+    return pretraining_summary(pretrain_teacher(settings, run.layout.teacher))
 
 
 def plan_pretrain(run: Run) -> Plan:
@@ -534,7 +555,7 @@ STAGES: dict[str, Stage[Run]] = {
     stage.name: stage
     for stage in [
         Stage("demos", (), plan_demos, do_demos),
-        Stage("teacher", ("demos",), plan_teacher, do_teacher),
+        Stage("teacher", (), plan_teacher, do_teacher),
         Stage("pretrain", ("demos",), plan_pretrain, do_training),
         Stage("extract", ("demos", "teacher", "pretrain"), plan_extract, do_training),
         Stage("vector", ("pretrain", "extract"), plan_vector, do_vector),
