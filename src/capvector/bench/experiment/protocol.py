@@ -253,10 +253,10 @@ PRESETS = {
         note="quick preset: a tiny policy pretrained 400 steps on 4 tasks, 5 demonstrations per task, 5 seeds, 6 "
         "episodes per task, checkpoint and seed (60 per table cell). What it can show: which starts learn the 2 "
         "held-out tasks faster than SFT from theta_pt at 40 and 120 steps, with the differences that are significant "
-        "named below. What it cannot: whether CapVector works. theta_pt is so briefly trained that any further "
-        "training on D_ext gives a head start (rows (f) and (g) measure it), the default placements and look leave "
-        "a perception objective nothing to add (capvector headroom), and the ablations run on one seed; the "
-        "views-teacher preset is the experiment",
+        "named below. What it cannot: whether CapVector works as the paper claims. theta_pt is so briefly trained "
+        "that a start with more training on D_ext (rows (f), (g)) or merely moved from theta_pt (rows (c)-(e)) may "
+        "lead for reasons of its own, the default placements and look leave a perception objective nothing to add "
+        "(capvector headroom), and the ablations run on one seed; the views-teacher preset is the experiment",
     ),
     "full": ReproduceConfig(
         note="full preset: 12 pretraining tasks, 4 extraction and 4 held-out tasks, 10-15 demonstrations per task, "
