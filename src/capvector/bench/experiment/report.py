@@ -521,7 +521,6 @@ def paired_comparisons(results: Mapping, variant: str) -> list[tuple[str, list]]
 def resolved_line(results: Mapping, variant: str, where: str) -> str:
     """Which paired differences are significant at 95% in one variant, or why none can be."""
     seeds = len(results["config"]["seeds"])
-    named = paired_comparisons(results, variant)
     if seeds < MIN_SEEDS:
         return (
             f"Significance: none can be claimed with {seeds} seed(s); an interval from resampling seeds "
@@ -529,6 +528,7 @@ def resolved_line(results: Mapping, variant: str, where: str) -> str:
             "(every seed on one side of the truth happens too often): the intervals here describe the seeds, "
             "they do not test."
         )
+    named = paired_comparisons(results, variant)
     hits = [f"{name} {triple(v)}" for name, v in named if resolved(v)]
     return (
         f"Significant {where} (paired by seed and task, 95% interval excluding 0): "
@@ -648,7 +648,7 @@ def findings(results: Mapping) -> list[str]:
             "over seeds): "
             + "; ".join(f"{b} steps {triple(v)}" for b, v in ceiling.items())
             + (
-                f". {len(config['seeds'])} seeds are too few to resolve it (the significance lines above)."
+                f". {len(config['seeds'])} seeds are too few to resolve it (the significance line above)."
                 if len(config["seeds"]) < MIN_SEEDS
                 else f". Resolved at {', '.join(ahead)} steps."
                 if ahead
