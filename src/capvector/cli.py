@@ -374,11 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--preset",
         default="quick",
-        help="quick (minutes, proves the pipeline), full (the experiment, ~1 h on 2 cores), views (full's sizes in "
-        "the headroom regime: wide placements, a moving camera, the localization control), views-long (views at 1000 "
-        "and 2000 steps, 5 seeds, methods (a)-(d) and the transfer ceiling (f)-(g), alpha chosen on validation "
-        "placements), views-teacher (views-long with the frozen 3D teacher's alignment) or gpu (paper-like sizes for "
-        "one GPU)",
+        help="quick (minutes, proves the pipeline), full (the experiment: wide placements, a moving camera, the frozen "
+        "3D teacher's alignment, 5 seeds, methods (a)-(d) and the transfer ceiling (f)-(g), alpha chosen on "
+        "validation placements; ~3.5 h on 2 cores), views (the localization control at 400 steps, 3 seeds), "
+        "views-long (full with the localization control) or gpu (full at paper-like sizes for one GPU)",
     )
     p.add_argument(
         "--objective",

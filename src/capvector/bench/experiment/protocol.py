@@ -66,7 +66,7 @@ HEAD_ABLATION = "no_head"
 class ReproduceConfig:
     """Every number that shapes the experiment; the stages' cache keys hash what they use of it."""
 
-    preset: str = "full"
+    preset: str = "custom"  # a PRESETS name, or a config made in Python (its defaults: the paper's default regime)
     # Task sets: task or split names of capvector.bench.env.tasks (disjoint).
     pretrain_tasks: list[str] = field(default_factory=lambda: ["pretrain"])
     extract_tasks: list[str] = field(default_factory=lambda: ["extract"])
@@ -96,7 +96,7 @@ class ReproduceConfig:
     # which it records of the pretraining tasks, other tasks than extraction's and the held-out ones, in this regime's
     # look and placements). locate_weight 10 and 4000 steps gave the best acceptance probe under the moving camera
     # (share 0.325 against 0.157 with the defaults; README, the teacher), and 32 episodes per task, twice the frames
-    # of the policy's 15 pretraining demonstrations, 0.329 in views-teacher's regime, where those gave 0.252.
+    # of the policy's 15 pretraining demonstrations, 0.329 in full's regime, where those gave 0.252.
     teacher: dict[str, Any] = field(
         default_factory=lambda: {"locate_weight": 10.0, "steps": 4000, "episodes_per_task": 32}
     )
@@ -206,22 +206,26 @@ VIEWS_LONG = dataclasses.replace(
     "alpha chosen among 1, 0.25 and 0.5 on validation placements with all 5 seeds, gamma without the action "
     "head on all 5 seeds",
 )
-# views-long with Spatial Forcing's analog as the auxiliary objective: the visual tokens aligned with a frozen 3D
-# teacher pretrained on the pretraining demonstrations' frames (ReproduceConfig.teacher's locate_weight 10 and 4000
-# steps), at the weight chosen on validation placements for the teacher arm in views-confirm (0.1 against 0.5: 40.6%
-# against 32.5% success). alpha chosen among 1, 0.25 and 0.5 on validation placements with the first 2 seeds; no head
-# ablation (views-long's found the head carries none of gamma's cost). Its stages took 6293 s on 2 cores with the
-# demonstrations, theta_pt, theta_ft and SFT runs reused from views-long; an auxiliary step with the online teacher
-# took 1.27x SFT's (docs/results/views-teacher).
-VIEWS_TEACHER = dataclasses.replace(
+# The experiment: views-long with Spatial Forcing's analog as the auxiliary objective, the visual tokens aligned with a
+# frozen 3D teacher that the teacher stage pretrains first on frames of its own (ReproduceConfig.teacher), at the
+# weight chosen on validation placements for the teacher arm in views-confirm (0.1 against 0.5: 40.6% against 32.5%
+# success). alpha chosen among 1, 0.25 and 0.5 on validation placements with the first 2 seeds; no head ablation
+# (views-long's found the head carries none of gamma's cost). Called views-teacher until stop 25, when it became
+# `full`: its run with the teacher trained on the pretraining demonstrations' frames (probe share 0.252) took 6293 s
+# of stages on 2 cores with the demonstrations, theta_pt, theta_ft and SFT runs reused from views-long, and an
+# auxiliary step with the online teacher 1.27x SFT's (docs/results/views-teacher). From scratch, about 3.5 h on 2
+# cores (estimated from those stages' times; 5 seeds x 6 methods x 2000 steps are ~75 min of training alone).
+FULL = dataclasses.replace(
     VIEWS_LONG,
-    preset="views-teacher",
+    preset="full",
     objective="teacher",
     aux_weight=0.1,
     ablation_seeds=2,
     ablate_head=False,
-    note="views-teacher preset: views-long with the frozen 3D teacher's alignment (Spatial Forcing's analog, weight "
-    "0.1) as the auxiliary objective; alpha chosen among 1, 0.25 and 0.5 on validation placements with 2 seeds",
+    note="full preset: 12 pretraining tasks, 4 extraction tasks (1500 steps), 4 held-out tasks at 1000 and 2000 steps; "
+    "wide placements and a moving scene camera; the frozen 3D teacher's alignment (Spatial Forcing's analog, weight "
+    "0.1) as the auxiliary objective; 5 seeds; methods (a)-(d) and the transfer ceiling (f)-(g); alpha chosen among "
+    "1, 0.25 and 0.5 on validation placements with 2 seeds",
 )
 
 
@@ -256,19 +260,17 @@ PRESETS = {
         "named below. What it cannot: whether CapVector works as the paper claims. theta_pt is so briefly trained "
         "that a start with more training on D_ext (rows (f), (g)) or merely moved from theta_pt (rows (c)-(e)) may "
         "lead for reasons of its own, the default placements and look leave a perception objective nothing to add "
-        "(capvector headroom), and the ablations run on one seed; the views-teacher preset is the experiment",
+        "(capvector headroom), and the ablations run on one seed; the full preset is the experiment",
     ),
-    "full": ReproduceConfig(
-        note="full preset: 12 pretraining tasks, 4 extraction and 4 held-out tasks, 10-15 demonstrations per task, "
-        "3 seeds, 5 episodes per task, seed and checkpoint (60 per table cell)",
-    ),
+    "full": FULL,
     "views": VIEWS,
     "views-long": VIEWS_LONG,
-    "views-teacher": VIEWS_TEACHER,
-    # Paper-like sizes for one GPU (training picks CUDA when present; the simulator and evaluation use every CPU
-    # core): a policy ~20x full's, 8x8 patches per camera, 2-5x the demonstrations, 5 seeds, 20 episodes per task and
-    # checkpoint. Not yet run: no GPU was lent to a session so far, so its running time is not measured.
-    "gpu": ReproduceConfig(
+    # The full experiment at paper-like sizes for one GPU (training picks CUDA when present; the simulator and
+    # evaluation use every CPU core): a policy ~20x full's, 8x8 patches per camera, 2-5x the demonstrations, 20
+    # episodes per task and checkpoint. Not yet run: no GPU was lent to a session so far, so its running time is not
+    # measured.
+    "gpu": dataclasses.replace(
+        FULL,
         preset="gpu",
         pretrain_episodes=50,
         extract_episodes=30,
@@ -279,12 +281,11 @@ PRESETS = {
         pretrain_steps=20000,
         extract_steps=3000,
         budgets=[250, 500, 1000, 2000],
-        seeds=[0, 1, 2, 3, 4],
         eval_episodes=20,
         long_steps=6000,
         threads=0,
-        note="gpu preset: paper-like sizes for one GPU (a 256-wide, 6-layer policy, 8x8 patches per camera, 20-50 "
-        "demonstrations per task, 5 seeds, 20 episodes per task, seed and checkpoint)",
+        note="gpu preset: the full preset at paper-like sizes for one GPU (a 256-wide, 6-layer policy, 8x8 patches per "
+        "camera, 20-50 demonstrations per task, 20 episodes per task, seed and checkpoint)",
     ),
     # The test suite's miniature: two tasks, a few steps, one episode per checkpoint.
     "test": ReproduceConfig(
