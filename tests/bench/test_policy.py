@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from capvector.bench import recipe
 from capvector.bench.env.camera import depth_to_points, pixel_rays
+from capvector.bench.env.features import PRIVILEGED_DIM, PRIVILEGED_KEY
 from capvector.bench.objectives.spatial import SpatialObjective, cosine_alignment_loss, patch_point_features
 from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.bench.policy.modeling_policy import Policy, masked_l1, normalize, tokenize, unnormalize
@@ -122,6 +123,27 @@ def test_policy_factory_for_the_training_engine(tmp_path):
         recipe.policy(None, dim=32)
     with pytest.raises(CapvectorError, match="no-such-dataset"):
         recipe.policy(None, dataset=str(tmp_path / "no-such-dataset"))
+
+
+def test_an_oracle_grows_from_a_pretrained_policy_keeping_every_weight(policy, tmp_path):
+    stats = {PRIVILEGED_KEY: {"q01": [-0.5] * PRIVILEGED_DIM, "q99": [0.5] * PRIVILEGED_DIM}}
+    oracle = policy.as_oracle(stats, PRIVILEGED_DIM)
+    pretrained, grown = policy.state_dict(), oracle.state_dict()
+    assert set(grown) - set(pretrained) == {"privileged.weight", "privileged.bias"}
+    assert all(torch.equal(pretrained[name], grown[name]) for name in pretrained)
+    assert oracle.config.privileged_q99 == [0.5] * PRIVILEGED_DIM and policy.config.privileged_dim == 0
+    batch = synthetic_batch(config=policy.config)
+    batch[PRIVILEGED_KEY] = torch.zeros(4, PRIVILEGED_DIM)
+    moved = {**batch, PRIVILEGED_KEY: torch.ones(4, PRIVILEGED_DIM)}
+    oracle.eval()
+    assert not torch.allclose(oracle.predict_normalized(batch), oracle.predict_normalized(moved))  # it reads them
+    with pytest.raises(CapvectorError, match="already reads the object and goal positions"):
+        oracle.as_oracle(stats, PRIVILEGED_DIM)
+    with pytest.raises(CapvectorError, match="missing 'observation.privileged'"):
+        policy.as_oracle({}, PRIVILEGED_DIM)
+    policy.save_pretrained(tmp_path / "policy")
+    with pytest.raises(CapvectorError, match="needs policy_args.dataset"):
+        recipe.policy(str(tmp_path / "policy"), privileged_dim=PRIVILEGED_DIM)
 
 
 def test_benchmark_instructions_get_distinct_word_ids():

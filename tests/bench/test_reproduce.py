@@ -17,11 +17,13 @@ from safetensors.torch import load_file
 
 from capvector.bench.env.dataset import capvector_meta, open_meta
 from capvector.bench.env.evaluation import CAPTION_PIXELS, COLUMN_GAP, GIF_PIXELS, GIF_STRIDE
+from capvector.bench.env.features import PRIVILEGED_DIM
 from capvector.bench.env.sim import CONTROL_HZ
 from capvector.bench.experiment.carried import carried_share, split_frames
 from capvector.bench.experiment.layout import PLOTS, RunLayout, checkpoint_folder, trained_policy
 from capvector.bench.experiment.protocol import (
     METHODS,
+    ORACLE,
     PRESETS,
     ablation_runs,
     alpha_candidates,
@@ -427,6 +429,19 @@ def test_the_transfer_ceiling_starts_from_extractions_two_models_and_compares_th
     last = str(CONFIG.budgets[-1])
     assert results["summary"]["transfer_ao_minus_ft"] == results["transfer"]["default"]["difference"][last]
     assert "## Transfer ceiling" in (run / "report" / "report.md").read_text()
+
+
+def test_the_oracle_is_theta_pt_told_the_positions_and_fills_the_summarys_oracle_row(run):
+    layout = RunLayout(run)
+    config = yaml.safe_load((layout.downstream(ORACLE, 0) / "config.yaml").read_text())
+    assert (Path(config["init_from"]), config["strategy"]) == (layout.pretrained, "sft")
+    oracle = Policy.from_pretrained(checkpoint_folder(layout.downstream(ORACLE, 0), CONFIG.budgets[0]))
+    assert oracle.config.privileged_dim == PRIVILEGED_DIM and len(oracle.config.privileged_q99) == PRIVILEGED_DIM
+    assert Policy.from_pretrained(layout.pretrained).config.privileged_dim == 0
+    results = json.loads((run / "report" / "results.json").read_text())
+    last = str(CONFIG.budgets[-1])
+    assert results["summary"]["oracle_minus_sft"] == results["versus_sft"][CONFIG.variant][ORACLE]["difference"][last]
+    assert results["summary"]["oracle_minus_sft"] is not None
 
 
 def test_the_summary_block_holds_the_headline_comparisons_of_this_runs_objective(run):

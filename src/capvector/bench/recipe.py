@@ -42,16 +42,23 @@ from capvector.errors import CapvectorError
 from capvector.params.checkpoints import ADAPTER_CONFIG, open_checkpoint
 
 
-def policy(init_from: str | None, dataset: str | None = None, **config: object) -> Policy:
+def policy(init_from: str | None, dataset: str | None = None, privileged_dim: int = 0, **config: object) -> Policy:
     """The policy in `init_from`, or a new one normalized by `dataset`'s statistics, with PolicyConfig fields
-    `config`."""
+    `config`. `privileged_dim` makes it an oracle, told the object and goal positions (normalized by `dataset`'s
+    statistics); with `init_from`, through a new projection added to the pretrained policy."""
     if init_from is not None:
         if config:
             raise CapvectorError(
-                f"policy_args {sorted(config)} shape a new policy, but init_from {init_from} is "
-                "loaded with its own config.json; drop them or set init_from to null"
+                f"policy_args {sorted(config)} shape a new policy, but init_from {init_from} is loaded with its own "
+                "config.json; drop them (only privileged_dim applies: it makes it an oracle) or set init_from to null"
             )
-        return Policy.from_pretrained(init_from)
+        if privileged_dim and dataset is None:
+            raise CapvectorError(
+                "policy_args.privileged_dim makes init_from an oracle, which needs policy_args.dataset: the "
+                "demonstration folder whose meta/stats.json normalizes the positions"
+            )
+        pretrained = Policy.from_pretrained(init_from)
+        return pretrained.as_oracle(open_meta(str(dataset)).stats, privileged_dim) if privileged_dim else pretrained
     if dataset is None:
         raise CapvectorError(
             "a new benchmark policy needs policy_args.dataset: the demonstration folder whose "
@@ -59,7 +66,7 @@ def policy(init_from: str | None, dataset: str | None = None, **config: object) 
         )
     meta = open_meta(dataset)
     config.setdefault("image_size", image_size(meta))
-    return Policy(PolicyConfig.from_dataset_stats(meta.stats, **config))
+    return Policy(PolicyConfig.from_dataset_stats(meta.stats, privileged_dim=privileged_dim, **config))
 
 
 def dataset(root: str, chunk_size: int = 8, depth: bool = True) -> DemoDataset:

@@ -26,6 +26,7 @@ from capvector.bench.experiment.protocol import (
     METHODS,
     NEW_ENV,
     OBJECTIVES,
+    ORACLE,
     TRANSFER_METHODS,
     DownstreamRun,
     ReproduceConfig,
@@ -394,8 +395,9 @@ def summary(
     """The headline figures, in the run's in-domain look at its last budget: (b) auxiliary SFT and (d) CapVector
     against (a) SFT, paired ([mean, low, high] in success-rate points, 95% seed-bootstrap interval), filled for this
     run's objective and null for the other one's (another run: `--objective`); the teacher's acceptance probe (the
-    teacher objective's `teacher` record, else null); and the step-time ratios to SFT. The oracle's lead is measured
-    by `capvector headroom`, so it is null here. With the transfer ceiling's methods: (g) against (f), else null."""
+    teacher objective's `teacher` record, else null); and the step-time ratios to SFT. The oracle's lead over (a)
+    with the oracle method, else null (`capvector headroom` measures it from scratch). With the transfer ceiling's
+    methods: (g) against (f), else null."""
     last = str(config.budgets[-1])
     rows = versus.get(config.variant, {})
     sft_ms = timing.get("sft", {}).get("step_ms")
@@ -412,7 +414,7 @@ def summary(
         "seeds": len(config.seeds),
         "budget": int(last),
         "variant": config.variant,
-        "oracle_minus_sft": None,
+        "oracle_minus_sft": minus_sft(ORACLE),
         **{
             f"{prefix}_{method}_minus_sft": minus_sft(method) if prefix == filled else None
             for prefix in dict.fromkeys(SUMMARY_PREFIX.values())

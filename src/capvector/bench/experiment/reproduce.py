@@ -37,6 +37,7 @@ import torch
 from capvector import __version__
 from capvector.bench import recipe
 from capvector.bench.env.dataset import DemoDataset, open_meta
+from capvector.bench.env.features import PRIVILEGED_DIM
 from capvector.bench.env.sim import parallel_imap
 from capvector.bench.experiment.layout import (
     GAMMA,
@@ -50,6 +51,7 @@ from capvector.bench.experiment.protocol import (
     EXTRACT_STRATEGIES,
     METHODS,
     OBJECTIVES,
+    ORACLE,
     VECTORS,
     DownstreamRun,
     ReproduceConfig,
@@ -356,6 +358,8 @@ def downstream_config(run: Run, spec: DownstreamRun) -> TrainConfig:
     fields: dict[str, Any] = {}
     if method.strategy == "capvector":
         fields = {"vector": str(run.layout.vector(spec.vector)), "orth_lambda": spec.orth_lambda}
+    if spec.method == ORACLE:
+        fields = {"policy_args": {"dataset": str(run.layout.demos("downstream")), "privileged_dim": PRIVILEGED_DIM}}
     return run.train_config(
         spec.folder,
         "downstream",

@@ -24,7 +24,7 @@ class PolicyConfig:
     image_size: int = 64
     state_dim: int = 4
     # An oracle's extra input: the simulator's object and goal positions ("observation.privileged"), one more token.
-    # 0 for every real policy; only the headroom measurement's oracle arm sets it.
+    # 0 for every real policy; only the oracles set it (capvector headroom's oracle arm, reproduce's oracle method).
     privileged_dim: int = 0
     action_dim: int = 4
     chunk_size: int = 8
@@ -108,19 +108,38 @@ class PolicyConfig:
     @classmethod
     def from_dataset_stats(cls, stats: Mapping[str, Mapping[str, list]], **overrides) -> PolicyConfig:
         """A config whose normalization comes from a dataset's stats (feature -> stat -> values)."""
-        bounds = {}
         features = [(STATE_KEY, "state"), (ACTION_KEY, "action")]
         if overrides.get("privileged_dim"):
             features.append((PRIVILEGED_KEY, "privileged"))
-        for key, prefix in features:
-            for stat in ("q01", "q99"):
-                try:
-                    bounds[f"{prefix}_{stat}"] = [float(v) for v in stats[key][stat]]
-                except KeyError as error:
-                    raise CapvectorError(
-                        f"dataset stats: missing '{key}' -> '{stat}'; regenerate the dataset's meta/stats.json"
-                    ) from error
-        return cls(**{**bounds, **overrides})
+        return cls(**{**normalization_bounds(stats, features), **overrides})
+
+
+def normalization_bounds(
+    stats: Mapping[str, Mapping[str, list]], features: list[tuple[str, str]]
+) -> dict[str, list[float]]:
+    """{"<prefix>_q01": [...], "<prefix>_q99": [...]} of each (dataset key, config prefix) in `features`."""
+    bounds = {}
+    for key, prefix in features:
+        for stat in ("q01", "q99"):
+            try:
+                bounds[f"{prefix}_{stat}"] = [float(v) for v in stats[key][stat]]
+            except KeyError as error:
+                raise CapvectorError(
+                    f"dataset stats: missing '{key}' -> '{stat}'; regenerate the dataset's meta/stats.json"
+                ) from error
+    return bounds
+
+
+def with_privileged(config: PolicyConfig, stats: Mapping[str, Mapping[str, list]], privileged_dim: int) -> PolicyConfig:
+    """`config` made an oracle's: told the object and goal positions (`privileged_dim` values, normalized by the
+    dataset `stats`) as one more token."""
+    bounds = normalization_bounds(stats, [(PRIVILEGED_KEY, "privileged")])
+    return dataclasses.replace(
+        config,
+        privileged_dim=privileged_dim,
+        privileged_q01=bounds["privileged_q01"],
+        privileged_q99=bounds["privileged_q99"],
+    )
 
 
 def policy_config(policy: object, user: str) -> PolicyConfig:

@@ -29,7 +29,7 @@ from torch import nn
 from capvector.bench.augmentation import random_shift
 from capvector.bench.env.features import ACTION_KEY, PRIVILEGED_KEY, STATE_KEY
 from capvector.bench.env.tasks import TASKS, instruction
-from capvector.bench.policy.configuration_policy import PolicyConfig
+from capvector.bench.policy.configuration_policy import PolicyConfig, with_privileged
 from capvector.errors import CapvectorError
 from capvector.files import atomic_path
 
@@ -314,6 +314,18 @@ class Policy(nn.Module):
     def save_pretrained(self, directory: str | Path) -> None:
         """Write model.safetensors + config.json to a temporary folder, then rename it over `directory`."""
         save_folder(self, self.config, directory, {TOKENIZER_NAME: tokenizer_file(self.config)})
+
+    def as_oracle(self, stats: Mapping[str, Mapping[str, list]], privileged_dim: int) -> Policy:
+        """This policy told the object and goal positions too (configuration_policy.with_privileged): every weight
+        kept, the projection of the positions into one more token new."""
+        if self.privileged is not None:
+            raise CapvectorError(
+                "policy: this policy already reads the object and goal positions; start from one that does not"
+            )
+        oracle = Policy(with_privileged(self.config, stats, privileged_dim)).to(self.device)
+        missing, unexpected = oracle.load_state_dict(self.state_dict(), strict=False)
+        assert not unexpected and all(name.startswith("privileged.") for name in missing), (missing, unexpected)
+        return oracle
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> Policy:
