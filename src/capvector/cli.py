@@ -375,8 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         default="quick",
         help="quick (minutes, proves the pipeline), full (the experiment: wide placements, a moving camera, the frozen "
-        "3D teacher's alignment, 5 seeds, methods (a)-(e) and the transfer ceiling (f)-(g), alpha chosen on "
-        "validation placements; ~3.5 h on 2 cores), views (the localization control at 400 steps, 3 seeds), "
+        "3D teacher's alignment, 5 seeds, methods (a)-(e), the transfer ceiling (f)-(g) and the oracle, alpha chosen "
+        "on validation placements; ~3.5 h on 2 cores), views (the localization control at 400 steps, 3 seeds), "
         "views-long (full with the localization control) or gpu (full at paper-like sizes for one GPU)",
     )
     p.add_argument(

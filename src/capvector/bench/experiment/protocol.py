@@ -214,12 +214,12 @@ VIEWS_LONG = dataclasses.replace(
 # frozen 3D teacher that the teacher stage pretrains first on frames of its own (ReproduceConfig.teacher), at the
 # weight chosen on validation placements for the teacher arm in views-confirm (0.1 against 0.5: 40.6% against 32.5%
 # success). alpha chosen among 1, 0.25 and 0.5 on validation placements with the first 2 seeds; no head ablation
-# (views-long's found the head carries none of gamma's cost); every method, (e) too. Called views-teacher until stop
-# 25 (without (e)), when it became `full`: its run with the teacher trained on the pretraining demonstrations' frames
-# (probe share 0.252) took 6293 s of stages on 2 cores with the demonstrations, theta_pt, theta_ft and SFT runs reused
-# from views-long, and an auxiliary step with the online teacher 1.27x SFT's (docs/results/views-teacher). From
-# scratch, about 3.5 h on 2 cores (estimated from those stages' times; 5 seeds x 7 methods x 2000 steps are ~90 min
-# of training alone).
+# (views-long's found the head carries none of gamma's cost); every method, (e) and the oracle too. Called
+# views-teacher until stop 25 (without those two), when it became `full`: its run with the teacher trained on the
+# pretraining demonstrations' frames (probe share 0.252) took 6293 s of stages on 2 cores with the demonstrations,
+# theta_pt, theta_ft and SFT runs reused from views-long, and an auxiliary step with the online teacher 1.27x SFT's
+# (docs/results/views-teacher). From scratch, about 3.5 h on 2 cores (estimated from those stages' times; 5 seeds x 8
+# methods x 2000 steps are ~100 min of training alone).
 FULL = dataclasses.replace(
     VIEWS_LONG,
     preset="full",
@@ -230,7 +230,8 @@ FULL = dataclasses.replace(
     ablate_head=False,
     note="full preset: 12 pretraining tasks, 4 extraction tasks (1500 steps), 4 held-out tasks at 1000 and 2000 steps; "
     "wide placements and a moving scene camera; the frozen 3D teacher's alignment (Spatial Forcing's analog, weight "
-    "0.1) as the auxiliary objective; 5 seeds; methods (a)-(e) and the transfer ceiling (f)-(g); alpha chosen among "
+    "0.1) as the auxiliary objective; 5 seeds; methods (a)-(e), the transfer ceiling (f)-(g) and the oracle (o); "
+    "alpha chosen among "
     "1, 0.25 and 0.5 on validation placements with 2 seeds",
 )
 
