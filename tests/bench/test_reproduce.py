@@ -44,7 +44,7 @@ from capvector.bench.experiment.reproduce import (
 from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.bench.policy.modeling_policy import Policy
 from capvector.bench.probe import PROBE_STRIDE
-from capvector.bench.statistics import bootstrap_mean
+from capvector.bench.statistics import MIN_SEEDS, bootstrap_mean
 from capvector.bench.teacher.pretraining import load_frames
 from capvector.errors import CapvectorError
 
@@ -469,6 +469,21 @@ def test_either_positive_control_fills_the_summarys_control_rows(objective):
     block = report_summary(config, versus, {})
     assert block["control_aux_minus_sft"] == [0.0, 0.0, 9.0] and block["control_capvector_minus_sft"] == [1.0, 0.0, 9.0]
     assert block["spatial_aux_minus_sft"] is None and block["step_time_vs_sft"] == {"aux": None, "capvector": None}
+
+
+def test_the_full_preset_is_the_experiment_in_the_headroom_regime_with_every_row():
+    full = PRESETS["full"]
+    assert (full.objective, full.placement, full.variant) == ("teacher", "wide", "random_view")
+    assert full.methods == list(METHODS) and ORACLE in full.methods and "capvector_lora" in full.methods
+    assert len(full.seeds) >= MIN_SEEDS and full.select_alpha and full.validation_seed != full.eval_seed
+    gpu = PRESETS["gpu"]
+    assert (gpu.objective, gpu.placement, gpu.variant, gpu.methods) == (
+        full.objective,
+        full.placement,
+        full.variant,
+        full.methods,
+    )
+    assert ORACLE not in PRESETS["quick"].methods and len(PRESETS["quick"].seeds) >= MIN_SEEDS
 
 
 def test_the_gpu_preset_is_valid_and_its_policy_trains_a_step():
