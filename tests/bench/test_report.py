@@ -8,7 +8,14 @@ from PIL import Image
 
 from capvector.bench.experiment.layout import RunLayout
 from capvector.bench.experiment.protocol import METHODS
-from capvector.bench.experiment.report import Evaluations, band, metric_curve, plot_success, resolved_line
+from capvector.bench.experiment.report import (
+    Evaluations,
+    band,
+    headroom_line,
+    metric_curve,
+    plot_success,
+    resolved_line,
+)
 from capvector.bench.statistics import bootstrap_mean
 
 TASKS = ["door-lock-v3", "faucet-close-v3"]
@@ -81,3 +88,21 @@ def test_the_report_names_the_differences_whose_interval_excludes_zero_and_count
 def test_with_fewer_than_five_seeds_the_report_claims_no_significance():
     line = resolved_line(comparisons(3), "default", "in-domain")
     assert "none can be claimed with 3 seed(s)" in line and "-6.0" not in line
+
+
+@pytest.mark.parametrize(
+    ("seeds", "difference", "verdict"),
+    [
+        (5, {"100": [3.0, -2.0, 8.0], "200": [12.0, 4.0, 20.0]}, "Ahead at 200 steps"),
+        (5, {"100": [3.0, -2.0, 8.0], "200": [-6.0, -9.0, -2.0]}, "Not ahead at any budget"),
+        (3, {"100": [3.0, -2.0, 8.0], "200": [12.0, 4.0, 20.0]}, "With 3 seed(s) it cannot be resolved"),
+    ],
+)
+def test_the_headroom_line_reads_the_oracles_lead_over_sft(seeds, difference, verdict):
+    results = {
+        "config": {"seeds": list(range(seeds))},
+        "versus_sft": {"default": {"oracle": {"difference": difference}}},
+    }
+    line = headroom_line(results, "default")
+    assert verdict in line and "200 steps " in line
+    assert headroom_line({**results, "versus_sft": {"default": {}}}, "default") is None

@@ -539,6 +539,28 @@ def resolved_line(results: Mapping, variant: str, where: str) -> str:
     )
 
 
+def headroom_line(results: Mapping, variant: str) -> str | None:
+    """(o) the oracle against (a) SFT, or None without the oracle method: does knowing where things are help here?"""
+    rows, seeds = results["versus_sft"][variant], len(results["config"]["seeds"])
+    if ORACLE not in rows:
+        return None
+    difference = rows[ORACLE]["difference"]
+    ahead = [budget for budget, v in difference.items() if resolved(v) and v[0] > 0]
+    verdict = (
+        f"With {seeds} seed(s) it cannot be resolved (the significance line above)"
+        if seeds < MIN_SEEDS
+        else f"Ahead at {', '.join(ahead)} steps: knowing where things are helps these tasks here, so a perception "
+        "objective has something to add"
+        if ahead
+        else "Not ahead at any budget: knowing where things are does not measurably help these tasks from theta_pt "
+        "here, so no perception objective can be expected to"
+    )
+    return (
+        "Headroom, (o) the oracle told the object and goal positions against (a) SFT (points, 95% bootstrap over "
+        "seeds): " + "; ".join(f"{budget} steps {triple(v)}" for budget, v in difference.items()) + f". {verdict}."
+    )
+
+
 def findings(results: Mapping) -> list[str]:
     """Sentences chosen by the numbers: what this run supports and what it cannot say."""
     config, success, timing = results["config"], results["success"], results["timing"]
@@ -546,6 +568,9 @@ def findings(results: Mapping) -> list[str]:
     out = [resolved_line(results, home, "in-domain")]
     if len(config["seeds"]) >= MIN_SEEDS:
         out.append(resolved_line(results, NEW_ENV, "in the new environment"))
+    headroom = headroom_line(results, home)
+    if headroom:
+        out.append(headroom)
     best = max(c["rate"] for m in success.values() for v in m.values() for c in v.values())
     if best == 0:
         out.append(
