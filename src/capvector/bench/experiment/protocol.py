@@ -231,8 +231,7 @@ FULL = dataclasses.replace(
     note="full preset: 12 pretraining tasks, 4 extraction tasks (1500 steps), 4 held-out tasks at 1000 and 2000 steps; "
     "wide placements and a moving scene camera; the frozen 3D teacher's alignment (Spatial Forcing's analog, weight "
     "0.1) as the auxiliary objective; 5 seeds; methods (a)-(e), the transfer ceiling (f)-(g) and the oracle (o); "
-    "alpha chosen among "
-    "1, 0.25 and 0.5 on validation placements with 2 seeds",
+    "alpha chosen among 1, 0.25 and 0.5 on validation placements with 2 seeds",
 )
 
 
