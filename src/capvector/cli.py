@@ -375,9 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         default="quick",
         help="quick (minutes, proves the pipeline), full (the experiment: wide placements, a moving camera, the frozen "
-        "3D teacher's alignment, 5 seeds, methods (a)-(e), the transfer ceiling (f)-(g) and the oracle, alpha chosen "
-        "on validation placements; ~3.5 h on 2 cores), views (the localization control at 400 steps, 3 seeds), "
-        "views-long (full with the localization control) or gpu (full at paper-like sizes for one GPU)",
+        "3D teacher's alignment and the localization control beside it, 5 seeds, methods (a)-(e), the control's (b') "
+        "and (d'), the transfer ceiling (f)-(g) and the oracle, alpha chosen on validation placements; ~4 h on 2 "
+        "cores), views (the localization control at 400 steps, 3 seeds), views-long (full's regime with the "
+        "localization control as the objective) or gpu (full at paper-like sizes for one GPU)",
     )
     p.add_argument(
         "--objective",

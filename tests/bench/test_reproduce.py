@@ -22,7 +22,10 @@ from capvector.bench.env.sim import CONTROL_HZ
 from capvector.bench.experiment.carried import carried_share, split_frames
 from capvector.bench.experiment.layout import PLOTS, RunLayout, checkpoint_folder, trained_policy
 from capvector.bench.experiment.protocol import (
+    CONTROL_EXTRACTION,
+    GAMMA_CONTROL,
     METHODS,
+    OBJECTIVES,
     ORACLE,
     PRESETS,
     ablation_runs,
@@ -173,6 +176,41 @@ def test_the_head_ablation_merges_gamma_without_the_action_head_and_keeps_that_v
     config = yaml.safe_load((run / "ablations" / "no_head" / "seed0" / "config.yaml").read_text())
     assert Path(config["vector"]).name == "gamma_no_head"
     assert Path(config["init_from"]).name == f"theta_meta_gamma_no_head_alpha{alpha:g}"
+
+
+def test_the_control_beside_the_objective_has_its_own_extraction_gamma_and_methods(run):
+    layout, alpha = RunLayout(run), chosen_alpha(run)
+    extraction = yaml.safe_load((layout.extract(CONTROL_EXTRACTION) / "config.yaml").read_text())
+    assert extraction["auxiliary"] == OBJECTIVES[CONFIG.control].recipe
+    assert extraction["auxiliary_args"] == {"weight": CONFIG.control_weight}  # the control's own layer
+    assert Path(extraction["init_from"]) == layout.pretrained
+    control, theta_ft = vector(layout.vector(GAMMA_CONTROL)), weights(run / "extract" / "sft" / "policy")
+    theta_ao = weights(layout.extract(CONTROL_EXTRACTION) / "policy")
+    for name, g in control.items():
+        torch.testing.assert_close(g, theta_ao[name] - theta_ft[name])
+    theta_pt, theta_meta = weights(layout.pretrained), weights(layout.theta_meta(alpha, GAMMA_CONTROL))
+    for name in theta_pt:
+        torch.testing.assert_close(theta_meta[name], theta_pt[name] + alpha * control[name])
+    aux = yaml.safe_load((layout.downstream("control_aux", 0) / "config.yaml").read_text())
+    assert (aux["strategy"], aux["auxiliary"], Path(aux["init_from"])) == (
+        "aux",
+        extraction["auxiliary"],
+        layout.pretrained,
+    )
+    capvector = yaml.safe_load((layout.downstream("control_capvector", 0) / "config.yaml").read_text())
+    assert Path(capvector["vector"]) == layout.vector(GAMMA_CONTROL)
+    assert Path(capvector["init_from"]) == layout.theta_meta(alpha, GAMMA_CONTROL)
+    results = json.loads((run / "report" / "results.json").read_text())
+    rows, last = results["versus_sft"][CONFIG.variant], str(CONFIG.budgets[-1])
+    assert results["summary"]["control_aux_minus_sft"] == rows["control_aux"]["difference"][last]
+    assert results["summary"]["control_capvector_minus_sft"] == rows["control_capvector"]["difference"][last]
+
+
+def test_methods_of_a_control_need_one():
+    with pytest.raises(CapvectorError, match="need a control objective"):
+        check_config(dataclasses.replace(CONFIG, control=None))
+    with pytest.raises(CapvectorError, match="is not a positive control"):
+        check_config(dataclasses.replace(CONFIG, control="teacher"))
 
 
 def test_every_ablation_is_compared_with_sft_on_the_same_seeds(run):
@@ -449,10 +487,10 @@ def test_the_summary_block_holds_the_headline_comparisons_of_this_runs_objective
     summary, last = results["summary"], str(CONFIG.budgets[-1])
     assert (summary["seeds"], summary["budget"]) == (len(CONFIG.seeds), CONFIG.budgets[-1])
     rows = results["versus_sft"][CONFIG.variant]
-    assert CONFIG.objective == "spatial"  # the spatial rows filled, the control's left to another run
+    assert CONFIG.objective == "spatial"  # the spatial rows from (b) and (d), the control's from (b') and (d')
     assert summary["spatial_aux_minus_sft"] == rows["aux"]["difference"][last]
     assert summary["spatial_capvector_minus_sft"] == rows["capvector"]["difference"][last]
-    assert summary["control_aux_minus_sft"] is None and summary["control_capvector_minus_sft"] is None
+    assert summary["control_aux_minus_sft"] == rows["control_aux"]["difference"][last]
     low, mean, high = sorted(summary["spatial_aux_minus_sft"])
     assert summary["spatial_aux_minus_sft"] == [mean, low, high]
     timing = results["timing"]
@@ -462,7 +500,7 @@ def test_the_summary_block_holds_the_headline_comparisons_of_this_runs_objective
 
 @pytest.mark.parametrize("objective", ["privileged", "localization"])
 def test_either_positive_control_fills_the_summarys_control_rows(objective):
-    config = dataclasses.replace(CONFIG, objective=objective)
+    config = dataclasses.replace(CONFIG, objective=objective, control=None)
     last = str(config.budgets[-1])
     rows = {m: {"difference": {last: [float(i), 0.0, 9.0]}} for i, m in enumerate(["aux", "capvector"])}
     versus = {config.variant: rows}
@@ -524,7 +562,14 @@ def test_every_preset_passes_the_config_checks(preset):
 def teacher_run(tmp_path_factory):
     """The test preset with the frozen-teacher objective: one extraction and methods (a)-(d), nothing more."""
     config = dataclasses.replace(
-        CONFIG, objective="teacher", select_alpha=False, alphas=[], lambdas=[], ablate_head=False
+        CONFIG,
+        objective="teacher",
+        control=None,
+        methods=["sft", "aux", "meta_sft", "capvector"],
+        select_alpha=False,
+        alphas=[],
+        lambdas=[],
+        ablate_head=False,
     )
     return reproduce(config, tmp_path_factory.mktemp("reproduce-teacher"))
 

@@ -36,6 +36,8 @@ class Method:
     start: Start  # theta_pt or theta_meta
     strategy: Literal["sft", "aux", "capvector"]
     finetune: Literal["full", "lora"]
+    # "control": the run's second auxiliary objective, the positive control (ReproduceConfig.control), and its gamma
+    objective: Literal["main", "control"] = "main"
 
 
 METHODS = {
@@ -52,17 +54,29 @@ METHODS = {
     # The headroom check in the run itself: (a) told the object and goal positions (observation.privileged) through a
     # new input added to theta_pt. If it is not ahead of (a), no perception objective can help these tasks here.
     ORACLE: Method("(o) oracle: SFT from theta_pt told the object and goal positions", "pretrained", "sft", "full"),
+    # (b) and (d) with the positive control beside the objective under test (ReproduceConfig.control): its own
+    # extraction run and gamma, the same theta_pt, theta_ft, SFT runs and alpha.
+    "control_aux": Method("(b') auxiliary SFT with the control objective", "pretrained", "aux", "full", "control"),
+    "control_capvector": Method("(d') CapVector with the control's gamma", "meta", "capvector", "full", "control"),
 }
+MAIN_METHODS = [name for name, method in METHODS.items() if method.objective == "main"]
 TRANSFER_METHODS = ("ao_sft", "ft_sft")  # compared with each other, paired
 NEW_ENV = "new_env"  # the paper's "new environment": the out-of-domain variant every checkpoint is also evaluated in
 COMPARED_METHODS = ("sft", "aux", "meta_sft", "capvector")  # (a)-(d): what the report's conclusions compare
 LONG_METHODS = ("meta_sft", "capvector")  # the long ablation: from theta_meta without and with L_orth
 EXTRACT_STRATEGIES = ("sft", "aux")
+CONTROL_EXTRACTION = "aux_control"  # extraction's run with the control objective (theta_ao of the control)
 # The capability vectors a run merges, by folder name: gamma, and for the head ablation gamma extracted without the
 # policy's action head (the tensors of capvector.bench.policy's `head`, which maps the trunk's action queries to
 # actions; extract's exclude patterns).
 GAMMA_NO_HEAD = "gamma_no_head"
-VECTORS: dict[str, tuple[str, ...]] = {GAMMA: (), GAMMA_NO_HEAD: ("head.*",)}
+GAMMA_CONTROL = "gamma_control"  # the control's theta_ao - theta_ft
+# The vectors a run merges: the extraction run whose difference from theta_ft they are, and the tensors left out.
+VECTORS: dict[str, tuple[str, tuple[str, ...]]] = {
+    GAMMA: ("aux", ()),
+    GAMMA_NO_HEAD: ("aux", ("head.*",)),
+    GAMMA_CONTROL: (CONTROL_EXTRACTION, ()),
+}
 HEAD_ABLATION = "no_head"
 
 
@@ -96,6 +110,12 @@ class ReproduceConfig:
     objective: str = "spatial"
     placement: str = "default"
     variant: str = "default"
+    # A positive control trained beside the objective under test (privileged or localization; None: none): its own
+    # extraction run (CONTROL_EXTRACTION) at control_weight on the control's own layer, its gamma (GAMMA_CONTROL),
+    # merged at the alpha chosen for gamma, and the methods (b') and (d'), so that one run asks of both a
+    # capability that is known to help and the one under test whether it moves through gamma.
+    control: str | None = None
+    control_weight: float = 0.3
     # The teacher objective's teacher (capvector.bench.teacher.pretraining.TeacherPretraining fields but the frames,
     # which it records of the pretraining tasks, other tasks than extraction's and the held-out ones, in this regime's
     # look and placements). locate_weight 10 and 4000 steps gave the best acceptance probe under the moving camera
@@ -119,7 +139,7 @@ class ReproduceConfig:
     select_alpha: bool = False
     validation_seed: int = 1
     # Downstream: every method at every budget (checkpoints of one run per seed) and seed.
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(MAIN_METHODS))
     budgets: list[int] = field(default_factory=lambda: [100, 200, 400])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     downstream_lr: float = 3e-4
@@ -213,25 +233,28 @@ VIEWS_LONG = dataclasses.replace(
 # The experiment: views-long with Spatial Forcing's analog as the auxiliary objective, the visual tokens aligned with a
 # frozen 3D teacher that the teacher stage pretrains first on frames of its own (ReproduceConfig.teacher), at the
 # weight chosen on validation placements for the teacher arm in views-confirm (0.1 against 0.5: 40.6% against 32.5%
-# success). alpha chosen among 1, 0.25 and 0.5 on validation placements with the first 2 seeds; no head ablation
-# (views-long's found the head carries none of gamma's cost); every method, (e) and the oracle too. Called
-# views-teacher until stop 25 (without those two), when it became `full`: its run with the teacher trained on the
-# pretraining demonstrations' frames (probe share 0.252) took 6293 s of stages on 2 cores with the demonstrations,
-# theta_pt, theta_ft and SFT runs reused from views-long, and an auxiliary step with the online teacher 1.27x SFT's
-# (docs/results/views-teacher). From scratch, about 3.5 h on 2 cores (estimated from those stages' times; 5 seeds x 8
-# methods x 2000 steps are ~100 min of training alone).
+# success), and the localization control beside it at views-long's validated weight (0.3), so that (b') and (d') are
+# views-long's (b) and (d) in the same run. alpha chosen among 1, 0.25 and 0.5 on validation placements with the
+# first 2 seeds; no head ablation (views-long's found the head carries none of gamma's cost); every method, (e) and
+# the oracle too. Called views-teacher until stop 25 (without the control, (e) and the oracle), when it became
+# `full`: its run with the teacher trained on the pretraining demonstrations' frames (probe share 0.252) took 6293 s
+# of stages on 2 cores with the demonstrations, theta_pt, theta_ft and SFT runs reused from views-long, and an
+# auxiliary step with the online teacher 1.27x SFT's (docs/results/views-teacher). From scratch, about 4 h on 2 cores
+# (estimated from those stages' times; 5 seeds x 10 methods x 2000 steps are ~2 h of training alone).
 FULL = dataclasses.replace(
     VIEWS_LONG,
     preset="full",
     objective="teacher",
     aux_weight=0.1,
+    control="localization",
     methods=list(METHODS),
     ablation_seeds=2,
     ablate_head=False,
     note="full preset: 12 pretraining tasks, 4 extraction tasks (1500 steps), 4 held-out tasks at 1000 and 2000 steps; "
     "wide placements and a moving scene camera; the frozen 3D teacher's alignment (Spatial Forcing's analog, weight "
-    "0.1) as the auxiliary objective; 5 seeds; methods (a)-(e), the transfer ceiling (f)-(g) and the oracle (o); "
-    "alpha chosen among 1, 0.25 and 0.5 on validation placements with 2 seeds",
+    "0.1) as the auxiliary objective and the localization control (weight 0.3) beside it; 5 seeds; methods (a)-(e), "
+    "the control's (b') and (d'), the transfer ceiling (f)-(g) and the oracle (o); alpha chosen among 1, 0.25 and "
+    "0.5 on validation placements with 2 seeds",
 )
 
 
@@ -256,7 +279,7 @@ PRESETS = {
         budgets=[40, 120],
         # every method but the oracle: in the default placements and look it has no lead (capvector headroom), and
         # make demo keeps to its 15 minutes
-        methods=[method for method in METHODS if method != ORACLE],
+        methods=[method for method in MAIN_METHODS if method != ORACLE],
         lora_rank=4,
         seeds=[0, 1, 2, 3, 4],
         eval_episodes=6,
@@ -321,6 +344,8 @@ PRESETS = {
         pretrain_steps=6,
         extract_steps=4,
         budgets=[2, 4],
+        control="localization",
+        methods=list(METHODS),
         seeds=[0],
         lora_rank=2,
         eval_episodes=1,
@@ -381,6 +406,7 @@ OBJECTIVES = {
     # to it (observation.privileged_pixels).
     "localization": Objective("capvector.bench.recipe:localization", False, weight_and_layer),
 }
+CONTROLS = ("privileged", "localization")  # the positive controls: objectives known to teach where things are
 REGIME_FIELDS = ("objective", "placement", "variant")  # what `capvector reproduce` sets on top of a preset
 
 
@@ -433,6 +459,17 @@ def check_config(config: ReproduceConfig) -> None:
     unknown = [m for m in config.methods if m not in METHODS]
     if unknown:
         raise CapvectorError(f"reproduce config: unknown methods {unknown}; valid methods: {', '.join(METHODS)}")
+    if config.control is not None and config.control not in CONTROLS:
+        raise CapvectorError(
+            f"reproduce config: control {config.control!r} is not a positive control; valid: {', '.join(CONTROLS)}, "
+            "or null"
+        )
+    controlled = [m for m in config.methods if METHODS[m].objective == "control"]
+    if controlled and config.control is None:
+        raise CapvectorError(
+            f"reproduce config: methods {controlled} need a control objective; set control ({', '.join(CONTROLS)}) "
+            "or leave them out"
+        )
     missing = [m for m in COMPARED_METHODS if m not in config.methods]
     if missing:
         raise CapvectorError(
@@ -530,10 +567,23 @@ def downstream_runs(config: ReproduceConfig, layout: RunLayout) -> list[Downstre
             config.alpha,
             config.orth_lambda,
             tuple(config.budgets),
+            method_vector(method),
         )
         for method in config.methods
         for seed in config.seeds
     ]
+
+
+def method_vector(method: str) -> str:
+    """The vector a method's theta_meta is merged from and its retention measured along (the control's: (b'), (d'))."""
+    return GAMMA_CONTROL if METHODS[method].objective == "control" else GAMMA
+
+
+def control_config(config: ReproduceConfig) -> ReproduceConfig:
+    """The config as the control's runs see it: the control as the auxiliary objective, at its weight and layer."""
+    if config.control is None:
+        raise CapvectorError("reproduce config: a control objective's run, but control is null")
+    return dataclasses.replace(config, objective=config.control, aux_weight=config.control_weight, aux_layer=None)
 
 
 def teacher_pretraining(config: ReproduceConfig, layout: RunLayout) -> TeacherPretraining:

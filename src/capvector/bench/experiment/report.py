@@ -6,11 +6,12 @@ sentences are chosen by comparing the numbers (interval overlap, retention of ga
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import statistics
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from capvector.bench.experiment.carried import HELD_OUT_EVERY, MIN_EPISODES, car
 from capvector.bench.experiment.carried import SPLITS as CARRIED_SPLITS
 from capvector.bench.experiment.layout import GAMMA, PLOTS, RESULTS_FILE, RunLayout, metrics_file, wall_file
 from capvector.bench.experiment.protocol import (
+    CONTROL_EXTRACTION,
     GAMMA_NO_HEAD,
     HEAD_ABLATION,
     LONG_METHODS,
@@ -42,6 +44,7 @@ from capvector.bench.experiment.protocol import (
     lambda_ablation,
     long_ablation,
     long_checkpoints,
+    method_vector,
     regime_overrides,
     run_name,
     split_tasks,
@@ -156,23 +159,31 @@ def retention_curve(layout: RunLayout, runs: list[DownstreamRun], gamma: Capabil
     return {"steps": steps, "mean": np.mean(per_seed, axis=0).tolist(), "per_seed": per_seed}
 
 
+@contextlib.contextmanager
+def methods_vectors(config: ReproduceConfig, layout: RunLayout) -> Iterator[dict[str, CapabilityVector]]:
+    """Each method's vector (protocol.method_vector), opened once: gamma, and the control's with (b') or (d')."""
+    vectors = {name: open_vector(layout.vector(name)) for name in dict.fromkeys(map(method_vector, config.methods))}
+    try:
+        yield {method: vectors[method_vector(method)] for method in config.methods}
+    finally:
+        for vector in vectors.values():
+            vector.close()
+
+
 def training_curves(config: ReproduceConfig, layout: RunLayout) -> dict[str, dict]:
     """Per method, against training steps (means over seeds): the action loss (the term every method trains on),
-    L_orth (as logged, divided by lambda; methods with the regularizer only) and the retention of gamma."""
+    L_orth (as logged, divided by lambda; methods with the regularizer only) and the retention of its vector."""
     runs = {m: [r for r in downstream_runs(config, layout) if r.method == m] for m in config.methods}
     unweighted = 1 / config.orth_lambda if config.orth_lambda else 0.0  # with lambda 0 nothing logs L_orth
-    gamma = open_vector(layout.gamma)
-    try:
+    with methods_vectors(config, layout) as vectors:
         return {
             m: {
                 "action_loss": metric_curve([r.folder for r in rs], "loss/action"),
                 "orth": metric_curve([r.folder for r in rs], "loss/orth", unweighted),
-                "retention": retention_curve(layout, rs, gamma),
+                "retention": retention_curve(layout, rs, vectors[m]),
             }
             for m, rs in runs.items()
         }
-    finally:
-        gamma.close()
 
 
 def run_timing(folder: Path) -> dict:
@@ -300,16 +311,16 @@ def ablation_row(evaluations: Evaluations, runs: list[Path], sft: list[Path], st
 
 
 def gamma_results(config: ReproduceConfig, layout: RunLayout, evaluations: Evaluations) -> dict[str, Any]:
-    """Where the runs end along gamma, and the ablations (alpha, lambda, the action head, long runs) with their
-    success rates."""
+    """Where the runs end along gamma (the control's methods along the control's), and the ablations (alpha, lambda,
+    the action head, long runs) with their success rates."""
     last, pretrained, seeds = config.budgets[-1], layout.pretrained, ablation_seeds(config)
     checkpoints, tasks = evaluated_checkpoints(config, layout), split_tasks(config)["downstream"]
     sft = [layout.downstream("sft", s) for s in seeds]
     gamma = open_vector(layout.gamma)
 
-    def shifted(folder: Path, steps: int) -> dict:
+    def shifted(folder: Path, steps: int, vector: CapabilityVector = gamma) -> dict:
         path, base = checkpoints[evaluation_name(layout, folder, steps)]
-        return along_gamma(path, pretrained, gamma, base)
+        return along_gamma(path, pretrained, vector, base)
 
     def row_of(runs: list[Path]) -> dict:
         """The ablation row of CapVector runs (one per ablation seed), compared with SFT on the same seeds."""
@@ -325,7 +336,10 @@ def gamma_results(config: ReproduceConfig, layout: RunLayout, evaluations: Evalu
         return {"theta_meta_retention": along_gamma(layout.theta_meta(alpha, vector), pretrained, gamma)["retention"]}
 
     try:
-        shift = {m: [shifted(layout.downstream(m, s), last) for s in config.seeds] for m in config.methods}
+        with methods_vectors(config, layout) as vectors:
+            shift = {
+                m: [shifted(layout.downstream(m, s), last, vectors[m]) for s in config.seeds] for m in config.methods
+            }
         main = capvector(None)  # the first row of every ablation table
         alphas = [
             {
@@ -394,7 +408,8 @@ def summary(
 ) -> dict[str, Any]:
     """The headline figures, in the run's in-domain look at its last budget: (b) auxiliary SFT and (d) CapVector
     against (a) SFT, paired ([mean, low, high] in success-rate points, 95% seed-bootstrap interval), filled for this
-    run's objective and null for the other one's (another run: `--objective`); the teacher's acceptance probe (the
+    run's objective, and for the positive control from (b') and (d') when the run has one beside it, else null; the
+    teacher's acceptance probe (the
     teacher objective's `teacher` record, else null); and the step-time ratios to SFT. The oracle's lead over (a)
     with the oracle method, else null (`capvector headroom` measures it from scratch). With the transfer ceiling's
     methods: (g) against (f), else null."""
@@ -409,16 +424,19 @@ def summary(
         ms = timing.get(method, {}).get("step_ms")
         return round(ms / sft_ms, 3) if ms and sft_ms else None
 
-    filled = SUMMARY_PREFIX[config.objective]
+    # each row's (b) and (d): the objective's own, and the control's beside it (when the objective is no control)
+    filled = {SUMMARY_PREFIX[config.objective]: ("aux", "capvector")}
+    if config.control is not None:
+        filled.setdefault(SUMMARY_PREFIX[config.control], ("control_aux", "control_capvector"))
     return {
         "seeds": len(config.seeds),
         "budget": int(last),
         "variant": config.variant,
         "oracle_minus_sft": minus_sft(ORACLE),
         **{
-            f"{prefix}_{method}_minus_sft": minus_sft(method) if prefix == filled else None
+            f"{prefix}_{row}_minus_sft": minus_sft(filled[prefix][i]) if prefix in filled else None
             for prefix in dict.fromkeys(SUMMARY_PREFIX.values())
-            for method in ("aux", "capvector")
+            for i, row in enumerate(("aux", "capvector"))
         },
         "teacher_object_variance_explained": teacher["probe"]["share"] if teacher else None,
         "transfer_ao_minus_ft": transfer[config.variant]["difference"][last] if transfer else None,
@@ -833,7 +851,14 @@ def markdown(results: Mapping) -> str:
         f"Auxiliary objective (extraction's aux run and method (b)): `{config['objective']}` "
         f"({OBJECTIVES[config['objective']].recipe}); placement ranges `{config['placement']}` (demonstrations and "
         f"evaluation); in-domain scene look `{home}` (demonstrations and the in-domain evaluation), out-of-domain "
-        f"`{NEW_ENV}`." + (f" {describe_teacher(results['teacher'])}" if results["teacher"] else ""),
+        f"`{NEW_ENV}`."
+        + (
+            f" The positive control beside it (extraction's {CONTROL_EXTRACTION} run, its gamma, methods (b') and "
+            f"(d')): `{config['control']}` at weight {config['control_weight']:g}."
+            if config.get("control")
+            else ""
+        )
+        + (f" {describe_teacher(results['teacher'])}" if results["teacher"] else ""),
         "",
         f"Command: `{results['command']}`. Downstream tasks: "
         f"{', '.join(results['tasks']['downstream'])}; D_ext: {', '.join(results['tasks']['extract'])}; "
@@ -951,7 +976,9 @@ def markdown(results: Mapping) -> str:
         "",
         f"|gamma| = {gamma['norm']:.4g} ({gamma['relative_to_pretrained']:.3g} of |theta_pt|), cosine with "
         f"tau = {gamma['cosine_with_tau']:.3f}; per layer in `{PLOTS['gamma']}`. Where the downstream runs end "
-        f"after {budgets[-1]} steps (means over seeds):",
+        f"after {budgets[-1]} steps (means over seeds"
+        + ("; the control's (b') and (d') along the control's gamma" if results["config"].get("control") else "")
+        + "):",
         "",
         "| method | gamma retained: <theta - theta_pt, gamma> / abs(gamma)^2 | abs(theta - theta_pt) / abs(gamma) |",
         "|---|---|---|",

@@ -48,6 +48,7 @@ from capvector.bench.experiment.layout import (
     wall_file,
 )
 from capvector.bench.experiment.protocol import (
+    CONTROL_EXTRACTION,
     EXTRACT_STRATEGIES,
     METHODS,
     OBJECTIVES,
@@ -60,6 +61,7 @@ from capvector.bench.experiment.protocol import (
     alpha_candidates,
     check_config,
     checkpoint_at,
+    control_config,
     downstream_runs,
     evaluated_checkpoints,
     evaluated_variants,
@@ -107,10 +109,19 @@ class Run:
         return self._datasets[(root, depth)]
 
     def train_config(
-        self, out_dir: Path, split: str, steps: int, lr: float, seed: int, init_from: Path | None, **fields: Any
+        self,
+        out_dir: Path,
+        split: str,
+        steps: int,
+        lr: float,
+        seed: int,
+        init_from: Path | None,
+        control: bool = False,
+        **fields: Any,
     ) -> TrainConfig:
-        """A training run on the demonstrations of `split`; `fields` set or override TrainConfig fields."""
-        root, c = str(self.layout.demos(split)), self.config
+        """A training run on the demonstrations of `split`, with the control objective as its auxiliary one if
+        `control`; `fields` set or override TrainConfig fields."""
+        root, c = str(self.layout.demos(split)), control_config(self.config) if control else self.config
         aux, objective = fields.get("strategy") == "aux", OBJECTIVES[c.objective]
         settings: dict[str, Any] = {
             "out_dir": str(out_dir),
@@ -267,20 +278,25 @@ def plan_pretrain(run: Run) -> Plan:
 
 
 def plan_extract(run: Run) -> Plan:
+    """theta_ft and theta_ao from theta_pt with identical settings, and with a control objective its theta_ao."""
     c, layout = run.config, run.layout
     every = max(1, c.extract_steps // 2)
+    runs = [(strategy, strategy, False) for strategy in EXTRACT_STRATEGIES]
+    if c.control is not None:
+        runs.append((CONTROL_EXTRACTION, "aux", True))
     return {
-        strategy: run.train_config(
-            layout.extract(strategy),
+        name: run.train_config(
+            layout.extract(name),
             "extract",
             c.extract_steps,
             c.extract_lr,
             c.train_seed,
             layout.pretrained,
+            control,
             strategy=strategy,
             checkpoint_every=every,
         )
-        for strategy in EXTRACT_STRATEGIES
+        for name, strategy, control in runs
     }
 
 
@@ -328,12 +344,13 @@ def merged(run: Run, alpha: float, vector: str = GAMMA) -> Path:
     layout = run.layout
     path = layout.theta_meta(alpha, vector)
     if not path.exists():
-        if not layout.vector(vector).exists():  # gamma comes from the vector stage, the ablations' vectors from here
+        if not layout.vector(vector).exists():  # gamma comes from the vector stage, the others from here
+            source, excluded = VECTORS[vector]
             extract(
-                layout.auxiliary,
+                trained_policy(layout.extract(source)),
                 layout.finetuned,
                 layout.vector(vector),
-                exclude=VECTORS[vector],
+                exclude=excluded,
             ).close()
         merge(layout.pretrained, layout.vector(vector), path, alpha=alpha)
     return path
@@ -367,6 +384,7 @@ def downstream_config(run: Run, spec: DownstreamRun) -> TrainConfig:
         c.lora_lr if method.finetune == "lora" else c.downstream_lr,
         spec.seed,
         start_point(run.layout, spec),
+        method.objective == "control",
         strategy=method.strategy,
         finetune=method.finetune,
         checkpoint_every=spec.checkpoint_every,
@@ -446,11 +464,20 @@ def plan_ablations(run: Run) -> Plan:
     return training_plan(run, ablation_runs(run.protocol, run.layout))
 
 
-def do_ablations(run: Run, plan: Plan) -> dict[str, Any]:
-    for spec in ablation_runs(run.protocol, run.layout):
+def train_merged(run: Run, plan: Plan, specs: list[DownstreamRun]) -> dict[str, Any]:
+    """The theta_meta each run from theta_meta starts from (merged once per alpha and vector), then the runs."""
+    for spec in specs:
         if spec.start == "meta":
             merged(run, spec.alpha, spec.vector)
     return do_training(run, plan)
+
+
+def do_downstream(run: Run, plan: Plan) -> dict[str, Any]:
+    return train_merged(run, plan, downstream_runs(run.protocol, run.layout))
+
+
+def do_ablations(run: Run, plan: Plan) -> dict[str, Any]:
+    return train_merged(run, plan, ablation_runs(run.protocol, run.layout))
 
 
 def plan_evaluate(run: Run) -> Plan:
@@ -565,7 +592,10 @@ STAGES: dict[str, Stage[Run]] = {
         Stage("vector", ("pretrain", "extract"), plan_vector, do_vector),
         Stage("select", ("demos", "pretrain", "vector"), plan_select, do_select),
         Stage(
-            "downstream", ("demos", "teacher", "pretrain", "extract", "vector", "select"), plan_downstream, do_training
+            "downstream",
+            ("demos", "teacher", "pretrain", "extract", "vector", "select"),
+            plan_downstream,
+            do_downstream,
         ),
         Stage("ablations", ("demos", "teacher", "pretrain", "vector", "select"), plan_ablations, do_ablations),
         Stage("evaluate", ("select", "downstream", "ablations"), plan_evaluate, do_evaluate),
