@@ -316,30 +316,29 @@ def gamma_results(config: ReproduceConfig, layout: RunLayout, evaluations: Evalu
     last, pretrained, seeds = config.budgets[-1], layout.pretrained, ablation_seeds(config)
     checkpoints, tasks = evaluated_checkpoints(config, layout), split_tasks(config)["downstream"]
     sft = [layout.downstream("sft", s) for s in seeds]
-    gamma = open_vector(layout.gamma)
+    with methods_vectors(config, layout) as vectors:
+        gamma = vectors["sft"]  # the methods of the run's own objective are measured along gamma itself
 
-    def shifted(folder: Path, steps: int, vector: CapabilityVector = gamma) -> dict:
-        path, base = checkpoints[evaluation_name(layout, folder, steps)]
-        return along_gamma(path, pretrained, vector, base)
+        def shifted(folder: Path, steps: int, vector: CapabilityVector = gamma) -> dict:
+            path, base = checkpoints[evaluation_name(layout, folder, steps)]
+            return along_gamma(path, pretrained, vector, base)
 
-    def row_of(runs: list[Path]) -> dict:
-        """The ablation row of CapVector runs (one per ablation seed), compared with SFT on the same seeds."""
-        return ablation_row(evaluations, runs, sft, last, tasks)
+        def row_of(runs: list[Path]) -> dict:
+            """The ablation row of CapVector runs (one per ablation seed), compared with SFT on the same seeds."""
+            return ablation_row(evaluations, runs, sft, last, tasks)
 
-    def capvector(ablation: str | None) -> dict:
-        """CapVector's runs on the ablation seeds: the main ones (None) or an ablation's."""
-        return row_of(
-            [layout.downstream("capvector", s) if ablation is None else layout.ablation(ablation, s) for s in seeds]
-        )
+        def capvector(ablation: str | None) -> dict:
+            """CapVector's runs on the ablation seeds: the main ones (None) or an ablation's."""
+            return row_of(
+                [layout.downstream("capvector", s) if ablation is None else layout.ablation(ablation, s) for s in seeds]
+            )
 
-    def retained(alpha: float, vector: str = GAMMA) -> dict:
-        return {"theta_meta_retention": along_gamma(layout.theta_meta(alpha, vector), pretrained, gamma)["retention"]}
-
-    try:
-        with methods_vectors(config, layout) as vectors:
-            shift = {
-                m: [shifted(layout.downstream(m, s), last, vectors[m]) for s in config.seeds] for m in config.methods
+        def retained(alpha: float, vector: str = GAMMA) -> dict:
+            return {
+                "theta_meta_retention": along_gamma(layout.theta_meta(alpha, vector), pretrained, gamma)["retention"]
             }
+
+        shift = {m: [shifted(layout.downstream(m, s), last, vectors[m]) for s in config.seeds] for m in config.methods}
         main = capvector(None)  # the first row of every ablation table
         alphas = [
             {
@@ -369,8 +368,6 @@ def gamma_results(config: ReproduceConfig, layout: RunLayout, evaluations: Evalu
             ]
             for m in LONG_METHODS
         }
-    finally:
-        gamma.close()
     along = {
         m: {
             "retention": statistics.mean(r["retention"] for r in rows),

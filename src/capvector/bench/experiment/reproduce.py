@@ -292,7 +292,7 @@ def plan_extract(run: Run) -> Plan:
             c.extract_lr,
             c.train_seed,
             layout.pretrained,
-            control,
+            control=control,
             strategy=strategy,
             checkpoint_every=every,
         )
@@ -384,7 +384,7 @@ def downstream_config(run: Run, spec: DownstreamRun) -> TrainConfig:
         c.lora_lr if method.finetune == "lora" else c.downstream_lr,
         spec.seed,
         start_point(run.layout, spec),
-        method.objective == "control",
+        control=method.objective == "control",
         strategy=method.strategy,
         finetune=method.finetune,
         checkpoint_every=spec.checkpoint_every,
