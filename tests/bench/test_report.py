@@ -104,5 +104,18 @@ def test_the_headroom_line_reads_the_oracles_lead_over_sft(seeds, difference, ve
         "versus_sft": {"default": {"oracle": {"difference": difference}}},
     }
     line = headroom_line(results, "default")
-    assert verdict in line and "200 steps " in line
+    assert verdict in line and "200 steps " in line and "decoy" not in line
     assert headroom_line({**results, "versus_sft": {"default": {}}}, "default") is None
+
+
+@pytest.mark.parametrize(
+    ("drop", "verdict"), [([20.0, 8.0, 31.0], "it uses the positions"), ([3.0, -4.0, 9.0], "not resolved")]
+)
+def test_the_headroom_line_reads_the_decoy_test(drop, verdict):
+    results = {
+        "config": {"seeds": list(range(5))},
+        "versus_sft": {"default": {"oracle": {"difference": {"200": [12.0, 4.0, 20.0]}}}},
+        "oracle_decoy": {"steps": 200, "oracle": [40.0, 30.0, 50.0], "decoy": [20.0, 12.0, 30.0], "drop": drop},
+    }
+    line = headroom_line(results, "default")
+    assert "from 40% to 20%" in line and verdict in line

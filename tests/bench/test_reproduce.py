@@ -47,7 +47,7 @@ from capvector.bench.experiment.reproduce import (
 from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.bench.policy.modeling_policy import Policy
 from capvector.bench.probe import PROBE_STRIDE
-from capvector.bench.statistics import MIN_SEEDS, bootstrap_mean
+from capvector.bench.statistics import MIN_SEEDS, bootstrap_mean, paired_difference, points
 from capvector.bench.teacher.pretraining import load_frames
 from capvector.errors import CapvectorError
 
@@ -85,7 +85,8 @@ def test_every_stage_leaves_its_artifacts(run):
             assert (run / "downstream" / method / "seed0" / "checkpoints" / f"step_{step:07d}" / "policy").is_dir()
     evaluations = json.loads((run / "evaluate" / "results.json").read_text())
     ablations = len(alpha_candidates(CONFIG)) + len(CONFIG.lambdas) + CONFIG.ablate_head  # alphas: select's runs
-    assert len(evaluations) == 2 * (len(METHODS) * len(CONFIG.budgets) + ablations + 4)
+    decoys = len(CONFIG.seeds)  # the oracle's last checkpoints, once more with a decoy placement's positions
+    assert len(evaluations) == 2 * (len(METHODS) * len(CONFIG.budgets) + ablations + 4) + decoys
     for name in ("report.md", "results.json", *PLOTS.values()):
         assert (run / "report" / name).stat().st_size > 0
     report = (run / "report" / "report.md").read_text()
@@ -480,6 +481,17 @@ def test_the_oracle_is_theta_pt_told_the_positions_and_fills_the_summarys_oracle
     last = str(CONFIG.budgets[-1])
     assert results["summary"]["oracle_minus_sft"] == results["versus_sft"][CONFIG.variant][ORACLE]["difference"][last]
     assert results["summary"]["oracle_minus_sft"] is not None
+    # the decoy test: the oracle's last checkpoints evaluated again in-domain with another placement's positions
+    evaluations = json.loads((run / "evaluate" / "results.json").read_text())
+    decoys = sorted(key for key in evaluations if key.endswith("@decoy"))
+    assert decoys == [f"downstream/{ORACLE}/seed{s}/step{last}@decoy" for s in CONFIG.seeds]
+
+    def cells(look):
+        tasks = evaluations[f"downstream/{ORACLE}/seed0/step{last}@{look}"]["tasks"]
+        return np.array([[tasks[t]["successes"] / tasks[t]["episodes"] for t in CONFIG.downstream_tasks]])
+
+    assert results["oracle_decoy"]["drop"] == points(paired_difference(cells(CONFIG.variant), cells("decoy")))
+    assert "the decoy test" in (run / "report" / "report.md").read_text()
 
 
 def test_the_summary_block_holds_the_headline_comparisons_of_this_runs_objective(run):

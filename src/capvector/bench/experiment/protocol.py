@@ -28,6 +28,7 @@ from capvector.errors import CapvectorError
 
 Start = Literal["pretrained", "meta", "finetuned", "auxiliary"]  # theta_pt, theta_meta, theta_ft, theta_ao
 ORACLE = "oracle"
+DECOY = "decoy"  # an evaluation of the oracle in-domain told another placement's positions (does it use them?)
 
 
 @dataclass(frozen=True)
@@ -702,6 +703,13 @@ def checkpoint_at(layout: RunLayout, run: DownstreamRun, steps: int) -> tuple[st
     # the base comes from this run's folder, not the adapter's record: a moved run folder still evaluates
     base = str(start_point(layout, run)) if METHODS[run.method].finetune == "lora" else None
     return str(checkpoint_folder(run.folder, steps)), base
+
+
+def decoy_checkpoints(config: ReproduceConfig, layout: RunLayout) -> list[str]:
+    """The oracle's checkpoints at the largest budget: evaluated again, in-domain, with the positions of another
+    placement (moved as the real ones move), the decoy test of `capvector headroom`."""
+    last = config.budgets[-1]
+    return [evaluation_name(layout, r.folder, last) for r in downstream_runs(config, layout) if r.method == ORACLE]
 
 
 def evaluated_checkpoints(config: ReproduceConfig, layout: RunLayout) -> dict[str, tuple[str, str | None]]:

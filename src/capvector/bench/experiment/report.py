@@ -22,6 +22,7 @@ from capvector.bench.experiment.carried import SPLITS as CARRIED_SPLITS
 from capvector.bench.experiment.layout import GAMMA, PLOTS, RESULTS_FILE, RunLayout, metrics_file, wall_file
 from capvector.bench.experiment.protocol import (
     CONTROL_EXTRACTION,
+    DECOY,
     GAMMA_NO_HEAD,
     HEAD_ABLATION,
     LONG_METHODS,
@@ -382,6 +383,23 @@ def gamma_results(config: ReproduceConfig, layout: RunLayout, evaluations: Evalu
     }
 
 
+def oracle_decoy(config: ReproduceConfig, layout: RunLayout, evaluations: Evaluations) -> dict[str, Any] | None:
+    """The decoy test at the largest budget, in-domain: the oracle's success told its own positions and another
+    placement's, and the drop, paired by (seed, task) (points, seed bootstrap); None without the oracle method."""
+    if ORACLE not in config.methods:
+        return None
+    folders, last = [layout.downstream(ORACLE, s) for s in config.seeds], config.budgets[-1]
+    tasks = split_tasks(config)["downstream"]
+    real = evaluations.cells(folders, last, config.variant, tasks)
+    decoy = evaluations.cells(folders, last, DECOY, tasks)
+    return {
+        "steps": last,
+        "oracle": points(bootstrap_mean(real)),
+        "decoy": points(bootstrap_mean(decoy)),
+        "drop": points(paired_difference(real, decoy)),
+    }
+
+
 def carried_results(config: ReproduceConfig, layout: RunLayout) -> dict[str, Any]:
     """What gamma carries (capvector.bench.experiment.carried): the probe's R^2 per split and weights, and the part
     of theta_ao's gain that theta_meta shows at every alpha, per split."""
@@ -481,6 +499,7 @@ def build_results(
         },
         **gamma_results(config, layout, evaluations),
         "carried": carried_results(config, layout),
+        "oracle_decoy": oracle_decoy(config, layout, evaluations),
         "curves": training_curves(config, layout),
         "side_by_side": dict(episode),
         "stage_seconds": dict(stage_seconds),
@@ -570,9 +589,24 @@ def headroom_line(results: Mapping, variant: str) -> str | None:
         else "Not ahead at any budget: knowing where things are does not measurably help these tasks from theta_pt "
         "here, so no perception objective can be expected to"
     )
+    decoy = results.get("oracle_decoy")
+    uses = (
+        ""
+        if decoy is None
+        else f" Told another placement's positions (the decoy test, {decoy['steps']} steps) its success goes from "
+        f"{decoy['oracle'][0]:g}% to {decoy['decoy'][0]:g}%, a drop of {triple(decoy['drop'])} points: "
+        + (
+            "it uses the positions."
+            if resolved(decoy["drop"]) and decoy["drop"][0] > 0
+            else "not resolved, so it may find the objects from the images as well as it is told them."
+        )
+    )
     return (
         "Headroom, (o) the oracle told the object and goal positions against (a) SFT (points, 95% bootstrap over "
-        "seeds): " + "; ".join(f"{budget} steps {triple(v)}" for budget, v in difference.items()) + f". {verdict}."
+        "seeds): "
+        + "; ".join(f"{budget} steps {triple(v)}" for budget, v in difference.items())
+        + f". {verdict}."
+        + uses
     )
 
 

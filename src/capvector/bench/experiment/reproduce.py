@@ -49,6 +49,7 @@ from capvector.bench.experiment.layout import (
 )
 from capvector.bench.experiment.protocol import (
     CONTROL_EXTRACTION,
+    DECOY,
     EXTRACT_STRATEGIES,
     METHODS,
     OBJECTIVES,
@@ -62,6 +63,7 @@ from capvector.bench.experiment.protocol import (
     check_config,
     checkpoint_at,
     control_config,
+    decoy_checkpoints,
     downstream_runs,
     evaluated_checkpoints,
     evaluated_variants,
@@ -482,7 +484,9 @@ def do_ablations(run: Run, plan: Plan) -> dict[str, Any]:
 
 def plan_evaluate(run: Run) -> Plan:
     c = run.protocol
-    return evaluation_plan(c, evaluated_checkpoints(c, run.layout), c.eval_seed, list(evaluated_variants(c)))
+    plan = evaluation_plan(c, evaluated_checkpoints(c, run.layout), c.eval_seed, list(evaluated_variants(c)))
+    decoys = decoy_checkpoints(c, run.layout)
+    return plan | ({"decoys": decoys} if decoys else {})
 
 
 def trained_loader(path: str, base: str | None) -> functools.partial[Policy]:
@@ -495,22 +499,25 @@ def do_evaluate(run: Run, plan: Plan) -> dict[str, Any]:
 
 
 def evaluate_checkpoints(run: Run, plan: Plan, path: Path) -> dict[str, Any]:
-    """Every checkpoint of `plan` (evaluation_plan's) on the same placements of every task, in every variant,
-    through the evaluation harness (capvector.bench.env.evaluation.evaluate_many); saved into `path` as it goes (a
-    killed stage keeps what it evaluated). Returns every result in `path`."""
+    """Every checkpoint of `plan` (evaluation_plan's) on the same placements of every task, in every variant, and
+    its `decoys` once more in the first variant with another placement's positions (kept under DECOY), through the
+    evaluation harness (capvector.bench.env.evaluation.evaluate_many); saved into `path` as it goes (a killed stage
+    keeps what it evaluated). Returns every result in `path`."""
     from capvector.bench.env.evaluation import evaluate_many, task_result
 
     results = read_json(path) or {}
-    todo: dict[tuple[str, tuple[str, ...]], list[str]] = {}  # (variant, tasks not evaluated yet) -> checkpoints
-    for variant in plan["variants"]:
-        for name in plan["checkpoints"]:
-            done = results.get(evaluation_key(name, variant), {}).get("tasks", {})
+    passes = [(variant, variant, list(plan["checkpoints"])) for variant in plan["variants"]]
+    passes.append((DECOY, plan["variants"][0], plan.get("decoys", [])))
+    todo: dict[tuple[str, str, tuple[str, ...]], list[str]] = {}  # (key, look, tasks not evaluated yet) -> names
+    for label, variant, names in passes:
+        for name in names:
+            done = results.get(evaluation_key(name, label), {}).get("tasks", {})
             missing = tuple(task for task in plan["tasks"] if task not in done)
             if missing:
-                todo.setdefault((variant, missing), []).append(name)
-    finished, total = 0, sum(len(tasks) * len(names) for (_, tasks), names in todo.items())
+                todo.setdefault((label, variant, missing), []).append(name)
+    finished, total = 0, sum(len(tasks) * len(names) for (_, _, tasks), names in todo.items())
     started = last_print = time.perf_counter()
-    for (variant, tasks), names in todo.items():
+    for (label, variant, tasks), names in todo.items():
         factories = [trained_loader(*plan["checkpoints"][name]) for name in names]
         outcomes = evaluate_many(
             factories,
@@ -521,10 +528,11 @@ def evaluate_checkpoints(run: Run, plan: Plan, path: Path) -> dict[str, Any]:
             variant,
             run.config.image_size,
             placement=plan["placement"],
+            decoy=label == DECOY,
         )
         for i, task, rows in outcomes:
             result = dataclasses.asdict(task_result(task, rows))
-            results.setdefault(evaluation_key(names[i], variant), {"tasks": {}})["tasks"][task] = result
+            results.setdefault(evaluation_key(names[i], label), {"tasks": {}})["tasks"][task] = result
             write_json(path, results)
             finished += 1
             if finished == total or time.perf_counter() - last_print > 30:
