@@ -4,18 +4,24 @@ CapVector (SFT + the orthogonal regularizer), all on the same randomly shifted i
 The auxiliary step pays for the teacher's forward pass on every batch (Spatial Forcing's cost); CapVector's step
 pays only for the regularizer. Each repeat times `--steps` optimizer steps of every method, the methods' order
 rotating between repeats so that a change in the machine's load falls on all of them; the figures are the median
-over repeats and its range. The teacher's weights are random (its cost does not depend on them).
+over repeats and its range. The teacher's weights are random (its cost does not depend on them). The policy and the
+teacher are those of a `capvector reproduce` preset (`--preset`, default full: the experiment's sizes, image shift as
+the preset sets it), and so is the batch unless `--batch-size` is given.
 
-    python benchmarks/teacher_step_cost.py [--threads N] [--steps 10] [--repeats 5] [--batch-size 64] [--tiny]
+    python benchmarks/teacher_step_cost.py [--preset full] [--threads N] [--steps 10] [--repeats 5] [--batch-size N]
+                                           [--tiny]
 """
 
 import argparse
 import copy
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
+from capvector.bench.experiment.layout import RunLayout
+from capvector.bench.experiment.protocol import PRESETS, teacher_pretraining
 from capvector.bench.objectives.alignment import TeacherAlignment
 from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.bench.policy.modeling_policy import Policy
@@ -71,15 +77,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per timing")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, help="default: the preset's")
+    parser.add_argument("--preset", default="full", choices=sorted(PRESETS), help="whose policy and teacher (full)")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: checks that the script runs")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    policy = Policy(PolicyConfig(**TINY_POLICY) if args.tiny else PolicyConfig(augment_shift=4))
-    teacher = Teacher(TeacherConfig(**TINY_TEACHER) if args.tiny else TeacherConfig())
-    batch = random_batch(policy.config, args.batch_size)
+    preset = PRESETS[args.preset]
+    policy_config = PolicyConfig(image_size=preset.image_size, **preset.policy)
+    teacher_config = teacher_pretraining(preset, RunLayout(Path("."))).teacher
+    policy = Policy(PolicyConfig(**TINY_POLICY) if args.tiny else policy_config)
+    teacher = Teacher(TeacherConfig(**TINY_TEACHER) if args.tiny else teacher_config)
+    batch_size = args.batch_size or preset.batch_size
+    batch = random_batch(policy.config, batch_size)
     methods = [Method(name, policy, teacher) for name in ("sft", "aux", "capvector")]
     for method in methods:  # warm-up
         method.step(batch)
@@ -99,7 +110,7 @@ def main() -> None:
     print(
         f"RESULT sft_ms={1000 * median['sft']:.1f} aux_ms={1000 * median['aux']:.1f} "
         f"capvector_ms={1000 * median['capvector']:.1f} aux_ratio={median['aux'] / median['sft']:.3f} "
-        f"capvector_ratio={median['capvector'] / median['sft']:.3f} batch_size={args.batch_size} "
+        f"capvector_ratio={median['capvector'] / median['sft']:.3f} batch_size={batch_size} preset={args.preset} "
         f"threads={torch.get_num_threads()} tiny={int(args.tiny)}"
     )
 
