@@ -240,8 +240,8 @@ VIEWS_LONG = dataclasses.replace(
 # the oracle too. Called views-teacher until stop 25 (without the control, (e) and the oracle), when it became
 # `full`: its run with the teacher trained on the pretraining demonstrations' frames (probe share 0.252) took 6293 s
 # of stages on 2 cores with the demonstrations, theta_pt, theta_ft and SFT runs reused from views-long, and an
-# auxiliary step with the online teacher 1.27x SFT's (docs/results/views-teacher). From scratch, about 4 h on 2 cores
-# (estimated from those stages' times; 5 seeds x 10 methods x 2000 steps are ~2 h of training alone).
+# auxiliary step with the online teacher 1.27x SFT's (docs/results/views-teacher). Its run as `full` (stop 26,
+# docs/results/full) took about 3.9 h of stages on 2 cores (5 seeds x 10 methods x 2000 steps are ~2 h of it).
 FULL = dataclasses.replace(
     VIEWS_LONG,
     preset="full",
