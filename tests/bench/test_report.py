@@ -1,6 +1,7 @@
 """The report's numbers that are not read straight from a file: the success band over seeds and the metric curves."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from capvector.bench.experiment.protocol import METHODS
 from capvector.bench.experiment.report import (
     Evaluations,
     band,
+    findings,
     headroom_line,
     metric_curve,
     plot_success,
@@ -119,3 +121,14 @@ def test_the_headroom_line_reads_the_decoy_test(drop, verdict):
     }
     line = headroom_line(results, "default")
     assert "from 40% to 20%" in line and verdict in line
+
+
+def test_the_cost_line_gives_capvectors_step_against_sft_and_against_c_which_differs_only_by_l_orth():
+    """Read from the committed full run's results, with (c)'s step time changed, so that a line that gave one ratio
+    for both, or none, fails."""
+    results = json.loads((Path(__file__).parents[2] / "docs/results/full/results.json").read_text())
+    capvector_ms = results["timing"]["capvector"]["step_ms"]
+    results["timing"]["meta_sft"]["step_ms"] = capvector_ms / 1.25
+    results["timing"]["sft"]["step_ms"] = capvector_ms / 2
+    (line,) = [line for line in findings(results) if line.startswith("Cost per training step")]
+    assert "CapVector 2.00x, and 1.25x (c)" in line

@@ -660,8 +660,10 @@ def findings(results: Mapping) -> list[str]:
     out.append(
         f"Cost per training step: auxiliary SFT {ratio('aux', 'sft'):.2f}x plain SFT downstream and "
         f"{ratio('extract/aux', 'extract/sft'):.2f}x in the extraction runs (same data and steps); CapVector "
-        f"{ratio('capvector', 'sft'):.2f}x. Medians of logged intervals on a shared machine: other processes "
-        "add noise, so differences of a few percent are not meaningful."
+        f"{ratio('capvector', 'sft'):.2f}x, and {ratio('capvector', 'meta_sft'):.2f}x (c), whose steps are "
+        "CapVector's but for L_orth: what the regularizer costs. Medians of logged intervals on a shared machine: "
+        "other processes (and on a CPU the runs trained beside each one) add noise, so differences of a few percent "
+        "are not meaningful."
     )
     shift = results["along_gamma"]
     out.append(
