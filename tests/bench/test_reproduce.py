@@ -2,6 +2,7 @@
 one episode per checkpoint): every stage's artifact exists and agrees with the others, and a re-run trains nothing."""
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -620,3 +621,40 @@ def test_other_objectives_pretrain_no_teacher_and_a_bad_teacher_setting_is_named
         check_config(dataclasses.replace(CONFIG, teacher={"stepz": 3}))
     with pytest.raises(CapvectorError, match=r"teacher.teacher fields \['width'\] are not TeacherConfig fields"):
         check_config(dataclasses.replace(CONFIG, teacher={"teacher": {"width": 3}}))
+
+
+def diagnostics_script():
+    """docs/results/diagnostics/run.py, the script behind the diagnostics committed beside the full run's report."""
+    path = Path(__file__).parents[2] / "docs/results/diagnostics/run.py"
+    spec = importlib.util.spec_from_file_location("diagnostics", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_diagnostics_start_points_are_the_sums_they_name_and_their_comparisons_read_the_runs_evaluations(
+    run, tmp_path
+):
+    diagnostics, layout = diagnostics_script(), RunLayout(run)
+    diagnostics.main("base", run, tmp_path / "work", tmp_path / "out")
+    start = tmp_path / "work" / "start"
+    pt, ft, gamma = weights(layout.pretrained), weights(layout.finetuned), vector(layout.gamma)
+    half_tau, half_tau_gamma = weights(start / "half_tau"), weights(start / "half_tau_gamma")
+    for name in pt:
+        torch.testing.assert_close(half_tau[name], pt[name] + 0.5 * (ft[name] - pt[name]))
+        torch.testing.assert_close(half_tau_gamma[name], half_tau[name] + gamma[name])
+    assert_equal_tensors(weights(layout.theta_meta(1.0)), weights(start / "gamma_on_pt"))
+    assert sorted(p.name for p in start.iterdir()) == ["gamma_on_pt", "half_tau", "half_tau_gamma"]
+    # the full run's own comparisons, read from its evaluations, are the numbers its report gives
+    results, report = (json.loads(p.read_text()) for p in (tmp_path / "out/base.json", run / "report/results.json"))
+    assert results["trained"] and results["variants"] == ["default", "new_env"]
+    for variant in results["variants"]:
+        for budget in results["budgets"]:
+            transfer = results["differences"]["theta_ft + gamma - theta_ft: (g) - (f), the full run's"]
+            assert transfer[variant][budget] == report["transfer"][variant]["difference"][budget]
+            meta = results["differences"]["(c) theta_pt + 0.25 gamma - (a) SFT, the full run's"]
+            assert meta[variant][budget] == report["versus_sft"][variant]["meta_sft"]["difference"][budget]
+    assert "## In-domain (default)" in (tmp_path / "out/base.md").read_text()
+    shifted = diagnostics.augmented(4)(layout, tmp_path / "shifted")
+    assert_equal_tensors(pt, weights(shifted))
+    assert PolicyConfig.from_json(shifted / "config.json").augment_shift == 4

@@ -1,0 +1,235 @@
+"""Diagnostics on the full run's own models (stop 27): downstream runs from start points the protocol does not have,
+trained and evaluated exactly as the full run's methods (same demonstrations, seeds, steps, learning rate, test
+placements and variants; the script first checks that its configs for SFT and auxiliary SFT from theta_pt are, field
+for field, those the full run trained (a) and (b) with), compared with each other and with the full run's methods,
+paired by (seed, task).
+
+    PYTHONPATH=src .venv/bin/python docs/results/diagnostics/run.py STUDY \
+        /work/explore/runs/reproduce/full /work/explore/runs/STUDY docs/results/diagnostics
+
+writes STUDY.md and STUDY.json beside this script. Resumable: finished trainings and evaluations in the work folder
+(the third argument) are kept.
+
+base: does gamma need the weights it was extracted on? In the full run SFT from theta_ao beat SFT from theta_ft by
+13-15 points on the held-out tasks, yet theta_pt + 0.25 gamma (alpha chosen on validation placements) was no better
+than SFT from theta_pt. theta_ao = theta_pt + tau + gamma (tau = theta_ft - theta_pt), so the two differ in gamma's
+base (theta_ft or theta_pt) and in alpha (1 or 0.25). Plain SFT (no L_orth) from theta_pt + gamma (alpha 1),
+theta_pt + tau/2, and theta_pt + tau/2 + gamma separates the two.
+
+augment: the issue asks that the teacher run online on augmented images, the same augmentation for every method; the
+full run trained without (augment_shift 0). (a) and (b) again with every downstream step's images shifted at random
+by up to 4 pixels (theta_pt's weights, its config's augment_shift set to 4): does the teacher's gain survive?
+"""
+
+import dataclasses
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from capvector.bench.experiment.layout import RunLayout, checkpoint_folder, trained_policy
+from capvector.bench.experiment.protocol import (
+    NEW_ENV,
+    ReproduceConfig,
+    evaluated_variants,
+    split_tasks,
+    with_chosen_alpha,
+)
+from capvector.bench.experiment.report import Evaluations
+from capvector.bench.experiment.reproduce import Run, do_training, evaluate_checkpoints, evaluation_plan
+from capvector.bench.policy.configuration_policy import PolicyConfig
+from capvector.bench.statistics import bootstrap_mean, paired_difference, points
+from capvector.files import read_json, write_json, write_text
+from capvector.params.merging import merge
+from capvector.training.config import config_hash
+
+Start = Callable[[RunLayout, Path], Path]  # (the full run's layout, where to write it) -> a policy folder
+
+
+def merged(tau_share: float, gamma_share: float) -> Start:
+    """theta_pt + tau_share * tau + gamma_share * gamma."""
+
+    def build(layout: RunLayout, path: Path) -> Path:
+        base = layout.pretrained
+        if tau_share:
+            base = path.with_name(f"{path.name}.tau")
+            shutil.rmtree(base, ignore_errors=True)  # left by a killed run
+            merge(layout.pretrained, layout.tau, base, alpha=tau_share)
+        if gamma_share:
+            merge(base, layout.gamma, path, alpha=gamma_share)
+            shutil.rmtree(path.with_name(f"{path.name}.tau"), ignore_errors=True)
+        else:
+            base.rename(path)
+        return path
+
+    return build
+
+
+def augmented(shift: int) -> Start:
+    """theta_pt's weights in a policy whose training images are shifted at random by up to `shift` pixels."""
+
+    def build(layout: RunLayout, path: Path) -> Path:
+        partial = path.with_name(f"{path.name}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(layout.pretrained, partial)
+        config = PolicyConfig.from_json(partial / "config.json")
+        dataclasses.replace(config, augment_shift=shift).to_json(partial / "config.json")
+        partial.rename(path)
+        return path
+
+    return build
+
+
+@dataclass(frozen=True)
+class Arm:
+    start: Start
+    strategy: str = "sft"  # or "aux": the full run's auxiliary objective (the teacher) at its weight
+
+
+@dataclass(frozen=True)
+class Study:
+    arms: dict[str, Arm]
+    # (label, arm, its baseline); "full:<method>" is the full run's own method
+    comparisons: list[tuple[str, str, str]]
+    shown: list[str]  # the full run's methods whose success is listed beside the arms'
+
+
+SHIFTED = augmented(4)
+STUDIES = {
+    "base": Study(
+        {
+            "gamma_on_pt": Arm(merged(0.0, 1.0)),
+            "half_tau": Arm(merged(0.5, 0.0)),
+            "half_tau_gamma": Arm(merged(0.5, 1.0)),
+        },
+        [
+            ("theta_pt + gamma (alpha 1), SFT - (a) SFT", "gamma_on_pt", "full:sft"),
+            ("theta_pt + tau/2 + gamma - theta_pt + tau/2", "half_tau_gamma", "half_tau"),
+            ("theta_ft + gamma - theta_ft: (g) - (f), the full run's", "full:ao_sft", "full:ft_sft"),
+            ("theta_pt + tau/2 - (a) SFT", "half_tau", "full:sft"),
+            ("(c) theta_pt + 0.25 gamma - (a) SFT, the full run's", "full:meta_sft", "full:sft"),
+        ],
+        ["full:sft", "full:meta_sft", "full:ft_sft", "full:ao_sft"],
+    ),
+    "augment": Study(
+        {"sft_shift4": Arm(SHIFTED), "aux_shift4": Arm(SHIFTED, "aux")},
+        [
+            ("(b) - (a), both with shifted images", "aux_shift4", "sft_shift4"),
+            ("(b) - (a), the full run's (no shift)", "full:aux", "full:sft"),
+            ("(a) with shifted images - (a)", "sft_shift4", "full:sft"),
+            ("(b) with shifted images - (b)", "aux_shift4", "full:aux"),
+        ],
+        ["full:sft", "full:aux"],
+    ),
+}
+
+
+def main(name: str, full: Path, work: Path, out: Path) -> None:
+    study, layout = STUDIES[name], RunLayout(full)
+    recorded = ReproduceConfig(**read_json(layout.run_file)["config"])
+    config = with_chosen_alpha(recorded, read_json(layout.stage_record("select"))["outputs"])
+    run = Run(config, layout, "auto")
+    steps, every, budgets = max(config.budgets), min(config.budgets), [str(b) for b in config.budgets]
+
+    def train_config(folder: Path, seed: int, init_from: Path, strategy: str = "sft"):
+        return run.train_config(
+            folder, "downstream", steps, config.downstream_lr, seed, init_from,
+            strategy=strategy, finetune="full", checkpoint_every=every, schedule="constant",
+        )  # fmt: skip
+
+    for strategy in ("sft", "aux"):  # methods (a) and (b)
+        trained = read_json(layout.downstream(strategy, 0) / "wall.json")["config_hash"]
+        if config_hash(train_config(work / "check", 0, layout.pretrained, strategy)) != trained:
+            raise SystemExit(f"the {strategy} config built here is not the one the full run trained with")
+    starts: dict[Start, Path] = {}
+    for arm_name, arm in study.arms.items():  # arms that share a start share its folder
+        path = work / "start" / arm_name
+        if arm.start not in starts:
+            starts[arm.start] = path if path.exists() else arm.start(layout, path)
+    plan = {
+        f"{arm_name}/seed{seed}": train_config(work / arm_name / f"seed{seed}", seed, starts[arm.start], arm.strategy)
+        for arm_name, arm in study.arms.items()
+        for seed in config.seeds
+    }
+    do_training(run, plan)
+    variants, tasks = list(evaluated_variants(config)), split_tasks(config)["downstream"]
+    checkpoints = {
+        f"{name}/step{b}": (str(checkpoint_folder(Path(c.out_dir), b)), None)
+        for name, c in plan.items()
+        for b in config.budgets
+    }
+    plan_eval = evaluation_plan(config, checkpoints, config.eval_seed, variants)
+    evaluate_checkpoints(run, plan_eval, work / "evaluations.json")
+    mine, theirs = read_json(work / "evaluations.json"), Evaluations(layout, tuple(variants))
+
+    def cells(arm: str, budget: str, variant: str) -> np.ndarray:
+        if arm.startswith("full:"):
+            return theirs.cells([layout.downstream(arm[5:], s) for s in config.seeds], int(budget), variant, tasks)
+        rows = [mine[f"{arm}/seed{s}/step{budget}@{variant}"]["tasks"] for s in config.seeds]
+        return np.array([[r[t]["successes"] / r[t]["episodes"] for t in tasks] for r in rows])
+
+    results = {
+        "study": name,
+        "full_run": str(full),
+        "alpha_chosen": config.alpha,
+        "seeds": config.seeds,
+        "budgets": budgets,
+        "variants": variants,
+        "success": {
+            arm: {v: {b: points(bootstrap_mean(cells(arm, b, v))) for b in budgets} for v in variants}
+            for arm in [*study.arms, *study.shown]
+        },
+        "differences": {
+            label: {
+                v: {b: points(paired_difference(cells(a, b, v), cells(base, b, v))) for b in budgets} for v in variants
+            }
+            for label, a, base in study.comparisons
+        },
+        "trained": all(trained_policy(Path(c.out_dir)).exists() for c in plan.values()),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"{name}.json", results)
+    write_text(out / f"{name}.md", markdown(results))
+    print(markdown(results))
+
+
+def fmt(triple: list[float]) -> str:
+    return f"{triple[0]:+.1f} [{triple[1]:+.0f}, {triple[2]:+.0f}]"
+
+
+def markdown(results: dict) -> str:
+    budgets, name = results["budgets"], results["study"]
+    about = next(part for part in __doc__.split("\n\n") if part.startswith(f"{name}:"))
+    lines = [
+        f"# Diagnostic `{name}` on docs/results/full's models (stop 27)",
+        "",
+        about.replace("\n", " "),
+        "",
+        f"Command: `PYTHONPATH=src .venv/bin/python docs/results/diagnostics/run.py {name} "
+        f"/work/explore/runs/reproduce/full /work/explore/runs/{name} docs/results/diagnostics`. Seeds "
+        f"{results['seeds']}, 5 test episodes per (seed, task, checkpoint), the full run's test placements.",
+        "",
+    ]
+    header = " | ".join(f"{b} steps" for b in budgets)
+    for variant in results["variants"]:
+        title = "new environment" if variant == NEW_ENV else f"in-domain ({variant})"
+        lines += [f"## {title[0].upper()}{title[1:]}", "", "Paired differences, points, 95% bootstrap over seeds:", ""]
+        lines += [f"| comparison | {header} |", "|---|" + "---|" * len(budgets)]
+        for label, by_variant in results["differences"].items():
+            lines.append(f"| {label} | " + " | ".join(fmt(by_variant[variant][b]) for b in budgets) + " |")
+        lines += ["", "Success (mean over seeds and tasks, 95% bootstrap over seeds):", ""]
+        lines += [f"| start | {header} |", "|---|" + "---|" * len(budgets)]
+        for arm, by_variant in results["success"].items():
+            row = (by_variant[variant][b] for b in budgets)
+            lines.append(f"| {arm} | " + " | ".join(f"{c[0]:.0f}% [{c[1]:.0f}, {c[2]:.0f}]" for c in row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 5 or sys.argv[1] not in STUDIES:
+        raise SystemExit(__doc__)
+    main(sys.argv[1], *(Path(a).resolve() for a in sys.argv[2:]))
