@@ -654,6 +654,9 @@ def test_the_diagnostics_start_points_are_the_sums_they_name_and_their_compariso
             assert transfer[variant][budget] == report["transfer"][variant]["difference"][budget]
             meta = results["differences"]["(c) theta_pt + 0.25 gamma - (a) SFT, the full run's"]
             assert meta[variant][budget] == report["versus_sft"][variant]["meta_sft"]["difference"][budget]
+    norm = sum(float((g.double() ** 2).sum()) for g in gamma.values()) ** 0.5
+    assert results["gamma_and_tau"]["gamma_norm"] == pytest.approx(norm, abs=1e-4)
+    assert -1 <= results["gamma_and_tau"]["cosine"] <= 1
     assert "## In-domain (default)" in (tmp_path / "out/base.md").read_text()
     shifted = diagnostics.augmented(4)(layout, tmp_path / "shifted")
     assert_equal_tensors(pt, weights(shifted))

@@ -44,6 +44,7 @@ from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.bench.statistics import bootstrap_mean, paired_difference, points
 from capvector.files import read_json, write_json, write_text
 from capvector.params.merging import merge
+from capvector.params.vectors import open_vector
 from capvector.training.config import config_hash
 
 Start = Callable[[RunLayout, Path], Path]  # (the full run's layout, where to write it) -> a policy folder
@@ -188,12 +189,31 @@ def main(name: str, full: Path, work: Path, out: Path) -> None:
             }
             for label, a, base in study.comparisons
         },
+        "gamma_and_tau": gamma_and_tau(layout),
+        "eval_episodes": config.eval_episodes,
         "trained": all(trained_policy(Path(c.out_dir)).exists() for c in plan.values()),
     }
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"{name}.json", results)
     write_text(out / f"{name}.md", markdown(results))
     print(markdown(results))
+
+
+def gamma_and_tau(layout: RunLayout) -> dict[str, float]:
+    """|gamma|, |tau| and their cosine over every tensor, in float64."""
+    gamma, tau = open_vector(layout.gamma), open_vector(layout.tau)
+    sums = {"gg": 0.0, "tt": 0.0, "gt": 0.0}
+    for name in gamma:
+        g, t = gamma[name].double(), tau[name].double()
+        sums["gg"] += float((g * g).sum())
+        sums["tt"] += float((t * t).sum())
+        sums["gt"] += float((g * t).sum())
+    gamma.close()
+    tau.close()
+    norms = {"gamma_norm": sums["gg"] ** 0.5, "tau_norm": sums["tt"] ** 0.5}
+    return {
+        k: round(v, 4) for k, v in (norms | {"cosine": sums["gt"] / norms["gamma_norm"] / norms["tau_norm"]}).items()
+    }
 
 
 def fmt(triple: list[float]) -> str:
@@ -210,7 +230,10 @@ def markdown(results: dict) -> str:
         "",
         f"Command: `PYTHONPATH=src .venv/bin/python docs/results/diagnostics/run.py {name} "
         f"/work/explore/runs/reproduce/full /work/explore/runs/{name} docs/results/diagnostics`. Seeds "
-        f"{results['seeds']}, 5 test episodes per (seed, task, checkpoint), the full run's test placements.",
+        f"{results['seeds']}, {results['eval_episodes']} test episodes per (seed, task, checkpoint), the run's test "
+        "placements. The run's vectors: |gamma| {gamma_norm}, |tau| {tau_norm}, cosine {cosine}.".format(
+            **results["gamma_and_tau"]
+        ),
         "",
     ]
     header = " | ".join(f"{b} steps" for b in budgets)
