@@ -32,8 +32,8 @@ test: venv
 
 # ruff (lint and format) on everything; mypy per pyproject's [tool.mypy] (strict on params, training, files, errors)
 lint: venv
-	$(VENV)/bin/ruff check src tests benchmarks interop
-	$(VENV)/bin/ruff format --check src tests benchmarks interop
+	$(VENV)/bin/ruff check src tests benchmarks interop docs
+	$(VENV)/bin/ruff format --check src tests benchmarks interop docs
 	$(VENV)/bin/mypy
 
 $(INTEROP_VENV)/.installed:
