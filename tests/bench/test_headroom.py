@@ -182,6 +182,14 @@ def test_a_control_sweep_or_regime_that_cannot_run_is_refused(change, message):
         check_config(dataclasses.replace(REGIMES["test"], **change))
 
 
+@pytest.mark.parametrize("regime", sorted(REGIMES))
+def test_every_named_regime_can_run_and_builds_its_policy(regime):
+    config = REGIMES[regime]
+    check_config(config)
+    policy = PolicyConfig(image_size=config.image_size, **config.policy)
+    assert policy.image_size == config.image_size
+
+
 def test_the_positive_control_regresses_positions_relative_to_the_hand_from_image_only_tokens():
     from capvector.bench.objectives.privileged import PrivilegedObjective, relative_positions
 
