@@ -6,13 +6,16 @@ pays only for the regularizer. Each repeat times `--steps` optimizer steps of ev
 rotating between repeats so that a change in the machine's load falls on all of them; the figures are the median
 over repeats and its range. The teacher's weights are random (its cost does not depend on them). The policy and the
 teacher are those of a `capvector reproduce` preset (`--preset`, default full: the experiment's sizes, image shift as
-the preset sets it), and so is the batch unless `--batch-size` is given.
+the preset sets it), and so is the batch unless `--batch-size` is given. On CUDA (the default when present, as in
+training) the forward passes run under bf16 autocast, as the training engine runs them, and each timing ends with a
+device sync.
 
     python benchmarks/teacher_step_cost.py [--preset full] [--threads N] [--steps 10] [--repeats 5] [--batch-size N]
-                                           [--tiny]
+                                           [--device auto] [--tiny]
 """
 
 import argparse
+import contextlib
 import copy
 import statistics
 import time
@@ -28,12 +31,13 @@ from capvector.bench.policy.modeling_policy import Policy
 from capvector.bench.teacher.configuration_teacher import TeacherConfig
 from capvector.bench.teacher.modeling_teacher import Teacher
 from capvector.training.orthogonal import build_regularizer
+from capvector.training.preflight import pick_device
 
 TINY_POLICY = dict(image_size=32, stem_channels=(8, 8), dim=16, heads=2, trunk_layers=1, augment_shift=2)
 TINY_TEACHER = dict(image_size=32, stem_channels=(8, 16), dim=32, heads=2, layers=2, depth_grid=8)
 
 
-def random_batch(config: PolicyConfig, batch_size: int) -> dict:
+def random_batch(config: PolicyConfig, batch_size: int, device: torch.device) -> dict:
     size = config.image_size
     batch = {
         "instruction": ["press the button from the top"] * batch_size,
@@ -43,7 +47,7 @@ def random_batch(config: PolicyConfig, batch_size: int) -> dict:
     }
     for camera in config.cameras:
         batch[f"observation.images.{camera}"] = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8)
-    return batch
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 class Method:
@@ -61,15 +65,22 @@ class Method:
         self.regularizer = build_regularizer(self.policy, gamma) if name == "capvector" else None
         self.orth_lambda = orth_lambda
 
-    def step(self, batch: dict) -> None:
-        loss = self.policy(batch)["action"]
-        if self.objective is not None:
-            loss = loss + self.objective.weight * self.objective(batch)
+    def step(self, batch: dict, device: torch.device) -> None:
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+        with autocast:
+            loss = self.policy(batch)["action"]
+            if self.objective is not None:
+                loss = loss + self.objective.weight * self.objective(batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.regularizer is not None:
             self.regularizer.add_grad_(self.orth_lambda)
         self.optimizer.step()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -79,6 +90,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, help="default: the preset's")
     parser.add_argument("--preset", default="full", choices=sorted(PRESETS), help="whose policy and teacher (full)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: checks that the script runs")
     args = parser.parse_args()
     if args.threads:
@@ -87,19 +99,22 @@ def main() -> None:
     preset = PRESETS[args.preset]
     policy_config = PolicyConfig(image_size=preset.image_size, **preset.policy)
     teacher_config = teacher_pretraining(preset, RunLayout(Path("."))).teacher
-    policy = Policy(PolicyConfig(**TINY_POLICY) if args.tiny else policy_config)
-    teacher = Teacher(TeacherConfig(**TINY_TEACHER) if args.tiny else teacher_config)
+    device = pick_device(args.device)
+    policy = Policy(PolicyConfig(**TINY_POLICY) if args.tiny else policy_config).to(device)
+    teacher = Teacher(TeacherConfig(**TINY_TEACHER) if args.tiny else teacher_config).to(device)
     batch_size = args.batch_size or preset.batch_size
-    batch = random_batch(policy.config, batch_size)
+    batch = random_batch(policy.config, batch_size, device)
     methods = [Method(name, policy, teacher) for name in ("sft", "aux", "capvector")]
     for method in methods:  # warm-up
-        method.step(batch)
+        method.step(batch, device)
     seconds: dict[str, list[float]] = {method.name: [] for method in methods}
     for repeat in range(args.repeats):
         for method in methods[repeat % 3 :] + methods[: repeat % 3]:
+            synchronize(device)
             start = time.perf_counter()
             for _ in range(args.steps):
-                method.step(batch)
+                method.step(batch, device)
+            synchronize(device)
             seconds[method.name].append((time.perf_counter() - start) / args.steps)
     median = {name: statistics.median(values) for name, values in seconds.items()}
     for name, values in seconds.items():
@@ -111,7 +126,7 @@ def main() -> None:
         f"RESULT sft_ms={1000 * median['sft']:.1f} aux_ms={1000 * median['aux']:.1f} "
         f"capvector_ms={1000 * median['capvector']:.1f} aux_ratio={median['aux'] / median['sft']:.3f} "
         f"capvector_ratio={median['capvector'] / median['sft']:.3f} batch_size={batch_size} preset={args.preset} "
-        f"threads={torch.get_num_threads()} tiny={int(args.tiny)}"
+        f"threads={torch.get_num_threads()} device={device.type} tiny={int(args.tiny)}"
     )
 
 
