@@ -209,7 +209,8 @@ REGIMES = {
     # asks of every method: in the full run's setting the shift alone took SFT from 27% to 65% (stop 27's augment
     # diagnostic), so the headroom measured without it may not survive it. Same tasks, seeds and test placements.
     # Stop 29: it grew. Both arms rose (SFT 50.0 / 67.2%, the oracle 74.2 / 83.2% at 1000 / 2000 steps) and the
-    # oracle's lead reached +24.3 [+11.0, +35.5] at 1000 steps, the issue's bar (docs/results/headroom/).
+    # oracle's lead reached +24.3 [+11.0, +35.5] at 1000 steps, the issue's bar; the local control (weight 0.3, as
+    # chosen on validation placements) gained +6.3 / +5.0, not resolved (docs/results/headroom/views-confirm-shift).
     "views-confirm-shift": HeadroomConfig(
         regime="views-confirm-shift",
         tasks=["button-press-v3", "drawer-open-v3", "faucet-open-v3", "door-lock-v3"],
