@@ -39,7 +39,8 @@ EXAMPLES = {
   capvector headroom --regime default     (the same in Meta-World's own placement ranges)
   capvector headroom --regime views-scan  (which tasks gain from positions when the camera moves? validation placements)
   capvector headroom --regime views-picked --arms sft,oracle,control   (the four chosen, 5 seeds, the control too)
-  capvector headroom --regime views-confirm --arms sft,oracle,control,teacher   (with the 3D teacher's objective)""",
+  capvector headroom --regime views-confirm --arms sft,oracle,control,teacher   (with the 3D teacher's objective)
+  capvector headroom --regime views-confirm-shift --arms sft,oracle,control   (all arms on shifted images)""",
     "reproduce": """example:
   capvector reproduce --preset quick                       (what `make demo` runs; minutes on a laptop CPU)
   capvector reproduce --preset full --device cuda
