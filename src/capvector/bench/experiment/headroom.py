@@ -662,8 +662,12 @@ def headroom(regime: str | HeadroomConfig = "wide", out_dir: str | Path = "runs/
     started = time.perf_counter()
     record_demonstrations(config, layout.demos, config.demos_per_task, config.demo_seed)
     jobs = [(train_config(config, layout, arm, seed),) for seed in config.seeds for arm in ("sft", "oracle")]
-    print(f"training {len(jobs)} runs of {config.budgets[-1]} steps, {config.workers} at a time")
-    parallel_map(train_arm, jobs, config.workers)
+    todo = [job for job in jobs if not trained_policy(Path(job[0].out_dir)).exists()]
+    print(
+        f"training {len(todo)} runs of {config.budgets[-1]} steps, {config.workers} at a time "
+        f"({len(jobs) - len(todo)} trained before)"
+    )
+    parallel_map(train_arm, todo, config.workers)
     runs = {"sft": "sft", "oracle": "oracle"}
     chosen: dict[str, dict] = {}
     for arm in (arm for arm in AUX_ARMS if arm in config.arms):
