@@ -320,9 +320,19 @@ def train_config(
 def train_arm(config: TrainConfig) -> str:
     """One training run (in a worker process), resumed from its last checkpoint if it was interrupted."""
     out_dir = Path(config.out_dir)
-    if not trained_policy(out_dir).exists():
-        train(dataclasses.replace(config, resume=bool(checkpoint_dirs(out_dir))))
+    train(dataclasses.replace(config, resume=bool(checkpoint_dirs(out_dir))))
     return str(out_dir)
+
+
+def train_arms(configs: list[TrainConfig], workers: int) -> None:
+    """Train, `workers` at a time, the runs of `configs` that have no trained policy yet (an earlier invocation's,
+    for another arm or weight, are reused), saying how many of each."""
+    todo = [config for config in configs if not trained_policy(Path(config.out_dir)).exists()]
+    steps = max((config.steps for config in configs), default=0)
+    print(
+        f"  training {len(todo)} runs of {steps} steps, {workers} at a time ({len(configs) - len(todo)} trained before)"
+    )
+    parallel_map(train_arm, [(config,) for config in todo], workers)
 
 
 def policy_at(layout: HeadroomLayout, name: str, seed: int, steps: int) -> Path:
@@ -386,9 +396,10 @@ def choose_weight(config: HeadroomConfig, layout: HeadroomLayout, arm: str) -> d
     validation placements at every budget; the chosen weight has the best mean success (ties: the smaller)."""
     seeds = config.seeds[: config.selection_seeds]
     weights = arm_weights(config, arm)
-    jobs = [(train_config(config, layout, arm, seed, weight),) for weight in weights for seed in seeds]
     print(f"choosing the {arm} arm's weight among {weights} with seeds {seeds} on validation placements")
-    parallel_map(train_arm, jobs, config.workers)
+    train_arms(
+        [train_config(config, layout, arm, seed, weight) for weight in weights for seed in seeds], config.workers
+    )
     todo = [Evaluation(aux_run_name(arm, w), s, b) for w in weights for s in seeds for b in config.budgets]
     results = run_evaluations(config, layout, todo, layout.validation(config.validation_seed), config.validation_seed)
     rates = {
@@ -661,13 +672,10 @@ def headroom(regime: str | HeadroomConfig = "wide", out_dir: str | Path = "runs/
     write_json(layout.config, {"key": key, "config": dataclasses.asdict(config)})
     started = time.perf_counter()
     record_demonstrations(config, layout.demos, config.demos_per_task, config.demo_seed)
-    jobs = [(train_config(config, layout, arm, seed),) for seed in config.seeds for arm in ("sft", "oracle")]
-    todo = [job for job in jobs if not trained_policy(Path(job[0].out_dir)).exists()]
-    print(
-        f"training {len(todo)} runs of {config.budgets[-1]} steps, {config.workers} at a time "
-        f"({len(jobs) - len(todo)} trained before)"
+    print("the sft and oracle arms")
+    train_arms(
+        [train_config(config, layout, arm, seed) for seed in config.seeds for arm in ("sft", "oracle")], config.workers
     )
-    parallel_map(train_arm, todo, config.workers)
     runs = {"sft": "sft", "oracle": "oracle"}
     chosen: dict[str, dict] = {}
     for arm in (arm for arm in AUX_ARMS if arm in config.arms):
@@ -675,9 +683,8 @@ def headroom(regime: str | HeadroomConfig = "wide", out_dir: str | Path = "runs/
         chosen[arm] = choose_weight(config, layout, arm) | teacher
         weight = chosen[arm]["weight"]
         runs[arm] = aux_run_name(arm, weight)
-        jobs = [(train_config(config, layout, arm, seed, weight),) for seed in config.seeds]
         print(f"{arm} weight {weight:g} (validation: {chosen[arm]['validation']}); training every seed")
-        parallel_map(train_arm, jobs, config.workers)
+        train_arms([train_config(config, layout, arm, seed, weight) for seed in config.seeds], config.workers)
     print(f"trained in {time.perf_counter() - started:.0f} s; evaluating")
     results = run_evaluations(config, layout, final_evaluations(config, runs), layout.evaluations, config.eval_seed)
     probe = probe_tokens(config, layout, runs)
