@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from capvector.bench.env.dataset import DemoDataset
+from capvector.bench.env.dataset import DemoDataset, open_meta
 from capvector.bench.env.demos import generate_demonstrations
-from capvector.bench.env.sim import SimEnv
+from capvector.bench.env.sim import CONTROL_HZ, SimEnv
+from capvector.bench.teacher.pretraining import load_frames
 from capvector.errors import CapvectorError
 
 TASKS = ["reach-v3", "drawer-open-v3"]
@@ -81,3 +82,29 @@ def test_bad_dataset_folders_are_explained(dataset_dir, tmp_path):
         DemoDataset(old)
     with pytest.raises(CapvectorError, match="already exists"):
         generate_demonstrations(dataset_dir, TASKS, episodes_per_task=1)
+
+
+def test_a_strided_recording_keeps_every_kth_step_of_the_same_episodes(dataset_dir, tmp_path):
+    strided = generate_demonstrations(tmp_path / "strided", TASKS, episodes_per_task=2, seed=3, frame_stride=4)
+    full, every4 = DemoDataset(dataset_dir, chunk_size=1), DemoDataset(strided, chunk_size=1)
+    assert every4.generation["frame_stride"] == 4 and full.generation["frame_stride"] == 1
+    assert open_meta(strided).info["fps"] == CONTROL_HZ // 4
+    start, start4 = 0, 0
+    for episode, episode4 in zip(full.episodes, every4.episodes, strict=True):
+        assert episode4["placement_seed"] == episode["placement_seed"]
+        assert episode4["length"] == -(-episode["length"] // 4)  # steps 0, 4, 8, ...
+        steps = range(start, start + episode["length"], 4)
+        assert np.array_equal(every4.state[start4 : start4 + episode4["length"]], full.state[steps])
+        assert np.array_equal(every4.action[start4 : start4 + episode4["length"]], full.action[steps])
+        for key in ("observation.images.scene", "observation.depth.wrist"):
+            assert torch.equal(every4[start4 + 1][key], full[start + 4][key])
+        start, start4 = start + episode["length"], start4 + episode4["length"]
+    # the teacher reads a strided recording at multiples of its stride only
+    frames = load_frames(strided, ("scene", "wrist"), 8)
+    assert len(frames.images) == -(-len(every4) // 2)
+    assert torch.equal(frames.images[1, 0], every4[2]["observation.images.scene"])
+    with pytest.raises(CapvectorError, match="frame_stride 6 is not a multiple of the stride 4"):
+        load_frames(strided, ("scene", "wrist"), 6)
+    with pytest.raises(CapvectorError, match="frame_stride 3 must divide the simulator's rate, 80"):
+        generate_demonstrations(tmp_path / "three", TASKS, episodes_per_task=1, frame_stride=3)
+    assert not (tmp_path / "three").exists()

@@ -29,6 +29,7 @@ from capvector.bench.env.features import (
 from capvector.bench.env.lerobot_format import Episode, write_dataset
 from capvector.bench.env.sim import (
     ACTION_DIM,
+    CONTROL_HZ,
     MAX_ATTEMPTS,
     MAX_EPISODE_STEPS,
     SimEnv,
@@ -42,16 +43,18 @@ from capvector.errors import CapvectorError
 from capvector.files import atomic_path
 
 
-def record_episode(env: SimEnv, expert, placement_seed: int) -> dict | None:
-    """Run the expert from a placement, recording what the cameras see before each action; None on failure."""
+def record_episode(env: SimEnv, expert, placement_seed: int, frame_stride: int = 1) -> dict | None:
+    """Run the expert from a placement, recording what the cameras see before every `frame_stride`-th action (and
+    that action); None on failure. Rendering is most of an episode's cost, so a stride saves most of it."""
     obs = env.reset(placement_seed)
     frames = []
-    for _ in range(MAX_EPISODE_STEPS):
-        frame = env.observe(depth=True)
+    for step in range(MAX_EPISODE_STEPS):
+        frame = env.observe(depth=True) if step % frame_stride == 0 else None
         action = np.clip(expert.get_action(obs), -1.0, 1.0).astype(np.float32)
         obs, success = env.step(action)
-        frame["action"] = action
-        frames.append(frame)
+        if frame is not None:
+            frame["action"] = action
+            frames.append(frame)
         if success:
             episode = {key: np.stack([f[key] for f in frames]) for key in frames[0]}
             for camera in CAMERAS:  # stored as uint16 millimetres
@@ -62,7 +65,7 @@ def record_episode(env: SimEnv, expert, placement_seed: int) -> dict | None:
 
 
 def record_shard(
-    task: str, episodes: list[int], seed: int, image_size: int, variant: str, placement: str
+    task: str, episodes: list[int], seed: int, image_size: int, variant: str, placement: str, frame_stride: int
 ) -> tuple[dict, list[dict]]:
     """Camera facts and successful demonstrations of `task` for the given episode slots (runs in a worker)."""
     env = SimEnv(task, image_size=image_size, variant=variant, placement=placement)
@@ -71,7 +74,7 @@ def record_shard(
     for episode in episodes:
         for attempt in range(MAX_ATTEMPTS):
             placement_seed = demo_placement_seed(seed, episode, attempt)
-            frames = record_episode(env, expert, placement_seed)
+            frames = record_episode(env, expert, placement_seed, frame_stride)
             if frames is not None:
                 out.append({"name": task, "slot": episode, "placement_seed": placement_seed, "frames": frames})
                 break
@@ -137,8 +140,13 @@ def generate_demonstrations(
     placement: str = "default",
     overwrite: bool = False,
     on_task: Callable[[str, int, int], None] | None = None,
+    frame_stride: int = 1,
 ) -> Path:
     """Record `episodes_per_task` successful expert demonstrations per task into the dataset folder `out_dir`.
+
+    `frame_stride` k > 1 records every k-th control step only (a dataset at 1/k of the simulator's rate, for readers
+    of observations alone, such as the teacher's pretraining: its actions are those of the recorded steps); k must
+    divide the simulator's rate (80 Hz), as LeRobot's fps is an integer.
 
     `tasks`: task or split names (list or comma-separated). Written to a temporary folder beside
     `out_dir` and renamed at the end; an existing `out_dir` is replaced only with `overwrite`. `on_task(task,
@@ -148,10 +156,13 @@ def generate_demonstrations(
     tasks = resolve_tasks(tasks)
     if episodes_per_task < 1:
         raise CapvectorError(f"episodes_per_task must be at least 1, got {episodes_per_task}")
+    if frame_stride < 1 or CONTROL_HZ % frame_stride:
+        raise CapvectorError(f"frame_stride {frame_stride} must divide the simulator's rate, {CONTROL_HZ} steps/s")
     if out_dir.exists() and not overwrite:
         raise CapvectorError(f"{out_dir} already exists; choose another folder or pass overwrite")
     jobs = [
-        (task, slots, seed, image_size, variant, placement) for task, slots in shards(tasks, episodes_per_task, workers)
+        (task, slots, seed, image_size, variant, placement, frame_stride)
+        for task, slots in shards(tasks, episodes_per_task, workers)
     ]
     done = on_task and when_tasks_finish(
         [job[0] for job in jobs],
@@ -172,11 +183,12 @@ def generate_demonstrations(
         "placement": placement,
         "seed": seed,
         "tasks": tasks,
+        "frame_stride": frame_stride,
         "source": "metaworld scripted experts (metaworld.policies), successful episodes only",
         "cameras": {c: camera_facts(facts["camera_fovy"][c], image_size) for c in CAMERAS},
     }
-    fps = round(facts["fps"])
-    assert abs(fps - facts["fps"]) < 1e-6, facts["fps"]  # LeRobot's fps is an integer
+    assert abs(facts["fps"] - CONTROL_HZ) < 1e-6, facts["fps"]
+    fps = CONTROL_HZ // frame_stride
     with atomic_path(out_dir) as temporary:
         write_demonstrations(temporary, recorded, image_size, fps, block)
     return out_dir

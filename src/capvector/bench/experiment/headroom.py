@@ -418,10 +418,15 @@ def final_evaluations(config: HeadroomConfig, runs: dict[str, str]) -> list[Eval
 
 
 def record_demonstrations(
-    config: HeadroomConfig, root: Path, episodes_per_task: int, seed: int, tasks: list[str] | None = None
+    config: HeadroomConfig,
+    root: Path,
+    episodes_per_task: int,
+    seed: int,
+    tasks: list[str] | None = None,
+    frame_stride: int = 1,
 ) -> None:
     """Demonstrations of the regime's tasks (or `tasks`) in its scene look, placements and image size into `root`,
-    once."""
+    once (every `frame_stride`-th step: generate_demonstrations)."""
     if root.exists():
         return
     from capvector.bench.env.demos import generate_demonstrations  # the simulator, only when recording
@@ -437,6 +442,7 @@ def record_demonstrations(
         workers=config.workers,
         variant=config.variant,
         placement=config.placement,
+        frame_stride=frame_stride,
     )
 
 
@@ -458,7 +464,9 @@ def pretrained_teacher(config: HeadroomConfig, layout: HeadroomLayout) -> dict:
     """Record the teacher's frames and pretrain it in the run folder, once; its validation errors and probe."""
     settings = teacher_pretraining(config, layout)
     tasks = resolve_tasks(settings.tasks)
-    record_demonstrations(config, layout.teacher_demos, settings.episodes_per_task, settings.seed, tasks)
+    record_demonstrations(
+        config, layout.teacher_demos, settings.episodes_per_task, settings.seed, tasks, settings.frame_stride
+    )
     started = time.perf_counter()
     print(f"pretraining the teacher on {len(tasks)} tasks' frames ({settings.steps} steps)")
     summary = pretraining_summary(pretrain_teacher(settings, layout.teacher))

@@ -61,7 +61,10 @@ class TeacherPretraining:
     seed: int = 0  # demonstration seed of the recording (placements below 10^9)
     placement: str = "default"
     workers: int = 2
-    frame_stride: int = 3  # neighbouring frames are nearly the same image
+    # Every n-th control step of an episode: neighbouring frames are nearly the same image. The frames the teacher
+    # records for itself are rendered at this stride (rendering is most of a recording's cost); a given dataset
+    # recorded at a stride (its capvector block's frame_stride) must be read at a multiple of it.
+    frame_stride: int = 4
     validation_every: int = 5  # every 5th episode is held out
     steps: int = 1500
     batch_size: int = 64
@@ -127,11 +130,18 @@ def check_dataset(root: Path, config: TeacherConfig) -> dict:
 
 
 def load_frames(root: Path, cameras: tuple[str, ...], stride: int) -> Frames:
-    """Every `stride`-th frame of the dataset, through the dataset reader."""
+    """The frames of every `stride`-th control step of the dataset (recorded at a divisor of it), through the
+    dataset reader."""
+    recorded = (capvector_meta(root) or {}).get("frame_stride", 1)
+    if stride % recorded:
+        raise CapvectorError(
+            f"teacher pretraining: frame_stride {stride} is not a multiple of the stride {recorded} that {root} was "
+            f"recorded at; use {recorded} or a multiple of it"
+        )
     dataset = DemoDataset(root, chunk_size=1, depth=True)
     lengths = [e["length"] for e in dataset.episodes]
     episode = torch.from_numpy(np.repeat(np.arange(len(lengths)), lengths))
-    keep = range(0, len(dataset), stride)
+    keep = range(0, len(dataset), stride // recorded)
     samples = [dataset[i] for i in keep]
     stack = lambda key: torch.stack([s[key] for s in samples])  # noqa: E731
     return Frames(
@@ -254,7 +264,8 @@ def frames_folder(config: TeacherPretraining, out_dir: Path) -> Path:
     block = capvector_meta(root) or {}  # absent in a folder of an older format: recorded anew
     reusable = (
         recorded.get("total_episodes") == len(tasks) * config.episodes_per_task
-        and (block.get("seed"), block.get("placement")) == (config.seed, config.placement)
+        and (block.get("seed"), block.get("placement"), block.get("frame_stride", 1))
+        == (config.seed, config.placement, config.frame_stride)
         and image_size(open_meta(root)) == config.teacher.image_size
     )
     if not reusable:
@@ -267,6 +278,7 @@ def frames_folder(config: TeacherPretraining, out_dir: Path) -> Path:
             workers=config.workers,
             placement=config.placement,
             overwrite=True,
+            frame_stride=config.frame_stride,
         )
     return root
 
