@@ -54,6 +54,12 @@ def test_tasks_and_bad_task(capsys):
     assert "valid tasks" in capsys.readouterr().err
 
 
+def test_demos_refuse_a_frame_stride_that_does_not_divide_the_rate(tmp_path, capsys):
+    assert main(["demos", "-o", str(tmp_path / "frames"), "--tasks", "reach-v3", "--frame-stride", "3"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "frame_stride 3 must divide the simulator's rate, 80" in line and not (tmp_path / "frames").exists()
+
+
 def test_evaluate_needs_exactly_one_policy(capsys):
     assert main(["evaluate"]) == 2
     assert "--expert" in capsys.readouterr().err

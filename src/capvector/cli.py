@@ -29,7 +29,8 @@ EXAMPLES = {
   capvector tasks --split downstream""",
     "demos": """example:
   capvector demos -o data/pretrain --tasks pretrain --episodes 50
-  capvector demos -o data/two --tasks reach-v3,push-v3 --episodes 5 --workers 2""",
+  capvector demos -o data/two --tasks reach-v3,push-v3 --episodes 5 --workers 2
+  capvector demos -o data/frames --tasks pretrain --episodes 40 --frame-stride 4   # frames for a teacher""",
     "evaluate": """example:
   capvector evaluate runs/sft/policy --tasks downstream --episodes 20 --gifs runs/sft/gifs
   capvector evaluate runs/sft/policy --variant new_env --json results.json
@@ -185,6 +186,7 @@ def _command_demos(args: argparse.Namespace) -> None:
         variant=args.variant,
         placement=args.placement,
         on_task=recorded,
+        frame_stride=args.frame_stride,
     )
     print(f"wrote {path}")
 
@@ -351,6 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="default, new_env (camera, lighting, table colour) or random_view (a new scene view each episode)",
     )
     p.add_argument("--placement", default="default", help="placement ranges: default (Meta-World's) or wide (2.5x)")
+    p.add_argument(
+        "--frame-stride",
+        type=int,
+        default=1,
+        help="record every n-th control step only (a divisor of 80; for observation-only readers such as the "
+        "teacher's pretraining, whose frame_stride must then be a multiple of it; default: 1, every step)",
+    )
 
     p = command("evaluate", "Closed-loop success rate of a policy on held-out placements.", _command_evaluate)
     p.add_argument("policy", nargs="?", help="a policy folder (or a LoRA adapter folder on its base)")

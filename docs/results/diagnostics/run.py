@@ -224,7 +224,7 @@ def markdown(results: dict) -> str:
     budgets, name = results["budgets"], results["study"]
     about = next(part for part in __doc__.split("\n\n") if part.startswith(f"{name}:"))
     lines = [
-        f"# Diagnostic `{name}` on docs/results/full's models (stop 27)",
+        f"# Diagnostic `{name}` on docs/results/full-no-shift's models (stop 27)",
         "",
         about.replace("\n", " "),
         "",
