@@ -4,8 +4,8 @@ placements and variants; the script first checks that its configs for SFT and au
 for field, those the full run trained (a) and (b) with), compared with each other and with the full run's methods,
 paired by (seed, task).
 
-    PYTHONPATH=src .venv/bin/python docs/results/diagnostics/run.py STUDY \
-        /work/explore/runs/reproduce/full /work/explore/runs/STUDY docs/results/diagnostics
+    PYTHONPATH=src .venv/bin/python docs/results/diagnostics/run.py STUDY FULL_RUN_FOLDER WORK_FOLDER \
+        docs/results/diagnostics
 
 writes STUDY.md and STUDY.json beside this script. Resumable: finished trainings and evaluations in the work folder
 (the third argument) are kept.
@@ -19,6 +19,10 @@ theta_pt + tau/2, and theta_pt + tau/2 + gamma separates the two.
 augment: the issue asks that the teacher run online on augmented images, the same augmentation for every method; the
 full run trained without (augment_shift 0). (a) and (b) again with every downstream step's images shifted at random
 by up to 4 pixels (theta_pt's weights, its config's augment_shift set to 4): does the teacher's gain survive?
+
+lora: in the full run with shifted images (stop 30), (e) CapVector with LoRA was the one method ahead of SFT
+in-domain (+7 points), while (c) and (d), from the same theta_meta with full finetuning, were behind. Is that gamma
+or LoRA? LoRA SFT (no L_orth) from theta_pt and from theta_meta, at (e)'s rank and learning rate.
 """
 
 import dataclasses
@@ -69,6 +73,12 @@ def merged(tau_share: float, gamma_share: float) -> Start:
     return build
 
 
+def theta_meta(layout: RunLayout, path: Path) -> Path:
+    """The full run's theta_meta at its chosen alpha (merged by its vector stage)."""
+    alpha = read_json(layout.stage_record("select"))["outputs"]["alpha"]
+    return layout.theta_meta(alpha)
+
+
 def augmented(shift: int) -> Start:
     """theta_pt's weights in a policy whose training images are shifted at random by up to `shift` pixels."""
 
@@ -88,6 +98,7 @@ def augmented(shift: int) -> Start:
 class Arm:
     start: Start
     strategy: str = "sft"  # or "aux": the full run's auxiliary objective (the teacher) at its weight
+    finetune: str = "full"  # or "lora": adapters at the run's rank and LoRA learning rate, as (e)
 
 
 @dataclass(frozen=True)
@@ -96,6 +107,7 @@ class Study:
     # (label, arm, its baseline); "full:<method>" is the full run's own method
     comparisons: list[tuple[str, str, str]]
     shown: list[str]  # the full run's methods whose success is listed beside the arms'
+    run: str  # the committed full run whose models it studies, and when
 
 
 SHIFTED = augmented(4)
@@ -114,6 +126,7 @@ STUDIES = {
             ("(c) theta_pt + 0.25 gamma - (a) SFT, the full run's", "full:meta_sft", "full:sft"),
         ],
         ["full:sft", "full:meta_sft", "full:ft_sft", "full:ao_sft"],
+        "docs/results/full-no-shift's models (stop 27)",
     ),
     "augment": Study(
         {"sft_shift4": Arm(SHIFTED), "aux_shift4": Arm(SHIFTED, "aux")},
@@ -124,6 +137,26 @@ STUDIES = {
             ("(b) with shifted images - (b)", "aux_shift4", "full:aux"),
         ],
         ["full:sft", "full:aux"],
+        "docs/results/full-no-shift's models (stop 27)",
+    ),
+    "lora": Study(
+        {
+            "lora_on_pt": Arm(lambda layout, path: layout.pretrained, finetune="lora"),
+            "lora_on_meta": Arm(theta_meta, finetune="lora"),
+        },
+        [
+            ("LoRA SFT from theta_pt - (a) SFT", "lora_on_pt", "full:sft"),
+            ("(e) CapVector with LoRA - LoRA SFT from theta_pt", "full:capvector_lora", "lora_on_pt"),
+            (
+                "(e) CapVector with LoRA - LoRA SFT from theta_meta: what L_orth adds",
+                "full:capvector_lora",
+                "lora_on_meta",
+            ),
+            ("LoRA SFT from theta_meta - from theta_pt: what gamma adds", "lora_on_meta", "lora_on_pt"),
+            ("(e) CapVector with LoRA - (a) SFT, the full run's", "full:capvector_lora", "full:sft"),
+        ],
+        ["full:sft", "full:meta_sft", "full:capvector", "full:capvector_lora"],
+        "docs/results/full's models (stop 30)",
     ),
 }
 
@@ -135,10 +168,11 @@ def main(name: str, full: Path, work: Path, out: Path) -> None:
     run = Run(config, layout, "auto")
     steps, every, budgets = max(config.budgets), min(config.budgets), [str(b) for b in config.budgets]
 
-    def train_config(folder: Path, seed: int, init_from: Path, strategy: str = "sft"):
+    def train_config(folder: Path, seed: int, init_from: Path, strategy: str = "sft", finetune: str = "full"):
+        lr = config.lora_lr if finetune == "lora" else config.downstream_lr
         return run.train_config(
-            folder, "downstream", steps, config.downstream_lr, seed, init_from,
-            strategy=strategy, finetune="full", checkpoint_every=every, schedule="constant",
+            folder, "downstream", steps, lr, seed, init_from,
+            strategy=strategy, finetune=finetune, checkpoint_every=every, schedule="constant",
         )  # fmt: skip
 
     for strategy in ("sft", "aux"):  # methods (a) and (b)
@@ -151,14 +185,16 @@ def main(name: str, full: Path, work: Path, out: Path) -> None:
         if arm.start not in starts:
             starts[arm.start] = path if path.exists() else arm.start(layout, path)
     plan = {
-        f"{arm_name}/seed{seed}": train_config(work / arm_name / f"seed{seed}", seed, starts[arm.start], arm.strategy)
+        f"{arm_name}/seed{seed}": train_config(
+            work / arm_name / f"seed{seed}", seed, starts[arm.start], arm.strategy, arm.finetune
+        )
         for arm_name, arm in study.arms.items()
         for seed in config.seeds
     }
     do_training(run, plan)
     variants, tasks = list(evaluated_variants(config)), split_tasks(config)["downstream"]
-    checkpoints = {
-        f"{name}/step{b}": (str(checkpoint_folder(Path(c.out_dir), b)), None)
+    checkpoints = {  # a LoRA checkpoint is an adapter folder, applied to the run's start
+        f"{name}/step{b}": (str(checkpoint_folder(Path(c.out_dir), b)), c.init_from if c.finetune == "lora" else None)
         for name, c in plan.items()
         for b in config.budgets
     }
@@ -175,6 +211,7 @@ def main(name: str, full: Path, work: Path, out: Path) -> None:
     results = {
         "study": name,
         "full_run": str(full),
+        "work": str(work),
         "alpha_chosen": config.alpha,
         "seeds": config.seeds,
         "budgets": budgets,
@@ -224,12 +261,12 @@ def markdown(results: dict) -> str:
     budgets, name = results["budgets"], results["study"]
     about = next(part for part in __doc__.split("\n\n") if part.startswith(f"{name}:"))
     lines = [
-        f"# Diagnostic `{name}` on docs/results/full-no-shift's models (stop 27)",
+        f"# Diagnostic `{name}` on {STUDIES[name].run}",
         "",
         about.replace("\n", " "),
         "",
         f"Command: `PYTHONPATH=src .venv/bin/python docs/results/diagnostics/run.py {name} "
-        f"/work/explore/runs/reproduce/full /work/explore/runs/{name} docs/results/diagnostics`. Seeds "
+        f"{results['full_run']} {results['work']} docs/results/diagnostics`. Seeds "
         f"{results['seeds']}, {results['eval_episodes']} test episodes per (seed, task, checkpoint), the run's test "
         "placements. The run's vectors: |gamma| {gamma_norm}, |tau| {tau_norm}, cosine {cosine}.".format(
             **results["gamma_and_tau"]
