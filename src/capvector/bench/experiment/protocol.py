@@ -242,8 +242,9 @@ VIEWS_LONG = dataclasses.replace(
 # [+11.0, +35.5] points at 1000 steps (capvector headroom --regime views-confirm-shift), hence the single budget of
 # 1000 steps. alpha chosen among 1, 0.25 and 0.5 on validation placements with the first 2 seeds; no head ablation
 # (views-long's found the head carries none of gamma's cost), no lambda sweep, and the transfer ceiling (f)-(g) left
-# to views-long, so that the run fits about 2 h on 2 cores. Its run without the shift at 1000 and 2000 steps and with
-# (f)-(g) (stop 26, docs/results/full before stop 30) took about 3.9 h of stages.
+# to views-long, so that the run fits the issue's 2 h on 2 cores: stop 30's took 70 min of stages (docs/results/full).
+# Its run without the shift at 1000 and 2000 steps and with (f)-(g) (stop 26, docs/results/full-no-shift) took about
+# 3.9 h.
 FULL = dataclasses.replace(
     VIEWS_LONG,
     preset="full",

@@ -322,7 +322,8 @@ def training_processes(run: Run, runs: int) -> int:
 def lone_run_threads(run: Run) -> Iterator[None]:
     """A lone training run on a CPU, where the config trains single-threaded so that runs go side by side (threads
     1), gets a thread per core: on an idle 2-core machine two threads ran the full policy's training step 1.6x and
-    the teacher's 1.65x faster than one (benchmarks/policy_speed.py --threads 1 and 2, and the teacher's step alike)."""
+    the teacher's 1.65x and quick's 400-step pretraining 1.2x faster than one (benchmarks/policy_speed.py --threads 1
+    and 2; the others timed alike in stop 30)."""
     if run.config.threads != 1 or pick_device(run.device).type != "cpu":
         yield
         return
