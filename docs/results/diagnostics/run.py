@@ -1,8 +1,8 @@
-"""Diagnostics on the full run's own models (stop 27): downstream runs from start points the protocol does not have,
-trained and evaluated exactly as the full run's methods (same demonstrations, seeds, steps, learning rate, test
-placements and variants; the script first checks that its configs for SFT and auxiliary SFT from theta_pt are, field
-for field, those the full run trained (a) and (b) with), compared with each other and with the full run's methods,
-paired by (seed, task).
+"""Diagnostics on a full run's own models (stops 27 and 30): downstream runs from start points or seeds the protocol
+does not have, trained and evaluated exactly as the full run's methods (same demonstrations, steps, learning rate,
+test placements and variants; the script first checks that its configs for SFT, auxiliary SFT and, where the run has
+it, auxiliary SFT with the control, all from theta_pt, are field for field those the full run trained (a), (b) and
+(b') with), compared with each other and with the full run's methods, paired by (seed, task).
 
     PYTHONPATH=src .venv/bin/python docs/results/diagnostics/run.py STUDY FULL_RUN_FOLDER WORK_FOLDER \
         docs/results/diagnostics
@@ -23,6 +23,11 @@ by up to 4 pixels (theta_pt's weights, its config's augment_shift set to 4): doe
 lora: in the full run with shifted images (stop 30), (e) CapVector with LoRA was the one method ahead of SFT
 in-domain (+7 points), while (c) and (d), from the same theta_meta with full finetuning, were behind. Is that gamma
 or LoRA? LoRA SFT (no L_orth) from theta_pt and from theta_meta, at (e)'s rank and learning rate.
+
+control_seeds: in the same run the positive control, (b') auxiliary SFT with the localization objective, was +9
+points over SFT in-domain, not resolved with 5 seeds ([-2, +15]). (a) and (b') again on 5 more seeds (5-9), each
+exactly the run's config but for the seed, and the paired difference over all 10 ("both:" rows: the run's seeds 0-4
+and these).
 """
 
 import dataclasses
@@ -99,6 +104,7 @@ class Arm:
     start: Start
     strategy: str = "sft"  # or "aux": the full run's auxiliary objective (the teacher) at its weight
     finetune: str = "full"  # or "lora": adapters at the run's rank and LoRA learning rate, as (e)
+    control: bool = False  # with "aux": the run's positive control as the auxiliary objective, as (b')
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,7 @@ class Study:
     comparisons: list[tuple[str, str, str]]
     shown: list[str]  # the full run's methods whose success is listed beside the arms'
     run: str  # the committed full run whose models it studies, and when
+    seeds: tuple[int, ...] = ()  # the arms' training seeds (none: the run's)
 
 
 SHIFTED = augmented(4)
@@ -158,6 +165,20 @@ STUDIES = {
         ["full:sft", "full:meta_sft", "full:capvector", "full:capvector_lora"],
         "docs/results/full's models (stop 30)",
     ),
+    "control_seeds": Study(
+        {
+            "sft": Arm(lambda layout, path: layout.pretrained),
+            "control_aux": Arm(lambda layout, path: layout.pretrained, "aux", control=True),
+        },
+        [
+            ("(b') - (a), seeds 5-9", "control_aux", "sft"),
+            ("(b') - (a), seeds 0-4: the full run's", "full:control_aux", "full:sft"),
+            ("(b') - (a), seeds 0-9", "both:control_aux", "both:sft"),
+        ],
+        ["full:sft", "full:control_aux"],
+        "docs/results/full's models (stop 30)",
+        seeds=(5, 6, 7, 8, 9),
+    ),
 }
 
 
@@ -168,17 +189,22 @@ def main(name: str, full: Path, work: Path, out: Path) -> None:
     run = Run(config, layout, "auto")
     steps, every, budgets = max(config.budgets), min(config.budgets), [str(b) for b in config.budgets]
 
-    def train_config(folder: Path, seed: int, init_from: Path, strategy: str = "sft", finetune: str = "full"):
+    def train_config(
+        folder: Path, seed: int, init_from: Path, strategy: str = "sft", finetune: str = "full", control: bool = False
+    ):
         lr = config.lora_lr if finetune == "lora" else config.downstream_lr
         return run.train_config(
-            folder, "downstream", steps, lr, seed, init_from,
+            folder, "downstream", steps, lr, seed, init_from, control=control,
             strategy=strategy, finetune=finetune, checkpoint_every=every, schedule="constant",
         )  # fmt: skip
 
-    for strategy in ("sft", "aux"):  # methods (a) and (b)
-        trained = read_json(layout.downstream(strategy, 0) / "wall.json")["config_hash"]
-        if config_hash(train_config(work / "check", 0, layout.pretrained, strategy)) != trained:
-            raise SystemExit(f"the {strategy} config built here is not the one the full run trained with")
+    for method, strategy, control in (("sft", "sft", False), ("aux", "aux", False), ("control_aux", "aux", True)):
+        if method not in config.methods:
+            continue
+        trained = read_json(layout.downstream(method, 0) / "wall.json")["config_hash"]
+        if config_hash(train_config(work / "check", 0, layout.pretrained, strategy, control=control)) != trained:
+            raise SystemExit(f"the {method} config built here is not the one the full run trained with")
+    seeds = list(study.seeds or config.seeds)
     starts: dict[Start, Path] = {}
     for arm_name, arm in study.arms.items():  # arms that share a start share its folder
         path = work / "start" / arm_name
@@ -186,10 +212,10 @@ def main(name: str, full: Path, work: Path, out: Path) -> None:
             starts[arm.start] = path if path.exists() else arm.start(layout, path)
     plan = {
         f"{arm_name}/seed{seed}": train_config(
-            work / arm_name / f"seed{seed}", seed, starts[arm.start], arm.strategy, arm.finetune
+            work / arm_name / f"seed{seed}", seed, starts[arm.start], arm.strategy, arm.finetune, arm.control
         )
         for arm_name, arm in study.arms.items()
-        for seed in config.seeds
+        for seed in seeds
     }
     do_training(run, plan)
     variants, tasks = list(evaluated_variants(config)), split_tasks(config)["downstream"]
@@ -205,7 +231,9 @@ def main(name: str, full: Path, work: Path, out: Path) -> None:
     def cells(arm: str, budget: str, variant: str) -> np.ndarray:
         if arm.startswith("full:"):
             return theirs.cells([layout.downstream(arm[5:], s) for s in config.seeds], int(budget), variant, tasks)
-        rows = [mine[f"{arm}/seed{s}/step{budget}@{variant}"]["tasks"] for s in config.seeds]
+        if arm.startswith("both:"):  # the run's seeds of the method, then the study's of the arm of the same name
+            return np.concatenate([cells(f"full:{arm[5:]}", budget, variant), cells(arm[5:], budget, variant)])
+        rows = [mine[f"{arm}/seed{s}/step{budget}@{variant}"]["tasks"] for s in seeds]
         return np.array([[r[t]["successes"] / r[t]["episodes"] for t in tasks] for r in rows])
 
     results = {
@@ -213,7 +241,7 @@ def main(name: str, full: Path, work: Path, out: Path) -> None:
         "full_run": str(full),
         "work": str(work),
         "alpha_chosen": config.alpha,
-        "seeds": config.seeds,
+        "seeds": seeds,
         "budgets": budgets,
         "variants": variants,
         "success": {
