@@ -310,12 +310,15 @@ def train_in_worker(config: ReproduceConfig, layout: RunLayout, device: str, tra
     return str(run_training(Run(config, layout, device), train_config))
 
 
+def side_by_side(run: Run) -> bool:
+    """Whether training runs go side by side, one per core: on a CPU with single-threaded training (threads 1:
+    measured faster than one run on two threads); else one at a time (a GPU, or torch's own threads over every core)."""
+    return run.config.threads == 1 and pick_device(run.device).type == "cpu"
+
+
 def training_processes(run: Run, runs: int) -> int:
-    """How many training runs go at once: one per core on a CPU with single-threaded training (threads 1: measured
-    faster than one run on two threads), else one (a GPU, or torch's own threads over every core)."""
-    if run.config.threads != 1 or pick_device(run.device).type != "cpu":
-        return 1
-    return min(run.workers, runs)
+    """How many training runs go at once (side_by_side)."""
+    return min(run.workers, runs) if side_by_side(run) else 1
 
 
 @contextlib.contextmanager
@@ -324,7 +327,7 @@ def lone_run_threads(run: Run) -> Iterator[None]:
     1), gets a thread per core: on an idle 2-core machine two threads ran the full policy's training step 1.6x and
     the teacher's 1.65x and quick's 400-step pretraining 1.2x faster than one (benchmarks/policy_speed.py --threads 1
     and 2; the others timed alike in stop 30)."""
-    if run.config.threads != 1 or pick_device(run.device).type != "cpu":
+    if not side_by_side(run):
         yield
         return
     threads = torch.get_num_threads()
