@@ -530,6 +530,8 @@ def test_the_full_preset_is_the_experiment_in_the_headroom_regime_with_every_row
     assert full.methods == [method for method in METHODS if method not in TRANSFER_METHODS]
     assert set(TRANSFER_METHODS) <= set(PRESETS["views-long"].methods)
     assert len(full.seeds) >= MIN_SEEDS and full.select_alpha and full.validation_seed != full.eval_seed
+    # the ablations of the paper's table: alpha (the selection's candidates), lambda, the head, the long run
+    assert len(full.alphas) >= 2 and len(full.lambdas) >= 2 and full.ablate_head and full.long_steps > max(full.budgets)
     gpu = PRESETS["gpu"]
     assert full.policy["augment_shift"] == gpu.policy["augment_shift"] == 4  # every method sees shifted images
     assert (gpu.objective, gpu.placement, gpu.variant, gpu.methods) == (

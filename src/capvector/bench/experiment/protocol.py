@@ -240,9 +240,10 @@ VIEWS_LONG = dataclasses.replace(
 # views-long's (b) and (d) in the same run. Every run trains on randomly shifted images (augment_shift 4, DrQ), the
 # augmentation the issue asks of every method: under it the oracle's lead over SFT on these held-out tasks was +24.3
 # [+11.0, +35.5] points at 1000 steps (capvector headroom --regime views-confirm-shift), hence the single budget of
-# 1000 steps. alpha chosen among 1, 0.25 and 0.5 on validation placements with the first 2 seeds; no head ablation
-# (views-long's found the head carries none of gamma's cost), no lambda sweep, and the transfer ceiling (f)-(g) left
-# to views-long, so that the run fits the issue's 2 h on 2 cores: stop 30's took 70 min of stages (docs/results/full).
+# 1000 steps. alpha chosen among 1, 0.25 and 0.5 on validation placements with the first 2 seeds, and on those seeds
+# the lambda sweep (1 and 100 beside 10) and gamma without the action head; the transfer ceiling (f)-(g) left to
+# views-long, so that the run fits the issue's 2 h on 2 cores: stop 30's took 70 min of stages without the lambda
+# sweep and the head ablation, which stop 31 added to it (docs/results/full).
 # Its run without the shift at 1000 and 2000 steps and with (f)-(g) (stop 26, docs/results/full-no-shift) took about
 # 3.9 h.
 FULL = dataclasses.replace(
@@ -254,14 +255,15 @@ FULL = dataclasses.replace(
     control="localization",
     methods=[method for method in METHODS if method not in TRANSFER_METHODS],
     budgets=[1000],
+    lambdas=[1.0, 100.0],
     ablation_seeds=2,
-    ablate_head=False,
     long_steps=2000,
     note="full preset: 12 pretraining tasks, 4 extraction tasks (1500 steps), 4 held-out tasks at 1000 steps; wide "
     "placements, a moving scene camera and randomly shifted training images; the frozen 3D teacher's alignment "
     "(Spatial Forcing's analog, weight 0.1) as the auxiliary objective and the localization control (weight 0.3) "
     "beside it; 5 seeds; methods (a)-(e), the control's (b') and (d') and the oracle (o); alpha chosen among 1, 0.25 "
-    "and 0.5 on validation placements with 2 seeds; the long runs with and without L_orth to 2000 steps",
+    "and 0.5 on validation placements with 2 seeds, and on those seeds lambda 1 and 100 and gamma without the action "
+    "head; the long runs with and without L_orth to 2000 steps",
 )
 
 
