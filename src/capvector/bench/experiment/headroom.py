@@ -54,6 +54,7 @@ from capvector.bench.teacher.pretraining import (
     experiment_teacher,
     pretrain_teacher,
     pretraining_summary,
+    record_frames,
 )
 from capvector.errors import CapvectorError
 from capvector.files import content_hash, read_json, write_json, write_text
@@ -417,32 +418,22 @@ def final_evaluations(config: HeadroomConfig, runs: dict[str, str]) -> list[Eval
     return todo + [Evaluation(runs["oracle"], s, config.budgets[-1], decoy=True) for s in config.seeds]
 
 
-def record_demonstrations(
-    config: HeadroomConfig,
-    root: Path,
-    episodes_per_task: int,
-    seed: int,
-    tasks: list[str] | None = None,
-    frame_stride: int = 1,
-) -> None:
-    """Demonstrations of the regime's tasks (or `tasks`) in its scene look, placements and image size into `root`,
-    once (every `frame_stride`-th step: generate_demonstrations)."""
+def record_demonstrations(config: HeadroomConfig, root: Path, episodes_per_task: int, seed: int) -> None:
+    """Demonstrations of the regime's tasks in its scene look, placements and image size into `root`, once."""
     if root.exists():
         return
     from capvector.bench.env.demos import generate_demonstrations  # the simulator, only when recording
 
-    tasks = tasks or config.tasks
-    print(f"demonstrations: {len(tasks)} tasks x {episodes_per_task}, placement {config.placement}, seed {seed}")
+    print(f"demonstrations: {len(config.tasks)} tasks x {episodes_per_task}, placement {config.placement}, seed {seed}")
     generate_demonstrations(
         root,
-        tasks,
+        config.tasks,
         episodes_per_task,
         seed=seed,
         image_size=config.image_size,
         workers=config.workers,
         variant=config.variant,
         placement=config.placement,
-        frame_stride=frame_stride,
     )
 
 
@@ -464,9 +455,8 @@ def pretrained_teacher(config: HeadroomConfig, layout: HeadroomLayout) -> dict:
     """Record the teacher's frames and pretrain it in the run folder, once; its validation errors and probe."""
     settings = teacher_pretraining(config, layout)
     tasks = resolve_tasks(settings.tasks)
-    record_demonstrations(
-        config, layout.teacher_demos, settings.episodes_per_task, settings.seed, tasks, settings.frame_stride
-    )
+    if not layout.teacher_demos.exists():  # written whole (renamed at the end): present means complete
+        record_frames(settings, layout.teacher_demos, tasks, config.variant)
     started = time.perf_counter()
     print(f"pretraining the teacher on {len(tasks)} tasks' frames ({settings.steps} steps)")
     summary = pretraining_summary(pretrain_teacher(settings, layout.teacher))

@@ -82,7 +82,7 @@ from capvector.bench.experiment.protocol import (
 from capvector.bench.experiment.report import Evaluations, write_report
 from capvector.bench.experiment.stages import Pipeline, Plan, Stage
 from capvector.bench.policy.modeling_policy import Policy
-from capvector.bench.teacher.pretraining import pretrain_teacher, pretraining_summary
+from capvector.bench.teacher.pretraining import pretrain_teacher, pretraining_summary, record_frames
 from capvector.files import read_json, write_json
 from capvector.params.merging import merge
 from capvector.params.vectors import extract
@@ -253,21 +253,9 @@ def do_teacher(run: Run, plan: Plan) -> dict[str, Any]:
         return {}
     settings, folder = teacher_pretraining(run.config, run.layout), run.layout.teacher_frames
     if not folder.exists():  # written whole (renamed at the end): present means complete
-        from capvector.bench.env.demos import generate_demonstrations
-
         frames = plan["frames"]
         print(f"  teacher frames: {settings.episodes_per_task} episodes of each pretraining task")
-        generate_demonstrations(
-            folder,
-            frames["tasks"],
-            settings.episodes_per_task,
-            seed=settings.seed,
-            image_size=frames["image_size"],
-            workers=run.workers,
-            variant=frames["variant"],
-            placement=frames["placement"],
-            frame_stride=settings.frame_stride,
-        )
+        record_frames(dataclasses.replace(settings, workers=run.workers), folder, frames["tasks"], frames["variant"])
     with lone_run_threads(run):
         return pretraining_summary(pretrain_teacher(settings, run.layout.teacher))
 

@@ -252,12 +252,31 @@ def train_teacher(config: TeacherPretraining, frames: Frames, train: torch.Tenso
     return teacher.requires_grad_(False)
 
 
+def record_frames(
+    config: TeacherPretraining, root: Path, tasks: list[str], variant: str = "default", overwrite: bool = False
+) -> None:
+    """Record the teacher's frames into `root`: config.episodes_per_task episodes of each of `tasks` in the look
+    `variant`, on config's placements, seed, image size and frame stride."""
+    from capvector.bench.env.demos import generate_demonstrations  # the simulator, only when recording
+
+    generate_demonstrations(
+        root,
+        tasks,
+        config.episodes_per_task,
+        seed=config.seed,
+        image_size=config.teacher.image_size,
+        workers=config.workers,
+        variant=variant,
+        placement=config.placement,
+        overwrite=overwrite,
+        frame_stride=config.frame_stride,
+    )
+
+
 def frames_folder(config: TeacherPretraining, out_dir: Path) -> Path:
     """The dataset to pretrain on: config.dataset, or the frames recorded beside `out_dir` (recorded once)."""
     if config.dataset is not None:
         return Path(config.dataset)
-    from capvector.bench.env.demos import generate_demonstrations  # the simulator, only when recording
-
     root = out_dir.parent / f"{out_dir.name}-frames"
     tasks = resolve_tasks(config.tasks)
     recorded = read_json(root / "meta" / "info.json") or {}
@@ -269,17 +288,7 @@ def frames_folder(config: TeacherPretraining, out_dir: Path) -> Path:
         and image_size(open_meta(root)) == config.teacher.image_size
     )
     if not reusable:
-        generate_demonstrations(
-            root,
-            tasks,
-            config.episodes_per_task,
-            seed=config.seed,
-            image_size=config.teacher.image_size,
-            workers=config.workers,
-            placement=config.placement,
-            overwrite=True,
-            frame_stride=config.frame_stride,
-        )
+        record_frames(config, root, tasks, overwrite=True)
     return root
 
 
