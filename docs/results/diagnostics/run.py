@@ -28,6 +28,14 @@ control_seeds: in the same run the positive control, (b') auxiliary SFT with the
 points over SFT in-domain, not resolved with 5 seeds ([-2, +15]). (a) and (b') again on 5 more seeds (5-9), each
 exactly the run's config but for the seed, and the paired difference over all 10 ("both:" rows: the run's seeds 0-4
 and these).
+
+control_trunk: the localization control reads the image-only visual tokens, and under the shift it gained +4.5
+[-2, +10] over 10 seeds against the oracle's +38. The oracle is told the positions in the trunk, where the action
+queries can read them. The global control (bench/objectives/privileged.py: every visual token regresses the object
+and goal positions relative to the hand) at a trunk layer, where the visual tokens have met the state, instead: at
+the middle and the last of the 3 trunk layers, weights 0.3 and 1, from theta_pt, seeds 0-4. Layer and weight are
+chosen on the run's validation placements (in-domain, mean over the 5 seeds, against (a) evaluated there too), then
+read on the test placements.
 """
 
 import dataclasses
@@ -105,6 +113,8 @@ class Arm:
     strategy: str = "sft"  # or "aux": the full run's auxiliary objective (the teacher) at its weight
     finetune: str = "full"  # or "lora": adapters at the run's rank and LoRA learning rate, as (e)
     control: bool = False  # with "aux": the run's positive control as the auxiliary objective, as (b')
+    # with "aux": another objective, (TrainConfig.auxiliary, its auxiliary_args), in place of the run's
+    objective: tuple[str, tuple[tuple[str, object], ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +125,20 @@ class Study:
     shown: list[str]  # the full run's methods whose success is listed beside the arms'
     run: str  # the committed full run whose models it studies, and when
     seeds: tuple[int, ...] = ()  # the arms' training seeds (none: the run's)
+    # the arms and the full run's methods named "full:<method>" in the study (full finetuning only) evaluated on the
+    # run's validation placements too, in-domain (VALIDATION), to choose among the arms there
+    validate: bool = False
+
+
+def from_pt(layout: RunLayout, path: Path) -> Path:
+    """theta_pt, the full run's pretrained policy."""
+    return layout.pretrained
+
+
+def trunk_control(layer: int, weight: float) -> Arm:
+    """Auxiliary SFT from theta_pt with the global control (privileged) at trunk layer `layer`."""
+    args = (("layer", f"trunk.layers.{layer}"), ("weight", weight))
+    return Arm(from_pt, "aux", objective=("capvector.bench.recipe:privileged", args))
 
 
 SHIFTED = augmented(4)
@@ -148,7 +172,7 @@ STUDIES = {
     ),
     "lora": Study(
         {
-            "lora_on_pt": Arm(lambda layout, path: layout.pretrained, finetune="lora"),
+            "lora_on_pt": Arm(from_pt, finetune="lora"),
             "lora_on_meta": Arm(theta_meta, finetune="lora"),
         },
         [
@@ -167,8 +191,8 @@ STUDIES = {
     ),
     "control_seeds": Study(
         {
-            "sft": Arm(lambda layout, path: layout.pretrained),
-            "control_aux": Arm(lambda layout, path: layout.pretrained, "aux", control=True),
+            "sft": Arm(from_pt),
+            "control_aux": Arm(from_pt, "aux", control=True),
         },
         [
             ("(b') - (a), seeds 5-9", "control_aux", "sft"),
@@ -179,7 +203,22 @@ STUDIES = {
         "docs/results/full's models (stop 30)",
         seeds=(5, 6, 7, 8, 9),
     ),
+    "control_trunk": Study(
+        {f"trunk{layer}_w{weight:g}": trunk_control(layer, weight) for layer in (1, 2) for weight in (0.3, 1.0)},
+        [
+            *(
+                (f"trunk {layer}, weight {w:g} - (a) SFT", f"trunk{layer}_w{w:g}", "full:sft")
+                for layer in (1, 2)
+                for w in (0.3, 1.0)
+            ),
+            ("(b') the run's localization control - (a) SFT", "full:control_aux", "full:sft"),
+        ],
+        ["full:sft", "full:control_aux", "full:oracle"],
+        "docs/results/full's models (stop 30)",
+        validate=True,
+    ),
 }
+VALIDATION = "validation"  # in-domain, on the run's validation placements (its validation_seed)
 
 
 def main(name: str, full: Path, work: Path, out: Path) -> None:
@@ -190,12 +229,19 @@ def main(name: str, full: Path, work: Path, out: Path) -> None:
     steps, every, budgets = max(config.budgets), min(config.budgets), [str(b) for b in config.budgets]
 
     def train_config(
-        folder: Path, seed: int, init_from: Path, strategy: str = "sft", finetune: str = "full", control: bool = False
+        folder: Path,
+        seed: int,
+        init_from: Path,
+        strategy: str = "sft",
+        finetune: str = "full",
+        control: bool = False,
+        objective: tuple[str, tuple[tuple[str, object], ...]] | None = None,
     ):
         lr = config.lora_lr if finetune == "lora" else config.downstream_lr
+        other = {"auxiliary": objective[0], "auxiliary_args": dict(objective[1])} if objective else {}
         return run.train_config(
             folder, "downstream", steps, lr, seed, init_from, control=control,
-            strategy=strategy, finetune=finetune, checkpoint_every=every, schedule="constant",
+            strategy=strategy, finetune=finetune, checkpoint_every=every, schedule="constant", **other,
         )  # fmt: skip
 
     for method, strategy, control in (("sft", "sft", False), ("aux", "aux", False), ("control_aux", "aux", True)):
@@ -212,7 +258,13 @@ def main(name: str, full: Path, work: Path, out: Path) -> None:
             starts[arm.start] = path if path.exists() else arm.start(layout, path)
     plan = {
         f"{arm_name}/seed{seed}": train_config(
-            work / arm_name / f"seed{seed}", seed, starts[arm.start], arm.strategy, arm.finetune, arm.control
+            work / arm_name / f"seed{seed}",
+            seed,
+            starts[arm.start],
+            arm.strategy,
+            arm.finetune,
+            arm.control,
+            arm.objective,
         )
         for arm_name, arm in study.arms.items()
         for seed in seeds
@@ -227,8 +279,24 @@ def main(name: str, full: Path, work: Path, out: Path) -> None:
     plan_eval = evaluation_plan(config, checkpoints, config.eval_seed, variants)
     evaluate_checkpoints(run, plan_eval, work / "evaluations.json")
     mine, theirs = read_json(work / "evaluations.json"), Evaluations(layout, tuple(variants))
+    validation: dict = {}
+    if study.validate:
+        named = {arm for c in study.comparisons for arm in c[1:]} | set(study.shown)
+        checkpoints |= {
+            f"{arm}/seed{s}/step{b}": (str(checkpoint_folder(layout.downstream(arm[5:], s), b)), None)
+            for arm in sorted(named)
+            if arm.startswith("full:")
+            for s in seeds
+            for b in config.budgets
+        }
+        plan_validation = evaluation_plan(config, checkpoints, config.validation_seed, [config.variant])
+        validation = evaluate_checkpoints(run, plan_validation, work / "validation.json")
+        variants = [VALIDATION, *variants]
 
     def cells(arm: str, budget: str, variant: str) -> np.ndarray:
+        if variant == VALIDATION:
+            rows = [validation[f"{arm}/seed{s}/step{budget}@{config.variant}"]["tasks"] for s in seeds]
+            return np.array([[r[t]["successes"] / r[t]["episodes"] for t in tasks] for r in rows])
         if arm.startswith("full:"):
             return theirs.cells([layout.downstream(arm[5:], s) for s in config.seeds], int(budget), variant, tasks)
         if arm.startswith("both:"):  # the run's seeds of the method, then the study's of the arm of the same name
@@ -303,7 +371,9 @@ def markdown(results: dict) -> str:
     ]
     header = " | ".join(f"{b} steps" for b in budgets)
     for variant in results["variants"]:
-        title = "new environment" if variant == NEW_ENV else f"in-domain ({variant})"
+        title = {NEW_ENV: "new environment", VALIDATION: "validation placements, in-domain (choose here)"}.get(
+            variant, f"in-domain ({variant})"
+        )
         lines += [f"## {title[0].upper()}{title[1:]}", "", "Paired differences, points, 95% bootstrap over seeds:", ""]
         lines += [f"| comparison | {header} |", "|---|" + "---|" * len(budgets)]
         for label, by_variant in results["differences"].items():
