@@ -100,6 +100,19 @@ def test_evaluate_many_gives_each_policy_what_its_own_evaluation_gives():
     assert together[0].mean_steps > together[1].mean_steps  # the two are told apart
 
 
+def test_first_episode_moves_to_other_placements_of_the_same_seed():
+    settings = {"episodes": 2, "workers": 2, "image_size": 32, "max_steps": 40, "seed": 5}
+
+    def rows(first):
+        return next(rows for _, _, rows in evaluate_many([ExpertPolicy], "reach-v3", first_episode=first, **settings))
+
+    assert [row[1] for row in rows(3)] == [3, 4] and [row[1] for row in rows(0)] == [0, 1]
+    assert [row[2] for row in rows(3)] == [eval_placement_seed(5, 3), eval_placement_seed(5, 4)]
+    # the same placements as episodes 3 and 4 of an evaluation from the first episode
+    longer = next(rows for _, _, rows in evaluate_many([ExpertPolicy], "reach-v3", **(settings | {"episodes": 5})))
+    assert [row[:5] for row in rows(3)] == [row[:5] for row in longer[3:]]
+
+
 def test_jobs_split_episodes_only_when_policies_and_tasks_are_too_few():
     assert evaluation_jobs(1, ["a"], 4, workers=2) == [([0], "a", [0, 2]), ([0], "a", [1, 3])]
     jobs = evaluation_jobs(10, ["a", "b"], 3, workers=2)

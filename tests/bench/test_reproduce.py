@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from capvector.bench.env.dataset import capvector_meta, open_meta
 from capvector.bench.env.evaluation import CAPTION_PIXELS, COLUMN_GAP, GIF_PIXELS, GIF_STRIDE
 from capvector.bench.env.features import PRIVILEGED_DIM
-from capvector.bench.env.sim import CONTROL_HZ
+from capvector.bench.env.sim import CONTROL_HZ, eval_placement_seed
 from capvector.bench.experiment.carried import carried_share, split_frames
 from capvector.bench.experiment.layout import PLOTS, RunLayout, checkpoint_folder, trained_policy
 from capvector.bench.experiment.protocol import (
@@ -33,6 +33,8 @@ from capvector.bench.experiment.protocol import (
     ablation_runs,
     alpha_candidates,
     check_config,
+    evaluated_checkpoints,
+    first_test_episodes,
     with_chosen_alpha,
 )
 from capvector.bench.experiment.report import markdown
@@ -41,6 +43,8 @@ from capvector.bench.experiment.reproduce import (
     STAGES,
     Run,
     do_training,
+    evaluate_checkpoints,
+    evaluation_plan,
     finished_twin,
     plan_downstream,
     reproduce,
@@ -449,6 +453,25 @@ def test_every_method_is_compared_with_sft_paired_by_seed_and_task(run):
     assert rows["sft"]["steps_to_sft_final"][0] <= CONFIG.budgets[-1]
     report = (run / "report" / "report.md").read_text()
     assert "Against (a) SFT, paired by (seed, task)" in report
+
+
+def test_each_seed_is_tested_on_placements_of_its_own_and_every_method_of_a_seed_on_the_same(run, tmp_path):
+    layout, last, task = RunLayout(run), CONFIG.budgets[-1], CONFIG.downstream_tasks[0]
+    three_seeds = dataclasses.replace(CONFIG, seeds=[0, 1, 2])
+    for name, first in first_test_episodes(three_seeds, layout).items():
+        seed = int(name.split("/seed")[1].split("/")[0])
+        assert first == seed * CONFIG.eval_episodes  # one range per seed, the same for every method of it
+    evaluations = json.loads((run / "evaluate" / "results.json").read_text())
+    ours = [eval_placement_seed(CONFIG.eval_seed, e) for e in range(CONFIG.eval_episodes)]  # seed 0's range
+    for key in (f"downstream/{m}/seed0/step{last}@{look}" for m in METHODS for look in ("default", "new_env")):
+        assert evaluations[key]["tasks"][task]["placement_seeds"] == ours
+    assert evaluations[f"downstream/{ORACLE}/seed0/step{last}@decoy"]["tasks"][task]["placement_seeds"] == ours
+    # the evaluation reads each checkpoint's first episode from the plan
+    checkpoint = evaluated_checkpoints(CONFIG, layout)[f"downstream/sft/seed0/step{last}"]
+    plan = evaluation_plan(CONFIG, {"a": checkpoint, "b": checkpoint}, 7, ["default"], {"a": 0, "b": 3})
+    results = evaluate_checkpoints(Run(CONFIG, layout, "cpu"), plan, tmp_path / "evaluations.json")
+    assert results["a@default"]["tasks"][task]["placement_seeds"] == [eval_placement_seed(7, 0)]
+    assert results["b@default"]["tasks"][task]["placement_seeds"] == [eval_placement_seed(7, 3)]
 
 
 def test_the_transfer_ceiling_starts_from_extractions_two_models_and_compares_them_paired(run):

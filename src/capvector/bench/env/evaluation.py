@@ -142,14 +142,15 @@ def run_episode(
 
 
 def run_episodes(
-    env: SimEnv, policy, episodes: Iterable[int], seed: int, gif_episodes: int = 0, max_steps: int = MAX_EPISODE_STEPS
+    env: SimEnv, policy, episodes: Iterable[int], seed: int, gif_below: int = 0, max_steps: int = MAX_EPISODE_STEPS
 ) -> list[tuple]:
-    """(task, episode, placement seed, success, steps, frames) per episode of `policy` in `env`."""
+    """(task, episode, placement seed, success, steps, frames) per episode of `policy` in `env`; the frames of
+    episodes numbered below `gif_below` are kept."""
     check_policy(policy, env)
     rows = []
     for episode in episodes:
         placement_seed = eval_placement_seed(seed, episode)
-        success, steps, frames = run_episode(env, policy, placement_seed, episode < gif_episodes, max_steps)
+        success, steps, frames = run_episode(env, policy, placement_seed, episode < gif_below, max_steps)
         rows.append((env.task, episode, placement_seed, success, steps, frames))
     return rows
 
@@ -161,7 +162,7 @@ def evaluate_shard(
     seed: int,
     image_size: int,
     variant: str,
-    gif_episodes: int = 0,
+    gif_below: int = 0,
     placement: str = "default",
     decoy: bool = False,
     max_steps: int = MAX_EPISODE_STEPS,
@@ -175,7 +176,7 @@ def evaluate_shard(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # batch-1 inference of a small model: extra threads only wait on each other (5x here)
     try:
-        return [run_episodes(env, factory(), episodes, seed, gif_episodes, max_steps) for factory in policy_factories]
+        return [run_episodes(env, factory(), episodes, seed, gif_below, max_steps) for factory in policy_factories]
     finally:
         torch.set_num_threads(threads)
         env.close()
@@ -219,16 +220,22 @@ def evaluate_many(
     decoy: bool = False,
     max_steps: int = MAX_EPISODE_STEPS,
     gif_episodes: int = 0,
+    first_episode: int = 0,
 ) -> Iterator[tuple[int, str, list[tuple]]]:
     """Every policy on the same `episodes` placements of every task: `(policy index, task, rows)` as each pair is
     done (run_episodes' rows, in episode order), so that a caller can save as it goes. The one evaluation path:
     `evaluate`, `capvector reproduce` and `capvector headroom` go through it; a policy's rows do not depend on the
-    others evaluated with it. Arguments as `evaluate`'s; `gif_episodes`: frames of the first episodes are kept."""
+    others evaluated with it. Arguments as `evaluate`'s; `gif_episodes`: frames of the first episodes are kept;
+    `first_episode`: the placements are those of episodes first_episode, first_episode + 1, ... of `seed` (so that
+    disjoint ranges give disjoint placements of the same seed)."""
     tasks = resolve_tasks(tasks)
     if episodes < 1:
         raise CapvectorError(f"episodes must be at least 1, got {episodes}")
-    jobs = evaluation_jobs(len(policy_factories), tasks, episodes, workers)
-    common = (seed, image_size, variant, gif_episodes, placement, decoy, max_steps)
+    jobs = [
+        (indices, task, [first_episode + e for e in eps])
+        for indices, task, eps in evaluation_jobs(len(policy_factories), tasks, episodes, workers)
+    ]
+    common = (seed, image_size, variant, first_episode + gif_episodes, placement, decoy, max_steps)
     arguments = [([policy_factories[i] for i in indices], task, eps, *common) for indices, task, eps in jobs]
     left = Counter((i, task) for indices, task, _ in jobs for i in indices)  # jobs each (policy, task) waits for
     rows: dict[tuple[int, str], list[tuple]] = defaultdict(list)

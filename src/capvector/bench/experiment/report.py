@@ -897,7 +897,9 @@ def markdown(results: Mapping) -> str:
         f"{', '.join(results['tasks']['downstream'])}; D_ext: {', '.join(results['tasks']['extract'])}; "
         f"pretraining: {', '.join(results['tasks']['pretrain'])}. Seeds {config['seeds']}, "
         f"{config['eval_episodes']} evaluation episodes per task, checkpoint and seed on placements disjoint from "
-        f"every demonstration; alpha = {config['alpha']:g}, lambda = {config['orth_lambda']:g}.",
+        "every demonstration, each seed on placements of its own and every method of a seed on the same ones "
+        "(so that the intervals over seeds cover the placements too); "
+        f"alpha = {config['alpha']:g}, lambda = {config['orth_lambda']:g}.",
         "",
         *pictures(results),
     ]

@@ -70,6 +70,8 @@ from capvector.bench.experiment.protocol import (
     evaluated_variants,
     evaluation_key,
     evaluation_name,
+    first_test_episode,
+    first_test_episodes,
     preset_config,
     run_label,
     run_name,
@@ -413,9 +415,14 @@ def training_plan(run: Run, runs: list[DownstreamRun]) -> Plan:
 
 
 def evaluation_plan(
-    config: ReproduceConfig, checkpoints: dict[str, tuple[str, str | None]], seed: int, variants: list[str]
+    config: ReproduceConfig,
+    checkpoints: dict[str, tuple[str, str | None]],
+    seed: int,
+    variants: list[str],
+    first_episodes: dict[str, int] | None = None,
 ) -> Plan:
-    """What evaluate_checkpoints does: `checkpoints` on every held-out task, on the placements of `seed`."""
+    """What evaluate_checkpoints does: `checkpoints` on every held-out task, on the placements of `seed` (from
+    episode `first_episodes[name]` of it where given, else the first)."""
     return {
         "checkpoints": checkpoints,
         "tasks": split_tasks(config)["downstream"],
@@ -423,7 +430,7 @@ def evaluation_plan(
         "seed": seed,
         "variants": variants,
         "placement": config.placement,
-    }
+    } | ({"first_episodes": first_episodes} if first_episodes else {})
 
 
 def plan_select(run: Run) -> Plan:
@@ -497,7 +504,8 @@ def do_ablations(run: Run, plan: Plan) -> dict[str, Any]:
 
 def plan_evaluate(run: Run) -> Plan:
     c = run.protocol
-    plan = evaluation_plan(c, evaluated_checkpoints(c, run.layout), c.eval_seed, list(evaluated_variants(c)))
+    checkpoints, first = evaluated_checkpoints(c, run.layout), first_test_episodes(c, run.layout)
+    plan = evaluation_plan(c, checkpoints, c.eval_seed, list(evaluated_variants(c)), first)
     decoys = decoy_checkpoints(c, run.layout)
     return plan | ({"decoys": decoys} if decoys else {})
 
@@ -512,25 +520,27 @@ def do_evaluate(run: Run, plan: Plan) -> dict[str, Any]:
 
 
 def evaluate_checkpoints(run: Run, plan: Plan, path: Path) -> dict[str, Any]:
-    """Every checkpoint of `plan` (evaluation_plan's) on the same placements of every task, in every variant, and
-    its `decoys` once more in the first variant with another placement's positions (kept under DECOY), through the
-    evaluation harness (capvector.bench.env.evaluation.evaluate_many); saved into `path` as it goes (a killed stage
-    keeps what it evaluated). Returns every result in `path`."""
+    """Every checkpoint of `plan` (evaluation_plan's) on its placements of every task (a checkpoint's, from its
+    first episode), in every variant, and its `decoys` once more in the first variant with another placement's
+    positions (kept under DECOY), through the evaluation harness (capvector.bench.env.evaluation.evaluate_many);
+    saved into `path` as it goes (a killed stage keeps what it evaluated). Returns every result in `path`."""
     from capvector.bench.env.evaluation import evaluate_many, task_result
 
     results = read_json(path) or {}
     passes = [(variant, variant, list(plan["checkpoints"])) for variant in plan["variants"]]
     passes.append((DECOY, plan["variants"][0], plan.get("decoys", [])))
-    todo: dict[tuple[str, str, tuple[str, ...]], list[str]] = {}  # (key, look, tasks not evaluated yet) -> names
+    first_episodes = plan.get("first_episodes", {})
+    # (key, look, tasks not evaluated yet, first episode) -> names
+    todo: dict[tuple[str, str, tuple[str, ...], int], list[str]] = {}
     for label, variant, names in passes:
         for name in names:
             done = results.get(evaluation_key(name, label), {}).get("tasks", {})
             missing = tuple(task for task in plan["tasks"] if task not in done)
             if missing:
-                todo.setdefault((label, variant, missing), []).append(name)
-    finished, total = 0, sum(len(tasks) * len(names) for (_, _, tasks), names in todo.items())
+                todo.setdefault((label, variant, missing, first_episodes.get(name, 0)), []).append(name)
+    finished, total = 0, sum(len(tasks) * len(names) for (_, _, tasks, _), names in todo.items())
     started = last_print = time.perf_counter()
-    for (label, variant, tasks), names in todo.items():
+    for (label, variant, tasks, first), names in todo.items():
         factories = [trained_loader(*plan["checkpoints"][name]) for name in names]
         outcomes = evaluate_many(
             factories,
@@ -542,6 +552,7 @@ def evaluate_checkpoints(run: Run, plan: Plan, path: Path) -> dict[str, Any]:
             run.config.image_size,
             placement=plan["placement"],
             decoy=label == DECOY,
+            first_episode=first,
         )
         for i, task, rows in outcomes:
             result = dataclasses.asdict(task_result(task, rows))
@@ -577,6 +588,7 @@ def side_by_side_episode(run: Run) -> dict[str, Any]:
             image_size=c.image_size,
             placement=c.placement,
             gif_episodes=1,
+            first_episode=first_test_episode(c, seed),
         )
     }
     outcomes = {}
