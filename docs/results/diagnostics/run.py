@@ -1,6 +1,7 @@
 """Diagnostics on a full run's own models (stops 27 and 30): downstream runs from start points or seeds the protocol
 does not have, trained and evaluated exactly as the full run's methods (same demonstrations, steps, learning rate,
-test placements and variants; the script first checks that its configs for SFT, auxiliary SFT and, where the run has
+test placements (since stop 31 each seed on placements of its own, as the run's) and variants; the script first
+checks that its configs for SFT, auxiliary SFT and, where the run has
 it, auxiliary SFT with the control, all from theta_pt, are field for field those the full run trained (a), (b) and
 (b') with), compared with each other and with the full run's methods, paired by (seed, task).
 
@@ -8,7 +9,9 @@ it, auxiliary SFT with the control, all from theta_pt, are field for field those
         docs/results/diagnostics
 
 writes STUDY.md and STUDY.json beside this script. Resumable: finished trainings and evaluations in the work folder
-(the third argument) are kept.
+(the third argument) are kept (evaluations under the hash of their plan, so a changed plan evaluates anew). The
+studies' motivations quote the figures that prompted them; base and augment ran on stop 27's models, gone since, and
+were not evaluated again.
 
 base: does gamma need the weights it was extracted on? In the full run SFT from theta_ao beat SFT from theta_ft by
 13-15 points on the held-out tasks, yet theta_pt + 0.25 gamma (alpha chosen on validation placements) was no better
@@ -52,6 +55,7 @@ from capvector.bench.experiment.protocol import (
     NEW_ENV,
     ReproduceConfig,
     evaluated_variants,
+    first_test_episode,
     split_tasks,
     with_chosen_alpha,
 )
@@ -59,7 +63,7 @@ from capvector.bench.experiment.report import Evaluations
 from capvector.bench.experiment.reproduce import Run, do_training, evaluate_checkpoints, evaluation_plan
 from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.bench.statistics import bootstrap_mean, paired_difference, points
-from capvector.files import read_json, write_json, write_text
+from capvector.files import content_hash, read_json, write_json, write_text
 from capvector.params.merging import merge
 from capvector.params.vectors import open_vector
 from capvector.training.config import config_hash
@@ -271,26 +275,31 @@ def main(name: str, full: Path, work: Path, out: Path) -> None:
     }
     do_training(run, plan)
     variants, tasks = list(evaluated_variants(config)), split_tasks(config)["downstream"]
-    checkpoints = {  # a LoRA checkpoint is an adapter folder, applied to the run's start
-        f"{name}/step{b}": (str(checkpoint_folder(Path(c.out_dir), b)), c.init_from if c.finetune == "lora" else None)
-        for name, c in plan.items()
-        for b in config.budgets
-    }
-    plan_eval = evaluation_plan(config, checkpoints, config.eval_seed, variants)
-    evaluate_checkpoints(run, plan_eval, work / "evaluations.json")
-    mine, theirs = read_json(work / "evaluations.json"), Evaluations(layout, tuple(variants))
+    checkpoints, first = {}, {}  # every seed on placements of its own, as the run's (first_test_episode)
+    for name, c in plan.items():
+        for b in config.budgets:  # a LoRA checkpoint is an adapter folder, applied to the run's start
+            lora_base = c.init_from if c.finetune == "lora" else None
+            checkpoints[f"{name}/step{b}"] = (str(checkpoint_folder(Path(c.out_dir), b)), lora_base)
+            first[f"{name}/step{b}"] = first_test_episode(config, c.seed)
+
+    def evaluated(seed: int, looks: list[str]) -> dict:
+        """The checkpoints on the placements of `seed`, cached in the work folder under the plan's hash."""
+        plan = evaluation_plan(config, checkpoints, seed, looks, first)
+        return evaluate_checkpoints(run, plan, work / f"evaluations-{content_hash(plan)}.json")
+
+    mine, theirs = evaluated(config.eval_seed, variants), Evaluations(layout, tuple(variants))
     validation: dict = {}
     if study.validate:
         named = {arm for c in study.comparisons for arm in c[1:]} | set(study.shown)
-        checkpoints |= {
-            f"{arm}/seed{s}/step{b}": (str(checkpoint_folder(layout.downstream(arm[5:], s), b)), None)
-            for arm in sorted(named)
-            if arm.startswith("full:")
-            for s in seeds
-            for b in config.budgets
-        }
-        plan_validation = evaluation_plan(config, checkpoints, config.validation_seed, [config.variant])
-        validation = evaluate_checkpoints(run, plan_validation, work / "validation.json")
+        for arm in sorted(arm for arm in named if arm.startswith("full:")):
+            for s in seeds:
+                for b in config.budgets:
+                    checkpoints[f"{arm}/seed{s}/step{b}"] = (
+                        str(checkpoint_folder(layout.downstream(arm[5:], s), b)),
+                        None,
+                    )
+                    first[f"{arm}/seed{s}/step{b}"] = first_test_episode(config, s)
+        validation = evaluated(config.validation_seed, [config.variant])
         variants = [VALIDATION, *variants]
 
     def cells(arm: str, budget: str, variant: str) -> np.ndarray:
