@@ -30,7 +30,9 @@ or LoRA? LoRA SFT (no L_orth) from theta_pt and from theta_meta, at (e)'s rank a
 control_seeds: in the same run the positive control, (b') auxiliary SFT with the localization objective, was +9
 points over SFT in-domain, not resolved with 5 seeds ([-2, +15]). (a) and (b') again on 5 more seeds (5-9), each
 exactly the run's config but for the seed, and the paired difference over all 10 ("both:" rows: the run's seeds 0-4
-and these).
+and these). Stop 31, with each seed on placements of its own, found (d') CapVector with the control's gamma +12
+[+2, +19] over (a) on the run's seeds, the one resolved gain of a method over SFT: (d') on seeds 5-9 too, its
+config built by the run's own protocol (reproduce.downstream_config) but for the seed, to see whether it holds.
 
 control_trunk: the localization control reads the image-only visual tokens, and under the shift it gained +4.5
 [-2, +10] over 10 seeds against the oracle's +38. The oracle is told the positions in the trunk, where the action
@@ -53,20 +55,28 @@ import numpy as np
 from capvector.bench.experiment.layout import RunLayout, checkpoint_folder, trained_policy
 from capvector.bench.experiment.protocol import (
     NEW_ENV,
+    DownstreamRun,
     ReproduceConfig,
     evaluated_variants,
     first_test_episode,
+    method_vector,
     split_tasks,
     with_chosen_alpha,
 )
 from capvector.bench.experiment.report import Evaluations
-from capvector.bench.experiment.reproduce import Run, do_training, evaluate_checkpoints, evaluation_plan
+from capvector.bench.experiment.reproduce import (
+    Run,
+    do_training,
+    downstream_config,
+    evaluate_checkpoints,
+    evaluation_plan,
+)
 from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.bench.statistics import bootstrap_mean, paired_difference, points
 from capvector.files import content_hash, read_json, write_json, write_text
 from capvector.params.merging import merge
 from capvector.params.vectors import open_vector
-from capvector.training.config import config_hash
+from capvector.training.config import TrainConfig, config_hash
 
 Start = Callable[[RunLayout, Path], Path]  # (the full run's layout, where to write it) -> a policy folder
 
@@ -119,6 +129,9 @@ class Arm:
     control: bool = False  # with "aux": the run's positive control as the auxiliary objective, as (b')
     # with "aux": another objective, (TrainConfig.auxiliary, its auxiliary_args), in place of the run's
     objective: tuple[str, tuple[tuple[str, object], ...]] | None = None
+    # the run's own method (protocol.METHODS), configured by the run's protocol but for the seed: start and the
+    # fields above are then unused
+    method: str | None = None
 
 
 @dataclass(frozen=True)
@@ -197,13 +210,17 @@ STUDIES = {
         {
             "sft": Arm(from_pt),
             "control_aux": Arm(from_pt, "aux", control=True),
+            "control_capvector": Arm(from_pt, method="control_capvector"),
         },
         [
             ("(b') - (a), seeds 5-9", "control_aux", "sft"),
             ("(b') - (a), seeds 0-4: the full run's", "full:control_aux", "full:sft"),
             ("(b') - (a), seeds 0-9", "both:control_aux", "both:sft"),
+            ("(d') - (a), seeds 5-9", "control_capvector", "sft"),
+            ("(d') - (a), seeds 0-4: the full run's", "full:control_capvector", "full:sft"),
+            ("(d') - (a), seeds 0-9", "both:control_capvector", "both:sft"),
         ],
-        ["full:sft", "full:control_aux"],
+        ["full:sft", "full:control_aux", "full:control_capvector"],
         "docs/results/full's models (stop 30)",
         seeds=(5, 6, 7, 8, 9),
     ),
@@ -260,19 +277,23 @@ def main(name: str, full: Path, work: Path, out: Path) -> None:
         path = work / "start" / arm_name
         if arm.start not in starts:
             starts[arm.start] = path if path.exists() else arm.start(layout, path)
-    plan = {
-        f"{arm_name}/seed{seed}": train_config(
-            work / arm_name / f"seed{seed}",
-            seed,
-            starts[arm.start],
-            arm.strategy,
-            arm.finetune,
-            arm.control,
-            arm.objective,
-        )
-        for arm_name, arm in study.arms.items()
-        for seed in seeds
-    }
+
+    def arm_config(arm_name: str, arm: Arm, seed: int) -> TrainConfig:
+        folder = work / arm_name / f"seed{seed}"
+        if arm.method:
+            budgets = tuple(config.budgets)
+            spec = DownstreamRun(folder, arm.method, seed, steps, config.alpha, config.orth_lambda, budgets)
+            return downstream_config(run, dataclasses.replace(spec, vector=method_vector(arm.method)))
+        return train_config(
+            folder, seed, starts[arm.start], arm.strategy, arm.finetune, arm.control, arm.objective
+        )  # fmt: skip
+
+    for name, arm in study.arms.items():
+        if arm.method:  # built by the run's protocol, so the run's config but for the seed: checked all the same
+            trained = read_json(layout.downstream(arm.method, config.seeds[0]) / "wall.json")["config_hash"]
+            if config_hash(arm_config(name, arm, config.seeds[0])) != trained:
+                raise SystemExit(f"the {arm.method} config built here is not the one the full run trained with")
+    plan = {f"{name}/seed{seed}": arm_config(name, arm, seed) for name, arm in study.arms.items() for seed in seeds}
     do_training(run, plan)
     variants, tasks = list(evaluated_variants(config)), split_tasks(config)["downstream"]
     checkpoints, first = {}, {}  # every seed on placements of its own, as the run's (first_test_episode)
