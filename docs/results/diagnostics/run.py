@@ -288,20 +288,20 @@ def main(name: str, full: Path, work: Path, out: Path) -> None:
             folder, seed, starts[arm.start], arm.strategy, arm.finetune, arm.control, arm.objective
         )  # fmt: skip
 
-    for name, arm in study.arms.items():
+    for arm_name, arm in study.arms.items():
         if arm.method:  # built by the run's protocol, so the run's config but for the seed: checked all the same
             trained = read_json(layout.downstream(arm.method, config.seeds[0]) / "wall.json")["config_hash"]
-            if config_hash(arm_config(name, arm, config.seeds[0])) != trained:
+            if config_hash(arm_config(arm_name, arm, config.seeds[0])) != trained:
                 raise SystemExit(f"the {arm.method} config built here is not the one the full run trained with")
     plan = {f"{name}/seed{seed}": arm_config(name, arm, seed) for name, arm in study.arms.items() for seed in seeds}
     do_training(run, plan)
     variants, tasks = list(evaluated_variants(config)), split_tasks(config)["downstream"]
     checkpoints, first = {}, {}  # every seed on placements of its own, as the run's (first_test_episode)
-    for name, c in plan.items():
+    for trained_run, c in plan.items():
         for b in config.budgets:  # a LoRA checkpoint is an adapter folder, applied to the run's start
             lora_base = c.init_from if c.finetune == "lora" else None
-            checkpoints[f"{name}/step{b}"] = (str(checkpoint_folder(Path(c.out_dir), b)), lora_base)
-            first[f"{name}/step{b}"] = first_test_episode(config, c.seed)
+            checkpoints[f"{trained_run}/step{b}"] = (str(checkpoint_folder(Path(c.out_dir), b)), lora_base)
+            first[f"{trained_run}/step{b}"] = first_test_episode(config, c.seed)
 
     def evaluated(seed: int, looks: list[str]) -> dict:
         """The checkpoints on the placements of `seed`, cached in the work folder under the plan's hash."""
