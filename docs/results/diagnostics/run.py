@@ -34,6 +34,10 @@ and these). Stop 31, with each seed on placements of its own, found (d') CapVect
 [+2, +19] over (a) on the run's seeds, the one resolved gain of a method over SFT: (d') on seeds 5-9 too, its
 config built by the run's own protocol (reproduce.downstream_config) but for the seed, to see whether it holds.
 
+control_meta: (d') CapVector with the control's gamma was ahead of SFT (+9.0 [+2, +16] over 10 seeds), the control's
+own auxiliary SFT was not: is that the control's content, carried by gamma, or the extra training gamma holds? Plain
+SFT, no L_orth, from the control's theta_meta ((c'), as (c) is to (d)), seeds 0-4.
+
 control_trunk: the localization control reads the image-only visual tokens, and under the shift it gained +4.5
 [-2, +10] over 10 seeds against the oracle's +38. The oracle is told the positions in the trunk, where the action
 queries can read them. The global control (bench/objectives/privileged.py: every visual token regresses the object
@@ -54,6 +58,7 @@ import numpy as np
 
 from capvector.bench.experiment.layout import RunLayout, checkpoint_folder, trained_policy
 from capvector.bench.experiment.protocol import (
+    GAMMA_CONTROL,
     NEW_ENV,
     DownstreamRun,
     ReproduceConfig,
@@ -104,6 +109,12 @@ def theta_meta(layout: RunLayout, path: Path) -> Path:
     """The full run's theta_meta at its chosen alpha (merged by its vector stage)."""
     alpha = read_json(layout.stage_record("select"))["outputs"]["alpha"]
     return layout.theta_meta(alpha)
+
+
+def control_theta_meta(layout: RunLayout, path: Path) -> Path:
+    """theta_pt + alpha * the control's gamma at the run's chosen alpha, the start of its (d')."""
+    alpha = read_json(layout.stage_record("select"))["outputs"]["alpha"]
+    return layout.theta_meta(alpha, GAMMA_CONTROL)
 
 
 def augmented(shift: int) -> Start:
@@ -223,6 +234,16 @@ STUDIES = {
         ["full:sft", "full:control_aux", "full:control_capvector"],
         "docs/results/full's models (stop 30)",
         seeds=(5, 6, 7, 8, 9),
+    ),
+    "control_meta": Study(
+        {"control_meta_sft": Arm(control_theta_meta)},
+        [
+            ("(c') SFT from the control's theta_meta - (a) SFT", "control_meta_sft", "full:sft"),
+            ("(d') - (c'): what L_orth adds to the control's gamma", "full:control_capvector", "control_meta_sft"),
+            ("(d') - (a), the full run's", "full:control_capvector", "full:sft"),
+        ],
+        ["full:sft", "full:meta_sft", "full:control_capvector"],
+        "docs/results/full's models (stop 31)",
     ),
     "control_trunk": Study(
         {f"trunk{layer}_w{weight:g}": trunk_control(layer, weight) for layer in (1, 2) for weight in (0.3, 1.0)},
