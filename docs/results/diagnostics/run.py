@@ -345,14 +345,13 @@ def main(name: str, full: Path, work: Path, out: Path) -> None:
         variants = [VALIDATION, *variants]
 
     def cells(arm: str, budget: str, variant: str) -> np.ndarray:
-        if variant == VALIDATION:
-            rows = [validation[f"{arm}/seed{s}/step{budget}@{config.variant}"]["tasks"] for s in seeds]
-            return np.array([[r[t]["successes"] / r[t]["episodes"] for t in tasks] for r in rows])
-        if arm.startswith("full:"):
+        if arm.startswith("full:") and variant != VALIDATION:
             return theirs.cells([layout.downstream(arm[5:], s) for s in config.seeds], int(budget), variant, tasks)
         if arm.startswith("both:"):  # the run's seeds of the method, then the study's of the arm of the same name
             return np.concatenate([cells(f"full:{arm[5:]}", budget, variant), cells(arm[5:], budget, variant)])
-        rows = [mine[f"{arm}/seed{s}/step{budget}@{variant}"]["tasks"] for s in seeds]
+        # the study's evaluations: its arms, and on validation placements the run's methods too
+        source, look = (validation, config.variant) if variant == VALIDATION else (mine, variant)
+        rows = [source[f"{arm}/seed{s}/step{budget}@{look}"]["tasks"] for s in seeds]
         return np.array([[r[t]["successes"] / r[t]["episodes"] for t in tasks] for r in rows])
 
     results = {
