@@ -21,6 +21,7 @@ input before it touches anything, `setup` builds the pieces into a `Run`, `train
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import time
@@ -86,6 +87,7 @@ def train(
         run = setup(config, rank, world, device, state, policy, dataset, auxiliary, vector)
         loop(run)
         export_policy(run.model.policy, out_dir / POLICY_DIR, rank)  # FSDP: every process gathers, rank 0 writes
+        del run  # DDP's reducer must go before the process group does: see process_group
         if world > 1:
             dist.barrier()
     return out_dir
@@ -107,6 +109,11 @@ def process_group(world: int, device: torch.device) -> Iterator[tuple[int, torch
         yield dist.get_rank(), device
     finally:
         if started:
+            # A DDP reducer still alive here would drop the gloo group's last reference later while holding the GIL;
+            # the group's destructor joins its worker thread, which may need the GIL to free a finished collective's
+            # tensors: a deadlock (seen about once in 20 two-process runs). Collected now, the reducer leaves the
+            # group to destroy_process_group, whose release does not hold the GIL.
+            gc.collect()
             dist.destroy_process_group()
 
 
