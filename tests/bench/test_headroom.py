@@ -14,8 +14,11 @@ from capvector.bench.experiment.headroom import (
     AUX_ARMS,
     PROBE_EPISODES,
     REGIMES,
+    Evaluation,
     aux_run_name,
     check_config,
+    evaluation_batches,
+    final_evaluations,
     headroom,
 )
 from capvector.bench.policy.configuration_policy import PolicyConfig
@@ -121,7 +124,7 @@ def test_headroom_miniature_runs_every_stage_and_reuses_them(tmp_path, capsys):
     control = results["control"]
     assert control["weight"] in config.control_weights and control["seeds"] == [0]
     assert set(control["validation"]) == {"0.1", "0.2"}
-    validation = json.loads((tmp_path / "test" / "evaluate" / "validation_placements1.json").read_text())
+    validation = json.loads((tmp_path / "test" / "evaluate" / "validation1_per_seed.json").read_text())
     assert set(validation) == {"control_w0.1/seed0/step4", "control_w0.2/seed0/step4", "teacher_w0.5/seed0/step4"}
     trained = {p.parent.name + "/" + p.name for p in (tmp_path / "test" / "train").glob("control_w*/seed*")}
     other = aux_run_name("control", 0.3 - control["weight"])
@@ -163,6 +166,20 @@ def test_headroom_miniature_runs_every_stage_and_reuses_them(tmp_path, capsys):
     assert not {"evaluated", "probing"} & set(capsys.readouterr().out.split())
     with pytest.raises(CapvectorError, match="unknown headroom regime"):
         headroom("nope", out_dir=tmp_path)
+
+
+def test_each_seed_is_evaluated_on_placements_of_its_own_and_every_arm_of_a_seed_on_the_same():
+    config = dataclasses.replace(REGIMES["views-confirm-shift"], seeds=[0, 1, 2])
+    batches = evaluation_batches(config, final_evaluations(config, {"sft": "sft", "oracle": "oracle"}))
+    firsts = {
+        seed: {first for (_, first), batch in batches.items() if any(e.seed == seed for e in batch)}
+        for seed in config.seeds
+    }
+    assert firsts == {0: {0}, 1: {20}, 2: {40}}  # eval_episodes 20 each, disjoint
+    for (decoy, first), batch in batches.items():
+        assert {e.seed for e in batch} == {first // config.eval_episodes} and {e.decoy for e in batch} == {decoy}
+    assert Evaluation("oracle", 1, 2000, decoy=True) in batches[(True, 20)]  # the decoy on the seed's placements
+    assert {e.run for e in batches[(False, 20)]} == {"sft", "oracle"}  # paired by (seed, task)
 
 
 @pytest.mark.parametrize(

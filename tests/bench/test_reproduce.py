@@ -47,6 +47,7 @@ from capvector.bench.experiment.reproduce import (
     evaluation_plan,
     finished_twin,
     plan_downstream,
+    plan_select,
     reproduce,
     training_processes,
 )
@@ -267,6 +268,12 @@ def test_alpha_is_chosen_on_validation_placements_and_every_method_from_theta_me
     for method in ("meta_sft", "capvector"):
         config = yaml.safe_load((run / "downstream" / method / "seed0" / "config.yaml").read_text())
         assert Path(config["init_from"]).name == f"theta_meta_alpha{chosen:g}"
+    # with more seeds, each candidate's seed on validation placements of its own, every candidate of a seed on the same
+    two_seeds = dataclasses.replace(CONFIG, seeds=[0, 1], ablation_seeds=2)
+    plan = plan_select(Run(two_seeds, RunLayout(run), "cpu"))["evaluation"]
+    assert plan["seed"] == CONFIG.validation_seed and set(plan["first_episodes"]) == set(plan["checkpoints"])
+    for name, first in plan["first_episodes"].items():
+        assert first == (CONFIG.eval_episodes if "/seed1/" in name else 0)
     selected = yaml.safe_load((run / "select" / f"alpha{chosen:g}" / "seed0" / "config.yaml").read_text())
     main = yaml.safe_load((run / "downstream" / "capvector" / "seed0" / "config.yaml").read_text())
     assert selected["init_from"] == main["init_from"] and selected["orth_lambda"] == main["orth_lambda"]

@@ -63,7 +63,7 @@ from capvector.bench.experiment.protocol import (
     DownstreamRun,
     ReproduceConfig,
     evaluated_variants,
-    first_test_episode,
+    first_episode,
     method_vector,
     split_tasks,
     with_chosen_alpha,
@@ -317,12 +317,12 @@ def main(name: str, full: Path, work: Path, out: Path) -> None:
     plan = {f"{name}/seed{seed}": arm_config(name, arm, seed) for name, arm in study.arms.items() for seed in seeds}
     do_training(run, plan)
     variants, tasks = list(evaluated_variants(config)), split_tasks(config)["downstream"]
-    checkpoints, first = {}, {}  # every seed on placements of its own, as the run's (first_test_episode)
+    checkpoints, first = {}, {}  # every seed on placements of its own, as the run's (first_episode)
     for trained_run, c in plan.items():
         for b in config.budgets:  # a LoRA checkpoint is an adapter folder, applied to the run's start
             lora_base = c.init_from if c.finetune == "lora" else None
             checkpoints[f"{trained_run}/step{b}"] = (str(checkpoint_folder(Path(c.out_dir), b)), lora_base)
-            first[f"{trained_run}/step{b}"] = first_test_episode(config, c.seed)
+            first[f"{trained_run}/step{b}"] = first_episode(config, c.seed)
 
     def evaluated(seed: int, looks: list[str]) -> dict:
         """The checkpoints on the placements of `seed`, cached in the work folder under the plan's hash."""
@@ -340,7 +340,7 @@ def main(name: str, full: Path, work: Path, out: Path) -> None:
                         str(checkpoint_folder(layout.downstream(arm[5:], s), b)),
                         None,
                     )
-                    first[f"{arm}/seed{s}/step{b}"] = first_test_episode(config, s)
+                    first[f"{arm}/seed{s}/step{b}"] = first_episode(config, s)
         validation = evaluated(config.validation_seed, [config.variant])
         variants = [VALIDATION, *variants]
 

@@ -2,8 +2,8 @@
 
     capvector headroom --regime wide          # runs/headroom/wide/report/report.md
 
-Arms trained from scratch on the same demonstrations, seeds and batches, evaluated on the same held-out
-placements (paired):
+Arms trained from scratch on the same demonstrations, seeds and batches, each seed evaluated on held-out placements
+of its own, every arm of a seed on the same ones (paired):
   sft      images, state and instruction: what every method of the experiment sees.
   oracle   the same plus the simulator's object and goal positions (`observation.privileged`) as one more token.
   control  auxiliary SFT with the positive control (capvector.bench.objectives.localization): where the object and
@@ -42,6 +42,7 @@ import torch
 
 from capvector.bench import recipe
 from capvector.bench.env.camera import CAMERAS, VARIANTS
+from capvector.bench.env.evaluation import evaluate_many, own_placements
 from capvector.bench.env.features import PRIVILEGED_DIM
 from capvector.bench.env.sim import PLACEMENTS, parallel_map
 from capvector.bench.env.tasks import resolve_tasks
@@ -355,20 +356,26 @@ class Evaluation:
         return f"{self.run}/seed{self.seed}/step{self.steps}{'/decoy' if self.decoy else ''}"
 
 
+def evaluation_batches(config: HeadroomConfig, todo: list[Evaluation]) -> dict[tuple[bool, int], list[Evaluation]]:
+    """`todo` grouped as evaluate_many runs them: one simulator setting (the decoy's or not) and one first episode,
+    the training seed's own placements (capvector.bench.env.evaluation.own_placements), per batch."""
+    batches: dict[tuple[bool, int], list[Evaluation]] = {}
+    for e in todo:
+        batches.setdefault((e.decoy, own_placements(e.seed, config.eval_episodes)), []).append(e)
+    return batches
+
+
 def run_evaluations(
     config: HeadroomConfig, layout: HeadroomLayout, todo: list[Evaluation], path: Path, placements: int
 ) -> dict:
-    """Success per task of every evaluation in `todo` on the placements of seed `placements`, cached in `path`
-    (each saved as soon as all its tasks are done, so an interrupted run resumes)."""
-    from capvector.bench.env.evaluation import evaluate_many
-
+    """Success per task of every evaluation in `todo` on its seed's own placements of seed `placements`, cached in
+    `path` (each saved as soon as all its tasks are done, so an interrupted run resumes)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     results = read_json(path) or {}
     missing = [e for e in todo if e.name not in results]
     started = time.perf_counter()
     rates: dict[str, dict[str, float]] = {}  # per name, its tasks evaluated so far
-    for decoy in (False, True):  # one simulator setting per pass: the oracle's decoy test is another
-        batch = [e for e in missing if e.decoy == decoy]
+    for (decoy, first), batch in evaluation_batches(config, missing).items():
         for i, task, rows in evaluate_many(
             [functools.partial(recipe.load_trained, policy_at(layout, e.run, e.seed, e.steps)) for e in batch],
             config.tasks,
@@ -380,6 +387,7 @@ def run_evaluations(
             placement=config.placement,
             decoy=decoy,
             max_steps=config.max_steps,
+            first_episode=first,
         ):
             name = batch[i].name
             rates.setdefault(name, {})[task] = sum(row[3] for row in rows) / len(rows)
@@ -576,8 +584,9 @@ def report_markdown(summary: dict) -> str:
         "",
         f"Tasks {', '.join(config['tasks'])}; placement ranges `{config['placement']}`; scene look "
         f"`{config.get('variant', 'default')}`; {config['demos_per_task']} demonstrations per task; "
-        f"{len(config['seeds'])} seeds; {config['eval_episodes']} held-out placements per task (placement seed "
-        f"{config['eval_seed']}), the same for every policy. Success in %, mean over seeds and tasks, 95% interval "
+        f"{len(config['seeds'])} seeds; {config['eval_episodes']} held-out placements per task and seed, each "
+        f"seed's own (placement seed {config['eval_seed']}), every arm of a seed on the same. Success in %, mean "
+        "over seeds and tasks, 95% interval "
         "from a bootstrap over seeds; differences paired by (seed, task).",
         "",
         "| steps | SFT | oracle (+ object/goal positions) | oracle - SFT | "

@@ -23,8 +23,10 @@
       demos/                            the demonstrations of the regime's tasks
       demos-held-out/                   a few more on other placements, for the probe of the visual tokens
       train/<arm>/seed<k>/              training runs (sft, oracle, control_w<weight>)
-      evaluate/results.json             "<arm>/seed<k>/step<n>[/decoy]" -> {task: success rate}
-      evaluate/validation_placements<p>.json   the same for the control's candidate weights, on validation placements
+      evaluate/test_per_seed.json       "<arm>/seed<k>/step<n>[/decoy]" -> {task: success rate}, each seed on its own
+                                        test placements
+      evaluate/validation<p>_per_seed.json   the same for the auxiliary arms' candidate weights, on validation
+                                        placements
       evaluate/probe.json               "<arm>/seed<k>/step<n>" and "untrained" -> held-out R^2 of positions from
                                         its visual tokens
       report/                           report.md and results.json
@@ -142,7 +144,9 @@ class HeadroomLayout:
         self.teacher_demos = root / "demos-teacher"  # the teacher arm's teacher: its pretraining frames
         self.teacher = root / "teacher"  # and the teacher
         self.probe = root / "evaluate" / "probe.json"
-        self.evaluations = root / "evaluate" / RESULTS_FILE
+        # "per_seed": a run folder's files from before each seed had placements of its own (results.json,
+        # validation_placements<n>.json: one set of placements for every seed) are not read.
+        self.evaluations = root / "evaluate" / "test_per_seed.json"
         self.report = root / "report"
         self.report_file = self.report / REPORT_FILE
         self.report_results = self.report / RESULTS_FILE
@@ -152,4 +156,4 @@ class HeadroomLayout:
 
     def validation(self, placements: int) -> Path:
         """The evaluations on the validation placements of seed `placements` (choosing auxiliary arms' weights)."""
-        return self.root / "evaluate" / f"validation_placements{placements}.json"
+        return self.root / "evaluate" / f"validation{placements}_per_seed.json"

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from capvector.bench.env.camera import VARIANTS
+from capvector.bench.env.evaluation import own_placements
 from capvector.bench.env.sim import PLACEMENTS
 from capvector.bench.env.tasks import SPLITS, resolve_tasks
 from capvector.bench.experiment.layout import GAMMA, RunLayout, checkpoint_folder
@@ -734,20 +735,16 @@ def evaluated_checkpoints(config: ReproduceConfig, layout: RunLayout) -> dict[st
     }
 
 
-def first_test_episode(config: ReproduceConfig, seed: int) -> int:
-    """Where the test placements of training seed `seed` start among eval_seed's: every seed is evaluated on
-    eval_episodes placements of each task of its own (episodes seed * eval_episodes onwards), every method of one
-    seed on the same ones. So differences stay paired by (seed, task), and a bootstrap over seeds samples the
-    placements too, not only the training runs: with one set of placements for every seed, the intervals said how
-    a method does on those few placements alone (5 per task in full), which moved the oracle's lead from +38 points
-    on the test placements to +15 on the validation ones."""
-    return seed * config.eval_episodes
+def first_episode(config: ReproduceConfig, seed: int) -> int:
+    """Where training seed `seed`'s own placements start among a placement seed's (eval_seed's for the test,
+    validation_seed's for choosing alpha)."""
+    return own_placements(seed, config.eval_episodes)
 
 
 def first_test_episodes(config: ReproduceConfig, layout: RunLayout) -> dict[str, int]:
-    """name -> first_test_episode of every evaluated checkpoint's training seed."""
+    """name -> first_episode of every evaluated checkpoint's training seed."""
     return {
-        evaluation_name(layout, run.folder, steps): first_test_episode(config, run.seed)
+        evaluation_name(layout, run.folder, steps): first_episode(config, run.seed)
         for run in evaluated_runs(config, layout)
         for steps in run.evaluated
     }

@@ -70,7 +70,7 @@ from capvector.bench.experiment.protocol import (
     evaluated_variants,
     evaluation_key,
     evaluation_name,
-    first_test_episode,
+    first_episode,
     first_test_episodes,
     preset_config,
     run_label,
@@ -439,16 +439,17 @@ def plan_select(run: Run) -> Plan:
         return {}
     runs = selection_runs(c, layout)
     checkpoints = {evaluation_name(layout, r.folder, r.steps): checkpoint_at(layout, r, r.steps) for r in runs}
+    first = {evaluation_name(layout, r.folder, r.steps): first_episode(c, r.seed) for r in runs}
     return {
         "candidates": alpha_candidates(c),
         "training": training_plan(run, runs),
-        "evaluation": evaluation_plan(c, checkpoints, c.validation_seed, [c.variant]),
+        "evaluation": evaluation_plan(c, checkpoints, c.validation_seed, [c.variant], first),
     }
 
 
 def do_select(run: Run, plan: Plan) -> dict[str, Any]:
-    """CapVector at every candidate alpha, evaluated on the validation placements; the chosen alpha has the best mean
-    success over (seed, task) (ties: the earlier candidate). Its record's outputs are what Run.protocol reads."""
+    """CapVector at every candidate alpha, evaluated on the validation placements (each seed on its own); the chosen
+    alpha has the best mean success over (seed, task) (ties: the earlier candidate). Its record's outputs are what Run.protocol reads."""
     if not plan:
         return {}
     layout, runs = run.layout, selection_runs(run.config, run.layout)
@@ -588,7 +589,7 @@ def side_by_side_episode(run: Run) -> dict[str, Any]:
             image_size=c.image_size,
             placement=c.placement,
             gif_episodes=1,
-            first_episode=first_test_episode(c, seed),
+            first_episode=first_episode(c, seed),
         )
     }
     outcomes = {}
