@@ -2,7 +2,7 @@
 
 Makes three bf16 checkpoints (pretrained, SFT, auxiliary) in the Hugging Face layout (sharded safetensors + index +
 config.json), random weights, nothing downloaded; then, in `--runs` rounds, each measurement in a fresh process so
-that peak RSS is its own:
+that peak RSS is its own, after a discarded warm-up round (--warmup):
   - extract: gamma = ao - ft (stored in float32, exact); merge: pt + gamma;
   - the I/O floor of each: reading the same inputs once and writing as many bytes as the output, no arithmetic, with
     the fastest plain copy loop found on the test machine (reused 256 KB buffers);
@@ -16,7 +16,7 @@ once, so that every one of them, ours and the floors alike, starts with its inpu
 pending and as much free memory. The operation and its floor take turns going first. Times exclude the 1-5 s that
 importing torch takes (reported apart as import_s); the mergekit comparison uses whole process times on both sides.
 
-  python benchmarks/merge_throughput.py [--layers 16 8] [--runs 3] [--workdir DIR] [--mergekit .venv-mergekit]
+  python benchmarks/merge_throughput.py [--layers 16 8] [--runs 3] [--warmup 1] [--workdir DIR] [--mergekit DIR]
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ def bytes_of(paths) -> int:
     return sum(os.path.getsize(p) for p in paths)
 
 
-def time_into(timings: dict, round_: int, label: str, op: str, moved: int, inputs: list[str], **args) -> None:
+def time_into(timings: dict, round_: str, label: str, op: str, moved: int, inputs: list[str], **args) -> None:
     """Run `op`, store its timing under `label` in `timings` and print it; `moved` is the bytes read and written.
     Its output is removed at once, or with `keep` evicted from the page cache, so that every measurement starts with
     as much free memory: one that runs while an earlier one's output fills the page cache pays for reclaiming it."""
@@ -235,9 +235,12 @@ def in_turn(timed: Callable[..., None], round_: int, *measurements: tuple[str, s
         timed(label, op, moved, inputs, **args)
 
 
-def measure(workdir: Path, layers: int, mergekit: Path | None, runs: int) -> dict:
+def measure(workdir: Path, layers: int, mergekit: Path | None, runs: int, warmup: int) -> dict:
     """`runs` rounds, each timing every operation and its floor one after the other, the floor first in odd rounds
-    and second in even ones, so that neither side of a ratio is favoured by the machine's state or load."""
+    and second in even ones, so that neither side of a ratio is favoured by the machine's state or load; after
+    `warmup` rounds that are discarded (without mergekit): the first measurements of a process tree on a fresh
+    virtual machine pay the kernel for memory it never touched before (seen: extract's system time 6.6 s in its
+    first round, 1.7 s by its third), and the floor, which went first, paid most of it."""
     root = workdir / f"llama-{layers}l"
     shapes = llama_shapes(layers)
     params = sum(torch.Size(s).numel() for s in shapes.values())
@@ -249,7 +252,8 @@ def measure(workdir: Path, layers: int, mergekit: Path | None, runs: int) -> dic
     ao, ft, pt = weight_files(root / "ao"), weight_files(root / "ft"), weight_files(root / "pt")
     result: dict = {"layers": layers, "params_b": params / 1e9, "model_gb": bytes_of(pt) / 1e9, "runs": []}
     print(f"{layers} layers, {result['params_b']:.2f} B parameters, {result['model_gb']:.2f} GB per model")
-    for round_ in range(1, runs + 1):
+    for number in range(1 - warmup, runs + 1):  # the warm-up rounds are numbered 0, -1, ...
+        round_ = str(number) if number > 0 else "warm-up"
         out = Path(tempfile.mkdtemp(dir=workdir))
         timings: dict = {}
         timed = functools.partial(time_into, timings, round_)
@@ -258,7 +262,7 @@ def measure(workdir: Path, layers: int, mergekit: Path | None, runs: int) -> dic
         moved = bytes_of(ao) + bytes_of(ft) + 2 * bytes_of(ao)  # gamma is float32 (exact): twice a bf16 model
         in_turn(
             timed,
-            round_,
+            number,
             (
                 "extract_floor",
                 "floor",
@@ -274,7 +278,7 @@ def measure(workdir: Path, layers: int, mergekit: Path | None, runs: int) -> dic
         merged = {"pt": str(root / "pt"), "vector": str(out / "g"), "out": str(out / "meta"), "keep": True}
         in_turn(
             timed,
-            round_,
+            number,
             (
                 "merge_floor",
                 "floor",
@@ -284,7 +288,7 @@ def measure(workdir: Path, layers: int, mergekit: Path | None, runs: int) -> dic
             ),
             ("merge", "merge", moved, pt + gamma, merged),
         )
-        if mergekit:
+        if mergekit and number > 0:
             config = out / "mergekit.yml"
             config.write_text(
                 # arithmetic in float32, rounded once to bfloat16: the same theta_meta as ours, bit for bit
@@ -297,7 +301,8 @@ def measure(workdir: Path, layers: int, mergekit: Path | None, runs: int) -> dic
             argv = [str(mergekit / "bin" / "mergekit-yaml"), str(config), str(out / "mergekit_out"), "--lazy-unpickle"]
             timed("mergekit", "mergekit", moved, pt + ao + ft, argv=argv)
             timings["mergekit_mismatched_elements"] = compare(out / "meta", out / "mergekit_out")
-        result["runs"].append(timings)
+        if number > 0:
+            result["runs"].append(timings)
         shutil.rmtree(out)
     return result
 
@@ -326,6 +331,7 @@ def main() -> None:
         "--layers", type=int, nargs="+", default=[16, 8], help="model sizes (16 layers = 0.84 B params)"
     )
     parser.add_argument("--runs", type=int, default=3, help="rounds of every measurement (default 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="rounds run first and discarded (default 1)")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "capvector-bench")
     parser.add_argument("--mergekit", type=Path, help="a virtualenv with mergekit installed")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints for the next run")
@@ -336,7 +342,7 @@ def main() -> None:
     if args.mergekit is None:
         print("mergekit: not compared (make its environment as the docstring says, then pass --mergekit DIR)")
     print(f"load average at start: {os.getloadavg()}")
-    results = [measure(args.workdir, layers, args.mergekit, args.runs) for layers in args.layers]
+    results = [measure(args.workdir, layers, args.mergekit, args.runs, args.warmup) for layers in args.layers]
     print(f"load average at end: {os.getloadavg()}")
     if not args.keep:
         for layers in args.layers:
