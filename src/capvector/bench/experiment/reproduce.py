@@ -449,7 +449,8 @@ def plan_select(run: Run) -> Plan:
 
 def do_select(run: Run, plan: Plan) -> dict[str, Any]:
     """CapVector at every candidate alpha, evaluated on the validation placements (each seed on its own); the chosen
-    alpha has the best mean success over (seed, task) (ties: the earlier candidate). Its record's outputs are what Run.protocol reads."""
+    alpha has the best mean success over (seed, task) (ties: the earlier candidate). Its record's outputs are what
+    Run.protocol reads."""
     if not plan:
         return {}
     layout, runs = run.layout, selection_runs(run.config, run.layout)
