@@ -15,11 +15,9 @@ writes select_per_seed.json beside this script (evaluations kept in WORK_FOLDER)
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from capvector.bench.experiment.layout import RunLayout
-from capvector.bench.experiment.protocol import PRESETS
-from capvector.bench.experiment.reproduce import Run, evaluate_checkpoints, pipeline, plan_select
+from capvector.bench.experiment.protocol import PRESETS, selection_runs
+from capvector.bench.experiment.reproduce import Run, candidate_means, evaluate_checkpoints, pipeline, plan_select
 from capvector.files import write_json
 
 
@@ -27,32 +25,16 @@ def main(full: Path, work: Path, out: Path) -> None:
     layout = RunLayout(full.resolve())
     run = Run(PRESETS["full"], layout, "cpu")
     select = plan_select(run)
-    plan = select["evaluation"]
     work.mkdir(parents=True, exist_ok=True)
-    results = evaluate_checkpoints(run, plan, work / "validation_per_seed.json")
-    means = {
-        f"{alpha:g}": round(
-            100
-            * float(
-                np.mean(
-                    [
-                        t["success_rate"]
-                        for name, r in results.items()
-                        if f"/alpha{alpha:g}/" in name
-                        for t in r["tasks"].values()
-                    ]
-                )
-            ),
-            1,
-        )
-        for alpha in select["candidates"]
-    }
+    path = work / "validation_per_seed.json"
+    evaluate_checkpoints(run, select["evaluation"], path)
+    means = candidate_means(layout, selection_runs(run.config, layout), select, path)
+    chosen = max(select["candidates"], key=lambda alpha: means[alpha])  # do_select's rule
     recorded = pipeline(layout).record("select")["outputs"]
-    chosen = max(select["candidates"], key=lambda alpha: means[f"{alpha:g}"])  # do_select's rule
     summary = {
-        "first_episodes": plan["first_episodes"],
-        "placement_seed": plan["seed"],
-        "per_seed": {"validation": means, "alpha": chosen},
+        "first_episodes": select["evaluation"]["first_episodes"],
+        "placement_seed": select["evaluation"]["seed"],
+        "per_seed": {"validation": {f"{a:g}": round(100 * m, 1) for a, m in means.items()}, "alpha": chosen},
         "run": {"validation": recorded["validation"], "alpha": recorded["alpha"]},
         "same_alpha": chosen == recorded["alpha"],
     }

@@ -447,6 +447,22 @@ def plan_select(run: Run) -> Plan:
     }
 
 
+def candidate_means(layout: RunLayout, runs: list[DownstreamRun], plan: Plan, path: Path) -> dict[float, float]:
+    """alpha -> mean success over (seed, task) of the selection `runs` at that alpha, as evaluated into `path` by
+    plan_select's evaluation (`plan`)."""
+    evaluation = plan["evaluation"]
+    (variant,) = evaluation["variants"]
+    validation = Evaluations(layout, (variant,), path)
+    return {
+        alpha: float(
+            validation.cells(
+                [r.folder for r in runs if r.alpha == alpha], runs[0].steps, variant, evaluation["tasks"]
+            ).mean()
+        )
+        for alpha in plan["candidates"]
+    }
+
+
 def do_select(run: Run, plan: Plan) -> dict[str, Any]:
     """CapVector at every candidate alpha, evaluated on the validation placements (each seed on its own); the chosen
     alpha has the best mean success over (seed, task) (ties: the earlier candidate). Its record's outputs are what
@@ -459,16 +475,7 @@ def do_select(run: Run, plan: Plan) -> dict[str, Any]:
     do_training(run, plan["training"])
     evaluation = plan["evaluation"]
     evaluate_checkpoints(run, evaluation, layout.validation)
-    (variant,) = evaluation["variants"]
-    validation = Evaluations(layout, (variant,), layout.validation)
-    means = {
-        alpha: float(
-            validation.cells(
-                [r.folder for r in runs if r.alpha == alpha], runs[0].steps, variant, evaluation["tasks"]
-            ).mean()
-        )
-        for alpha in plan["candidates"]
-    }
+    means = candidate_means(layout, runs, plan, layout.validation)
     chosen = max(plan["candidates"], key=lambda alpha: means[alpha])
     print(f"  alpha {chosen:g} chosen: " + ", ".join(f"{a:g}: {100 * m:.1f}%" for a, m in means.items()))
     return {
