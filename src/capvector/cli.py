@@ -255,7 +255,8 @@ def _command_headroom(args: argparse.Namespace) -> None:
         try:
             weights[f"{arm}_weights"] = [float(w) for w in given.split(",")] if given else arm_weights(config, arm)
         except ValueError:
-            raise CapvectorError(f"--{arm}-weights {given!r}: give numbers separated by commas") from None
+            flag = f"--{arm.replace('_', '-')}-weights"
+            raise CapvectorError(f"{flag} {given!r}: give numbers separated by commas") from None
     arms = args.arms.split(",") if args.arms else config.arms
     config = dataclasses.replace(config, arms=arms, **weights)
     folder = headroom(config, out_dir=args.out)
@@ -423,12 +424,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--arms",
         default="",
-        help="sft,oracle (always), control (the positive control) and teacher (alignment with a frozen 3D teacher, "
-        "pretrained first in the run folder); the regime's by default",
+        help="sft,oracle (always), control (the positive control on the visual tokens), control_queries (on the action "
+        "queries) and teacher (alignment with a frozen 3D teacher, pretrained first in the run folder); the "
+        "regime's by default",
     )
-    for arm in ("control", "teacher"):
+    for arm in ("control", "control_queries", "teacher"):  # headroom.AUX_ARMS, not imported: it loads torch
         p.add_argument(
-            f"--{arm}-weights",
+            f"--{arm.replace('_', '-')}-weights",
             default="",
             help=f"the {arm} arm's candidate weights, e.g. 0.1,0.3 (the regime's by default); the one with the best "
             "success on validation placements is run with every seed",

@@ -125,7 +125,12 @@ def test_headroom_miniature_runs_every_stage_and_reuses_them(tmp_path, capsys):
     assert control["weight"] in config.control_weights and control["seeds"] == [0]
     assert set(control["validation"]) == {"0.1", "0.2"}
     validation = json.loads((tmp_path / "test" / "evaluate" / "validation1_per_seed.json").read_text())
-    assert set(validation) == {"control_w0.1/seed0/step4", "control_w0.2/seed0/step4", "teacher_w0.5/seed0/step4"}
+    assert set(validation) == {
+        "control_w0.1/seed0/step4",
+        "control_w0.2/seed0/step4",
+        "control_queries_w0.3/seed0/step4",
+        "teacher_w0.5/seed0/step4",
+    }
     trained = {p.parent.name + "/" + p.name for p in (tmp_path / "test" / "train").glob("control_w*/seed*")}
     other = aux_run_name("control", 0.3 - control["weight"])
     assert trained == {
@@ -151,8 +156,12 @@ def test_headroom_miniature_runs_every_stage_and_reuses_them(tmp_path, capsys):
     )
     # the probe of the visual tokens: every arm's policy of every seed and an untrained one, each an R^2
     probe = json.loads((tmp_path / "test" / "evaluate" / "probe.json").read_text())
-    assert len(probe) == 4 * len(config.seeds) + 1 and all(r2 <= 1 for r2 in probe.values())
-    assert set(results["probe"]) == {"steps", "untrained", "sft", "oracle", "control", "teacher"}
+    assert len(probe) == 5 * len(config.seeds) + 1 and all(r2 <= 1 for r2 in probe.values())
+    assert set(results["probe"]) == {"steps", "untrained", "sft", "oracle", "control", "control_queries", "teacher"}
+    # the control on the action path trains the action queries at the policy's hook layer
+    queries = load_config(tmp_path / "test" / "train" / "control_queries_w0.3" / "seed1" / "config.yaml")
+    assert queries.auxiliary_args == {"tokens": "queries", "layer": "", "weight": 0.3}
+    assert "control_queries_minus_sft" in row and "on the action path" in (report / "report.md").read_text()
     assert "What the image-only visual tokens carry" in (report / "report.md").read_text()
     held_out = DemoDataset(tmp_path / "test" / "demos-held-out", depth=False)
     assert len(held_out.episodes) == PROBE_EPISODES * len(config.tasks)
@@ -238,6 +247,37 @@ def test_the_positive_control_regresses_positions_relative_to_the_hand_from_imag
     del batch[PRIVILEGED_KEY]
     with pytest.raises(CapvectorError, match="observation.privileged"):
         objective(batch)
+
+
+def test_the_control_on_the_action_path_teaches_the_queries_at_the_hook_layer_and_nothing_after_it():
+    from capvector.bench.objectives.privileged import PrivilegedObjective
+
+    torch.manual_seed(0)
+    policy = Policy(PolicyConfig(image_size=32, stem_channels=(8, 8), dim=16, heads=2, trunk_layers=3))
+    objective = PrivilegedObjective(layer="", tokens="queries")
+    objective.attach(policy)
+    assert objective.layer == policy.config.hook_layer == "trunk.layers.1"
+    images = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
+    batch = {
+        "observation.images.scene": images,
+        "observation.images.wrist": images,
+        "observation.state": torch.rand(2, 4),
+        "instruction": ["press the button"] * 2,
+        "action": torch.zeros(2, 8, 4),
+        "action_is_pad": torch.zeros(2, 8, dtype=torch.bool),
+        PRIVILEGED_KEY: torch.rand(2, 6),
+    }
+    policy(batch)
+    objective(batch).backward()
+    assert policy.action_queries.grad.abs().sum() > 0  # the queries' own embeddings learn it...
+    assert policy.trunk.layers[1].mlp[2].weight.grad.abs().sum() > 0  # ...through the hooked layer...
+    assert policy.trunk.layers[2].qkv.weight.grad is None  # ...and nothing after it
+    tokens = objective.project(torch.randn(2, 10 + 2 * 16 + 1 + 8, 16))  # words, patches, state, queries
+    assert tokens.shape == (2, 8, 6)  # one prediction per action query
+    with pytest.raises(CapvectorError, match="action query tokens first appear in the trunk"):
+        PrivilegedObjective(layer="vision", tokens="queries")
+    with pytest.raises(CapvectorError, match="tokens 'patches' is not one of visual, queries"):
+        PrivilegedObjective(tokens="patches")
 
 
 def test_the_cli_runs_the_regimes_arms_unless_told_otherwise(tmp_path, capsys):

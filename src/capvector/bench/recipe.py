@@ -106,9 +106,12 @@ def load_trained(path: str | Path, device: str = "cpu", base: str | Path | None 
     return policy.to(device).eval()
 
 
-def privileged(layer: str = "vision", weight: float = 0.5, scale: float = 0.1) -> PrivilegedObjective:
-    """The positive control: visual tokens regress the object's and the goal's positions relative to the hand."""
-    return PrivilegedObjective(layer=layer, weight=weight, scale=scale)
+def privileged(
+    layer: str = "vision", weight: float = 0.5, scale: float = 0.1, tokens: str = "visual"
+) -> PrivilegedObjective:
+    """The positive control: visual tokens (or, `tokens` "queries", the action query tokens at a trunk `layer`; ""
+    is the policy's hook_layer) regress the object's and the goal's positions relative to the hand."""
+    return PrivilegedObjective(layer=layer, weight=weight, scale=scale, tokens=tokens)
 
 
 def localization(layer: str = "vision", weight: float = 0.5) -> LocalizationObjective:

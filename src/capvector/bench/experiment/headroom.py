@@ -9,6 +9,9 @@ of its own, every arm of a seed on the same ones (paired):
   control  auxiliary SFT with the positive control (capvector.bench.objectives.localization): where the object and
            goal appear in each camera is a per-patch training target for the visual tokens, never an input; at
            evaluation it sees what sft sees.
+  control_queries  the positive control on the action path (capvector.bench.objectives.privileged, tokens
+           "queries"): the action query tokens at a trunk layer regress the object's and goal's positions relative
+           to the hand, what the oracle is told, as a training target only.
   teacher  auxiliary SFT with Spatial Forcing's analog (capvector.bench.objectives.alignment): the visual tokens
            aligned with a frozen 3D teacher's patch features. The teacher is pretrained first, in the run folder, on
            frames of other tasks (the pretraining split) recorded in this regime's look and placements.
@@ -35,7 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -63,15 +66,32 @@ from capvector.training.checkpointing import checkpoint_dirs
 from capvector.training.config import TrainConfig
 from capvector.training.engine import train
 
-# The auxiliary arms: the objective each trains with (a capvector.bench.recipe factory) and what the report says it is.
+
+class AuxArm(NamedTuple):
+    """An auxiliary arm: the objective it trains with (a capvector.bench.recipe factory), that factory's arguments
+    besides the weight, and what the report says it is."""
+
+    factory: str
+    args: dict
+    description: str
+
+
 AUX_ARMS = {
-    "control": (
+    "control": AuxArm(
         "capvector.bench.recipe:localization",
+        {},
         "Positive control (auxiliary SFT: each visual patch regresses where the object and goal appear relative to it "
         "in its camera's image; positions never an input)",
     ),
-    "teacher": (
+    "control_queries": AuxArm(
+        "capvector.bench.recipe:privileged",
+        {"tokens": "queries", "layer": ""},
+        "Positive control on the action path (auxiliary SFT: the action query tokens at the trunk's hook layer, about "
+        "2/3 of its depth, regress the object's and goal's positions relative to the hand; positions never an input)",
+    ),
+    "teacher": AuxArm(
         "capvector.bench.recipe:teacher_alignment",
+        {},
         "Frozen 3D teacher (auxiliary SFT, Spatial Forcing's analog: the image-only visual tokens aligned by cosine "
         "with the normalized patch features of a teacher pretrained on the pretraining tasks' frames in this look)",
     ),
@@ -107,6 +127,7 @@ class HeadroomConfig:
     max_steps: int = 300
     # The auxiliary arms' candidate weights, chosen on validation placements with the first selection_seeds seeds.
     control_weights: list = field(default_factory=lambda: [0.05, 0.1, 0.2])
+    control_queries_weights: list = field(default_factory=lambda: [0.3, 1.0])
     teacher_weights: list = field(default_factory=lambda: [0.1, 0.5])
     # The teacher arm's teacher: TeacherPretraining fields (its image size and patch grid are the policy's).
     teacher: dict = field(default_factory=dict)
@@ -116,7 +137,15 @@ class HeadroomConfig:
 
 
 # Fields that say which arms to run, not how: a run folder's finished arms stay valid when they change.
-ARM_FIELDS = ("arms", "control_weights", "teacher_weights", "teacher", "selection_seeds", "validation_seed")
+ARM_FIELDS = (
+    "arms",
+    "control_weights",
+    "control_queries_weights",
+    "teacher_weights",
+    "teacher",
+    "selection_seeds",
+    "validation_seed",
+)
 
 
 REGIMES = {
@@ -227,7 +256,7 @@ REGIMES = {
     # The suite's miniature: one task, a tiny policy, a few steps.
     "test": HeadroomConfig(
         regime="test",
-        arms=["sft", "oracle", "control", "teacher"],
+        arms=["sft", "oracle", "control", "control_queries", "teacher"],
         tasks=["button-press-topdown-v3"],
         demos_per_task=2,
         image_size=32,
@@ -239,6 +268,7 @@ REGIMES = {
         eval_episodes=1,
         max_steps=40,
         control_weights=[0.1, 0.2],
+        control_queries_weights=[0.3],
         teacher_weights=[0.5],
         teacher={
             "teacher": {"stem_channels": [8, 16], "dim": 32, "heads": 2, "layers": 2, "depth_grid": 8},
@@ -294,10 +324,10 @@ def train_config(
     demos = str(layout.demos)
     oracle = {"privileged_dim": PRIVILEGED_DIM} if arm == "oracle" else {}
     teacher = {"teacher": str(layout.teacher)} if arm == "teacher" else {}
-    aux = {} if weight is None else {"weight": weight, **teacher}
+    aux = {} if weight is None else {**AUX_ARMS[arm].args, "weight": weight, **teacher}
     return TrainConfig(
         strategy="aux" if aux else "sft",
-        auxiliary=AUX_ARMS[arm][0] if aux else "",
+        auxiliary=AUX_ARMS[arm].factory if aux else "",
         auxiliary_args=aux,
         out_dir=str(layout.training(arm if weight is None else aux_run_name(arm, weight), seed)),
         steps=config.budgets[-1],
@@ -599,7 +629,7 @@ def report_markdown(summary: dict) -> str:
             f"| {steps} | {interval(sft)} | {interval(oracle)} | {interval(diff, '+')} | "
             f"{row['resolvable_paired_difference']} |"
         )
-    for arm, (_, description) in AUX_ARMS.items():
+    for arm, (_, _, description) in AUX_ARMS.items():
         if arm not in summary:
             continue
         chosen = summary[arm]

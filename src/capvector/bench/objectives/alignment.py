@@ -24,13 +24,13 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from capvector.bench.objectives.spatial import cosine_alignment_loss
-from capvector.bench.objectives.visual_tokens import VisualTokenObjective
+from capvector.bench.objectives.tokens import TokenObjective
 from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.bench.teacher.modeling_teacher import Teacher
 from capvector.errors import CapvectorError
 
 
-class TeacherAlignment(VisualTokenObjective):
+class TeacherAlignment(TokenObjective):
     """Aligns the visual tokens at `layer` with a frozen teacher's normalized patch features by cosine."""
 
     def __init__(self, teacher: Teacher | str | Path, layer: str = "vision", weight: float = 0.5):

@@ -20,7 +20,7 @@ import torch
 
 from capvector.bench.env.camera import CAMERAS
 from capvector.bench.env.features import PIXEL_FIELDS, PIXEL_POINTS, PIXELS_KEY
-from capvector.bench.objectives.visual_tokens import VisualTokenObjective
+from capvector.bench.objectives.tokens import TokenObjective
 from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.errors import CapvectorError
 
@@ -54,7 +54,7 @@ def patch_targets(pixels: torch.Tensor, cameras: list[int], image_size: int, gri
     return target.flatten(3).flatten(1, 2), mask.flatten(3).flatten(1, 2)
 
 
-class LocalizationObjective(VisualTokenObjective):
+class LocalizationObjective(TokenObjective):
     """Hooks `layer` (default "vision": the image-only visual tokens) and regresses, per visual token, where the
     object and the goal appear relative to its patch, by a masked mean squared error."""
 

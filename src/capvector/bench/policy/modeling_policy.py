@@ -246,6 +246,11 @@ class Policy(nn.Module):
         return slice(start, start + len(self.config.cameras) * self.config.patch_grid**2)
 
     @property
+    def action_query_slice(self) -> slice:
+        """Where the action query tokens sit in the trunk's sequence: last, the chunk the head decodes."""
+        return slice(-self.config.chunk_size, None)
+
+    @property
     def device(self) -> torch.device:
         return self.action_queries.device
 
@@ -287,7 +292,7 @@ class Policy(nn.Module):
             parts.append(self.privileged(normalize(facts, self.privileged_q01, self.privileged_q99)).unsqueeze(1))
         parts.append(self.action_queries.expand(state.shape[0], -1, -1))
         tokens = torch.cat(parts, dim=1)
-        queries = self.trunk(tokens)[:, -self.config.chunk_size :]
+        queries = self.trunk(tokens)[:, self.action_query_slice]
         return self.head(self.norm(queries))
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
