@@ -11,10 +11,16 @@ that peak RSS is its own, after a discarded warm-up round (--warmup):
       python3 -m venv .venv-mergekit && .venv-mergekit/bin/pip install torch==2.13.0
       .venv-mergekit/bin/pip install mergekit==0.1.5
     (torch first, so that pip does not pull a CUDA build), then pass --mergekit .venv-mergekit.
-Before each measurement, earlier outputs are flushed (sync) and dropped from the page cache, and its inputs read
-once, so that every one of them, ours and the floors alike, starts with its inputs in the page cache, no writeback
-pending and as much free memory. The operation and its floor take turns going first. Times exclude the 1-5 s that
-importing torch takes (reported apart as import_s); the mergekit comparison uses whole process times on both sides.
+Before each measurement, earlier outputs are flushed (sync) and dropped from the page cache, its inputs read once,
+and as much fresh memory as it will fill (its output, and its own memory) touched and freed, so that every one of
+them, ours and the floors alike, starts with its inputs in the page cache, no writeback pending and free memory
+that the host backs. On a virtual machine that reports free memory to its host (virtio-balloon free page
+reporting, as on the project's machine), a page handed out after it was reported costs a host fault: a copy into
+such memory took 11-13 s where the same copy into memory touched just before took 2-6 s, and which of the two a
+measurement met made the floor swing 5x within an invocation. How much was reported while each measurement ran is
+printed where the kernel says it (reported MiB). The operation and its floor take turns going first. Times exclude
+the 1-5 s that importing torch takes (reported apart as import_s); the mergekit comparison uses whole process times
+on both sides.
 
   python benchmarks/merge_throughput.py [--layers 16 8] [--runs 3] [--warmup 1] [--workdir DIR] [--mergekit DIR]
 """
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import mmap
 import os
 import shutil
 import statistics
@@ -163,17 +170,39 @@ print(json.dumps(figures))
 """
 
 
-def settle(inputs: list[str]) -> None:
-    """The same start for every measurement: earlier outputs flushed to disk, this one's inputs in the page cache."""
+# Where this machine's kernel counts the free memory it has reported to the host (absent elsewhere).
+REPORTED_KIB = Path("/sys/module/page_reporting/parameters/reported_kib")
+# Memory a measurement fills besides its output, touched before it: our processes and the floor stay under 0.4 GB,
+# mergekit's peaks at 4.2-4.4 GB.
+OWN_MEMORY = {"mergekit": 5 << 30}
+OWN_MEMORY_DEFAULT = 1 << 30
+
+
+def reported_kib() -> int | None:
+    return int(REPORTED_KIB.read_text()) if REPORTED_KIB.exists() else None
+
+
+def settle(inputs: list[str], hot_bytes: int) -> None:
+    """The same start for every measurement: earlier outputs flushed to disk, this one's inputs in the page cache,
+    and `hot_bytes` of fresh memory touched and freed, so that the free memory it takes is memory the host backs."""
     os.sync()
     for path in inputs:
         with open(path, "rb", buffering=0) as f:
             while f.read(64 << 20):
                 pass
+    block, page = mmap.mmap(-1, hot_bytes), b"\1" * (1 << 20)
+    for _ in range(hot_bytes >> 20):
+        block.write(page)
+    block.close()
 
 
-def run_child(op: str, inputs: list[str], python: str = sys.executable, argv: list[str] | None = None, **args) -> dict:
-    settle(inputs)
+def run_child(
+    op: str, inputs: list[str], written: int, python: str = sys.executable, argv: list[str] | None = None, **args
+) -> dict:
+    """Run `op` in a fresh process, which writes `written` bytes; its timings, and the MiB of free memory the
+    kernel reported to the host meanwhile (None where it does not say)."""
+    settle(inputs, written + OWN_MEMORY.get(op, OWN_MEMORY_DEFAULT))
+    reported = reported_kib()
     command = argv or [python, "-c", CHILD, op, json.dumps(args)]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:  # pipes could fill and block
         begin = time.perf_counter()
@@ -183,12 +212,18 @@ def run_child(op: str, inputs: list[str], python: str = sys.executable, argv: li
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
+    reported_mib = None if reported is None else (reported_kib() - reported) / 1024
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{op} failed:\n{stderr[-3000:]}")
     if argv:  # an outside program (mergekit): its whole run, and ru_maxrss as the best available
-        return {"seconds": elapsed, "wall_with_startup": elapsed, "peak_rss_gb": usage.ru_maxrss / 2**20}
+        return {
+            "seconds": elapsed,
+            "wall_with_startup": elapsed,
+            "peak_rss_gb": usage.ru_maxrss / 2**20,
+            "reported_mib": reported_mib,
+        }
     inner = json.loads(stdout.strip().splitlines()[-1])
-    return {**inner, "wall_with_startup": elapsed}
+    return {**inner, "wall_with_startup": elapsed, "reported_mib": reported_mib}
 
 
 def weight_files(folder: Path) -> list[str]:
@@ -199,18 +234,25 @@ def bytes_of(paths) -> int:
     return sum(os.path.getsize(p) for p in paths)
 
 
-def time_into(timings: dict, round_: str, label: str, op: str, moved: int, inputs: list[str], **args) -> None:
-    """Run `op`, store its timing under `label` in `timings` and print it; `moved` is the bytes read and written.
+def time_into(
+    timings: dict, round_: str, label: str, op: str, moved: int, written: int, inputs: list[str], **args
+) -> None:
+    """Run `op`, store its timing under `label` in `timings` and print it; `moved` is the bytes read and written,
+    `written` those written.
     Its output is removed at once, or with `keep` evicted from the page cache, so that every measurement starts with
     as much free memory: one that runs while an earlier one's output fills the page cache pays for reclaiming it."""
     keep = args.pop("keep", False)
-    run = run_child(op, inputs, **args)
+    run = run_child(op, inputs, written, **args)
     run["gb_per_s"] = moved / run["seconds"] / 1e9
     timings[label] = run
     startup = f"  (+{run['import_s']:.1f} s import)" if run.get("import_s", 0) > 0.05 else ""
+    reported = "" if run["reported_mib"] is None else f"  reported {run['reported_mib']:.0f} MiB"
     print(
         f"  run {round_}  {label:<15} {run['seconds']:6.2f} s  {run['gb_per_s']:5.2f} GB/s  "
-        f"peak RSS {run['peak_rss_gb']:.2f} GB" + (f"  CPU {run['cpu_s']:.1f} s" if "cpu_s" in run else "") + startup,
+        f"peak RSS {run['peak_rss_gb']:.2f} GB"
+        + (f"  CPU {run['cpu_s']:.1f} s" if "cpu_s" in run else "")
+        + startup
+        + reported,
         flush=True,
     )
     if "out" in args and keep:
@@ -229,10 +271,10 @@ def evict(folder: Path) -> None:
             os.close(fd)
 
 
-def in_turn(timed: Callable[..., None], round_: int, *measurements: tuple[str, str, int, list[str], dict]) -> None:
+def in_turn(timed: Callable[..., None], round_: int, *measurements: tuple[str, str, int, int, list[str], dict]) -> None:
     """Time the floor and the operation one after the other: the floor first in odd rounds, second in even ones."""
-    for label, op, moved, inputs, args in measurements if round_ % 2 else measurements[::-1]:
-        timed(label, op, moved, inputs, **args)
+    for label, op, moved, written, inputs, args in measurements if round_ % 2 else measurements[::-1]:
+        timed(label, op, moved, written, inputs, **args)
 
 
 def measure(workdir: Path, layers: int, mergekit: Path | None, runs: int, warmup: int) -> dict:
@@ -259,7 +301,8 @@ def measure(workdir: Path, layers: int, mergekit: Path | None, runs: int, warmup
         timed = functools.partial(time_into, timings, round_)
 
         sources = {"aux": str(root / "ao"), "sft": str(root / "ft")}
-        moved = bytes_of(ao) + bytes_of(ft) + 2 * bytes_of(ao)  # gamma is float32 (exact): twice a bf16 model
+        written = 2 * bytes_of(ao)  # gamma is float32 (exact): twice a bf16 model
+        moved = bytes_of(ao) + bytes_of(ft) + written
         in_turn(
             timed,
             number,
@@ -267,14 +310,23 @@ def measure(workdir: Path, layers: int, mergekit: Path | None, runs: int, warmup
                 "extract_floor",
                 "floor",
                 moved,
+                written,
                 ao + ft,
                 {"read_only": ft, "copy": ao, "copies": 2, "out": str(out / "f")},
             ),
-            ("extract", "extract", moved, ao + ft, {**sources, "out": str(out / "g"), "hash": False, "keep": True}),
+            (
+                "extract",
+                "extract",
+                moved,
+                written,
+                ao + ft,
+                {**sources, "out": str(out / "g"), "hash": False, "keep": True},
+            ),
         )
-        timed("extract_hashed", "extract", moved, ao + ft, **sources, out=str(out / "gh"), hash=True)
+        timed("extract_hashed", "extract", moved, written, ao + ft, **sources, out=str(out / "gh"), hash=True)
         gamma = weight_files(out / "g")
-        moved = bytes_of(pt) + bytes_of(gamma) + bytes_of(pt)
+        written = bytes_of(pt)
+        moved = bytes_of(pt) + bytes_of(gamma) + written
         merged = {"pt": str(root / "pt"), "vector": str(out / "g"), "out": str(out / "meta"), "keep": True}
         in_turn(
             timed,
@@ -283,10 +335,11 @@ def measure(workdir: Path, layers: int, mergekit: Path | None, runs: int, warmup
                 "merge_floor",
                 "floor",
                 moved,
+                written,
                 pt + gamma,
                 {"read_only": gamma, "copy": pt, "copies": 1, "out": str(out / "f")},
             ),
-            ("merge", "merge", moved, pt + gamma, merged),
+            ("merge", "merge", moved, written, pt + gamma, merged),
         )
         if mergekit and number > 0:
             config = out / "mergekit.yml"
@@ -299,7 +352,7 @@ def measure(workdir: Path, layers: int, mergekit: Path | None, runs: int, warmup
             )
             shutil.rmtree(out / "g")  # mergekit starts from the models, as extract did
             argv = [str(mergekit / "bin" / "mergekit-yaml"), str(config), str(out / "mergekit_out"), "--lazy-unpickle"]
-            timed("mergekit", "mergekit", moved, pt + ao + ft, argv=argv)
+            timed("mergekit", "mergekit", moved, written, pt + ao + ft, argv=argv)
             timings["mergekit_mismatched_elements"] = compare(out / "meta", out / "mergekit_out")
         if number > 0:
             result["runs"].append(timings)
@@ -379,6 +432,9 @@ def summary(result: dict) -> dict:
         "extract_peak_rss_gb": spread(each("extract", "peak_rss_gb")),
         "merge_peak_rss_gb": spread(each("merge", "peak_rss_gb")),
     }
+    if runs[0]["extract"]["reported_mib"] is not None:  # free memory reported to the host while each ran
+        for label in ("extract", "extract_floor", "merge", "merge_floor"):
+            figures[f"{label}_reported_mib"] = spread(each(label, "reported_mib"), 0)
     if "mergekit" in runs[0]:
         figures["mergekit_s"] = spread(each("mergekit", "wall_with_startup"))
         figures["merge_with_startup_s"] = spread(each("merge", "wall_with_startup"))

@@ -158,6 +158,11 @@ def test_headroom_miniature_runs_every_stage_and_reuses_them(tmp_path, capsys):
     probe = json.loads((tmp_path / "test" / "evaluate" / "probe.json").read_text())
     assert len(probe) == 5 * len(config.seeds) + 1 and all(r2 <= 1 for r2 in probe.values())
     assert set(results["probe"]) == {"steps", "untrained", "sft", "oracle", "control", "control_queries", "teacher"}
+    # and the same of the action query tokens at the hook layer, the oracle's read with its positions
+    queries = json.loads((tmp_path / "test" / "evaluate" / "probe_queries.json").read_text())
+    assert set(queries) == set(probe) and all(r2 <= 1 for r2 in queries.values())
+    assert set(results["probe_queries"]) == set(results["probe"]) and queries != probe
+    assert "What reaches the action path" in (report / "report.md").read_text()
     # the control on the action path trains the action queries at the policy's hook layer
     queries = load_config(tmp_path / "test" / "train" / "control_queries_w0.3" / "seed1" / "config.yaml")
     assert queries.auxiliary_args == {"tokens": "queries", "layer": "", "weight": 0.3}

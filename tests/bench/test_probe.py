@@ -1,5 +1,7 @@
 """The linear probe of learned features (capvector.bench.probe.held_out_r2) on features with a known answer."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -33,3 +35,31 @@ def test_the_probe_fits_more_features_than_frames_and_reads_token_grids():
     tokens = x.view(1500, 20, 100)  # (frames, tokens, dim): flattened by the probe
     assert held_out_r2(tokens, y, train, inner) == pytest.approx(held_out_r2(x, y, train, inner))
     assert 0.3 < held_out_r2(tokens, y, train, inner) < 1
+
+
+def test_the_action_queries_are_read_at_the_hook_layer_for_every_frame_and_an_oracle_reads_its_positions():
+    from capvector.bench.env.features import PRIVILEGED_KEY
+    from capvector.bench.policy.configuration_policy import PolicyConfig
+    from capvector.bench.policy.modeling_policy import Policy
+    from capvector.bench.probe import action_queries
+
+    torch.manual_seed(0)
+    config = PolicyConfig(image_size=32, stem_channels=(8, 8), dim=16, heads=2, trunk_layers=3)
+    images = torch.randint(0, 255, (5, 3, 32, 32), dtype=torch.uint8)
+    frames = {
+        "observation.images.scene": images,
+        "observation.images.wrist": images.flip(-1),
+        "observation.state": torch.rand(5, 4),
+        "instruction": ["press the button"] * 5,
+        PRIVILEGED_KEY: torch.rand(5, 6),
+    }
+    policy = Policy(config).eval()
+    queries = action_queries(policy, frames, batch=2)  # in batches of 2: the same as all at once
+    assert queries.shape == (5, config.chunk_size, config.dim)
+    assert torch.allclose(queries, action_queries(policy, frames), atol=1e-5)
+    assert not torch.allclose(queries, action_queries(policy, frames | {"observation.state": torch.rand(5, 4)}))
+    assert not policy.trunk.layers[1]._forward_hooks  # the hook is gone
+    told = dataclasses.replace(config, privileged_dim=6, privileged_q01=[0.0] * 6, privileged_q99=[1.0] * 6)
+    oracle = Policy(told).eval()
+    moved = frames | {PRIVILEGED_KEY: torch.rand(5, 6)}
+    assert not torch.allclose(action_queries(oracle, frames), action_queries(oracle, moved))

@@ -12,7 +12,8 @@ xyz], fitted on training frames, scored on held-out frames:
 A policy's visual tokens. What a learned representation carries is read the other way round: a ridge regression
 from all of a frame's visual tokens to the positions, fitted on training frames and scored (R^2) on frames of
 placements the policy never saw (`held_out_r2`). The positive control teaches the tokens those positions; if they
-do not carry them on new placements better than plain SFT's tokens do, the control has not learned its target.
+do not carry them on new placements better than plain SFT's tokens do, the control has not learned its target. The
+same probe of the action query tokens at a trunk layer (`action_queries`) reads what reaches the action head.
 """
 
 from __future__ import annotations
@@ -101,6 +102,23 @@ def held_out_r2(
 def visual_tokens(policy: Any, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """A policy's vision encoder output (its image-only visual tokens) for every frame (N, cameras, 3, H, W)."""
     return torch.cat([policy.vision(images[i : i + batch]) for i in range(0, len(images), batch)])
+
+
+@torch.no_grad()
+def action_queries(policy: Any, frames: dict[str, Any], batch: int = 256) -> torch.Tensor:
+    """A policy's action query tokens at its hook layer (about 2/3 of the trunk, where the action-path control is
+    trained) for every frame of `frames` (a batch as the policy reads it: images, state, instruction, and the
+    positions for an oracle): what the action head is decoding from, less its last layers."""
+    captured: list[torch.Tensor] = []
+    hook = policy.get_submodule(policy.config.hook_layer).register_forward_hook(
+        lambda module, inputs, output: captured.append(output[:, policy.action_query_slice])
+    )
+    try:
+        for i in range(0, len(frames["instruction"]), batch):
+            policy.predict_normalized({key: value[i : i + batch] for key, value in frames.items()})
+    finally:
+        hook.remove()
+    return torch.cat(captured)
 
 
 def less_task_means(positions: torch.Tensor, task_of_frame: torch.Tensor, train: torch.Tensor) -> torch.Tensor:

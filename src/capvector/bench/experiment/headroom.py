@@ -46,11 +46,11 @@ import torch
 from capvector.bench import recipe
 from capvector.bench.env.camera import CAMERAS, VARIANTS
 from capvector.bench.env.evaluation import evaluate_many, own_placements
-from capvector.bench.env.features import PRIVILEGED_DIM
+from capvector.bench.env.features import PRIVILEGED_DIM, PRIVILEGED_KEY, STATE_KEY
 from capvector.bench.env.sim import PLACEMENTS, parallel_map
-from capvector.bench.env.tasks import resolve_tasks
+from capvector.bench.env.tasks import instruction, resolve_tasks
 from capvector.bench.experiment.layout import HeadroomLayout, checkpoint_folder, trained_policy
-from capvector.bench.probe import PROBE_STRIDE, held_out_r2, less_task_means, visual_tokens
+from capvector.bench.probe import PROBE_STRIDE, action_queries, held_out_r2, less_task_means, visual_tokens
 from capvector.bench.statistics import bootstrap_mean, paired_difference, points, resolvable_difference
 from capvector.bench.teacher.pretraining import (
     TeacherPretraining,
@@ -502,12 +502,24 @@ def pretrained_teacher(config: HeadroomConfig, layout: HeadroomLayout) -> dict:
     return summary
 
 
-def probe_frames(config: HeadroomConfig, layout: HeadroomLayout) -> tuple[torch.Tensor, ...]:
-    """Images (N, cameras, 3, H, W) of the training demonstrations' frames and of held-out ones; the object's and
-    goal's positions (N, 6, metres, world frame: what the oracle is given and SFT must read from the images) less
-    their task's mean over the training frames, since which task it is, and so roughly where its objects are, any
-    features tell; the training frames (N,) and among them the episodes that choose the probe's ridge (every
-    fifth)."""
+@dataclass
+class ProbeFrames:
+    """The training demonstrations' frames and held-out ones, every PROBE_STRIDE-th: `images` (N, cameras, 3, H, W);
+    `batch`, the same frames as a policy reads them (images, state, instruction, and the positions an oracle is
+    told); `positions`, the object's and goal's (N, 6, metres, world frame: what the oracle is given and SFT must
+    read from the images) less their task's mean over the training frames, since which task it is, and so roughly
+    where its objects are, any features tell; `train`, the training frames (N,), and among them `inner`, the
+    episodes that choose the probe's ridge (every fifth)."""
+
+    images: torch.Tensor
+    batch: dict[str, Any]
+    positions: torch.Tensor
+    train: torch.Tensor
+    inner: torch.Tensor
+
+
+def probe_frames(config: HeadroomConfig, layout: HeadroomLayout) -> ProbeFrames:
+    """The probes' frames (ProbeFrames), the held-out ones recorded first if need be."""
     from capvector.bench.env.dataset import open_meta
     from capvector.bench.teacher.pretraining import load_frames
 
@@ -517,14 +529,24 @@ def probe_frames(config: HeadroomConfig, layout: HeadroomLayout) -> tuple[torch.
     task_of_episode = [[config.tasks.index(e["name"]) for e in open_meta(root).episodes] for root in roots]
     task_of_frame = torch.cat([torch.tensor(tasks)[f.episode] for tasks, f in zip(task_of_episode, (seen, new))])
     train = torch.arange(len(task_of_frame)) < len(seen.privileged)
-    positions = less_task_means(torch.cat([seen.privileged, new.privileged]), task_of_frame, train)
+    privileged = torch.cat([seen.privileged, new.privileged])
+    positions = less_task_means(privileged, task_of_frame, train)
     inner = torch.cat([seen.episode % 5 == 1, torch.zeros(len(new.episode), dtype=torch.bool)])
-    return torch.cat([seen.images, new.images]), positions, train, inner
+    images = torch.cat([seen.images, new.images])
+    batch = {f"observation.images.{camera}": images[:, i] for i, camera in enumerate(CAMERAS)} | {
+        STATE_KEY: torch.cat([seen.state, new.state]),
+        PRIVILEGED_KEY: privileged,
+        "instruction": [instruction(config.tasks[task]) for task in task_of_frame.tolist()],
+    }
+    return ProbeFrames(images, batch, positions, train, inner)
 
 
-def probe_tokens(config: HeadroomConfig, layout: HeadroomLayout, runs: dict[str, str]) -> dict[str, float]:
-    """Held-out R^2 of the positions from the visual tokens of every arm's policies at the last budget and of an
-    untrained policy ("untrained"), cached in layout.probe."""
+def probe_tokens(
+    config: HeadroomConfig, layout: HeadroomLayout, runs: dict[str, str]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Held-out R^2 of the positions from the image-only visual tokens and from the action query tokens at the hook
+    layer of every arm's policies at the last budget and of an untrained policy ("untrained"), cached in
+    layout.probe and layout.probe_queries."""
 
     def untrained() -> Any:
         torch.manual_seed(config.seeds[0])
@@ -535,15 +557,21 @@ def probe_tokens(config: HeadroomConfig, layout: HeadroomLayout, runs: dict[str,
         e.name: functools.partial(recipe.load_trained, policy_at(layout, e.run, e.seed, e.steps)) for e in todo
     }
     policies["untrained"] = untrained
-    results = read_json(layout.probe) or {}
-    missing = [name for name in policies if name not in results]
+    visual, queries = read_json(layout.probe) or {}, read_json(layout.probe_queries) or {}
+    missing = [name for name in policies if name not in visual or name not in queries]
     if missing:
-        images, positions, train, inner = probe_frames(config, layout)
-        print(f"probing the visual tokens: {int(train.sum())} training frames, {int((~train).sum())} held out")
+        frames = probe_frames(config, layout)
+        print(f"probing the tokens: {int(frames.train.sum())} training frames, {int((~frames.train).sum())} held out")
         for name in missing:
-            results[name] = held_out_r2(visual_tokens(policies[name](), images), positions, train, inner)
-            write_json(layout.probe, results)
-    return results
+            policy = policies[name]()
+            for results, path, features in (
+                (visual, layout.probe, functools.partial(visual_tokens, policy, frames.images)),
+                (queries, layout.probe_queries, functools.partial(action_queries, policy, frames.batch)),
+            ):
+                if name not in results:
+                    results[name] = held_out_r2(features(), frames.positions, frames.train, frames.inner)
+                    write_json(path, results)
+    return visual, queries
 
 
 def cells(results: dict, config: HeadroomConfig, run: str, steps: int, decoy: bool = False) -> np.ndarray:
@@ -552,11 +580,16 @@ def cells(results: dict, config: HeadroomConfig, run: str, steps: int, decoy: bo
 
 
 def summarize(
-    results: dict, config: HeadroomConfig, runs: dict[str, str], probe: dict[str, float], chosen: dict | None = None
+    results: dict,
+    config: HeadroomConfig,
+    runs: dict[str, str],
+    probes: tuple[dict[str, float], dict[str, float]],
+    chosen: dict | None = None,
 ) -> dict:
     """Per arm and budget: mean success and its seed-bootstrap interval; oracle - sft paired; the decoy's drop; how
-    small a difference these seeds resolve; the probe's R^2 per arm; per auxiliary arm (`chosen`) its weight and
-    validation figures. Success rates in points (0-100). `runs`: arm -> training run name."""
+    small a difference these seeds resolve; the probes' R^2 per arm (`probes`: of the visual tokens, of the action
+    queries); per auxiliary arm (`chosen`) its weight and validation figures. Success rates in points (0-100).
+    `runs`: arm -> training run name."""
     budgets: dict[str, Any] = {}
     for steps in config.budgets:
         by_arm = {arm: cells(results, config, run, steps) for arm, run in runs.items()}
@@ -576,7 +609,14 @@ def summarize(
     last = config.budgets[-1]
     oracle, decoy = cells(results, config, runs["oracle"], last), cells(results, config, runs["oracle"], last, True)
     best = max(budgets, key=lambda b: budgets[b]["oracle_minus_sft"][1])
-    r2 = {arm: [[probe[Evaluation(run, s, last).name]] for s in config.seeds] for arm, run in runs.items()}
+
+    def probed(probe: dict[str, float]) -> dict:
+        r2 = {
+            arm: np.array([[probe[Evaluation(run, s, last).name]] for s in config.seeds]) for arm, run in runs.items()
+        }
+        means = {arm: [round(v, 3) for v in bootstrap_mean(values)] for arm, values in r2.items()}
+        return {"steps": last, "untrained": round(probe["untrained"], 3), **means}
+
     return {
         "regime": config.regime,
         "config": dataclasses.asdict(config),
@@ -588,11 +628,8 @@ def summarize(
             "drop": points(paired_difference(oracle, decoy)),
             "steps": last,
         },
-        "probe": {
-            "steps": last,
-            "untrained": round(probe["untrained"], 3),
-            **{arm: [round(v, 3) for v in bootstrap_mean(np.array(values))] for arm, values in r2.items()},
-        },
+        "probe": probed(probes[0]),
+        "probe_queries": probed(probes[1]),
         "headroom": {
             "budget": int(best),
             "oracle_minus_sft": budgets[best]["oracle_minus_sft"],
@@ -651,14 +688,19 @@ def report_markdown(summary: dict) -> str:
             lines += ["", describe_teacher(chosen["pretraining"])]
     decoy = summary["decoy"]
     head = summary["headroom"]
-    probe = summary["probe"]
+    probe, queries = summary["probe"], summary["probe_queries"]
     carried = ", ".join(f"{arm} {interval(probe[arm])}" for arm in summary["arms"])
+    reached = ", ".join(f"{arm} {interval(queries[arm])}" for arm in summary["arms"])
     lines += [
         "",
         f"What the image-only visual tokens carry at {probe['steps']} steps: held-out R^2 of the object's and goal's "
         "positions within their task (less the task's mean), from a linear probe fitted on the training "
         f"demonstrations' frames and scored on {PROBE_EPISODES} demonstrations per task on placements no policy "
         f"trained on (mean over seeds, 95% interval): {carried}; an untrained policy {probe['untrained']}.",
+        "",
+        "What reaches the action path: the same probe of the action query tokens at the trunk's hook layer (about "
+        f"2/3 of its depth; the oracle reads the positions there too): {reached}; an untrained policy "
+        f"{queries['untrained']}.",
     ]
     lines += [
         "",
@@ -724,8 +766,8 @@ def headroom(regime: str | HeadroomConfig = "wide", out_dir: str | Path = "runs/
         train_arms([train_config(config, layout, arm, seed, weight) for seed in config.seeds], config.workers)
     print(f"trained in {time.perf_counter() - started:.0f} s; evaluating")
     results = run_evaluations(config, layout, final_evaluations(config, runs), layout.evaluations, config.eval_seed)
-    probe = probe_tokens(config, layout, runs)
-    summary = summarize(results, config, runs, probe, chosen)
+    probes = probe_tokens(config, layout, runs)
+    summary = summarize(results, config, runs, probes, chosen)
     layout.report.mkdir(exist_ok=True)
     write_json(layout.report_results, summary)
     write_text(layout.report_file, report_markdown(summary))

@@ -21,7 +21,7 @@
     <out>/<regime>/                     a `capvector headroom` run folder (HeadroomLayout)
       config.json                       the config and its key
       demos/                            the demonstrations of the regime's tasks
-      demos-held-out/                   a few more on other placements, for the probe of the visual tokens
+      demos-held-out/                   a few more on other placements, for the probes of the tokens
       train/<arm>/seed<k>/              training runs (sft, oracle, control_w<weight>)
       evaluate/test_per_seed.json       "<arm>/seed<k>/step<n>[/decoy]" -> {task: success rate}, each seed on its own
                                         test placements
@@ -29,6 +29,7 @@
                                         placements
       evaluate/probe.json               "<arm>/seed<k>/step<n>" and "untrained" -> held-out R^2 of positions from
                                         its visual tokens
+      evaluate/probe_queries.json       the same from its action query tokens at the trunk's hook layer
       report/                           report.md and results.json
 
 A training run folder is the engine's (capvector.training.engine): policy/, checkpoints/step_N/policy/,
@@ -144,6 +145,7 @@ class HeadroomLayout:
         self.teacher_demos = root / "demos-teacher"  # the teacher arm's teacher: its pretraining frames
         self.teacher = root / "teacher"  # and the teacher
         self.probe = root / "evaluate" / "probe.json"
+        self.probe_queries = root / "evaluate" / "probe_queries.json"
         # "per_seed": a run folder's files from before each seed had placements of its own (results.json,
         # validation_placements<n>.json: one set of placements for every seed) are not read.
         self.evaluations = root / "evaluate" / "test_per_seed.json"
