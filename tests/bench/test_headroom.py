@@ -25,6 +25,7 @@ from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.bench.policy.modeling_policy import Policy
 from capvector.errors import CapvectorError
 from capvector.training.config import load_config
+from policy_batches import synthetic_batch
 
 TASK = "button-press-topdown-v3"
 
@@ -232,16 +233,7 @@ def test_the_positive_control_regresses_positions_relative_to_the_hand_from_imag
     policy = Policy(PolicyConfig(image_size=32, stem_channels=(8, 8), dim=16, heads=2, trunk_layers=1))
     objective = PrivilegedObjective()
     objective.attach(policy)
-    images = torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8)
-    batch = {
-        "observation.images.scene": images,
-        "observation.images.wrist": images.flip(-1),
-        "observation.state": torch.rand(4, 4),
-        "instruction": ["press the button from the top"] * 4,
-        "action": torch.zeros(4, 8, 4),
-        "action_is_pad": torch.zeros(4, 8, dtype=torch.bool),
-        PRIVILEGED_KEY: torch.rand(4, 6),
-    }
+    batch = synthetic_batch(config=policy.config)
     policy(batch)
     loss = objective(batch)
     loss.backward()
@@ -262,16 +254,7 @@ def test_the_control_on_the_action_path_teaches_the_queries_at_the_hook_layer_an
     objective = PrivilegedObjective(layer="", tokens="queries")
     objective.attach(policy)
     assert objective.layer == policy.config.hook_layer == "trunk.layers.1"
-    images = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
-    batch = {
-        "observation.images.scene": images,
-        "observation.images.wrist": images,
-        "observation.state": torch.rand(2, 4),
-        "instruction": ["press the button"] * 2,
-        "action": torch.zeros(2, 8, 4),
-        "action_is_pad": torch.zeros(2, 8, dtype=torch.bool),
-        PRIVILEGED_KEY: torch.rand(2, 6),
-    }
+    batch = synthetic_batch(batch_size=2, config=policy.config)
     policy(batch)
     objective(batch).backward()
     assert policy.action_queries.grad.abs().sum() > 0  # the queries' own embeddings learn it...

@@ -16,25 +16,9 @@ from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.bench.policy.modeling_policy import Policy, masked_l1, normalize, tokenize, unnormalize
 from capvector.bench.recipe import load_trained
 from capvector.errors import CapvectorError
+from policy_batches import synthetic_batch
 
 FOVY = {"scene": 40.0, "wrist": 90.0}
-
-
-def synthetic_batch(batch_size=4, config=None, seed=0):
-    config = config or PolicyConfig()
-    generator = torch.Generator().manual_seed(seed)
-    size = config.image_size
-    batch = {"instruction": ["pick the puck and place it at the goal", "open the drawer"] * (batch_size // 2)}
-    for camera in config.cameras:
-        batch[f"observation.images.{camera}"] = torch.randint(
-            0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=generator
-        )
-        batch[f"observation.depth.{camera}"] = 0.3 + torch.rand(batch_size, 1, size, size, generator=generator)
-    batch["observation.state"] = torch.rand(batch_size, config.state_dim, generator=generator) * 0.5
-    batch["action"] = torch.rand(batch_size, config.chunk_size, config.action_dim, generator=generator) * 2 - 1
-    batch["action_is_pad"] = torch.zeros(batch_size, config.chunk_size, dtype=torch.bool)
-    batch["action_is_pad"][0, -3:] = True
-    return batch
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from capvector.bench.probe import held_out_r2
+from policy_batches import synthetic_batch
 
 
 def frames(features: int, noise: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,21 +46,14 @@ def test_the_action_queries_are_read_at_the_hook_layer_for_every_frame_and_an_or
 
     torch.manual_seed(0)
     config = PolicyConfig(image_size=32, stem_channels=(8, 8), dim=16, heads=2, trunk_layers=3)
-    images = torch.randint(0, 255, (5, 3, 32, 32), dtype=torch.uint8)
-    frames = {
-        "observation.images.scene": images,
-        "observation.images.wrist": images.flip(-1),
-        "observation.state": torch.rand(5, 4),
-        "instruction": ["press the button"] * 5,
-        PRIVILEGED_KEY: torch.rand(5, 6),
-    }
+    frames = synthetic_batch(batch_size=6, config=config)
     policy = Policy(config).eval()
     queries = action_queries(policy, frames, batch=2)  # in batches of 2: the same as all at once
-    assert queries.shape == (5, config.chunk_size, config.dim)
+    assert queries.shape == (6, config.chunk_size, config.dim)
     assert torch.allclose(queries, action_queries(policy, frames), atol=1e-5)
-    assert not torch.allclose(queries, action_queries(policy, frames | {"observation.state": torch.rand(5, 4)}))
+    assert not torch.allclose(queries, action_queries(policy, frames | {"observation.state": torch.rand(6, 4)}))
     assert not policy.trunk.layers[1]._forward_hooks  # the hook is gone
     told = dataclasses.replace(config, privileged_dim=6, privileged_q01=[0.0] * 6, privileged_q99=[1.0] * 6)
     oracle = Policy(told).eval()
-    moved = frames | {PRIVILEGED_KEY: torch.rand(5, 6)}
+    moved = frames | {PRIVILEGED_KEY: torch.rand(6, 6)}
     assert not torch.allclose(action_queries(oracle, frames), action_queries(oracle, moved))
