@@ -253,6 +253,24 @@ REGIMES = {
         selection_seeds=1,
         teacher={"locate_weight": 10.0, "steps": 4000},
     ),
+    # views-confirm-shift with twice the demonstrations (20 per task), the local control at the weight chosen there
+    # (0.3). There (stop 33) every auxiliary arm raised what the tokens carry about where things are on new
+    # placements (the action queries' probe: SFT 0.777, the action-path control 0.883, the oracle 0.931) without
+    # raising success (the action-path control -6.8 at 2000 steps): positions learned from 40 placements are
+    # nearly exact on those and a few centimetres off on new ones. Do more placements to learn from let the
+    # control's dense targets help where the actions' alone do not?
+    "views-confirm-shift-more": HeadroomConfig(
+        regime="views-confirm-shift-more",
+        arms=["sft", "oracle", "control"],
+        tasks=["button-press-v3", "drawer-open-v3", "faucet-open-v3", "door-lock-v3"],
+        variant="random_view",
+        demos_per_task=20,
+        policy={"dim": 96, "trunk_layers": 3, "heads": 4, "augment_shift": 4},
+        budgets=[1000, 2000],
+        eval_seed=3,
+        control_weights=[0.3],
+        selection_seeds=1,
+    ),
     # The suite's miniature: one task, a tiny policy, a few steps.
     "test": HeadroomConfig(
         regime="test",
