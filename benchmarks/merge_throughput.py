@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import mmap
 import os
 import shutil
 import statistics
@@ -125,7 +124,27 @@ def write_model(folder: Path, shapes: dict, seed: int, layers: int) -> None:
 
 # --- the operations, each run in a child process --------------------------------------------------------------------
 
-CHILD = r"""
+# Touch `nbytes` of fresh memory and free it: the free memory the next allocations take is then memory the host
+# backs (see the module's docstring).
+TOUCH = r"""
+import os
+REPORTED = "/sys/module/page_reporting/parameters/reported_kib"  # where this machine's kernel counts it
+
+def reported_kib():
+    '''KiB of free memory the kernel has reported to the host so far (None where it does not say).'''
+    return int(open(REPORTED).read()) if os.path.exists(REPORTED) else None
+
+def touch(nbytes):
+    import mmap
+    block, page = mmap.mmap(-1, nbytes), b"\1" * (1 << 20)
+    for _ in range(nbytes >> 20):
+        block.write(page)
+    block.close()
+"""
+
+CHILD = (
+    TOUCH
+    + r"""
 import sys, time, json, os
 op, args = sys.argv[1], json.loads(sys.argv[2])
 began = time.perf_counter()
@@ -134,7 +153,12 @@ if op != "floor":  # importing torch takes 1-5 s, with the machine's load: timed
     from capvector.params.merging import merge
     from capvector.params.streaming import retain_freed_memory
     retain_freed_memory()  # as the commands do
-start, cpu_start = time.perf_counter(), os.times()
+imported = time.perf_counter()
+# Right before the work, not before the process: the host takes back reported memory within seconds.
+touch(args.pop("hot_bytes"))
+with open("/proc/self/clear_refs", "w") as f:  # peak RSS (VmHWM) back to the current RSS: the touch is not the work
+    f.write("5")
+start, cpu_start, reported = time.perf_counter(), os.times(), reported_kib()
 if op == "extract":
     extract(args["aux"], args["sft"], args["out"], hash_sources=args["hash"]).close()
 elif op == "merge":
@@ -165,45 +189,38 @@ seconds = time.perf_counter() - start
 cpu = [now - then for now, then in zip(os.times(), cpu_start)]  # user and system time of the work, all threads
 # VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's resident size at fork
 peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
-figures = {"seconds": seconds, "import_s": start - began, "cpu_s": cpu[0] + cpu[1], "peak_rss_gb": peak_kb / 2**20}
+figures = {"seconds": seconds, "import_s": imported - began, "cpu_s": cpu[0] + cpu[1], "peak_rss_gb": peak_kb / 2**20}
+figures["reported_mib"] = None if reported is None else (reported_kib() - reported) / 1024
 print(json.dumps(figures))
 """
+)
 
 
-# Where this machine's kernel counts the free memory it has reported to the host (absent elsewhere).
-REPORTED_KIB = Path("/sys/module/page_reporting/parameters/reported_kib")
 # Memory a measurement fills besides its output, touched before it: our processes and the floor stay under 0.4 GB,
 # mergekit's peaks at 4.2-4.4 GB.
 OWN_MEMORY = {"mergekit": 5 << 30}
 OWN_MEMORY_DEFAULT = 1 << 30
 
 
-def reported_kib() -> int | None:
-    return int(REPORTED_KIB.read_text()) if REPORTED_KIB.exists() else None
-
-
-def settle(inputs: list[str], hot_bytes: int) -> None:
-    """The same start for every measurement: earlier outputs flushed to disk, this one's inputs in the page cache,
-    and `hot_bytes` of fresh memory touched and freed, so that the free memory it takes is memory the host backs."""
+def settle(inputs: list[str]) -> None:
+    """The same start for every measurement: earlier outputs flushed to disk, this one's inputs in the page cache."""
     os.sync()
     for path in inputs:
         with open(path, "rb", buffering=0) as f:
             while f.read(64 << 20):
                 pass
-    block, page = mmap.mmap(-1, hot_bytes), b"\1" * (1 << 20)
-    for _ in range(hot_bytes >> 20):
-        block.write(page)
-    block.close()
 
 
 def run_child(
     op: str, inputs: list[str], written: int, python: str = sys.executable, argv: list[str] | None = None, **args
 ) -> dict:
-    """Run `op` in a fresh process, which writes `written` bytes; its timings, and the MiB of free memory the
-    kernel reported to the host meanwhile (None where it does not say)."""
-    settle(inputs, written + OWN_MEMORY.get(op, OWN_MEMORY_DEFAULT))
-    reported = reported_kib()
-    command = argv or [python, "-c", CHILD, op, json.dumps(args)]
+    """Run `op` in a fresh process, which writes `written` bytes, as much fresh memory as it fills touched first;
+    its timings (ours with the MiB of free memory the kernel reported to the host while it worked, where it says)."""
+    settle(inputs)
+    hot_bytes = written + OWN_MEMORY.get(op, OWN_MEMORY_DEFAULT)
+    if argv:  # an outside program: touched by a process of its own (ours would keep the touch in its peak RSS)
+        subprocess.run([python, "-c", TOUCH + "import sys; touch(int(sys.argv[1]))", str(hot_bytes)], check=True)
+    command = argv or [python, "-c", CHILD, op, json.dumps(args | {"hot_bytes": hot_bytes})]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:  # pipes could fill and block
         begin = time.perf_counter()
         process = subprocess.Popen(command, stdout=out, stderr=err, text=True)
@@ -212,18 +229,12 @@ def run_child(
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
-    reported_mib = None if reported is None else (reported_kib() - reported) / 1024
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{op} failed:\n{stderr[-3000:]}")
     if argv:  # an outside program (mergekit): its whole run, and ru_maxrss as the best available
-        return {
-            "seconds": elapsed,
-            "wall_with_startup": elapsed,
-            "peak_rss_gb": usage.ru_maxrss / 2**20,
-            "reported_mib": reported_mib,
-        }
+        return {"seconds": elapsed, "wall_with_startup": elapsed, "peak_rss_gb": usage.ru_maxrss / 2**20}
     inner = json.loads(stdout.strip().splitlines()[-1])
-    return {**inner, "wall_with_startup": elapsed, "reported_mib": reported_mib}
+    return {**inner, "wall_with_startup": elapsed}
 
 
 def weight_files(folder: Path) -> list[str]:
@@ -246,7 +257,7 @@ def time_into(
     run["gb_per_s"] = moved / run["seconds"] / 1e9
     timings[label] = run
     startup = f"  (+{run['import_s']:.1f} s import)" if run.get("import_s", 0) > 0.05 else ""
-    reported = "" if run["reported_mib"] is None else f"  reported {run['reported_mib']:.0f} MiB"
+    reported = "" if run.get("reported_mib") is None else f"  reported {run['reported_mib']:.0f} MiB"
     print(
         f"  run {round_}  {label:<15} {run['seconds']:6.2f} s  {run['gb_per_s']:5.2f} GB/s  "
         f"peak RSS {run['peak_rss_gb']:.2f} GB"
