@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from capvector.bench.objectives.spatial import SpatialObjective
 from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.bench.policy.modeling_policy import Policy
+from capvector.training.metrics import synchronize
 
 INSTRUCTIONS = ["pick the puck and place it at the goal", "open the drawer", "push the button down"]
 
@@ -35,11 +36,6 @@ def random_batch(config: PolicyConfig, batch_size: int, device: torch.device) ->
         batch[f"observation.images.{camera}"] = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8)
         batch[f"observation.depth.{camera}"] = 0.3 + torch.rand(batch_size, 1, size, size)
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def train_seconds_per_step(policy, objective, batch, steps: int, device) -> tuple[float, float]:

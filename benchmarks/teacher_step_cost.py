@@ -30,6 +30,7 @@ from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.bench.policy.modeling_policy import Policy
 from capvector.bench.teacher.configuration_teacher import TeacherConfig
 from capvector.bench.teacher.modeling_teacher import Teacher
+from capvector.training.metrics import synchronize
 from capvector.training.orthogonal import build_regularizer
 from capvector.training.preflight import pick_device
 
@@ -76,11 +77,6 @@ class Method:
         if self.regularizer is not None:
             self.regularizer.add_grad_(self.orth_lambda)
         self.optimizer.step()
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:

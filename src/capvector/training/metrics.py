@@ -26,11 +26,18 @@ from capvector.training.config import TrainConfig
 METRICS_FILE = "metrics.jsonl"
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait until `device` has run the work queued on it (CUDA runs it asynchronously); nothing to wait for on the
+    CPU. Timings of device work are taken after it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class Stopwatch:
     """Seconds spent in named parts, accumulated between log lines (on CUDA each lap waits for the device)."""
 
     def __init__(self, device: torch.device, enabled: bool):
-        self.sync = enabled and device.type == "cuda"
+        self.device = device
         self.enabled = enabled
         self.seconds: dict[str, float] = defaultdict(float)
         self.last = time.perf_counter()
@@ -38,8 +45,7 @@ class Stopwatch:
     def lap(self, part: str) -> None:
         if not self.enabled:
             return
-        if self.sync:
-            torch.cuda.synchronize()
+        synchronize(self.device)
         now = time.perf_counter()
         self.seconds[part] += now - self.last
         self.last = now
