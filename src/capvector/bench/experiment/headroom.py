@@ -256,9 +256,9 @@ REGIMES = {
     # views-confirm-shift with twice the demonstrations (20 per task), the local control at the weight chosen there
     # (0.3). There (stop 33) every auxiliary arm raised what the tokens carry about where things are on new
     # placements (the action queries' probe: SFT 0.777, the action-path control 0.883, the oracle 0.931) without
-    # raising success (the action-path control -6.8 at 2000 steps): positions learned from 40 placements are read
-    # to ~6 mm on those and far less well on new ones (held-out R^2 0.88). Do more placements to learn from let the
-    # control's dense targets help where the actions' alone do not?
+    # raising success (the action-path control -6.8 at 2000 steps); its projector read the positions to ~6 mm on
+    # the 40 training placements, a linear probe of its queries to 4.6 cm on new ones (SFT 6.4, the oracle 3.6). Do
+    # more placements to learn from let the control's dense targets help where the actions' alone do not?
     "views-confirm-shift-more": HeadroomConfig(
         regime="views-confirm-shift-more",
         arms=["sft", "oracle", "control"],
