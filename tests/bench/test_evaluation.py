@@ -88,6 +88,23 @@ class HalfSpeedExpert(ExpertPolicy):
         return chunk
 
 
+class ShakyExpert(ExpertPolicy):
+    """The scripted expert's moves with torch-drawn noise, as a noisy oracle draws its positions' noise."""
+
+    def predict_chunk(self, observation):
+        import torch
+
+        return super().predict_chunk(observation) + 0.8 * torch.randn(1, 4).numpy()
+
+
+def test_a_policy_that_draws_repeats_each_episode_and_differs_between_them():
+    settings = {"episodes": 3, "workers": 1, "image_size": 32, "max_steps": 60, "seed": 2}
+    steps = [[row[4] for row in next(evaluate_many([ShakyExpert], "reach-v3", **settings))[2]] for _ in "ab"]
+    assert steps[0] == steps[1]  # torch seeded by the placement at every episode
+    expert = [row[4] for _, _, rows in evaluate_many([ExpertPolicy], "reach-v3", **settings) for row in rows]
+    assert steps[0] != expert  # and the noise does move it
+
+
 def test_evaluate_many_gives_each_policy_what_its_own_evaluation_gives():
     settings = {"episodes": 2, "workers": 1, "image_size": 32, "max_steps": 60}
     assert evaluation_jobs(2, ["reach-v3"], 2, workers=1) == [([0, 1], "reach-v3", [0, 1])]  # one simulator for both

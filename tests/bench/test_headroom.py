@@ -157,13 +157,17 @@ def test_headroom_miniature_runs_every_stage_and_reuses_them(tmp_path, capsys):
     )
     # the probe of the visual tokens: every arm's policy of every seed and an untrained one, each an R^2
     probe = json.loads((tmp_path / "test" / "evaluate" / "probe.json").read_text())
-    assert len(probe) == 5 * len(config.seeds) + 1 and all(r2 <= 1 for r2 in probe.values())
-    assert set(results["probe"]) == {"steps", "untrained", "sft", "oracle", "control", "control_queries", "teacher"}
+    assert len(probe) == 6 * len(config.seeds) + 1 and all(r2 <= 1 for r2 in probe.values())
+    assert set(results["probe"]) == {"steps", "untrained", *config.arms}
     # and the same of the action query tokens at the hook layer, the oracle's read with its positions
     queries = json.loads((tmp_path / "test" / "evaluate" / "probe_queries.json").read_text())
     assert set(queries) == set(probe) and all(r2 <= 1 for r2 in queries.values())
     assert set(results["probe_queries"]) == set(results["probe"]) and queries != probe
     assert "What reaches the action path" in (report / "report.md").read_text()
+    # the noisy oracle: an oracle trained (and evaluated) with noise of oracle_noise metres on its positions
+    noisy = load_config(tmp_path / "test" / "train" / f"oracle_noise{config.oracle_noise:g}" / "seed1" / "config.yaml")
+    assert noisy.policy_args["privileged_noise"] == config.oracle_noise and noisy.policy_args["privileged_dim"] == 6
+    assert "noisy_oracle_minus_sft" in row and "of Gaussian noise per coordinate" in (report / "report.md").read_text()
     # the control on the action path trains the action queries at the policy's hook layer
     queries = load_config(tmp_path / "test" / "train" / "control_queries_w0.3" / "seed1" / "config.yaml")
     assert queries.auxiliary_args == {"tokens": "queries", "layer": "", "weight": 0.3}
@@ -205,6 +209,7 @@ def test_each_seed_is_evaluated_on_placements_of_its_own_and_every_arm_of_a_seed
         ({"teacher_weights": [0.0]}, "teacher_weights \\[0.0\\] must be positive"),
         ({"teacher": {"dataset": "elsewhere"}}, "teacher fields \\['dataset'\\] are not TeacherPretraining settings"),
         ({"selection_seeds": 0}, "selection_seeds"),
+        ({"oracle_noise": 0.0}, "oracle_noise 0.0 must be a positive number of metres"),
         ({"validation_seed": 0}, "validation_seed must differ"),
         ({"variant": "mars"}, "unknown variant 'mars'; valid: default, new_env, random_view"),
     ],

@@ -1,5 +1,6 @@
 """The benchmark's small VLA policy and its spatial auxiliary objective."""
 
+import dataclasses
 import functools
 import pickle
 
@@ -128,6 +129,24 @@ def test_an_oracle_grows_from_a_pretrained_policy_keeping_every_weight(policy, t
     policy.save_pretrained(tmp_path / "policy")
     with pytest.raises(CapvectorError, match="needs policy_args.dataset"):
         recipe.policy(str(tmp_path / "policy"), privileged_dim=PRIVILEGED_DIM)
+
+
+def test_a_noisy_oracle_reads_its_positions_with_fresh_noise_of_the_given_size(policy):
+    stats = {PRIVILEGED_KEY: {"q01": [-0.5] * PRIVILEGED_DIM, "q99": [0.5] * PRIVILEGED_DIM}}
+    exact = policy.as_oracle(stats, PRIVILEGED_DIM).eval()
+    noisy = Policy(dataclasses.replace(exact.config, privileged_noise=0.05)).eval()
+    noisy.load_state_dict(exact.state_dict())
+    batch = synthetic_batch(config=policy.config)
+    torch.manual_seed(0)
+    first = noisy.predict_normalized(batch)
+    assert not torch.allclose(first, noisy.predict_normalized(batch))  # a fresh draw at every read
+    torch.manual_seed(0)
+    assert torch.equal(first, noisy.predict_normalized(batch))  # from torch's generator
+    torch.manual_seed(0)
+    shifted = {**batch, PRIVILEGED_KEY: batch[PRIVILEGED_KEY] + 0.05 * torch.randn(4, PRIVILEGED_DIM)}
+    assert torch.allclose(first, exact.predict_normalized(shifted), atol=1e-6)  # the noise is N(0, 0.05^2) metres
+    with pytest.raises(CapvectorError, match="privileged_noise -0.01 must be >= 0"):
+        PolicyConfig(privileged_noise=-0.01)
 
 
 def test_benchmark_instructions_get_distinct_word_ids():

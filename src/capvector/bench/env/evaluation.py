@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
+import torch
 
 from capvector.bench.env.camera import CAMERAS
 from capvector.bench.env.sim import (
@@ -117,8 +118,10 @@ def run_episode(
     env: SimEnv, policy, placement_seed: int, record: bool, max_steps: int = MAX_EPISODE_STEPS
 ) -> tuple[bool, int, list[np.ndarray]]:
     """One closed-loop episode of at most `max_steps`; renders only when the current action chunk is used up (and,
-    when `record`, every GIF_STRIDE steps for a GIF that plays at the simulator's rate)."""
+    when `record`, every GIF_STRIDE steps for a GIF that plays at the simulator's rate). torch's random draws are
+    seeded by the placement, so that a policy that draws (a noisy oracle) repeats its episodes."""
     raw = env.reset(placement_seed)
+    torch.manual_seed(placement_seed)
     policy.reset()
     queue: list[np.ndarray] = []
     frames: list[np.ndarray] = []

@@ -6,6 +6,8 @@ Arms trained from scratch on the same demonstrations, seeds and batches, each se
 of its own, every arm of a seed on the same ones (paired):
   sft      images, state and instruction: what every method of the experiment sees.
   oracle   the same plus the simulator's object and goal positions (`observation.privileged`) as one more token.
+  noisy_oracle  the oracle told the positions with Gaussian noise (oracle_noise metres per coordinate, a fresh draw
+           at every read, in training and evaluation): how precisely must a policy know where things are to gain?
   control  auxiliary SFT with the positive control (capvector.bench.objectives.localization): where the object and
            goal appear in each camera is a per-patch training target for the visual tokens, never an input; at
            evaluation it sees what sft sees.
@@ -96,7 +98,7 @@ AUX_ARMS = {
         "with the normalized patch features of a teacher pretrained on the pretraining tasks' frames in this look)",
     ),
 }
-ARMS = ("sft", "oracle", *AUX_ARMS)
+ARMS = ("sft", "oracle", "noisy_oracle", *AUX_ARMS)
 # The probe of the visual tokens: demonstrations on placements no policy trained on (the next demonstration seed),
 # every PROBE_STRIDE-th frame.
 PROBE_EPISODES = 3
@@ -126,6 +128,9 @@ class HeadroomConfig:
     # The scripted experts finish these tasks in at most ~230 steps on wide placements; a failure stops at the cap.
     max_steps: int = 300
     # The auxiliary arms' candidate weights, chosen on validation placements with the first selection_seeds seeds.
+    # The noisy oracle's noise, metres per coordinate (3 cm: about what a linear probe of the action-path control's
+    # queries misses by on new placements in views-confirm-shift, 4.6 cm per point).
+    oracle_noise: float = 0.03
     control_weights: list = field(default_factory=lambda: [0.05, 0.1, 0.2])
     control_queries_weights: list = field(default_factory=lambda: [0.3, 1.0])
     teacher_weights: list = field(default_factory=lambda: [0.1, 0.5])
@@ -139,6 +144,7 @@ class HeadroomConfig:
 # Fields that say which arms to run, not how: a run folder's finished arms stay valid when they change.
 ARM_FIELDS = (
     "arms",
+    "oracle_noise",
     "control_weights",
     "control_queries_weights",
     "teacher_weights",
@@ -274,7 +280,7 @@ REGIMES = {
     # The suite's miniature: one task, a tiny policy, a few steps.
     "test": HeadroomConfig(
         regime="test",
-        arms=["sft", "oracle", "control", "control_queries", "teacher"],
+        arms=["sft", "oracle", "noisy_oracle", "control", "control_queries", "teacher"],
         tasks=["button-press-topdown-v3"],
         demos_per_task=2,
         image_size=32,
@@ -319,6 +325,8 @@ def check_config(config: HeadroomConfig) -> None:
         if not weights or min(weights) <= 0:
             raise CapvectorError(f"headroom: {arm}_weights {weights} must be positive numbers")
     teacher_pretraining(config, HeadroomLayout(Path(".")))  # names a teacher field it does not know
+    if config.oracle_noise <= 0:
+        raise CapvectorError(f"headroom: oracle_noise {config.oracle_noise} must be a positive number of metres")
     if not 1 <= config.selection_seeds <= len(config.seeds):
         raise CapvectorError(f"headroom: selection_seeds must be between 1 and the {len(config.seeds)} seeds")
     if config.validation_seed == config.eval_seed:
@@ -335,19 +343,28 @@ def aux_run_name(arm: str, weight: float) -> str:
     return f"{arm}_w{weight:g}"
 
 
+def run_name(config: HeadroomConfig, arm: str, weight: float | None = None) -> str:
+    """The folder and result name of an arm's runs: the arm, with what shapes it when that varies."""
+    if arm == "noisy_oracle":
+        return f"oracle_noise{config.oracle_noise:g}"
+    return arm if weight is None else aux_run_name(arm, weight)
+
+
 def train_config(
     config: HeadroomConfig, layout: HeadroomLayout, arm: str, seed: int, weight: float | None = None
 ) -> TrainConfig:
-    """The training run of `arm` ("sft", "oracle", or an auxiliary arm at `weight`) with `seed`."""
+    """The training run of `arm` ("sft", "oracle", "noisy_oracle", or an auxiliary arm at `weight`) with `seed`."""
     demos = str(layout.demos)
-    oracle = {"privileged_dim": PRIVILEGED_DIM} if arm == "oracle" else {}
+    oracle: dict[str, Any] = {"privileged_dim": PRIVILEGED_DIM} if arm in ("oracle", "noisy_oracle") else {}
+    if arm == "noisy_oracle":
+        oracle["privileged_noise"] = config.oracle_noise
     teacher = {"teacher": str(layout.teacher)} if arm == "teacher" else {}
     aux = {} if weight is None else {**AUX_ARMS[arm].args, "weight": weight, **teacher}
     return TrainConfig(
         strategy="aux" if aux else "sft",
         auxiliary=AUX_ARMS[arm].factory if aux else "",
         auxiliary_args=aux,
-        out_dir=str(layout.training(arm if weight is None else aux_run_name(arm, weight), seed)),
+        out_dir=str(layout.training(run_name(config, arm, weight), seed)),
         steps=config.budgets[-1],
         lr=config.lr,
         min_lr=config.lr / 10,
@@ -581,6 +598,7 @@ def probe_tokens(
         frames = probe_frames(config, layout)
         print(f"probing the tokens: {int(frames.train.sum())} training frames, {int((~frames.train).sum())} held out")
         for name in missing:
+            torch.manual_seed(0)  # a noisy oracle draws its noise: the same draws for every probe
             policy = policies[name]()
             for results, path, features in (
                 (visual, layout.probe, functools.partial(visual_tokens, policy, frames.images)),
@@ -662,6 +680,14 @@ def interval(triple: list[float], sign: str = "") -> str:
     return f"{mean:{sign}} [{low:{sign}}, {high:{sign}}]"
 
 
+def arm_table(summary: dict, arm: str) -> list[str]:
+    """An arm's success against SFT's at every budget, a markdown table."""
+    return [f"| steps | SFT | {arm} | {arm} - SFT |", "|---|---|---|---|"] + [
+        f"| {steps} | {interval(row['sft'])} | {interval(row[arm])} | {interval(row[f'{arm}_minus_sft'], '+')} |"
+        for steps, row in summary["budgets"].items()
+    ]
+
+
 def report_markdown(summary: dict) -> str:
     config = summary["config"]
     lines = [
@@ -684,6 +710,14 @@ def report_markdown(summary: dict) -> str:
             f"| {steps} | {interval(sft)} | {interval(oracle)} | {interval(diff, '+')} | "
             f"{row['resolvable_paired_difference']} |"
         )
+    if "noisy_oracle" in summary["arms"]:
+        lines += [
+            "",
+            f"The oracle told the positions with {config['oracle_noise']:g} m of Gaussian noise per coordinate (a "
+            "fresh draw at every read, in training and evaluation); test placements:",
+            "",
+            *arm_table(summary, "noisy_oracle"),
+        ]
     for arm, (_, _, description) in AUX_ARMS.items():
         if arm not in summary:
             continue
@@ -695,12 +729,7 @@ def report_markdown(summary: dict) -> str:
             f"{config['validation_seed']}, seeds {chosen['seeds']}, mean success over the budgets: {candidates}); "
             "test placements below:",
             "",
-            f"| steps | SFT | {arm} | {arm} - SFT |",
-            "|---|---|---|---|",
-        ]
-        lines += [
-            f"| {steps} | {interval(row['sft'])} | {interval(row[arm])} | {interval(row[f'{arm}_minus_sft'], '+')} |"
-            for steps, row in summary["budgets"].items()
+            *arm_table(summary, arm),
         ]
         if "pretraining" in chosen:
             lines += ["", describe_teacher(chosen["pretraining"])]
@@ -774,6 +803,10 @@ def headroom(regime: str | HeadroomConfig = "wide", out_dir: str | Path = "runs/
         [train_config(config, layout, arm, seed) for seed in config.seeds for arm in ("sft", "oracle")], config.workers
     )
     runs = {"sft": "sft", "oracle": "oracle"}
+    if "noisy_oracle" in config.arms:
+        print(f"the oracle with {config.oracle_noise:g} m of noise on its positions")
+        train_arms([train_config(config, layout, "noisy_oracle", seed) for seed in config.seeds], config.workers)
+        runs["noisy_oracle"] = run_name(config, "noisy_oracle")
     chosen: dict[str, dict] = {}
     for arm in (arm for arm in AUX_ARMS if arm in config.arms):
         teacher = {"pretraining": pretrained_teacher(config, layout)} if arm == "teacher" else {}

@@ -26,6 +26,9 @@ class PolicyConfig:
     # An oracle's extra input: the simulator's object and goal positions ("observation.privileged"), one more token.
     # 0 for every real policy; only the oracles set it (capvector headroom's oracle arm, reproduce's oracle method).
     privileged_dim: int = 0
+    # An oracle reads its positions with this much Gaussian noise (metres, each coordinate, drawn at every read, in
+    # training and at evaluation): how precisely must a policy know where things are for it to help?
+    privileged_noise: float = 0.0
     action_dim: int = 4
     chunk_size: int = 8
     # Vision: a conv stem downsamples each image to a patch_grid x patch_grid map of patch tokens.
@@ -68,6 +71,8 @@ class PolicyConfig:
                 f"policy config: {len(self.stem_channels)} stride-2 stem convolutions shrink a {self.image_size}px "
                 f"image below patch_grid {self.patch_grid}; use fewer stem_channels or a smaller patch_grid"
             )
+        if self.privileged_noise < 0:
+            raise CapvectorError(f"policy config: privileged_noise {self.privileged_noise} must be >= 0 metres")
         if not 0 <= self.augment_shift < self.image_size // 2:
             raise CapvectorError(
                 f"policy config: augment_shift {self.augment_shift} must be in [0, {self.image_size // 2}) pixels"

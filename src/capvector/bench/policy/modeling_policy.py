@@ -289,6 +289,8 @@ class Policy(nn.Module):
             if PRIVILEGED_KEY not in batch:
                 raise CapvectorError(f"policy: this oracle reads '{PRIVILEGED_KEY}', which the batch does not have")
             facts = torch.as_tensor(batch[PRIVILEGED_KEY], device=self.device, dtype=torch.float32)
+            if self.config.privileged_noise:
+                facts = facts + self.config.privileged_noise * torch.randn_like(facts)
             parts.append(self.privileged(normalize(facts, self.privileged_q01, self.privileged_q99)).unsqueeze(1))
         parts.append(self.action_queries.expand(state.shape[0], -1, -1))
         tokens = torch.cat(parts, dim=1)
