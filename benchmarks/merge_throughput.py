@@ -16,9 +16,9 @@ and as much fresh memory as it will fill (its output, and its own memory) touche
 them, ours and the floors alike, starts with its inputs in the page cache, no writeback pending and free memory
 that the host backs. On a virtual machine that reports free memory to its host (virtio-balloon free page
 reporting, as on the project's machine), a page handed out after it was reported costs a host fault: a copy into
-such memory took 11-13 s where the same copy into memory touched just before took 2-6 s, and which of the two a
-measurement met made the floor swing 5x within an invocation. How much was reported while each measurement ran is
-printed where the kernel says it (reported MiB). The operation and its floor take turns going first. Times exclude
+such memory took 11-13 s where the same copy into memory touched just before took 2-6 s. How much was reported while
+each measurement worked is printed where the kernel says it (reported MiB). The floor still swings (0.8-4 s for the
+same copy with nothing reported: README, Benchmarks). The operation and its floor take turns going first. Times exclude
 the 1-5 s that importing torch takes (reported apart as import_s); the mergekit comparison uses whole process times
 on both sides.
 
