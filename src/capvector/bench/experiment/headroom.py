@@ -265,6 +265,9 @@ REGIMES = {
     # raising success (the action-path control -6.8 at 2000 steps); its projector read the positions to ~6 mm on
     # the 40 training placements, a linear probe of its queries to 4.6 cm on new ones (SFT 6.4, the oracle 3.6). Do
     # more placements to learn from let the control's dense targets help where the actions' alone do not?
+    # Stop 33: yes. Oracle - SFT +20.5 [+14.2, +28.7] at 2000 steps (+20.2 [+5.5, +37.5] at 1000), decoy drop 50.8;
+    # the control +7.8 [+2.5, +13.2] at 2000 (every seed ahead), +1.2 at 1000 (docs/results/headroom/
+    # views-confirm-shift-more).
     "views-confirm-shift-more": HeadroomConfig(
         regime="views-confirm-shift-more",
         arms=["sft", "oracle", "control"],
