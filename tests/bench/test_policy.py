@@ -189,6 +189,18 @@ def test_spatial_gradient_reaches_layers_below_the_hook_only(policy):
     assert objective.projector[1].weight.grad.abs().sum() > 0
 
 
+def test_spatial_objective_refuses_use_unattached_and_another_policy(policy):
+    objective = SpatialObjective(FOVY)
+    with pytest.raises(CapvectorError, match="attach it to the policy"):
+        objective.targets(synthetic_batch())
+    objective.attach(policy)
+    objective.detach()
+    objective.attach(policy)  # the same policy again: the rays and projector it was built with
+    objective.detach()
+    with pytest.raises(CapvectorError, match="built for another policy"):
+        objective.attach(Policy(dataclasses.replace(PolicyConfig(), dim=32, heads=2)))
+
+
 def test_cosine_loss_values():
     target = torch.randn(2, 5, 8)
     assert cosine_alignment_loss(target * 3, target).abs() < 1e-6

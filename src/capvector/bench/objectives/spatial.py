@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from capvector.bench.env.camera import pixel_rays
-from capvector.bench.policy.configuration_policy import PolicyConfig, policy_config
+from capvector.bench.objectives.tokens import TokenObjective
+from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.errors import CapvectorError
-from capvector.training.auxiliary import AuxiliaryObjective
 
 
 def patch_point_features(points: torch.Tensor, frequencies: torch.Tensor, grid: int) -> torch.Tensor:
@@ -41,11 +40,11 @@ def cosine_alignment_loss(prediction: torch.Tensor, target: torch.Tensor) -> tor
     return 1 - F.cosine_similarity(prediction, target, dim=-1).mean()
 
 
-class SpatialObjective(AuxiliaryObjective):
+class SpatialObjective(TokenObjective):
     """Hooks `layer` (default: the trunk layer at ~2/3 depth) and aligns its visual tokens with depth geometry.
 
-    `fovy` maps each camera to its vertical field of view in degrees (the dataset's meta has it). The
-    projector's sizes come from the policy, so it is built in `attach` (before the optimizer is made).
+    `fovy` maps each camera to its vertical field of view in degrees (the dataset's meta has it). The rays and the
+    projector's sizes come from the policy, so they are built in `attach` (before the optimizer is made).
     """
 
     LAYOUT = ("cameras", "image_size", "patch_grid", "dim")  # what the projector and rays were built for
@@ -62,7 +61,7 @@ class SpatialObjective(AuxiliaryObjective):
         max_depth: float = 3.0,
         seed: int = 0,
     ):
-        super().__init__(layer or "", weight)
+        super().__init__(layer or "", weight, "spatial objective", hidden_ratio=2)
         self.fovy = {camera: float(value) for camera, value in fovy.items()}
         self.samples_per_patch = samples_per_patch
         self.max_depth = max_depth
@@ -71,25 +70,13 @@ class SpatialObjective(AuxiliaryObjective):
         frequencies = torch.randn(num_frequencies, 3, generator=generator) / scale[:, None]
         self.register_buffer("frequencies", frequencies, persistent=False)
         self.config: PolicyConfig | None = None
-        self.projector: nn.Module | None = None
-        self._visual: slice | None = None
 
-    def attach(self, policy: nn.Module) -> None:
-        config = policy_config(policy, "spatial objective")
-        if self.config is None:
-            self._build(config)
-        elif any(getattr(config, name) != getattr(self.config, name) for name in self.LAYOUT):
-            raise CapvectorError(f"spatial objective: it was built for another policy; its {self.LAYOUT} differ")
-        self.layer = self.layer or config.hook_layer
-        super().attach(policy)
-        self._visual = cast(slice, policy.visual_token_slice)
-
-    def _built(self) -> tuple[PolicyConfig, nn.Module]:
-        if self.config is None or self.projector is None:
-            raise CapvectorError("spatial objective: attach it to the policy (attach(policy)) before using it")
-        return self.config, self.projector
-
-    def _build(self, config: PolicyConfig) -> None:
+    def prepare(self, config: PolicyConfig) -> int:
+        """The rays of every camera at the sampled pixels; the targets' width."""
+        if self.config is not None:
+            if any(getattr(config, name) != getattr(self.config, name) for name in self.LAYOUT):
+                raise CapvectorError(f"spatial objective: it was built for another policy; its {self.LAYOUT} differ")
+            return 2 * len(self.frequencies)
         missing = [camera for camera in config.cameras if camera not in self.fovy]
         if missing:
             raise CapvectorError(
@@ -100,22 +87,17 @@ class SpatialObjective(AuxiliaryObjective):
         size, grid = config.image_size, config.patch_grid
         # Points at a few pixels per patch side: the patch statistics barely change, the cost drops ~16x.
         self.stride = max(size // (grid * self.samples_per_patch), 1)
-        device = self.frequencies.device
         for camera in config.cameras:
             rays = torch.as_tensor(pixel_rays(self.fovy[camera], size, size, self.stride), dtype=torch.float32)
-            self.register_buffer(f"rays_{camera}", rays.to(device), persistent=False)
-        self.projector = nn.Sequential(
-            nn.LayerNorm(config.dim),
-            nn.Linear(config.dim, 2 * config.dim),
-            nn.GELU(),
-            nn.Linear(2 * config.dim, 2 * len(self.frequencies)),
-        ).to(device)
+            self.register_buffer(f"rays_{camera}", rays.to(self.frequencies.device), persistent=False)
+        return 2 * len(self.frequencies)
 
     @torch.no_grad()
     def targets(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """(B, cameras * grid**2, 2F) teacher features, in the order of the policy's visual tokens."""
-        config, _ = self._built()
-        per_camera = []
+        if self.config is None:
+            raise CapvectorError("spatial objective: attach it to the policy (attach(policy)) before using it")
+        config, per_camera = self.config, []
         start = self.stride // 2
         for camera in config.cameras:
             key = f"observation.depth.{camera}"
@@ -130,5 +112,4 @@ class SpatialObjective(AuxiliaryObjective):
         return torch.cat(per_camera, dim=1)
 
     def compute(self, features: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
-        _, projector = self._built()
-        return cosine_alignment_loss(projector(features[:, self._visual]), self.targets(batch))
+        return cosine_alignment_loss(self.project(features), self.targets(batch))
