@@ -432,7 +432,7 @@ def assert_equal_tensors(expected, actual):
 
 
 def test_bad_input_is_named(tmp_path):
-    with pytest.raises(CapvectorError, match="valid presets: quick, full, views, views-long, gpu, test"):
+    with pytest.raises(CapvectorError, match="valid presets: quick, full, views, views-long, control, gpu, test"):
         reproduce("fast", tmp_path)
     with pytest.raises(CapvectorError, match="valid stages: demos, teacher, pretrain"):
         reproduce("test", tmp_path, force=["train"])

@@ -13,11 +13,12 @@ path nor name of a run is spelled anywhere else: folders come from `layout`, nam
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from capvector.bench.env.camera import VARIANTS
 from capvector.bench.env.evaluation import own_placements
@@ -27,6 +28,7 @@ from capvector.bench.experiment.layout import GAMMA, RunLayout, checkpoint_folde
 from capvector.bench.teacher.pretraining import TeacherPretraining, experiment_teacher
 from capvector.errors import CapvectorError
 
+T = TypeVar("T")
 Start = Literal["pretrained", "meta", "finetuned", "auxiliary"]  # theta_pt, theta_meta, theta_ft, theta_ao
 ORACLE = "oracle"
 DECOY = "decoy"  # an evaluation of the oracle in-domain told another placement's positions (does it use them?)
@@ -751,13 +753,20 @@ def evaluated_runs(config: ReproduceConfig, layout: RunLayout) -> list[Downstrea
     return downstream_runs(config, layout) + selection_runs(config, layout) + ablation_runs(config, layout)
 
 
-def evaluated_checkpoints(config: ReproduceConfig, layout: RunLayout) -> dict[str, tuple[str, str | None]]:
-    """name -> checkpoint_at(...) of every evaluated checkpoint."""
-    return {
-        evaluation_name(layout, run.folder, steps): checkpoint_at(layout, run, steps)
-        for run in evaluated_runs(config, layout)
-        for steps in run.evaluated
-    }
+def by_checkpoint(
+    layout: RunLayout, runs: list[DownstreamRun], value: Callable[[DownstreamRun, int], T]
+) -> dict[str, T]:
+    """evaluation_name -> value(run, steps) of every evaluated checkpoint of `runs`."""
+    return {evaluation_name(layout, run.folder, steps): value(run, steps) for run in runs for steps in run.evaluated}
+
+
+def evaluated_checkpoints(
+    config: ReproduceConfig, layout: RunLayout, runs: list[DownstreamRun] | None = None
+) -> dict[str, tuple[str, str | None]]:
+    """name -> checkpoint_at(...) of every evaluated checkpoint (of `runs`; default: evaluated_runs)."""
+    return by_checkpoint(
+        layout, evaluated_runs(config, layout) if runs is None else runs, functools.partial(checkpoint_at, layout)
+    )
 
 
 def first_episode(config: ReproduceConfig, seed: int) -> int:
@@ -766,10 +775,9 @@ def first_episode(config: ReproduceConfig, seed: int) -> int:
     return own_placements(seed, config.eval_episodes)
 
 
-def first_test_episodes(config: ReproduceConfig, layout: RunLayout) -> dict[str, int]:
-    """name -> first_episode of every evaluated checkpoint's training seed."""
-    return {
-        evaluation_name(layout, run.folder, steps): first_episode(config, run.seed)
-        for run in evaluated_runs(config, layout)
-        for steps in run.evaluated
-    }
+def first_test_episodes(
+    config: ReproduceConfig, layout: RunLayout, runs: list[DownstreamRun] | None = None
+) -> dict[str, int]:
+    """name -> first_episode of every evaluated checkpoint's training seed (of `runs`; default: evaluated_runs)."""
+    runs = evaluated_runs(config, layout) if runs is None else runs
+    return by_checkpoint(layout, runs, lambda run, _: first_episode(config, run.seed))

@@ -62,7 +62,6 @@ from capvector.bench.experiment.protocol import (
     ablation_seeds,
     alpha_candidates,
     check_config,
-    checkpoint_at,
     control_config,
     decoy_checkpoints,
     downstream_runs,
@@ -438,8 +437,7 @@ def plan_select(run: Run) -> Plan:
     if not c.select_alpha:
         return {}
     runs = selection_runs(c, layout)
-    checkpoints = {evaluation_name(layout, r.folder, r.steps): checkpoint_at(layout, r, r.steps) for r in runs}
-    first = {evaluation_name(layout, r.folder, r.steps): first_episode(c, r.seed) for r in runs}
+    checkpoints, first = evaluated_checkpoints(c, layout, runs), first_test_episodes(c, layout, runs)
     return {
         "candidates": alpha_candidates(c),
         "training": training_plan(run, runs),
