@@ -15,11 +15,11 @@ from capvector.bench.experiment.headroom import (
     PROBE_EPISODES,
     REGIMES,
     Evaluation,
-    aux_run_name,
     check_config,
     evaluation_batches,
     final_evaluations,
     headroom,
+    run_name,
 )
 from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.bench.policy.modeling_policy import Policy
@@ -133,10 +133,10 @@ def test_headroom_miniature_runs_every_stage_and_reuses_them(tmp_path, capsys):
         "teacher_w0.5/seed0/step4",
     }
     trained = {p.parent.name + "/" + p.name for p in (tmp_path / "test" / "train").glob("control_w*/seed*")}
-    other = aux_run_name("control", 0.3 - control["weight"])
+    other = run_name(config, "control", 0.3 - control["weight"])
     assert trained == {
-        f"{aux_run_name('control', control['weight'])}/seed0",
-        f"{aux_run_name('control', control['weight'])}/seed1",
+        f"{run_name(config, 'control', control['weight'])}/seed0",
+        f"{run_name(config, 'control', control['weight'])}/seed1",
         f"{other}/seed0",
     }
     # the teacher arm: its teacher pretrained in the run folder on another task's frames in this regime's look and

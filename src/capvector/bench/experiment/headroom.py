@@ -341,16 +341,11 @@ def arm_weights(config: HeadroomConfig, arm: str) -> list:
     return getattr(config, f"{arm}_weights")
 
 
-def aux_run_name(arm: str, weight: float) -> str:
-    """The folder and result name of an auxiliary arm's runs at one weight."""
-    return f"{arm}_w{weight:g}"
-
-
 def run_name(config: HeadroomConfig, arm: str, weight: float | None = None) -> str:
     """The folder and result name of an arm's runs: the arm, with what shapes it when that varies."""
     if arm == "noisy_oracle":
         return f"oracle_noise{config.oracle_noise:g}"
-    return arm if weight is None else aux_run_name(arm, weight)
+    return arm if weight is None else f"{arm}_w{weight:g}"
 
 
 def train_config(
@@ -477,10 +472,10 @@ def choose_weight(config: HeadroomConfig, layout: HeadroomLayout, arm: str) -> d
     train_arms(
         [train_config(config, layout, arm, seed, weight) for weight in weights for seed in seeds], config.workers
     )
-    todo = [Evaluation(aux_run_name(arm, w), s, b) for w in weights for s in seeds for b in config.budgets]
+    todo = [Evaluation(run_name(config, arm, w), s, b) for w in weights for s in seeds for b in config.budgets]
     results = run_evaluations(config, layout, todo, layout.validation(config.validation_seed), config.validation_seed)
     rates = {
-        w: [results[Evaluation(aux_run_name(arm, w), s, b).name] for s in seeds for b in config.budgets]
+        w: [results[Evaluation(run_name(config, arm, w), s, b).name] for s in seeds for b in config.budgets]
         for w in weights
     }
     means = {w: float(np.mean([list(r.values()) for r in rates[w]])) for w in weights}
@@ -815,7 +810,7 @@ def headroom(regime: str | HeadroomConfig = "wide", out_dir: str | Path = "runs/
         teacher = {"pretraining": pretrained_teacher(config, layout)} if arm == "teacher" else {}
         chosen[arm] = choose_weight(config, layout, arm) | teacher
         weight = chosen[arm]["weight"]
-        runs[arm] = aux_run_name(arm, weight)
+        runs[arm] = run_name(config, arm, weight)
         print(f"{arm} weight {weight:g} (validation: {chosen[arm]['validation']}); training every seed")
         train_arms([train_config(config, layout, arm, seed, weight) for seed in config.seeds], config.workers)
     print(f"trained in {time.perf_counter() - started:.0f} s; evaluating")
