@@ -426,8 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--arms",
         default="",
-        help="sft,oracle (always), noisy_oracle (told the positions with the regime's oracle_noise), control (the "
-        "positive control on the visual tokens), control_queries (on the action queries) and teacher (alignment with "
+        help="sft,oracle (always), noisy_oracle and biased_oracle (told the positions with the regime's oracle_noise, "
+        "fresh at every read or a fixed function of the scene), control (the positive control on the visual tokens), "
+        "control_queries (on the action queries) and teacher (alignment with "
         "a frozen 3D teacher, pretrained first in the run folder); the regime's by default",
     )
     for arm in ("control", "control_queries", "teacher"):  # headroom.AUX_ARMS, not imported: it loads torch

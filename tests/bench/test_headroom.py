@@ -157,7 +157,7 @@ def test_headroom_miniature_runs_every_stage_and_reuses_them(tmp_path, capsys):
     )
     # the probe of the visual tokens: every arm's policy of every seed and an untrained one, each an R^2
     probe = json.loads((tmp_path / "test" / "evaluate" / "probe.json").read_text())
-    assert len(probe) == 6 * len(config.seeds) + 1 and all(r2 <= 1 for r2 in probe.values())
+    assert len(probe) == len(config.arms) * len(config.seeds) + 1 and all(r2 <= 1 for r2 in probe.values())
     assert set(results["probe"]) == {"steps", "untrained", *config.arms}
     # and the same of the action query tokens at the hook layer, the oracle's read with its positions
     queries = json.loads((tmp_path / "test" / "evaluate" / "probe_queries.json").read_text())
@@ -168,6 +168,10 @@ def test_headroom_miniature_runs_every_stage_and_reuses_them(tmp_path, capsys):
     noisy = load_config(tmp_path / "test" / "train" / f"oracle_noise{config.oracle_noise:g}" / "seed1" / "config.yaml")
     assert noisy.policy_args["privileged_noise"] == config.oracle_noise and noisy.policy_args["privileged_dim"] == 6
     assert "noisy_oracle_minus_sft" in row and "of Gaussian noise per coordinate" in (report / "report.md").read_text()
+    # the biased oracle: the same size of error, a fixed function of the scene
+    biased = load_config(tmp_path / "test" / "train" / f"oracle_bias{config.oracle_noise:g}" / "seed1" / "config.yaml")
+    assert biased.policy_args["privileged_bias"] == config.oracle_noise and "privileged_noise" not in biased.policy_args
+    assert "biased_oracle_minus_sft" in row and "of systematic error" in (report / "report.md").read_text()
     # the control on the action path trains the action queries at the policy's hook layer
     queries = load_config(tmp_path / "test" / "train" / "control_queries_w0.3" / "seed1" / "config.yaml")
     assert queries.auxiliary_args == {"tokens": "queries", "layer": "", "weight": 0.3}

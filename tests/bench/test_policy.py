@@ -14,7 +14,15 @@ from capvector.bench.env.camera import depth_to_points, pixel_rays
 from capvector.bench.env.features import PRIVILEGED_DIM, PRIVILEGED_KEY
 from capvector.bench.objectives.spatial import SpatialObjective, cosine_alignment_loss, patch_point_features
 from capvector.bench.policy.configuration_policy import PolicyConfig
-from capvector.bench.policy.modeling_policy import Policy, masked_l1, normalize, tokenize, unnormalize
+from capvector.bench.policy.modeling_policy import (
+    BIAS_LENGTH,
+    Policy,
+    masked_l1,
+    normalize,
+    position_bias,
+    tokenize,
+    unnormalize,
+)
 from capvector.bench.recipe import load_trained
 from capvector.errors import CapvectorError
 from policy_batches import synthetic_batch
@@ -187,6 +195,27 @@ def test_spatial_gradient_reaches_layers_below_the_hook_only(policy):
         assert grads[name] is not None and grads[name].abs().sum() > 0, name
     assert grads["trunk.layers.3.qkv.weight"] is None and grads["head.2.weight"] is None
     assert objective.projector[1].weight.grad.abs().sum() > 0
+
+
+def test_a_biased_oracle_reads_its_positions_with_the_same_smooth_error_every_time(policy):
+    stats = {PRIVILEGED_KEY: {"q01": [-0.5] * PRIVILEGED_DIM, "q99": [0.5] * PRIVILEGED_DIM}}
+    exact = policy.as_oracle(stats, PRIVILEGED_DIM).eval()
+    biased = Policy(dataclasses.replace(exact.config, privileged_bias=0.05)).eval()
+    biased.load_state_dict(exact.state_dict())
+    batch = synthetic_batch(config=policy.config)
+    first = biased.predict_normalized(batch)
+    assert torch.equal(first, biased.predict_normalized(batch))  # the same error at every read
+    told = {**batch, PRIVILEGED_KEY: batch[PRIVILEGED_KEY] + position_bias(batch[PRIVILEGED_KEY], 0.05)}
+    assert torch.allclose(first, exact.predict_normalized(told), atol=1e-6)
+    assert not torch.allclose(first, exact.predict_normalized(batch), atol=1e-3)
+    # over positions spread across a workspace its size is the given RMS; it moves little with a small move
+    positions = torch.rand(20000, PRIVILEGED_DIM) * 0.6 - 0.3
+    error = position_bias(positions, 0.05)
+    assert torch.allclose(error.pow(2).mean(0).sqrt(), torch.full((PRIVILEGED_DIM,), 0.05), rtol=0.25)
+    nearby = position_bias(positions + 0.002, 0.05) - error
+    assert nearby.abs().max() < 0.05 * 2**0.5 * 0.002 * 3**0.5 * 5 / BIAS_LENGTH  # Lipschitz: |w| below 5 / length
+    with pytest.raises(CapvectorError, match="privileged_bias -0.01 must be >= 0"):
+        PolicyConfig(privileged_bias=-0.01)
 
 
 def test_spatial_objective_refuses_use_unattached_and_another_policy(policy):

@@ -8,6 +8,9 @@ of its own, every arm of a seed on the same ones (paired):
   oracle   the same plus the simulator's object and goal positions (`observation.privileged`) as one more token.
   noisy_oracle  the oracle told the positions with Gaussian noise (oracle_noise metres per coordinate, a fresh draw
            at every read, in training and evaluation): how precisely must a policy know where things are to gain?
+  biased_oracle  the oracle told the positions with a systematic error of the same size (oracle_noise metres RMS per
+           coordinate, a fixed smooth function of where each thing is: the same at every read of a scene), as a
+           learned estimate errs on a given placement.
   control  auxiliary SFT with the positive control (capvector.bench.objectives.localization): where the object and
            goal appear in each camera is a per-patch training target for the visual tokens, never an input; at
            evaluation it sees what sft sees.
@@ -98,7 +101,22 @@ AUX_ARMS = {
         "with the normalized patch features of a teacher pretrained on the pretraining tasks' frames in this look)",
     ),
 }
-ARMS = ("sft", "oracle", "noisy_oracle", *AUX_ARMS)
+# The oracles told the positions with an error of oracle_noise metres: the PolicyConfig field that adds it, the name
+# of their runs' folder, and what the report says of it.
+ERROR_ORACLES = {
+    "noisy_oracle": (
+        "privileged_noise",
+        "oracle_noise",
+        "of Gaussian noise per coordinate (a fresh draw at every read, in training and evaluation)",
+    ),
+    "biased_oracle": (
+        "privileged_bias",
+        "oracle_bias",
+        "of systematic error per coordinate (RMS over placements; a fixed smooth function of where each thing is, "
+        "the same at every read of a scene, as a learned estimate's error is)",
+    ),
+}
+ARMS = ("sft", "oracle", *ERROR_ORACLES, *AUX_ARMS)
 # The probe of the visual tokens: demonstrations on placements no policy trained on (the next demonstration seed),
 # every PROBE_STRIDE-th frame.
 PROBE_EPISODES = 3
@@ -128,8 +146,8 @@ class HeadroomConfig:
     # The scripted experts finish these tasks in at most ~230 steps on wide placements; a failure stops at the cap.
     max_steps: int = 300
     # The auxiliary arms' candidate weights, chosen on validation placements with the first selection_seeds seeds.
-    # The noisy oracle's noise, metres per coordinate (3 cm: about what a linear probe of the action-path control's
-    # queries misses by on new placements in views-confirm-shift, 4.6 cm per point).
+    # The noisy and biased oracles' error, metres per coordinate (3 cm: about what a linear probe of the action-path
+    # control's queries misses by on new placements in views-confirm-shift, 4.6 cm per point).
     oracle_noise: float = 0.03
     control_weights: list = field(default_factory=lambda: [0.05, 0.1, 0.2])
     control_queries_weights: list = field(default_factory=lambda: [0.3, 1.0])
@@ -283,7 +301,7 @@ REGIMES = {
     # The suite's miniature: one task, a tiny policy, a few steps.
     "test": HeadroomConfig(
         regime="test",
-        arms=["sft", "oracle", "noisy_oracle", "control", "control_queries", "teacher"],
+        arms=list(ARMS),
         tasks=["button-press-topdown-v3"],
         demos_per_task=2,
         image_size=32,
@@ -343,19 +361,19 @@ def arm_weights(config: HeadroomConfig, arm: str) -> list:
 
 def run_name(config: HeadroomConfig, arm: str, weight: float | None = None) -> str:
     """The folder and result name of an arm's runs: the arm, with what shapes it when that varies."""
-    if arm == "noisy_oracle":
-        return f"oracle_noise{config.oracle_noise:g}"
+    if arm in ERROR_ORACLES:
+        return f"{ERROR_ORACLES[arm][1]}{config.oracle_noise:g}"
     return arm if weight is None else f"{arm}_w{weight:g}"
 
 
 def train_config(
     config: HeadroomConfig, layout: HeadroomLayout, arm: str, seed: int, weight: float | None = None
 ) -> TrainConfig:
-    """The training run of `arm` ("sft", "oracle", "noisy_oracle", or an auxiliary arm at `weight`) with `seed`."""
+    """The training run of `arm` ("sft", an oracle, or an auxiliary arm at `weight`) with `seed`."""
     demos = str(layout.demos)
-    oracle: dict[str, Any] = {"privileged_dim": PRIVILEGED_DIM} if arm in ("oracle", "noisy_oracle") else {}
-    if arm == "noisy_oracle":
-        oracle["privileged_noise"] = config.oracle_noise
+    oracle: dict[str, Any] = {"privileged_dim": PRIVILEGED_DIM} if arm == "oracle" or arm in ERROR_ORACLES else {}
+    if arm in ERROR_ORACLES:
+        oracle[ERROR_ORACLES[arm][0]] = config.oracle_noise
     teacher = {"teacher": str(layout.teacher)} if arm == "teacher" else {}
     aux = {} if weight is None else {**AUX_ARMS[arm].args, "weight": weight, **teacher}
     return TrainConfig(
@@ -708,14 +726,14 @@ def report_markdown(summary: dict) -> str:
             f"| {steps} | {interval(sft)} | {interval(oracle)} | {interval(diff, '+')} | "
             f"{row['resolvable_paired_difference']} |"
         )
-    if "noisy_oracle" in summary["arms"]:
-        lines += [
-            "",
-            f"The oracle told the positions with {config['oracle_noise']:g} m of Gaussian noise per coordinate (a "
-            "fresh draw at every read, in training and evaluation); test placements:",
-            "",
-            *arm_table(summary, "noisy_oracle"),
-        ]
+    for arm, (_, _, error) in ERROR_ORACLES.items():
+        if arm in summary["arms"]:
+            lines += [
+                "",
+                f"The oracle told the positions with {config['oracle_noise']:g} m {error}; test placements:",
+                "",
+                *arm_table(summary, arm),
+            ]
     for arm, (_, _, description) in AUX_ARMS.items():
         if arm not in summary:
             continue
@@ -801,10 +819,10 @@ def headroom(regime: str | HeadroomConfig = "wide", out_dir: str | Path = "runs/
         [train_config(config, layout, arm, seed) for seed in config.seeds for arm in ("sft", "oracle")], config.workers
     )
     runs = {"sft": "sft", "oracle": "oracle"}
-    if "noisy_oracle" in config.arms:
-        print(f"the oracle with {config.oracle_noise:g} m of noise on its positions")
-        train_arms([train_config(config, layout, "noisy_oracle", seed) for seed in config.seeds], config.workers)
-        runs["noisy_oracle"] = run_name(config, "noisy_oracle")
+    for arm in (arm for arm in ERROR_ORACLES if arm in config.arms):
+        print(f"the {arm}: {config.oracle_noise:g} m of error on its positions")
+        train_arms([train_config(config, layout, arm, seed) for seed in config.seeds], config.workers)
+        runs[arm] = run_name(config, arm)
     chosen: dict[str, dict] = {}
     for arm in (arm for arm in AUX_ARMS if arm in config.arms):
         teacher = {"pretraining": pretrained_teacher(config, layout)} if arm == "teacher" else {}

@@ -29,6 +29,10 @@ class PolicyConfig:
     # An oracle reads its positions with this much Gaussian noise (metres, each coordinate, drawn at every read, in
     # training and at evaluation): how precisely must a policy know where things are for it to help?
     privileged_noise: float = 0.0
+    # Or with a systematic error of this size (metres RMS per coordinate over placements): a fixed smooth function of
+    # where each thing is (modeling_policy.position_bias), the same at every read of the same scene, as a learned
+    # estimate's error is; averaging over reads, which removes fresh noise, does not remove it.
+    privileged_bias: float = 0.0
     action_dim: int = 4
     chunk_size: int = 8
     # Vision: a conv stem downsamples each image to a patch_grid x patch_grid map of patch tokens.
@@ -71,8 +75,9 @@ class PolicyConfig:
                 f"policy config: {len(self.stem_channels)} stride-2 stem convolutions shrink a {self.image_size}px "
                 f"image below patch_grid {self.patch_grid}; use fewer stem_channels or a smaller patch_grid"
             )
-        if self.privileged_noise < 0:
-            raise CapvectorError(f"policy config: privileged_noise {self.privileged_noise} must be >= 0 metres")
+        for name in ("privileged_noise", "privileged_bias"):
+            if getattr(self, name) < 0:
+                raise CapvectorError(f"policy config: {name} {getattr(self, name)} must be >= 0 metres")
         if not 0 <= self.augment_shift < self.image_size // 2:
             raise CapvectorError(
                 f"policy config: augment_shift {self.augment_shift} must be in [0, {self.image_size // 2}) pixels"

@@ -141,6 +141,22 @@ def check_tokenizer(path: Path, config: PolicyConfig) -> None:
         )
 
 
+BIAS_LENGTH = 0.1  # metres: position_bias changes over about this distance, so it is constant while a thing is still
+
+
+def position_bias(positions: torch.Tensor, rms: float) -> torch.Tensor:
+    """A systematic error on positions (B, 3k) of k things: for each coordinate, rms * sqrt(2) * cos(w . p + b) of
+    the xyz p of the thing it belongs to, with w ~ N(0, 1 / BIAS_LENGTH^2) per axis and b ~ U(0, 2 pi) fixed (one
+    seed for every policy). Over random w and b each coordinate's error has RMS `rms`; for fixed ones it is a smooth
+    function of the scene, the same at every read, as a learned estimate's error is on a given placement."""
+    things = positions.reshape(positions.shape[0], -1, 3)
+    generator = torch.Generator().manual_seed(0)
+    frequencies = torch.randn(things.shape[1], 3, 3, generator=generator) / BIAS_LENGTH  # (thing, coordinate, axis)
+    phases = 2 * np.pi * torch.rand(things.shape[1], 3, generator=generator)
+    angle = torch.einsum("bka,kca->bkc", things, frequencies.to(positions)) + phases.to(positions)
+    return (rms * np.sqrt(2) * torch.cos(angle)).reshape(positions.shape)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block with full (bidirectional) attention."""
 
@@ -291,6 +307,8 @@ class Policy(nn.Module):
             facts = torch.as_tensor(batch[PRIVILEGED_KEY], device=self.device, dtype=torch.float32)
             if self.config.privileged_noise:
                 facts = facts + self.config.privileged_noise * torch.randn_like(facts)
+            if self.config.privileged_bias:
+                facts = facts + position_bias(facts, self.config.privileged_bias)
             parts.append(self.privileged(normalize(facts, self.privileged_q01, self.privileged_q99)).unsqueeze(1))
         parts.append(self.action_queries.expand(state.shape[0], -1, -1))
         tokens = torch.cat(parts, dim=1)
