@@ -45,6 +45,12 @@ and goal positions relative to the hand) at a trunk layer, where the visual toke
 the middle and the last of the 3 trunk layers, weights 0.3 and 1, from theta_pt, seeds 0-4. Layer and weight are
 chosen on the run's validation placements (in-domain, mean over the 5 seeds, against (a) evaluated there too), then
 read on the test placements.
+
+random_direction: in the control preset's run (stop 34: the localization control as the objective, 20
+demonstrations per held-out task), SFT from theta_pt + gamma ((c), no L_orth) beat SFT from theta_pt by +11.5 [+5,
++20] points at 1000 steps and (d) CapVector by +12.3 [+8, +19]. Is that what gamma points at, or any move of its
+size away from theta_pt (gamma's cosine with tau is -0.37: it partly undoes a finetuning update)? SFT from theta_pt
+plus a random direction with gamma's norm in every tensor, and from theta_pt - gamma.
 """
 
 import dataclasses
@@ -55,6 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from capvector.bench.experiment.layout import RunLayout, checkpoint_folder, trained_policy
 from capvector.bench.experiment.protocol import (
@@ -79,8 +86,9 @@ from capvector.bench.experiment.reproduce import (
 from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.bench.statistics import bootstrap_mean, paired_difference, points
 from capvector.files import content_hash, read_json, write_json, write_text
+from capvector.params.lazy import InMemoryTensor
 from capvector.params.merging import merge
-from capvector.params.vectors import open_vector
+from capvector.params.vectors import CapabilityVector, open_vector
 from capvector.training.config import TrainConfig, config_hash
 
 Start = Callable[[RunLayout, Path], Path]  # (the full run's layout, where to write it) -> a policy folder
@@ -103,6 +111,19 @@ def merged(tau_share: float, gamma_share: float) -> Start:
         return path
 
     return build
+
+
+def random_direction(layout: RunLayout, path: Path) -> Path:
+    """theta_pt + r: r a random direction in every tensor (seeded Gaussian), scaled to gamma's norm in that tensor."""
+    gamma, generator = open_vector(layout.gamma), torch.Generator().manual_seed(0)
+    tensors = {}
+    for name in gamma:
+        g = gamma[name].float()
+        r = torch.randn(g.shape, generator=generator)
+        tensors[name] = InMemoryTensor(name, r * (g.norm() / r.norm().clamp(min=1e-30)))
+    merge(layout.pretrained, CapabilityVector(tensors), path)
+    gamma.close()
+    return path
 
 
 def theta_meta(layout: RunLayout, path: Path) -> Path:
@@ -258,6 +279,18 @@ STUDIES = {
         ["full:sft", "full:control_aux", "full:oracle"],
         "docs/results/full's models (stop 30)",
         validate=True,
+    ),
+    "random_direction": Study(
+        {"random_sft": Arm(random_direction), "minus_gamma_sft": Arm(merged(0.0, -1.0))},
+        [
+            ("SFT from theta_pt + a random vector of gamma's size - (a) SFT", "random_sft", "full:sft"),
+            ("SFT from theta_pt - gamma - (a) SFT", "minus_gamma_sft", "full:sft"),
+            ("(c) SFT from theta_pt + gamma - (a) SFT, the run's", "full:meta_sft", "full:sft"),
+            ("(c) theta_pt + gamma - theta_pt + random: gamma's direction", "full:meta_sft", "random_sft"),
+            ("(d) CapVector - (a) SFT, the run's", "full:capvector", "full:sft"),
+        ],
+        ["full:sft", "full:meta_sft", "full:capvector"],
+        "docs/results/control's models (stop 34)",
     ),
 }
 VALIDATION = "validation"  # in-domain, on the run's validation placements (its validation_seed)
