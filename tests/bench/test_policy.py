@@ -139,11 +139,17 @@ def test_an_oracle_grows_from_a_pretrained_policy_keeping_every_weight(policy, t
         recipe.policy(str(tmp_path / "policy"), privileged_dim=PRIVILEGED_DIM)
 
 
-def test_a_noisy_oracle_reads_its_positions_with_fresh_noise_of_the_given_size(policy):
+def exact_and_erring_oracles(policy: Policy, **error: float) -> tuple[Policy, Policy]:
+    """An oracle made from `policy`, and the same weights reading its positions with `error` (PolicyConfig fields)."""
     stats = {PRIVILEGED_KEY: {"q01": [-0.5] * PRIVILEGED_DIM, "q99": [0.5] * PRIVILEGED_DIM}}
     exact = policy.as_oracle(stats, PRIVILEGED_DIM).eval()
-    noisy = Policy(dataclasses.replace(exact.config, privileged_noise=0.05)).eval()
-    noisy.load_state_dict(exact.state_dict())
+    erring = Policy(dataclasses.replace(exact.config, **error)).eval()
+    erring.load_state_dict(exact.state_dict())
+    return exact, erring
+
+
+def test_a_noisy_oracle_reads_its_positions_with_fresh_noise_of_the_given_size(policy):
+    exact, noisy = exact_and_erring_oracles(policy, privileged_noise=0.05)
     batch = synthetic_batch(config=policy.config)
     torch.manual_seed(0)
     first = noisy.predict_normalized(batch)
@@ -198,10 +204,7 @@ def test_spatial_gradient_reaches_layers_below_the_hook_only(policy):
 
 
 def test_a_biased_oracle_reads_its_positions_with_the_same_smooth_error_every_time(policy):
-    stats = {PRIVILEGED_KEY: {"q01": [-0.5] * PRIVILEGED_DIM, "q99": [0.5] * PRIVILEGED_DIM}}
-    exact = policy.as_oracle(stats, PRIVILEGED_DIM).eval()
-    biased = Policy(dataclasses.replace(exact.config, privileged_bias=0.05)).eval()
-    biased.load_state_dict(exact.state_dict())
+    exact, biased = exact_and_erring_oracles(policy, privileged_bias=0.05)
     batch = synthetic_batch(config=policy.config)
     first = biased.predict_normalized(batch)
     assert torch.equal(first, biased.predict_normalized(batch))  # the same error at every read
