@@ -288,7 +288,7 @@ REGIMES = {
     # views-confirm-shift-more).
     "views-confirm-shift-more": HeadroomConfig(
         regime="views-confirm-shift-more",
-        arms=["sft", "oracle", "control"],
+        arms=["sft", "oracle", "control", "teacher"],
         tasks=["button-press-v3", "drawer-open-v3", "faucet-open-v3", "door-lock-v3"],
         variant="random_view",
         demos_per_task=20,
@@ -297,6 +297,7 @@ REGIMES = {
         eval_seed=3,
         control_weights=[0.3],
         selection_seeds=1,
+        teacher={"locate_weight": 10.0, "steps": 4000},  # views-confirm-shift's: the same frames, the same teacher
     ),
     # The suite's miniature: one task, a tiny policy, a few steps.
     "test": HeadroomConfig(
