@@ -9,26 +9,27 @@ plan.json: a list of {"config": TrainConfig fields} entries; an entry with "nan_
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
-import torch.distributed as dist
+import torch
 
 from capvector.errors import CapvectorError
 from capvector.training.config import config_from_dict
-from capvector.training.engine import train
+from capvector.training.engine import process_group, train
 from toy import make_policy
 
-dist.init_process_group("gloo")  # train() joins it: one group for all the runs
-for entry in json.loads(Path(sys.argv[1]).read_text()):
-    config = config_from_dict(entry["config"])
-    if "nan_at_call" in entry:
-        try:
-            train(config, policy=make_policy(config.init_from, nan_at_call=entry["nan_at_call"]))
-        except CapvectorError as error:
-            assert "is nan" in str(error), error
+# One group for all the runs (train() joins it), ended as train() ends its own: see engine.process_group.
+with process_group(int(os.environ["WORLD_SIZE"]), torch.device("cpu")):
+    for entry in json.loads(Path(sys.argv[1]).read_text()):
+        config = config_from_dict(entry["config"])
+        if "nan_at_call" in entry:
+            try:
+                train(config, policy=make_policy(config.init_from, nan_at_call=entry["nan_at_call"]))
+            except CapvectorError as error:
+                assert "is nan" in str(error), error
+            else:
+                raise SystemExit(f"{config.out_dir} was not interrupted")
         else:
-            raise SystemExit(f"{config.out_dir} was not interrupted")
-    else:
-        train(config)
-dist.destroy_process_group()
+            train(config)
