@@ -8,10 +8,11 @@ it, auxiliary SFT with the control, all from theta_pt, are field for field those
     PYTHONPATH=src .venv/bin/python docs/results/diagnostics/run.py STUDY FULL_RUN_FOLDER WORK_FOLDER \
         docs/results/diagnostics
 
-writes STUDY.md and STUDY.json beside this script. Resumable: finished trainings and evaluations in the work folder
-(the third argument) are kept (evaluations under the hash of their plan, so a changed plan evaluates anew). The
-studies' motivations quote the figures that prompted them; base and augment ran on stop 27's models, gone since, and
-were not evaluated again.
+writes STUDY.md and STUDY.json beside this script. teacher_gamma takes a fifth argument, the frozen 3D teacher's
+folder (the one `capvector headroom --regime views-confirm-shift-more` pretrained and chose its weight for).
+Resumable: finished trainings and evaluations in the work folder (the third argument) are kept (evaluations under
+the hash of their plan, so a changed plan evaluates anew). The studies' motivations quote the figures that prompted
+them; base and augment ran on stop 27's models, gone since, and were not evaluated again.
 
 base: does gamma need the weights it was extracted on? In the full run SFT from theta_ao beat SFT from theta_ft by
 13-15 points on the held-out tasks, yet theta_pt + 0.25 gamma (alpha chosen on validation placements) was no better
@@ -51,6 +52,14 @@ demonstrations per held-out task), SFT from theta_pt + gamma ((c), no L_orth) be
 +20] points at 1000 steps and (d) CapVector by +12.3 [+8, +19]. Is that what gamma points at, or any move of its
 size away from theta_pt (gamma's cosine with tau is -0.37: it partly undoes a finetuning update)? SFT from theta_pt
 plus a random direction with gamma's norm in every tensor, and from theta_pt - gamma.
+
+teacher_gamma: in the control preset's regime, does the paper's objective do what the control does? Stop 35's headroom
+arm: alignment with the frozen 3D teacher (weight 0.1, chosen on validation placements) trained from scratch in
+views-confirm-shift-more, the regime the control preset copies. Here, on the control run's models: (b) auxiliary
+SFT with that teacher and weight from theta_pt, and (c) plain SFT from theta_pt + alpha * gamma_teacher, where
+gamma_teacher = theta_ao' - theta_ft: theta_ao' the run's auxiliary extraction (its config field for field) with the
+teacher's alignment in place of the control, theta_ft the run's own, alpha the run's. No (d): in this run L_orth
+held nothing (gamma retained 1.000 with it, 1.013 without; (d) - (c) +0.8 and -0.5 points).
 """
 
 import dataclasses
@@ -82,14 +91,15 @@ from capvector.bench.experiment.reproduce import (
     downstream_config,
     evaluate_checkpoints,
     evaluation_plan,
+    run_training,
 )
 from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.bench.statistics import bootstrap_mean, paired_difference, points
 from capvector.files import content_hash, read_json, write_json, write_text
 from capvector.params.lazy import InMemoryTensor
 from capvector.params.merging import merge
-from capvector.params.vectors import CapabilityVector, open_vector
-from capvector.training.config import TrainConfig, config_hash
+from capvector.params.vectors import CapabilityVector, extract, open_vector
+from capvector.training.config import CONFIG_FILE, TrainConfig, config_hash, load_config
 
 Start = Callable[[RunLayout, Path], Path]  # (the full run's layout, where to write it) -> a policy folder
 
@@ -136,6 +146,36 @@ def control_theta_meta(layout: RunLayout, path: Path) -> Path:
     """theta_pt + alpha * the control's gamma at the run's chosen alpha, the start of its (d')."""
     alpha = read_json(layout.stage_record("select"))["outputs"]["alpha"]
     return layout.theta_meta(alpha, GAMMA_CONTROL)
+
+
+TEACHER_RECIPE = "capvector.bench.recipe:teacher_alignment"
+# chosen on validation placements for the teacher arm of views-confirm-shift-more (0.1: 73.8%, 0.5: 65.6%)
+TEACHER_WEIGHT = 0.1
+
+
+def teacher_objective(teacher: Path) -> tuple[str, tuple[tuple[str, object], ...]]:
+    return TEACHER_RECIPE, (("teacher", str(teacher)), ("weight", TEACHER_WEIGHT))
+
+
+def teacher_theta_meta(teacher: Path) -> Start:
+    """theta_pt + alpha * gamma_teacher (the run's alpha): gamma_teacher = theta_ao' - theta_ft, theta_ao' trained
+    as the run's auxiliary extraction but with the teacher's alignment as its objective, beside `path`."""
+
+    def build(layout: RunLayout, path: Path) -> Path:
+        recorded = ReproduceConfig(**read_json(layout.run_file)["config"])
+        alpha = read_json(layout.stage_record("select"))["outputs"]["alpha"]
+        recipe, args = teacher_objective(teacher)
+        ao = path.with_name(f"{path.name}.extract_aux")
+        config = load_config(layout.extract("aux") / CONFIG_FILE)
+        config = dataclasses.replace(config, out_dir=str(ao), auxiliary=recipe, auxiliary_args=dict(args))
+        run_training(Run(recorded, layout, "auto"), config)
+        gamma = path.with_name(f"{path.name}.gamma")
+        if not gamma.exists():
+            extract(trained_policy(ao), trained_policy(layout.extract("sft")), gamma).close()
+        merge(layout.pretrained, gamma, path, alpha=alpha)
+        return path
+
+    return build
 
 
 def augmented(shift: int) -> Start:
@@ -293,11 +333,32 @@ STUDIES = {
         "docs/results/control's models (stop 34)",
     ),
 }
+
+
+def teacher_gamma(teacher: Path) -> Study:
+    return Study(
+        {
+            "teacher_aux": Arm(from_pt, "aux", objective=teacher_objective(teacher)),
+            "teacher_meta_sft": Arm(teacher_theta_meta(teacher)),
+        },
+        [
+            ("(b) auxiliary SFT with the 3D teacher - (a) SFT", "teacher_aux", "full:sft"),
+            ("(b) auxiliary SFT with the control - (a) SFT, the run's", "full:aux", "full:sft"),
+            ("(c) SFT from theta_pt + the teacher's gamma - (a) SFT", "teacher_meta_sft", "full:sft"),
+            ("(c) SFT from theta_pt + the control's gamma - (a) SFT, the run's", "full:meta_sft", "full:sft"),
+            ("(c) the teacher's gamma - the control's", "teacher_meta_sft", "full:meta_sft"),
+        ],
+        ["full:sft", "full:aux", "full:meta_sft", "full:capvector"],
+        "docs/results/control's models (stop 35)",
+    )
+
+
+STUDIES_WITH_TEACHER = {"teacher_gamma": teacher_gamma}  # studies made for a teacher folder (the fifth argument)
 VALIDATION = "validation"  # in-domain, on the run's validation placements (its validation_seed)
 
 
-def main(name: str, full: Path, work: Path, out: Path) -> None:
-    study, layout = STUDIES[name], RunLayout(full)
+def main(name: str, full: Path, work: Path, out: Path, teacher: Path | None = None) -> None:
+    study, layout = STUDIES_WITH_TEACHER[name](teacher) if teacher else STUDIES[name], RunLayout(full)
     recorded = ReproduceConfig(**read_json(layout.run_file)["config"])
     config = with_chosen_alpha(recorded, read_json(layout.stage_record("select"))["outputs"])
     run = Run(config, layout, "auto")
@@ -391,6 +452,7 @@ def main(name: str, full: Path, work: Path, out: Path) -> None:
         "study": name,
         "full_run": str(full),
         "work": str(work),
+        "teacher": str(teacher) if teacher else None,
         "alpha_chosen": config.alpha,
         "seeds": seeds,
         "budgets": budgets,
@@ -411,8 +473,8 @@ def main(name: str, full: Path, work: Path, out: Path) -> None:
     }
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"{name}.json", results)
-    write_text(out / f"{name}.md", markdown(results))
-    print(markdown(results))
+    write_text(out / f"{name}.md", markdown(results, study))
+    print(markdown(results, study))
 
 
 def gamma_and_tau(layout: RunLayout) -> dict[str, float]:
@@ -436,16 +498,17 @@ def fmt(triple: list[float]) -> str:
     return f"{triple[0]:+.1f} [{triple[1]:+.0f}, {triple[2]:+.0f}]"
 
 
-def markdown(results: dict) -> str:
+def markdown(results: dict, study: Study) -> str:
     budgets, name = results["budgets"], results["study"]
+    teacher = f" {results['teacher']}" if results.get("teacher") else ""
     about = next(part for part in __doc__.split("\n\n") if part.startswith(f"{name}:"))
     lines = [
-        f"# Diagnostic `{name}` on {STUDIES[name].run}",
+        f"# Diagnostic `{name}` on {study.run}",
         "",
         about.replace("\n", " "),
         "",
         f"Command: `PYTHONPATH=src .venv/bin/python docs/results/diagnostics/run.py {name} "
-        f"{results['full_run']} {results['work']} docs/results/diagnostics`. Seeds "
+        f"{results['full_run']} {results['work']} docs/results/diagnostics{teacher}`. Seeds "
         f"{results['seeds']}, {results['eval_episodes']} test episodes per (seed, task, checkpoint), the run's test "
         "placements. The run's vectors: |gamma| {gamma_norm}, |tau| {tau_norm}, cosine {cosine}.".format(
             **results["gamma_and_tau"]
@@ -471,6 +534,7 @@ def markdown(results: dict) -> str:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 5 or sys.argv[1] not in STUDIES:
+    with_teacher = len(sys.argv) == 6 and sys.argv[1] in STUDIES_WITH_TEACHER
+    if not with_teacher and (len(sys.argv) != 5 or sys.argv[1] not in STUDIES):
         raise SystemExit(__doc__)
     main(sys.argv[1], *(Path(a).resolve() for a in sys.argv[2:]))
