@@ -108,15 +108,16 @@ def process_group(world: int, device: torch.device) -> Iterator[tuple[int, torch
     try:
         yield dist.get_rank(), device
     finally:
+        # The run's garbage (a DDP reducer, FSDP's hooks and meshes: reference cycles) collected while the group is
+        # alive, also when the caller started it and ends it later. Left for later, a DDP reducer would drop the gloo
+        # group's last reference while holding the GIL; the group's destructor joins its worker thread, which may need
+        # the GIL to free a finished collective's tensors: a deadlock (seen about once in 20 two-process runs). And a
+        # group that garbage still holds outlives destroy_process_group: its gloo thread, freeing a finished
+        # barrier's tensors, then needs the GIL during the interpreter's exit and aborts the process ("terminate
+        # called without an active exception", about once in 10 two-process test launches under load). Collected
+        # now, they leave the group to destroy_process_group, whose release does not hold the GIL.
+        gc.collect()
         if started:
-            # A DDP reducer still alive here would drop the gloo group's last reference later while holding the GIL;
-            # the group's destructor joins its worker thread, which may need the GIL to free a finished collective's
-            # tensors: a deadlock (seen about once in 20 two-process runs). Collected now, the reducer leaves the
-            # group to destroy_process_group, whose release does not hold the GIL. And a group some garbage still
-            # holds outlives destroy_process_group: its gloo thread, freeing a finished barrier's tensors, then needs
-            # the GIL during the interpreter's exit and aborts the process ("terminate called without an active
-            # exception", about once in 10 two-process test launches under load).
-            gc.collect()
             dist.destroy_process_group()
 
 
