@@ -101,7 +101,9 @@ from capvector.params.merging import merge
 from capvector.params.vectors import CapabilityVector, extract, open_vector
 from capvector.training.config import CONFIG_FILE, TrainConfig, config_hash, load_config
 
-Start = Callable[[RunLayout, Path], Path]  # (the full run's layout, where to write it) -> a policy folder
+# (the full run's layout, where to write it) -> a policy folder; a start that extracts a vector of its own leaves it
+# beside the policy as "<its folder>.gamma" (own_vectors reports it)
+Start = Callable[[RunLayout, Path], Path]
 
 
 def merged(tau_share: float, gamma_share: float) -> Start:
@@ -468,6 +470,7 @@ def main(name: str, full: Path, work: Path, out: Path, teacher: Path | None = No
             for label, a, base in study.comparisons
         },
         "gamma_and_tau": gamma_and_tau(layout),
+        "own_vectors": own_vectors(study, work, layout),
         "eval_episodes": config.eval_episodes,
         "trained": all(trained_policy(Path(c.out_dir)).exists() for c in plan.values()),
     }
@@ -477,21 +480,32 @@ def main(name: str, full: Path, work: Path, out: Path, teacher: Path | None = No
     print(markdown(results, study))
 
 
+def norms_and_cosine(first: Path, second: Path) -> tuple[float, float, float]:
+    """|first|, |second| and their cosine over every tensor of two vectors with the same tensors, in float64."""
+    a, b = open_vector(first), open_vector(second)
+    aa = bb = ab = 0.0
+    for name in a:
+        x, y = a[name].double(), b[name].double()
+        aa, bb, ab = aa + float((x * x).sum()), bb + float((y * y).sum()), ab + float((x * y).sum())
+    a.close()
+    b.close()
+    return round(aa**0.5, 4), round(bb**0.5, 4), round(ab / (aa * bb) ** 0.5, 4)
+
+
+def own_vectors(study: Study, work: Path, layout: RunLayout) -> dict[str, dict[str, float]]:
+    """|v| and its cosine with the run's gamma, of each vector the study's starts extracted."""
+    found = {}
+    for arm in study.arms:
+        vector = work / "start" / f"{arm}.gamma"
+        if vector.exists():
+            norm, _, cosine = norms_and_cosine(vector, layout.gamma)
+            found[arm] = {"norm": norm, "cosine_with_gamma": cosine}
+    return found
+
+
 def gamma_and_tau(layout: RunLayout) -> dict[str, float]:
-    """|gamma|, |tau| and their cosine over every tensor, in float64."""
-    gamma, tau = open_vector(layout.gamma), open_vector(layout.tau)
-    sums = {"gg": 0.0, "tt": 0.0, "gt": 0.0}
-    for name in gamma:
-        g, t = gamma[name].double(), tau[name].double()
-        sums["gg"] += float((g * g).sum())
-        sums["tt"] += float((t * t).sum())
-        sums["gt"] += float((g * t).sum())
-    gamma.close()
-    tau.close()
-    norms = {"gamma_norm": sums["gg"] ** 0.5, "tau_norm": sums["tt"] ** 0.5}
-    return {
-        k: round(v, 4) for k, v in (norms | {"cosine": sums["gt"] / norms["gamma_norm"] / norms["tau_norm"]}).items()
-    }
+    """|gamma|, |tau| and their cosine."""
+    return dict(zip(("gamma_norm", "tau_norm", "cosine"), norms_and_cosine(layout.gamma, layout.tau), strict=True))
 
 
 def fmt(triple: list[float]) -> str:
@@ -512,6 +526,10 @@ def markdown(results: dict, study: Study) -> str:
         f"{results['seeds']}, {results['eval_episodes']} test episodes per (seed, task, checkpoint), the run's test "
         "placements. The run's vectors: |gamma| {gamma_norm}, |tau| {tau_norm}, cosine {cosine}.".format(
             **results["gamma_and_tau"]
+        )
+        + "".join(
+            f" The vector {arm}'s start extracted: |v| {v['norm']}, cosine with gamma {v['cosine_with_gamma']}."
+            for arm, v in results.get("own_vectors", {}).items()
         ),
         "",
     ]
