@@ -59,7 +59,10 @@ views-confirm-shift-more, the regime the control preset copies. Here, on the con
 SFT with that teacher and weight from theta_pt, and (c) plain SFT from theta_pt + alpha * gamma_teacher, where
 gamma_teacher = theta_ao' - theta_ft: theta_ao' the run's auxiliary extraction (its config field for field) with the
 teacher's alignment in place of the control, theta_ft the run's own, alpha the run's. No (d): in this run L_orth
-held nothing (gamma retained 1.000 with it, 1.013 without; (d) - (c) +0.8 and -0.5 points).
+held nothing (gamma retained 1.000 with it, 1.013 without; (d) - (c) +0.8 and -0.5 points). The teacher's gamma
+gave (c) +7.2 [+2, +12] points at 2000 steps: is that what the teacher learned in pretraining? The same extraction
+aligned with the teacher's network untrained (its pretraining's initial weights, its features normalized on the same
+frames) gives an untrained teacher's gamma, and (c) from it.
 """
 
 import dataclasses
@@ -95,6 +98,9 @@ from capvector.bench.experiment.reproduce import (
 )
 from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.bench.statistics import bootstrap_mean, paired_difference, points
+from capvector.bench.teacher.configuration_teacher import TeacherConfig
+from capvector.bench.teacher.modeling_teacher import RECORD_NAME, Teacher
+from capvector.bench.teacher.pretraining import load_frames, probe, with_feature_statistics
 from capvector.files import content_hash, read_json, write_json, write_text
 from capvector.params.lazy import InMemoryTensor
 from capvector.params.merging import merge
@@ -176,6 +182,32 @@ def teacher_theta_meta(teacher: Path) -> Start:
             extract(trained_policy(ao), trained_policy(layout.extract("sft")), gamma).close()
         merge(layout.pretrained, gamma, path, alpha=alpha)
         return path
+
+    return build
+
+
+def untrained_teacher(teacher: Path, path: Path) -> Path:
+    """`teacher`'s network as its pretraining started it (same seed, no step), its feature statistics set from the
+    same frames: aligning with it teaches what random image features of that size do, not what pretraining added."""
+    if path.exists():
+        return path
+    record = read_json(teacher / RECORD_NAME)
+    settings, config = record["pretraining"], TeacherConfig.from_json(teacher / "config.json")
+    frames = load_frames(Path(record["dataset"]), tuple(config.cameras), settings["frame_stride"])
+    train = frames.episode % settings["validation_every"] != settings["validation_every"] - 1
+    torch.manual_seed(settings["train_seed"])
+    untrained = with_feature_statistics(Teacher(config).eval(), frames.images[train])
+    untrained.save_pretrained(
+        path, record={"untrained_copy_of": str(teacher), "probe": probe(untrained, frames, train)}
+    )
+    return path
+
+
+def untrained_teacher_theta_meta(teacher: Path) -> Start:
+    """teacher_theta_meta with `teacher` untrained (untrained_teacher, beside the start)."""
+
+    def build(layout: RunLayout, path: Path) -> Path:
+        return teacher_theta_meta(untrained_teacher(teacher, path.with_name(f"{path.name}.teacher")))(layout, path)
 
     return build
 
@@ -342,6 +374,7 @@ def teacher_gamma(teacher: Path) -> Study:
         {
             "teacher_aux": Arm(from_pt, "aux", objective=teacher_objective(teacher)),
             "teacher_meta_sft": Arm(teacher_theta_meta(teacher)),
+            "untrained_teacher_meta_sft": Arm(untrained_teacher_theta_meta(teacher)),
         },
         [
             ("(b) auxiliary SFT with the 3D teacher - (a) SFT", "teacher_aux", "full:sft"),
@@ -349,6 +382,12 @@ def teacher_gamma(teacher: Path) -> Study:
             ("(c) SFT from theta_pt + the teacher's gamma - (a) SFT", "teacher_meta_sft", "full:sft"),
             ("(c) SFT from theta_pt + the control's gamma - (a) SFT, the run's", "full:meta_sft", "full:sft"),
             ("(c) the teacher's gamma - the control's", "teacher_meta_sft", "full:meta_sft"),
+            (
+                "(c) SFT from theta_pt + the untrained teacher's gamma - (a) SFT",
+                "untrained_teacher_meta_sft",
+                "full:sft",
+            ),
+            ("(c) the teacher's gamma - the untrained teacher's", "teacher_meta_sft", "untrained_teacher_meta_sft"),
         ],
         ["full:sft", "full:aux", "full:meta_sft", "full:capvector"],
         "docs/results/control's models (stop 35)",

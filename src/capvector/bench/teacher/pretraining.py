@@ -246,10 +246,16 @@ def train_teacher(config: TeacherPretraining, frames: Frames, train: torch.Tenso
         optimizer.step()
         schedule.step()
     teacher.eval()
-    mean, std = feature_statistics(encode(teacher, frames.images[train]))
+    return with_feature_statistics(teacher, frames.images[train]).requires_grad_(False)
+
+
+def with_feature_statistics(teacher: Teacher, images: torch.Tensor) -> Teacher:
+    """`teacher` with the statistics its features are normalized by (per-patch mean, per-channel std) set from
+    `images` (un-augmented)."""
+    mean, std = feature_statistics(encode(teacher, images))
     teacher.feature_mean.copy_(mean)
     teacher.feature_std.copy_(std)
-    return teacher.requires_grad_(False)
+    return teacher
 
 
 def record_frames(
