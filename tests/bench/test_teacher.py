@@ -29,6 +29,7 @@ from capvector.bench.teacher.pretraining import (
     pretraining_loss,
     probe,
     train_teacher,
+    with_feature_statistics,
 )
 from capvector.cli import main
 from capvector.errors import CapvectorError
@@ -101,6 +102,16 @@ def test_the_localisation_term_enters_the_loss_with_its_weight(frames):
     assert located > 0 and loss(3.0) - loss(0.0) == pytest.approx(3 * located, rel=1e-4)
     with pytest.raises(CapvectorError, match="locate_weight must be 0 or more"):
         TeacherPretraining(locate_weight=-1.0)
+
+
+def test_feature_statistics_normalize_the_frames_they_come_from():
+    """What a teacher's features are normalized by: on the frames they were set from, each token's features average
+    0 over the frames and each channel, over frames and tokens, has standard deviation 1."""
+    images = torch.randint(0, 256, (6, 2, 3, SIZE, SIZE), dtype=torch.uint8)
+    teacher = with_feature_statistics(tiny_teacher().eval(), images)
+    normalized = teacher.normalized(images)
+    assert normalized.mean(0).abs().max() < 1e-4
+    torch.testing.assert_close(normalized.flatten(0, 1).std(0), torch.ones(normalized.shape[-1]))
 
 
 def test_save_load_round_trip_keeps_weights_and_feature_statistics(tmp_path):
