@@ -100,7 +100,7 @@ from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.bench.statistics import bootstrap_mean, paired_difference, points
 from capvector.bench.teacher.configuration_teacher import TeacherConfig
 from capvector.bench.teacher.modeling_teacher import RECORD_NAME, Teacher
-from capvector.bench.teacher.pretraining import load_frames, probe, with_feature_statistics
+from capvector.bench.teacher.pretraining import load_frames, probe, training_frames, with_feature_statistics
 from capvector.files import content_hash, read_json, write_json, write_text
 from capvector.params.lazy import InMemoryTensor
 from capvector.params.merging import merge
@@ -194,7 +194,7 @@ def untrained_teacher(teacher: Path, path: Path) -> Path:
     record = read_json(teacher / RECORD_NAME)
     settings, config = record["pretraining"], TeacherConfig.from_json(teacher / "config.json")
     frames = load_frames(Path(record["dataset"]), tuple(config.cameras), settings["frame_stride"])
-    train = frames.episode % settings["validation_every"] != settings["validation_every"] - 1
+    train = training_frames(frames, settings["validation_every"])
     torch.manual_seed(settings["train_seed"])
     untrained = with_feature_statistics(Teacher(config).eval(), frames.images[train])
     untrained.save_pretrained(

@@ -220,6 +220,11 @@ def validation_errors(teacher: Teacher, frames: Frames, rays: torch.Tensor) -> d
     }
 
 
+def training_frames(frames: Frames, validation_every: int) -> torch.Tensor:
+    """Which frames a teacher trains on (N,): all but those of every `validation_every`-th episode, held out."""
+    return frames.episode % validation_every != validation_every - 1
+
+
 def probe(teacher: Teacher, frames: Frames, train: torch.Tensor) -> dict[str, float]:
     """The acceptance probe on the teacher's normalized features (statistics from the training frames)."""
     features = encode(teacher, frames.images)
@@ -317,7 +322,7 @@ def pretrain_teacher(config: TeacherPretraining, out_dir: str | Path) -> Path:
     fovy = {c: float(block["cameras"][c]["fovy"]) for c in config.teacher.cameras}
     config = dataclasses.replace(config, teacher=dataclasses.replace(config.teacher, fovy=fovy))
     frames = load_frames(root, config.teacher.cameras, config.frame_stride)
-    train = frames.episode % config.validation_every != config.validation_every - 1
+    train = training_frames(frames, config.validation_every)
     torch.manual_seed(config.train_seed)
     untrained = probe(Teacher(config.teacher).eval(), frames, train)
     teacher = train_teacher(config, frames, train)
