@@ -123,7 +123,7 @@ class ReproduceConfig:
     # The teacher objective's teacher (capvector.bench.teacher.pretraining.TeacherPretraining fields but the frames,
     # which it records of the pretraining tasks, other tasks than extraction's and the held-out ones, in this regime's
     # look and placements). locate_weight 10 and 4000 steps gave the best acceptance probe under the moving camera
-    # (share 0.325 against 0.157 with the defaults; README, the teacher), and 32 episodes per task, twice the frames
+    # (share 0.325 against 0.157 with the defaults; docs/results/JOURNAL.md), and 32 episodes per task, twice the frames
     # of the policy's 15 pretraining demonstrations, 0.329 in full's regime, where those gave 0.252 (both read every
     # 3rd frame). Since the teacher renders only the frames it reads (every 4th: TeacherPretraining.frame_stride),
     # 40 episodes per task give about as many frames from more placements at about half the recording time.
