@@ -63,6 +63,10 @@ held nothing (gamma retained 1.000 with it, 1.013 without; (d) - (c) +0.8 and -0
 gave (c) +7.2 [+2, +12] points at 2000 steps: is that what the teacher learned in pretraining? The same extraction
 aligned with the teacher's network untrained (its pretraining's initial weights, its features normalized on the same
 frames) gives an untrained teacher's gamma, and (c) from it.
+
+seeds: (a) SFT, (c) SFT from theta_meta and (d) CapVector on 5 more seeds (5-9), each configured by the run's own
+protocol but for the seed (the alpha the run chose), and the paired differences over all 10 ("both:" rows), for a
+run whose (c) or (d) against (a) is near resolving with 5 seeds.
 """
 
 import dataclasses
@@ -365,6 +369,24 @@ STUDIES = {
         ],
         ["full:sft", "full:meta_sft", "full:capvector"],
         "docs/results/control's models (stop 34)",
+    ),
+    "seeds": Study(
+        {
+            "sft": Arm(from_pt),
+            "meta_sft": Arm(from_pt, method="meta_sft"),
+            "capvector": Arm(from_pt, method="capvector"),
+        },
+        [
+            ("(c) - (a), seeds 5-9", "meta_sft", "sft"),
+            ("(c) - (a), seeds 0-4: the run's", "full:meta_sft", "full:sft"),
+            ("(c) - (a), seeds 0-9", "both:meta_sft", "both:sft"),
+            ("(d) - (a), seeds 5-9", "capvector", "sft"),
+            ("(d) - (a), seeds 0-4: the run's", "full:capvector", "full:sft"),
+            ("(d) - (a), seeds 0-9", "both:capvector", "both:sft"),
+        ],
+        ["full:sft", "full:meta_sft", "full:capvector"],
+        "docs/results/spatial-forcing's models (stop 36)",
+        seeds=(5, 6, 7, 8, 9),
     ),
 }
 

@@ -50,8 +50,8 @@ def retain_freed_memory() -> None:
     (glibc maps a block of 128 KB or more anew, or trims the heap, and so returns it on free) as in torch's
     arithmetic; on a virtual machine a returned page may also go back to the host and cost a host fault when touched
     again. With these thresholds a freed buffer below 64 MB is reused and up to 256 MB of free heap is kept, which
-    cut merge's CPU time by about a quarter (README, Benchmarks). Process-wide and lasting, so the library does not
-    call it for you; a no-op without glibc."""
+    cut merge's CPU time by about a quarter (docs/results/JOURNAL.md, Benchmarks). Process-wide and lasting, so the
+    library does not call it for you; a no-op without glibc."""
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if os.name == "posix" else None
     if mallopt is not None:
         mallopt(_M_MMAP_THRESHOLD, 64 << 20)
