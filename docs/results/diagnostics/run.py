@@ -269,6 +269,25 @@ def trunk_control(layer: int, weight: float) -> Arm:
 
 
 SHIFTED = augmented(4)
+
+
+def more_seeds(arms: dict[str, tuple[str, Arm]], run: str) -> Study:
+    """(a) SFT and `arms` (name -> (row label, arm), each a method of the run) on seeds 5-9, against (a) on those
+    seeds, on the run's seeds 0-4 and on all 10 ("both:")."""
+    comparisons = [
+        (f"{label} - (a), {seeds}", f"{prefix}{name}", f"{prefix}sft")
+        for name, (label, _) in arms.items()
+        for seeds, prefix in (("seeds 5-9", ""), ("seeds 0-4: the run's", "full:"), ("seeds 0-9", "both:"))
+    ]
+    return Study(
+        {"sft": Arm(from_pt)} | {name: arm for name, (_, arm) in arms.items()},
+        comparisons,
+        ["full:sft", *(f"full:{name}" for name in arms)],
+        run,
+        seeds=(5, 6, 7, 8, 9),
+    )
+
+
 STUDIES = {
     "base": Study(
         {
@@ -316,23 +335,12 @@ STUDIES = {
         ["full:sft", "full:meta_sft", "full:capvector", "full:capvector_lora"],
         "docs/results/full's models (stop 30)",
     ),
-    "control_seeds": Study(
+    "control_seeds": more_seeds(
         {
-            "sft": Arm(from_pt),
-            "control_aux": Arm(from_pt, "aux", control=True),
-            "control_capvector": Arm(from_pt, method="control_capvector"),
+            "control_aux": ("(b')", Arm(from_pt, "aux", control=True)),
+            "control_capvector": ("(d')", Arm(from_pt, method="control_capvector")),
         },
-        [
-            ("(b') - (a), seeds 5-9", "control_aux", "sft"),
-            ("(b') - (a), seeds 0-4: the full run's", "full:control_aux", "full:sft"),
-            ("(b') - (a), seeds 0-9", "both:control_aux", "both:sft"),
-            ("(d') - (a), seeds 5-9", "control_capvector", "sft"),
-            ("(d') - (a), seeds 0-4: the full run's", "full:control_capvector", "full:sft"),
-            ("(d') - (a), seeds 0-9", "both:control_capvector", "both:sft"),
-        ],
-        ["full:sft", "full:control_aux", "full:control_capvector"],
         "docs/results/full's models (stop 30)",
-        seeds=(5, 6, 7, 8, 9),
     ),
     "control_meta": Study(
         {"control_meta_sft": Arm(control_theta_meta)},
@@ -370,23 +378,9 @@ STUDIES = {
         ["full:sft", "full:meta_sft", "full:capvector"],
         "docs/results/control's models (stop 34)",
     ),
-    "seeds": Study(
-        {
-            "sft": Arm(from_pt),
-            "meta_sft": Arm(from_pt, method="meta_sft"),
-            "capvector": Arm(from_pt, method="capvector"),
-        },
-        [
-            ("(c) - (a), seeds 5-9", "meta_sft", "sft"),
-            ("(c) - (a), seeds 0-4: the run's", "full:meta_sft", "full:sft"),
-            ("(c) - (a), seeds 0-9", "both:meta_sft", "both:sft"),
-            ("(d) - (a), seeds 5-9", "capvector", "sft"),
-            ("(d) - (a), seeds 0-4: the run's", "full:capvector", "full:sft"),
-            ("(d) - (a), seeds 0-9", "both:capvector", "both:sft"),
-        ],
-        ["full:sft", "full:meta_sft", "full:capvector"],
+    "seeds": more_seeds(
+        {"meta_sft": ("(c)", Arm(from_pt, method="meta_sft")), "capvector": ("(d)", Arm(from_pt, method="capvector"))},
         "docs/results/spatial-forcing's models (stop 36)",
-        seeds=(5, 6, 7, 8, 9),
     ),
 }
 
