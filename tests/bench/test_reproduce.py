@@ -432,7 +432,8 @@ def assert_equal_tensors(expected, actual):
 
 
 def test_bad_input_is_named(tmp_path):
-    with pytest.raises(CapvectorError, match="valid presets: quick, full, views, views-long, control, gpu, test"):
+    presets = "quick, full, views, views-long, control, spatial-forcing, gpu, test"
+    with pytest.raises(CapvectorError, match=f"valid presets: {presets}"):
         reproduce("fast", tmp_path)
     with pytest.raises(CapvectorError, match="valid stages: demos, teacher, pretrain"):
         reproduce("test", tmp_path, force=["train"])
