@@ -64,6 +64,12 @@ gave (c) +7.2 [+2, +12] points at 2000 steps: is that what the teacher learned i
 aligned with the teacher's network untrained (its pretraining's initial weights, its features normalized on the same
 frames) gives an untrained teacher's gamma, and (c) from it.
 
+alpha_one: in the spatial-forcing run (stop 36: the 3D teacher as the objective in the control preset's regime),
+alpha 0.5 was chosen on validation placements and (c) and (d) gained nothing (-0.3 and -1.8 points at 2000 steps),
+while diagnostic teacher_gamma, with another teacher's gamma at alpha 1 on the control run's models (the same
+theta_pt, theta_ft and (a)), gave (c) +7.2 [+2, +12]. Is it alpha or the gamma? (c) at alpha 1 with the run's own
+gamma, seeds 0-4.
+
 seeds: (a) SFT, (c) SFT from theta_meta and (d) CapVector on 5 more seeds (5-9), each configured by the run's own
 protocol but for the seed (the alpha the run chose), and the paired differences over all 10 ("both:" rows), for a
 run whose (c) or (d) against (a) is near resolving with 5 seeds.
@@ -377,6 +383,16 @@ STUDIES = {
         ],
         ["full:sft", "full:meta_sft", "full:capvector"],
         "docs/results/control's models (stop 34)",
+    ),
+    "alpha_one": Study(
+        {"gamma_on_pt": Arm(merged(0.0, 1.0))},
+        [
+            ("(c) at alpha 1: SFT from theta_pt + gamma - (a) SFT", "gamma_on_pt", "full:sft"),
+            ("(c) at the chosen alpha - (a) SFT, the run's", "full:meta_sft", "full:sft"),
+            ("(c) at alpha 1 - (c) at the chosen alpha", "gamma_on_pt", "full:meta_sft"),
+        ],
+        ["full:sft", "full:meta_sft", "full:capvector"],
+        "docs/results/spatial-forcing's models (stop 36)",
     ),
     "seeds": more_seeds(
         {"meta_sft": ("(c)", Arm(from_pt, method="meta_sft")), "capvector": ("(d)", Arm(from_pt, method="capvector"))},
