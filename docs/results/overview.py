@@ -14,6 +14,7 @@ from pathlib import Path
 RESULTS = Path(__file__).parent
 # The runs, newest first: their folder under docs/results/ and the stop that made it.
 RUNS = {
+    "spatial-forcing": "stop 36",
     "control": "stop 34",
     "full": "stop 31",
     "full-no-shift": "stop 26",
