@@ -300,7 +300,8 @@ CONTROL = dataclasses.replace(
 # with SFT (+4.5 [-2.8, +12.3] points at 2000 steps), yet on the control run's models the gamma it leaves gave plain
 # SFT +7.2 [+2, +12] at 2000 steps (diagnostic teacher_gamma): does CapVector carry it, with alpha chosen for this
 # gamma? Methods (a)-(e): the oracle, (b') and (d') would repeat the control run's (same demonstrations, theta_pt and
-# (a), seeded: the same weights), so they are left to it.
+# (a), seeded: the same weights), so they are left to it. Stop 36's run: it does not ((d) -1.8 [-7.0, +5.0] at 2000
+# steps; its extraction, and so its gamma, is full's, whose teacher is not teacher_gamma's; docs/results/JOURNAL.md).
 SPATIAL_FORCING = dataclasses.replace(
     CONTROL,
     preset="spatial-forcing",
