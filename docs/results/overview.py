@@ -58,6 +58,11 @@ def interval(values: list[float]) -> str:
     return f"**{text}**" if low > 0 or high < 0 else text
 
 
+def markdown(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(line) + " |" for line in [headers, *rows]]
+    return "\n".join([lines[0], "|---" * len(headers) + "|", *lines[1:]])
+
+
 def regime(results: dict) -> str:
     config = results["config"]
     shift = "shifted images" if config["policy"].get("augment_shift") else "no shift"
@@ -68,8 +73,7 @@ def regime(results: dict) -> str:
 
 
 def table() -> str:
-    headers = ["run", "regime", "steps", *COLUMNS.values(), TRANSFER]
-    rows = ["| " + " | ".join(headers) + " |", "|---" * len(headers) + "|"]
+    rows = []
     for run, stop in RUNS.items():
         results = json.loads((RESULTS / run / "results.json").read_text())
         variant = results["config"]["variant"]
@@ -81,8 +85,8 @@ def table() -> str:
             ]
             cells.append(interval(transfer["difference"][str(budget)]) if transfer else "-")
             label = f"[`{run}`](docs/results/{run}/report.md) ({stop})"
-            rows.append(f"| {label} | {regime(results)} | {budget} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+            rows.append([label, regime(results), str(budget), *cells])
+    return markdown(["run", "regime", "steps", *COLUMNS.values(), TRANSFER], rows)
 
 
 def headroom_regime(config: dict) -> str:
@@ -93,8 +97,7 @@ def headroom_regime(config: dict) -> str:
 
 
 def headroom_table() -> str:
-    headers = ["regime", "setting", "steps", *ARMS.values(), "oracle's drop with a decoy's positions"]
-    rows = ["| " + " | ".join(headers) + " |", "|---" * len(headers) + "|"]
+    rows = []
     for regime_name in HEADROOM:
         results = json.loads((RESULTS / "headroom" / regime_name / "results.json").read_text())
         decoy = results.get("decoy") or {}
@@ -102,10 +105,9 @@ def headroom_table() -> str:
             cells = [interval(arms[f"{arm}_minus_sft"]) if f"{arm}_minus_sft" in arms else "-" for arm in ARMS]
             drop = interval(decoy["drop"]) if decoy and str(decoy["steps"]) == budget else "-"
             label = f"[`{regime_name}`](docs/results/headroom/{regime_name}/report.md)"
-            rows.append(
-                f"| {label} | {headroom_regime(results['config'])} | {budget} | " + " | ".join(cells) + f" | {drop} |"
-            )
-    return "\n".join(rows)
+            rows.append([label, headroom_regime(results["config"]), budget, *cells, drop])
+    headers = ["regime", "setting", "steps", *ARMS.values(), "oracle's drop with a decoy's positions"]
+    return markdown(headers, rows)
 
 
 if __name__ == "__main__":
