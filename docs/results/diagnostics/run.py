@@ -70,6 +70,15 @@ while diagnostic teacher_gamma, with another teacher's gamma at alpha 1 on the c
 theta_pt, theta_ft and (a)), gave (c) +7.2 [+2, +12]. Is it alpha or the gamma? (c) at alpha 1 with the run's own
 gamma, seeds 0-4.
 
+teacher_seeds: two teacher runs of the same settings gave gammas of opposite effect: with the headroom's teacher
+(3030 training frames) (c) at alpha 1 gained +7.2 [+2, +12] points at 2000 steps (teacher_gamma), with the
+spatial-forcing run's own (7127 frames) -2.3 [-15, +14] (alpha_one), on the same theta_pt, theta_ft and (a); the
+two gammas' cosine is 0.471. Is that what a teacher holds, or which run it was? (c) at alpha 1 from the gammas of
+five teachers: the run's teacher pretrained with seeds 0 (its own), 1 and 2, and the given (smaller) teacher with
+seeds 0 (its own) and 1, each on its own frames with its own settings; gamma_teacher extracted as in
+teacher_gamma; and the mean over the five, paired by (seed, task). The seed-0 arms are the two earlier studies' own
+runs (their work folders' start and trained policies linked in: the same configs), evaluated here again.
+
 seeds: (a) SFT, (c) SFT from theta_meta and (d) CapVector on 5 more seeds (5-9), each configured by the run's own
 protocol but for the seed (the alpha the run chose), and the paired differences over all 10 ("both:" rows), for a
 run whose (c) or (d) against (a) is near resolving with 5 seeds.
@@ -110,7 +119,16 @@ from capvector.bench.policy.configuration_policy import PolicyConfig
 from capvector.bench.statistics import bootstrap_mean, paired_difference, points
 from capvector.bench.teacher.configuration_teacher import TeacherConfig
 from capvector.bench.teacher.modeling_teacher import RECORD_NAME, Teacher
-from capvector.bench.teacher.pretraining import load_frames, probe, training_frames, with_feature_statistics
+from capvector.bench.teacher.pretraining import (
+    TeacherPretraining,
+    describe_teacher,
+    load_frames,
+    pretrain_teacher,
+    pretraining_summary,
+    probe,
+    training_frames,
+    with_feature_statistics,
+)
 from capvector.files import content_hash, read_json, write_json, write_text
 from capvector.params.lazy import InMemoryTensor
 from capvector.params.merging import merge
@@ -175,13 +193,13 @@ def teacher_objective(teacher: Path) -> tuple[str, tuple[tuple[str, object], ...
     return TEACHER_RECIPE, (("teacher", str(teacher)), ("weight", TEACHER_WEIGHT))
 
 
-def teacher_theta_meta(teacher: Path) -> Start:
-    """theta_pt + alpha * gamma_teacher (the run's alpha): gamma_teacher = theta_ao' - theta_ft, theta_ao' trained
-    as the run's auxiliary extraction but with the teacher's alignment as its objective, beside `path`."""
+def teacher_theta_meta(teacher: Path, alpha: float | None = None) -> Start:
+    """theta_pt + alpha * gamma_teacher (None: the run's alpha): gamma_teacher = theta_ao' - theta_ft, theta_ao'
+    trained as the run's auxiliary extraction but with the teacher's alignment as its objective, beside `path`."""
 
     def build(layout: RunLayout, path: Path) -> Path:
         recorded = ReproduceConfig(**read_json(layout.run_file)["config"])
-        alpha = read_json(layout.stage_record("select"))["outputs"]["alpha"]
+        chosen = read_json(layout.stage_record("select"))["outputs"]["alpha"] if alpha is None else alpha
         recipe, args = teacher_objective(teacher)
         ao = path.with_name(f"{path.name}.extract_aux")
         config = load_config(layout.extract("aux") / CONFIG_FILE)
@@ -190,8 +208,30 @@ def teacher_theta_meta(teacher: Path) -> Start:
         gamma = path.with_name(f"{path.name}.gamma")
         if not gamma.exists():
             extract(trained_policy(ao), trained_policy(layout.extract("sft")), gamma).close()
-        merge(layout.pretrained, gamma, path, alpha=alpha)
+        merge(layout.pretrained, gamma, path, alpha=chosen)
         return path
+
+    return build
+
+
+def reseeded_teacher(teacher: Path, train_seed: int, path: Path) -> Path:
+    """`teacher` pretrained again into `path`, on its frames with its settings but the seed `train_seed` (its
+    network's initial weights, its batches and shifts); `teacher` itself, linked at `path`, if it has that seed."""
+    settings = read_json(teacher / RECORD_NAME)["pretraining"]
+    if settings["train_seed"] == train_seed:
+        if not path.exists():
+            path.symlink_to(teacher)
+        return path
+    return pretrain_teacher(dataclasses.replace(TeacherPretraining(**settings), train_seed=train_seed), path)
+
+
+def reseeded_teacher_theta_meta(teacher: Path | None, train_seed: int) -> Start:
+    """teacher_theta_meta at alpha 1 with `teacher` (None: the run's own) pretrained with the seed `train_seed`
+    (reseeded_teacher, beside the start)."""
+
+    def build(layout: RunLayout, path: Path) -> Path:
+        used = reseeded_teacher(teacher or layout.teacher, train_seed, path.with_name(f"{path.name}.teacher"))
+        return teacher_theta_meta(used, alpha=1.0)(layout, path)
 
     return build
 
@@ -426,7 +466,26 @@ def teacher_gamma(teacher: Path) -> Study:
     )
 
 
-STUDIES_WITH_TEACHER = {"teacher_gamma": teacher_gamma}  # studies made for a teacher folder (the fifth argument)
+def teacher_seeds(teacher: Path) -> Study:
+    teachers = (
+        ("teacher", "the run's teacher", None, (0, 1, 2)),
+        ("small_teacher", "the given teacher", teacher, (0, 1)),
+    )
+    arms, comparisons = {}, []
+    for name, described, source, seeds in teachers:
+        for seed in seeds:
+            arms[f"{name}_seed{seed}"] = Arm(reseeded_teacher_theta_meta(source, seed))
+            label = f"(c) from theta_pt + gamma, {described} pretrained with seed {seed} - (a) SFT"
+            comparisons.append((label, f"{name}_seed{seed}", "full:sft"))
+    comparisons += [
+        ("(c) mean over the five teachers - (a) SFT", "mean:" + "+".join(arms), "full:sft"),
+        ("(c) at the chosen alpha 0.5, the run's teacher - (a) SFT, the run's", "full:meta_sft", "full:sft"),
+    ]
+    return Study(arms, comparisons, ["full:sft", "full:meta_sft"], "docs/results/spatial-forcing's models (stop 37)")
+
+
+# studies made for a teacher folder (the fifth argument)
+STUDIES_WITH_TEACHER = {"teacher_gamma": teacher_gamma, "teacher_seeds": teacher_seeds}
 VALIDATION = "validation"  # in-domain, on the run's validation placements (its validation_seed)
 
 
@@ -514,6 +573,8 @@ def main(name: str, full: Path, work: Path, out: Path, teacher: Path | None = No
     def cells(arm: str, budget: str, variant: str) -> np.ndarray:
         if arm.startswith("full:") and variant != VALIDATION:
             return theirs.cells([layout.downstream(arm[5:], s) for s in config.seeds], int(budget), variant, tasks)
+        if arm.startswith("mean:"):  # the arms' mean cell by cell: one arm of their pooled starts, paired as each is
+            return np.mean([cells(a, budget, variant) for a in arm[5:].split("+")], axis=0)
         if arm.startswith("both:"):  # the run's seeds of the method, then the study's of the arm of the same name
             return np.concatenate([cells(f"full:{arm[5:]}", budget, variant), cells(arm[5:], budget, variant)])
         # the study's evaluations: its arms, and on validation placements the run's methods too
@@ -542,6 +603,7 @@ def main(name: str, full: Path, work: Path, out: Path, teacher: Path | None = No
         },
         "gamma_and_tau": gamma_and_tau(layout),
         "own_vectors": own_vectors(study, work, layout),
+        "own_teachers": own_teachers(study, work),
         "eval_episodes": config.eval_episodes,
         "trained": all(trained_policy(Path(c.out_dir)).exists() for c in plan.values()),
     }
@@ -574,6 +636,16 @@ def own_vectors(study: Study, work: Path, layout: RunLayout) -> dict[str, dict[s
     return found
 
 
+def own_teachers(study: Study, work: Path) -> dict[str, dict]:
+    """The pretraining figures (frames, validation errors, probes) of the teacher each study start aligned with."""
+    found = {}
+    for arm in study.arms:
+        teacher = work / "start" / f"{arm}.teacher"
+        if teacher.exists():
+            found[arm] = pretraining_summary(teacher)
+    return found
+
+
 def gamma_and_tau(layout: RunLayout) -> dict[str, float]:
     """|gamma|, |tau| and their cosine."""
     return dict(zip(("gamma_norm", "tau_norm", "cosine"), norms_and_cosine(layout.gamma, layout.tau), strict=True))
@@ -601,7 +673,8 @@ def markdown(results: dict, study: Study) -> str:
         + "".join(
             f" The vector {arm}'s start extracted: |v| {v['norm']}, cosine with gamma {v['cosine_with_gamma']}."
             for arm, v in results.get("own_vectors", {}).items()
-        ),
+        )
+        + "".join(f" The teacher of {arm}: {describe_teacher(t)}" for arm, t in results["own_teachers"].items()),
         "",
     ]
     header = " | ".join(f"{b} steps" for b in budgets)
