@@ -1,7 +1,8 @@
 """The README's tables of the committed runs, made from their results.json (a test keeps them equal): per
 `capvector reproduce` run and budget, each method's in-domain paired difference to (a) SFT from theta_pt; per
-`capvector headroom` regime and budget, each arm's difference to SFT trained from scratch; in success-rate points
-with 95% bootstrap intervals over seeds.
+diagnostic study (docs/results/diagnostics), the comparisons that answer its question; per `capvector headroom`
+regime and budget, each arm's difference to SFT trained from scratch; in success-rate points with 95% bootstrap
+intervals over seeds.
 
   python docs/results/overview.py
 """
@@ -47,6 +48,80 @@ HEADROOM = [
     "views-confirm-shift-per-seed",
     "views-confirm-shift-more",
 ]
+# The diagnostics (docs/results/diagnostics/<study>.json), newest first: the run whose models they studied, their
+# question, and the comparisons that answer it: (what it is, the comparison's label in the study's results, steps).
+DIAGNOSTICS = {
+    "alpha_one": (
+        "spatial-forcing",
+        "was it alpha? (c) at alpha 1 with the run's gamma",
+        [
+            ("(c) at alpha 1", "(c) at alpha 1: SFT from theta_pt + gamma - (a) SFT", "1000"),
+            ("(c) at alpha 1", "(c) at alpha 1: SFT from theta_pt + gamma - (a) SFT", "2000"),
+        ],
+    ),
+    "random_direction": (
+        "control",
+        "is (c)'s lead gamma's direction, or any move of its size?",
+        [
+            (
+                "theta_pt + a random direction of gamma's per-tensor norms",
+                "SFT from theta_pt + a random vector of gamma's size - (a) SFT",
+                "2000",
+            ),
+            ("(c) against it", "(c) theta_pt + gamma - theta_pt + random: gamma's direction", "2000"),
+        ],
+    ),
+    "teacher_gamma": (
+        "control",
+        "does a 3D teacher's gamma (the headroom's teacher), extracted as the run's, carry anything?",
+        [
+            ("(c) with it", "(c) SFT from theta_pt + the teacher's gamma - (a) SFT", "2000"),
+            ("against an untrained teacher's gamma", "(c) the teacher's gamma - the untrained teacher's", "2000"),
+        ],
+    ),
+    "control_seeds": (
+        "full",
+        "does (d')'s +12 hold on 5 more seeds?",
+        [("(d') on seeds 5-9", "(d') - (a), seeds 5-9", "1000"), ("over all 10", "(d') - (a), seeds 0-9", "1000")],
+    ),
+    "control_meta": (
+        "full",
+        "how much of (d')'s lead is L_orth?",
+        [
+            ("(c')", "(c') SFT from the control's theta_meta - (a) SFT", "1000"),
+            ("(d') - (c')", "(d') - (c'): what L_orth adds to the control's gamma", "1000"),
+        ],
+    ),
+    "control_trunk": (
+        "full",
+        "does the control help at a trunk layer?",
+        [("chosen on validation placements, layer 2 at 0.3", "trunk 2, weight 0.3 - (a) SFT", "1000")],
+    ),
+    "lora": (
+        "full",
+        "where does (e) stand?",
+        [
+            ("LoRA SFT", "LoRA SFT from theta_pt - (a) SFT", "1000"),
+            ("gamma under LoRA", "LoRA SFT from theta_meta - from theta_pt: what gamma adds", "1000"),
+        ],
+    ),
+    "augment": (
+        "full-no-shift",
+        "does the teacher's gain survive shifted images?",
+        [
+            ("(b) - (a), both shifted", "(b) - (a), both with shifted images", "1000"),
+            ("(b) - (a), both shifted", "(b) - (a), both with shifted images", "2000"),
+        ],
+    ),
+    "base": (
+        "full-no-shift",
+        "does gamma help at alpha 1?",
+        [
+            ("theta_pt + gamma", "theta_pt + gamma (alpha 1), SFT - (a) SFT", "1000"),
+            ("theta_pt + gamma", "theta_pt + gamma (alpha 1), SFT - (a) SFT", "2000"),
+        ],
+    ),
+}
 ARMS = {"oracle": "oracle - SFT", "control": "control - SFT", "teacher": "3D teacher - SFT"}
 OBJECTIVES = {"teacher": "3D teacher", "localization": "localization control"}
 
@@ -89,6 +164,19 @@ def table() -> str:
     return markdown(["run", "regime", "steps", *COLUMNS.values(), TRANSFER], rows)
 
 
+def diagnostics_table() -> str:
+    rows = []
+    for study, (run, question, answers) in DIAGNOSTICS.items():
+        results = json.loads((RESULTS / "diagnostics" / f"{study}.json").read_text())
+        in_domain = next(v for v in results["variants"] if v not in ("validation", "new_env"))
+        answer = "; ".join(
+            f"{what}, {steps} steps: {interval(results['differences'][label][in_domain][steps])}"
+            for what, label, steps in answers
+        )
+        rows.append([f"[`{study}`](docs/results/diagnostics/{study}.md)", run, question, answer])
+    return markdown(["study", "run", "question", "answer (in-domain, against the run's (a) unless named)"], rows)
+
+
 def headroom_regime(config: dict) -> str:
     look = "moving camera" if config.get("variant") == "random_view" else "fixed camera"
     shift = ", shifted images" if config["policy"].get("augment_shift") else ""
@@ -112,5 +200,7 @@ def headroom_table() -> str:
 
 if __name__ == "__main__":
     print(table())
+    print()
+    print(diagnostics_table())
     print()
     print(headroom_table())
