@@ -9,7 +9,8 @@ it, auxiliary SFT with the control, all from theta_pt, are field for field those
         docs/results/diagnostics
 
 writes STUDY.md and STUDY.json beside this script. teacher_gamma takes a fifth argument, the frozen 3D teacher's
-folder (the one `capvector headroom --regime views-confirm-shift-more` pretrained and chose its weight for).
+folder (the one `capvector headroom --regime views-confirm-shift-more` pretrained and chose its weight for), as
+does teacher_seeds; untrained_teachers takes teacher_seeds' work folder.
 Resumable: finished trainings and evaluations in the work folder (the third argument) are kept (evaluations under
 the hash of their plan, so a changed plan evaluates anew). The studies' motivations quote the figures that prompted
 them; base and augment ran on stop 27's models, gone since, and were not evaluated again.
@@ -78,6 +79,14 @@ five teachers: the run's teacher pretrained with seeds 0 (its own), 1 and 2, and
 seeds 0 (its own) and 1, each on its own frames with its own settings; gamma_teacher extracted as in
 teacher_gamma; and the mean over the five, paired by (seed, task). The seed-0 arms are the two earlier studies' own
 runs (their work folders' start and trained policies linked in: the same configs), evaluated here again.
+
+untrained_teachers: in teacher_seeds, four of five teachers' gammas gave (c) +4.7 to +8.7 points at 2000 steps
+and their mean +7.1 [+0, +13] at 1000 steps, while in teacher_gamma an untrained teacher's gamma gave +6.5 and +4.0.
+Is what the gammas carry the teachers' pretraining? (c) at alpha 1 from the gammas of three untrained teachers: the
+networks of teacher_seeds' reseeded teachers 1 and 2 and of its given teacher as their pretraining started them
+(untrained_teacher), each extracted as in teacher_gamma, and their mean. The third is teacher_gamma's own run (its
+start and trained policies linked in: the same config at the control run's alpha, 1), evaluated here again. The
+fifth argument is teacher_seeds' work folder, whose teachers it reads.
 
 seeds: (a) SFT, (c) SFT from theta_meta and (d) CapVector on 5 more seeds (5-9), each configured by the run's own
 protocol but for the seed (the alpha the run chose), and the paired differences over all 10 ("both:" rows), for a
@@ -253,11 +262,13 @@ def untrained_teacher(teacher: Path, path: Path) -> Path:
     return path
 
 
-def untrained_teacher_theta_meta(teacher: Path) -> Start:
-    """teacher_theta_meta with `teacher` untrained (untrained_teacher, beside the start)."""
+def untrained_teacher_theta_meta(teacher: Path, alpha: float | None = None) -> Start:
+    """teacher_theta_meta with `teacher` untrained (untrained_teacher, beside the start), at `alpha` (None: the
+    run's)."""
 
     def build(layout: RunLayout, path: Path) -> Path:
-        return teacher_theta_meta(untrained_teacher(teacher, path.with_name(f"{path.name}.teacher")))(layout, path)
+        used = untrained_teacher(teacher, path.with_name(f"{path.name}.teacher"))
+        return teacher_theta_meta(used, alpha)(layout, path)
 
     return build
 
@@ -484,8 +495,22 @@ def teacher_seeds(teacher: Path) -> Study:
     return Study(arms, comparisons, ["full:sft", "full:meta_sft"], "docs/results/spatial-forcing's models (stop 37)")
 
 
-# studies made for a teacher folder (the fifth argument)
-STUDIES_WITH_TEACHER = {"teacher_gamma": teacher_gamma, "teacher_seeds": teacher_seeds}
+def untrained_teachers(seeds_work: Path) -> Study:
+    arms = {
+        f"untrained_{arm}": Arm(untrained_teacher_theta_meta(seeds_work / "start" / f"{arm}.teacher", alpha=1.0))
+        for arm in ("teacher_seed1", "teacher_seed2", "small_teacher_seed0")
+    }
+    comparisons = [(f"(c) from theta_pt + gamma, {arm.replace('_', ' ')} - (a) SFT", arm, "full:sft") for arm in arms]
+    comparisons.append(("(c) mean over the three untrained teachers - (a) SFT", "mean:" + "+".join(arms), "full:sft"))
+    return Study(arms, comparisons, ["full:sft"], "docs/results/spatial-forcing's models (stop 37)")
+
+
+# studies made for a folder (the fifth argument): a teacher's, or for untrained_teachers teacher_seeds' work folder
+STUDIES_WITH_TEACHER = {
+    "teacher_gamma": teacher_gamma,
+    "teacher_seeds": teacher_seeds,
+    "untrained_teachers": untrained_teachers,
+}
 VALIDATION = "validation"  # in-domain, on the run's validation placements (its validation_seed)
 
 
@@ -604,6 +629,7 @@ def main(name: str, full: Path, work: Path, out: Path, teacher: Path | None = No
         "gamma_and_tau": gamma_and_tau(layout),
         "own_vectors": own_vectors(study, work, layout),
         "own_teachers": own_teachers(study, work),
+        "vector_cosines": vector_cosines(study, work),
         "eval_episodes": config.eval_episodes,
         "trained": all(trained_policy(Path(c.out_dir)).exists() for c in plan.values()),
     }
@@ -636,14 +662,34 @@ def own_vectors(study: Study, work: Path, layout: RunLayout) -> dict[str, dict[s
     return found
 
 
+def vector_cosines(study: Study, work: Path) -> dict[str, dict[str, float]]:
+    """The cosine of every pair of vectors the study's starts extracted (an empty table if fewer than two)."""
+    vectors = [arm for arm in study.arms if (work / "start" / f"{arm}.gamma").exists()]
+    if len(vectors) < 2:
+        return {}
+    path = {arm: work / "start" / f"{arm}.gamma" for arm in vectors}
+    return {a: {b: norms_and_cosine(path[a], path[b])[2] for b in vectors if b != a} for a in vectors}
+
+
 def own_teachers(study: Study, work: Path) -> dict[str, dict]:
     """The pretraining figures (frames, validation errors, probes) of the teacher each study start aligned with."""
     found = {}
     for arm in study.arms:
         teacher = work / "start" / f"{arm}.teacher"
         if teacher.exists():
-            found[arm] = pretraining_summary(teacher)
+            record = read_json(teacher / RECORD_NAME)
+            found[arm] = record if "untrained_copy_of" in record else pretraining_summary(teacher)
     return found
+
+
+def teacher_sentence(arm: str, teacher: dict) -> str:
+    if "untrained_copy_of" in teacher:
+        return (
+            f" The teacher of {arm}: {teacher['untrained_copy_of']} as its pretraining started it (the share of its "
+            "normalized features' variance that object and goal positions explain beyond patch and hand position: "
+            f"{teacher['probe']['share']:.3f})."
+        )
+    return f" The teacher of {arm}: {describe_teacher(teacher)}"
 
 
 def gamma_and_tau(layout: RunLayout) -> dict[str, float]:
@@ -674,9 +720,16 @@ def markdown(results: dict, study: Study) -> str:
             f" The vector {arm}'s start extracted: |v| {v['norm']}, cosine with gamma {v['cosine_with_gamma']}."
             for arm, v in results.get("own_vectors", {}).items()
         )
-        + "".join(f" The teacher of {arm}: {describe_teacher(t)}" for arm, t in results["own_teachers"].items()),
+        + "".join(teacher_sentence(arm, t) for arm, t in results["own_teachers"].items()),
         "",
     ]
+    cosines = results["vector_cosines"]
+    if cosines:
+        lines += ["Cosines of the vectors the starts extracted:", "", "| | " + " | ".join(cosines) + " |"]
+        lines.append("|---" * (len(cosines) + 1) + "|")
+        for a, row in cosines.items():
+            lines.append(f"| {a} | " + " | ".join(f"{row[b]:.3f}" if b in row else "1" for b in cosines) + " |")
+        lines.append("")
     header = " | ".join(f"{b} steps" for b in budgets)
     for variant in results["variants"]:
         title = {NEW_ENV: "new environment", VALIDATION: "validation placements, in-domain (choose here)"}.get(
