@@ -49,77 +49,72 @@ HEADROOM = [
     "views-confirm-shift-more",
 ]
 # The diagnostics (docs/results/diagnostics/<study>.json), newest first: the run whose models they studied, their
-# question, and the comparisons that answer it: (what it is, the comparison's label in the study's results, steps).
+# question, and the comparisons that answer it: (what it is, the comparison's label in the study's results, the
+# steps it is read at).
+SHORT, LONG, BOTH = ("1000",), ("2000",), ("1000", "2000")  # the steps an answer is read at
+RANDOM = "SFT from theta_pt + a random vector of gamma's size - (a) SFT"
 DIAGNOSTICS = {
+    "teacher_seeds": (
+        "spatial-forcing",
+        "is a 3D teacher's gamma what teachers hold, or which run it was? (c) at alpha 1 from five teachers' gammas",
+        [("their mean", "(c) mean over the five teachers - (a) SFT", BOTH)],
+    ),
     "alpha_one": (
         "spatial-forcing",
         "was it alpha? (c) at alpha 1 with the run's gamma",
-        [
-            ("(c) at alpha 1", "(c) at alpha 1: SFT from theta_pt + gamma - (a) SFT", "1000"),
-            ("(c) at alpha 1", "(c) at alpha 1: SFT from theta_pt + gamma - (a) SFT", "2000"),
-        ],
+        [("(c) at alpha 1", "(c) at alpha 1: SFT from theta_pt + gamma - (a) SFT", BOTH)],
     ),
     "random_direction": (
         "control",
         "is (c)'s lead gamma's direction, or any move of its size?",
         [
-            (
-                "theta_pt + a random direction of gamma's per-tensor norms",
-                "SFT from theta_pt + a random vector of gamma's size - (a) SFT",
-                "2000",
-            ),
-            ("(c) against it", "(c) theta_pt + gamma - theta_pt + random: gamma's direction", "2000"),
+            ("theta_pt + a random direction of gamma's per-tensor norms", RANDOM, LONG),
+            ("(c) against it", "(c) theta_pt + gamma - theta_pt + random: gamma's direction", LONG),
         ],
     ),
     "teacher_gamma": (
         "control",
         "does a 3D teacher's gamma (the headroom's teacher), extracted as the run's, carry anything?",
         [
-            ("(c) with it", "(c) SFT from theta_pt + the teacher's gamma - (a) SFT", "2000"),
-            ("against an untrained teacher's gamma", "(c) the teacher's gamma - the untrained teacher's", "2000"),
+            ("(c) with it", "(c) SFT from theta_pt + the teacher's gamma - (a) SFT", LONG),
+            ("against an untrained teacher's gamma", "(c) the teacher's gamma - the untrained teacher's", LONG),
         ],
     ),
     "control_seeds": (
         "full",
         "does (d')'s +12 hold on 5 more seeds?",
-        [("(d') on seeds 5-9", "(d') - (a), seeds 5-9", "1000"), ("over all 10", "(d') - (a), seeds 0-9", "1000")],
+        [("(d') on seeds 5-9", "(d') - (a), seeds 5-9", SHORT), ("over all 10", "(d') - (a), seeds 0-9", SHORT)],
     ),
     "control_meta": (
         "full",
         "how much of (d')'s lead is L_orth?",
         [
-            ("(c')", "(c') SFT from the control's theta_meta - (a) SFT", "1000"),
-            ("(d') - (c')", "(d') - (c'): what L_orth adds to the control's gamma", "1000"),
+            ("(c')", "(c') SFT from the control's theta_meta - (a) SFT", SHORT),
+            ("(d') - (c')", "(d') - (c'): what L_orth adds to the control's gamma", SHORT),
         ],
     ),
     "control_trunk": (
         "full",
         "does the control help at a trunk layer?",
-        [("chosen on validation placements, layer 2 at 0.3", "trunk 2, weight 0.3 - (a) SFT", "1000")],
+        [("chosen on validation placements, layer 2 at 0.3", "trunk 2, weight 0.3 - (a) SFT", SHORT)],
     ),
     "lora": (
         "full",
         "where does (e) stand?",
         [
-            ("LoRA SFT", "LoRA SFT from theta_pt - (a) SFT", "1000"),
-            ("gamma under LoRA", "LoRA SFT from theta_meta - from theta_pt: what gamma adds", "1000"),
+            ("LoRA SFT", "LoRA SFT from theta_pt - (a) SFT", SHORT),
+            ("gamma under LoRA", "LoRA SFT from theta_meta - from theta_pt: what gamma adds", SHORT),
         ],
     ),
     "augment": (
         "full-no-shift",
         "does the teacher's gain survive shifted images?",
-        [
-            ("(b) - (a), both shifted", "(b) - (a), both with shifted images", "1000"),
-            ("(b) - (a), both shifted", "(b) - (a), both with shifted images", "2000"),
-        ],
+        [("(b) - (a), both shifted", "(b) - (a), both with shifted images", BOTH)],
     ),
     "base": (
         "full-no-shift",
         "does gamma help at alpha 1?",
-        [
-            ("theta_pt + gamma", "theta_pt + gamma (alpha 1), SFT - (a) SFT", "1000"),
-            ("theta_pt + gamma", "theta_pt + gamma (alpha 1), SFT - (a) SFT", "2000"),
-        ],
+        [("theta_pt + gamma", "theta_pt + gamma (alpha 1), SFT - (a) SFT", BOTH)],
     ),
 }
 ARMS = {"oracle": "oracle - SFT", "control": "control - SFT", "teacher": "3D teacher - SFT"}
@@ -170,8 +165,11 @@ def diagnostics_table() -> str:
         results = json.loads((RESULTS / "diagnostics" / f"{study}.json").read_text())
         in_domain = next(v for v in results["variants"] if v not in ("validation", "new_env"))
         answer = "; ".join(
-            f"{what}, {steps} steps: {interval(results['differences'][label][in_domain][steps])}"
-            for what, label, steps in answers
+            f"{what}: "
+            + ", ".join(
+                f"{steps} steps {interval(results['differences'][label][in_domain][steps])}" for steps in budgets
+            )
+            for what, label, budgets in answers
         )
         rows.append([f"[`{study}`](docs/results/diagnostics/{study}.md)", run, question, answer])
     return markdown(["study", "run", "question", "answer (in-domain, against the run's (a) unless named)"], rows)
