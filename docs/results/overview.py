@@ -54,6 +54,11 @@ HEADROOM = [
 SHORT, LONG, BOTH = ("1000",), ("2000",), ("1000", "2000")  # the steps an answer is read at
 RANDOM = "SFT from theta_pt + a random vector of gamma's size - (a) SFT"
 DIAGNOSTICS = {
+    "untrained_teachers": (
+        "spatial-forcing",
+        "is it the teachers' pretraining? (c) at alpha 1 from three untrained teachers' gammas",
+        [("their mean", "(c) mean over the three untrained teachers - (a) SFT", BOTH)],
+    ),
     "teacher_seeds": (
         "spatial-forcing",
         "is a 3D teacher's gamma what teachers hold, or which run it was? (c) at alpha 1 from five teachers' gammas",
