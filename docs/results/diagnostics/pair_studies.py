@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from run import success_cells  # this folder's run.py: how a study reads its evaluations
 
 from capvector.bench.statistics import paired_difference, points
 
@@ -25,11 +26,7 @@ def evaluations(work: Path) -> dict:
 
 def cells(found: dict, arms: list[str], budget: str, variant: str, seeds: list[int], tasks: list[str]) -> np.ndarray:
     """The arms' mean success per (seed, task)."""
-    per_arm = []
-    for arm in arms:
-        rows = [found[f"{arm}/seed{s}/step{budget}@{variant}"]["tasks"] for s in seeds]
-        per_arm.append([[r[t]["successes"] / r[t]["episodes"] for t in tasks] for r in rows])
-    return np.mean(per_arm, axis=0)
+    return np.mean([success_cells(found, arm, budget, variant, seeds, tasks) for arm in arms], axis=0)
 
 
 def main(work_a: Path, arms_a: list[str], work_b: Path, arms_b: list[str]) -> None:

@@ -604,8 +604,7 @@ def main(name: str, full: Path, work: Path, out: Path, teacher: Path | None = No
             return np.concatenate([cells(f"full:{arm[5:]}", budget, variant), cells(arm[5:], budget, variant)])
         # the study's evaluations: its arms, and on validation placements the run's methods too
         source, look = (validation, config.variant) if variant == VALIDATION else (mine, variant)
-        rows = [source[f"{arm}/seed{s}/step{budget}@{look}"]["tasks"] for s in seeds]
-        return np.array([[r[t]["successes"] / r[t]["episodes"] for t in tasks] for r in rows])
+        return success_cells(source, arm, budget, look, seeds, tasks)
 
     results = {
         "study": name,
@@ -637,6 +636,14 @@ def main(name: str, full: Path, work: Path, out: Path, teacher: Path | None = No
     write_json(out / f"{name}.json", results)
     write_text(out / f"{name}.md", markdown(results, study))
     print(markdown(results, study))
+
+
+def success_cells(
+    evaluations: dict, arm: str, budget: str, look: str, seeds: list[int], tasks: list[str]
+) -> np.ndarray:
+    """An arm's (seeds, tasks) success rates at `budget` steps in the look `look`, from a work folder's evaluations."""
+    rows = [evaluations[f"{arm}/seed{s}/step{budget}@{look}"]["tasks"] for s in seeds]
+    return np.array([[r[t]["successes"] / r[t]["episodes"] for t in tasks] for r in rows])
 
 
 def norms_and_cosine(first: Path, second: Path) -> tuple[float, float, float]:
