@@ -17,10 +17,13 @@ from capvector.bench.statistics import paired_difference, points
 
 
 def evaluations(work: Path) -> dict:
-    """Every evaluation in the work folder's evaluation files (one per plan it evaluated)."""
+    """Every evaluation in the work folder's evaluation files (one per plan it evaluated); a name two plans evaluated
+    differently (a start changed between them) is refused, since which one the study reported cannot be told here."""
     found: dict = {}
     for path in sorted(work.glob("evaluations-*.json")):
-        found |= json.loads(path.read_text())
+        for name, result in json.loads(path.read_text()).items():
+            if found.setdefault(name, result) != result:
+                raise SystemExit(f"{work}: {name} was evaluated differently by two plans; delete the stale file")
     return found
 
 
