@@ -561,6 +561,14 @@ def test_the_full_preset_is_the_experiment_in_the_headroom_regime_with_every_row
     assert full.methods == [method for method in METHODS if method not in TRANSFER_METHODS]
     assert set(TRANSFER_METHODS) <= set(PRESETS["views-long"].methods)
     assert len(full.seeds) >= MIN_SEEDS and full.select_alpha and full.validation_seed != full.eval_seed
+    # in the control preset's regime, where the control's chain carried a signal: its demonstrations and placements
+    control = PRESETS["control"]
+    assert (full.downstream_episodes, full.eval_episodes, full.eval_seed) == (
+        control.downstream_episodes,
+        control.eval_episodes,
+        control.eval_seed,
+    )
+    assert (full.control, full.control_weight) == (control.objective, control.aux_weight)
     # the ablations of the paper's table: alpha (the selection's candidates), lambda, the head, the long run
     assert len(full.alphas) >= 2 and len(full.lambdas) >= 2 and full.ablate_head and full.long_steps > max(full.budgets)
     gpu = PRESETS["gpu"]
