@@ -466,3 +466,58 @@ def test_merged_rows_that_round_to_inf_or_hold_nan_are_refused(dtype, pretrained
     else:
         with pytest.raises(CapvectorError, match=problem):
             evaluate_chunk(tensor, 0, 4, statistics=False)
+
+
+def _direct_io_supported(folder) -> bool:
+    import os
+
+    try:
+        fd = os.open(folder / "probe", os.O_WRONLY | os.O_CREAT | getattr(os, "O_DIRECT", 0))
+    except OSError:
+        return False
+    os.close(fd)
+    return hasattr(os, "O_DIRECT")
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_output_files_hold_the_same_bytes_written_direct_or_through_the_page_cache(tmp_path, monkeypatch, direct):
+    """Writes of any size, across staging-buffer boundaries and ending mid-block, give exactly the bytes written, past
+    the page cache where the file system allows it (the last block padded, then cut off) or through it."""
+    from capvector.params import streaming
+
+    monkeypatch.setattr(streaming, "STAGING_BYTES", 3 * streaming.DIRECT_ALIGNMENT)
+    pieces = [torch.randint(0, 256, (n,), dtype=torch.uint8).numpy().tobytes() for n in (5, 4096, 9000, 1, 12288, 77)]
+    stream = streaming.OutputStream(tmp_path / "out.bin", direct=direct)
+    assert stream.direct == (direct and _direct_io_supported(tmp_path))
+    with stream:
+        for index, piece in enumerate(pieces):
+            stream.write(memoryview(piece), f"piece {index}")
+    assert (tmp_path / "out.bin").read_bytes() == b"".join(pieces)
+    with streaming.OutputStream(tmp_path / "empty.bin", direct=direct):
+        pass
+    assert (tmp_path / "empty.bin").read_bytes() == b""
+
+
+def test_a_file_system_that_refuses_direct_writes_is_written_through_the_page_cache(tmp_path, monkeypatch):
+    """Some file systems accept O_DIRECT when the file is opened and refuse the first write (EINVAL): the stream then
+    goes on through the page cache with the same bytes."""
+    import errno
+    import fcntl
+    import os
+
+    from capvector.params import streaming
+
+    if not _direct_io_supported(tmp_path):
+        pytest.skip("this file system has no direct I/O")
+    write = os.write
+
+    def refusing_direct(fd, data):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return write(fd, data)
+
+    monkeypatch.setattr(streaming.os, "write", refusing_direct)
+    payload = bytes(range(256)) * 100
+    with streaming.OutputStream(tmp_path / "out.bin") as stream:
+        stream.write(memoryview(payload), "payload")
+    assert not stream.direct and (tmp_path / "out.bin").read_bytes() == payload
