@@ -6,7 +6,7 @@ that peak RSS is its own, after a discarded warm-up round (--warmup):
   - extract: gamma = ao - ft (stored in float32, exact); merge: pt + gamma;
   - the I/O floor of each: reading the same inputs once and writing as many bytes as the output, no arithmetic, with
     the fastest plain copy loop found on the test machine (reads into reused 256 KB buffers, writes past the page
-    cache from an aligned 8 MB buffer, as capvector writes);
+    cache from two aligned 8 MB buffers in turn, as capvector writes);
   - mergekit's task_arithmetic (pt + (ao - pt) - (ft - pt) in float32, rounded once to bf16; the elements where it
     differs from ours are counted) when mergekit is installed in a separate environment:
       python3 -m venv .venv-mergekit && .venv-mergekit/bin/pip install torch==2.13.0
@@ -166,9 +166,11 @@ elif op == "merge":
     merge(args["pt"], args["vector"], args["out"])
 elif op == "floor":  # read every input once, write `copies` times the bytes of `copy`: no arithmetic, no parsing
     # The fastest plain copy found on the test machine, so that the floor is a hard one: reads into reused 256 KB
-    # buffers, writes past the page cache (O_DIRECT) from a page-aligned buffer, as capvector writes (buffered
-    # writes swung from 0.5 to 7 s per GB there), with the last block padded and then cut off.
+    # buffers, writes past the page cache (O_DIRECT) from two page-aligned buffers in turn, a thread writing one while
+    # the other is filled, as capvector writes (buffered writes swung from 0.5 to 7 s per GB there); the last block
+    # padded and then cut off.
     import mmap, threading
+    from concurrent.futures import ThreadPoolExecutor
     READ_BLOCK, WRITE_BLOCK, ALIGN = 256 << 10, 8 << 20, 4096
     def drain(paths):
         buffer = bytearray(READ_BLOCK)
@@ -179,19 +181,32 @@ elif op == "floor":  # read every input once, write `copies` times the bytes of 
     reader = threading.Thread(target=drain, args=(args["read_only"],))
     reader.start()
     os.makedirs(args["out"])
-    buffer = memoryview(mmap.mmap(-1, WRITE_BLOCK))
-    for path in args["copy"]:  # each block written `copies` times: one file of the output's size per input file
-        target = os.path.join(args["out"], os.path.basename(path))
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
-        with open(path, "rb", buffering=0) as src:
-            written = 0
-            while size := src.readinto(buffer):
-                padded = -(-size // ALIGN) * ALIGN  # below WRITE_BLOCK only at the end of the file
-                for _ in range(args["copies"]):
-                    os.write(fd, buffer[:padded])
-                written += size * args["copies"]
-        os.ftruncate(fd, written)
-        os.close(fd)
+    buffers, writes = [memoryview(mmap.mmap(-1, WRITE_BLOCK)) for _ in range(2)], [None, None]
+    def write_out(fd, view):
+        for _ in range(args["copies"]):
+            os.write(fd, view)
+    with ThreadPoolExecutor(1) as writer:
+        for path in args["copy"]:  # each block written `copies` times: one file of the output's size per input file
+            target = os.path.join(args["out"], os.path.basename(path))
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+            with open(path, "rb", buffering=0) as src:
+                written, turn = 0, 0
+                while True:
+                    if writes[turn] is not None:
+                        writes[turn].result()
+                    size = src.readinto(buffers[turn])
+                    if not size:
+                        break
+                    padded = -(-size // ALIGN) * ALIGN  # below WRITE_BLOCK only at the end of the file
+                    writes[turn] = writer.submit(write_out, fd, buffers[turn][:padded])
+                    written += size * args["copies"]
+                    turn = 1 - turn
+            for turn in (0, 1):
+                if writes[turn] is not None:
+                    writes[turn].result()
+                    writes[turn] = None
+            os.ftruncate(fd, written)
+            os.close(fd)
     reader.join()
 seconds = time.perf_counter() - start
 cpu = [now - then for now, then in zip(os.times(), cpu_start)]  # user and system time of the work, all threads

@@ -15,9 +15,10 @@ from pathlib import Path
 RESULTS = Path(__file__).parent
 # The runs, newest first: their folder under docs/results/ and the stop that made it.
 RUNS = {
+    "full": "stop 38",
     "spatial-forcing": "stop 36",
     "control": "stop 34",
-    "full": "stop 31",
+    "full-10-demos": "stop 31",
     "full-no-shift": "stop 26",
     "views-teacher": "stops 22-23",
     "views-long": "stops 22-23",
@@ -86,12 +87,12 @@ DIAGNOSTICS = {
         ],
     ),
     "control_seeds": (
-        "full",
+        "full-10-demos",
         "does (d')'s +12 hold on 5 more seeds?",
         [("(d') on seeds 5-9", "(d') - (a), seeds 5-9", SHORT), ("over all 10", "(d') - (a), seeds 0-9", SHORT)],
     ),
     "control_meta": (
-        "full",
+        "full-10-demos",
         "how much of (d')'s lead is L_orth?",
         [
             ("(c')", "(c') SFT from the control's theta_meta - (a) SFT", SHORT),
@@ -99,12 +100,12 @@ DIAGNOSTICS = {
         ],
     ),
     "control_trunk": (
-        "full",
+        "full-10-demos",
         "does the control help at a trunk layer?",
         [("chosen on validation placements, layer 2 at 0.3", "trunk 2, weight 0.3 - (a) SFT", SHORT)],
     ),
     "lora": (
-        "full",
+        "full-10-demos",
         "where does (e) stand?",
         [
             ("LoRA SFT", "LoRA SFT from theta_pt - (a) SFT", SHORT),

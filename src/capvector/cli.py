@@ -386,13 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         default="quick",
         help="quick (minutes, proves the pipeline), full (the experiment: wide placements, a moving camera, shifted "
-        "images, the frozen 3D teacher's alignment and the localization control beside it, 5 seeds, methods (a)-(e), "
-        "the control's (b') and (d') and the oracle, alpha chosen on validation placements; 78 min on 2 cores), "
-        "control (the localization control as the objective, 20 demonstrations per held-out task, 1000 and 2000 "
-        "steps; 88 min), spatial-forcing (control's regime with the frozen 3D teacher's alignment as the objective; "
-        "2 h), views (the localization control at 400 steps, 3 seeds), views-long (full's regime without shifted "
-        "images, the localization control as the objective, 10 demonstrations per task) or gpu (full at paper-like "
-        "sizes for one GPU)",
+        "images, 20 demonstrations per held-out task, the frozen 3D teacher's alignment and the localization control "
+        "beside it, 5 seeds, methods (a)-(e), the control's (b') and (d') and the oracle at 1000 steps, alpha chosen "
+        "on validation placements; 112 min on 2 cores), control (full's regime with the localization control as the "
+        "objective, 1000 and 2000 steps; 88 min), spatial-forcing (control's regime with the frozen 3D teacher's "
+        "alignment as the objective; 2 h), views (the localization control at 400 steps, 3 seeds), views-long (wide "
+        "placements and a moving camera without shifted images, the localization control as the objective, 10 "
+        "demonstrations per task) or gpu (full at paper-like sizes for one GPU)",
     )
     p.add_argument(
         "--objective",

@@ -390,14 +390,14 @@ STUDIES = {
             ("(e) CapVector with LoRA - (a) SFT, the full run's", "full:capvector_lora", "full:sft"),
         ],
         ["full:sft", "full:meta_sft", "full:capvector", "full:capvector_lora"],
-        "docs/results/full's models (stop 30)",
+        "docs/results/full-10-demos' models (stop 30)",
     ),
     "control_seeds": more_seeds(
         {
             "control_aux": ("(b')", Arm(from_pt, "aux", control=True)),
             "control_capvector": ("(d')", Arm(from_pt, method="control_capvector")),
         },
-        "docs/results/full's models (stop 30)",
+        "docs/results/full-10-demos' models (stop 30)",
     ),
     "control_meta": Study(
         {"control_meta_sft": Arm(control_theta_meta)},
@@ -407,7 +407,7 @@ STUDIES = {
             ("(d') - (a), the full run's", "full:control_capvector", "full:sft"),
         ],
         ["full:sft", "full:meta_sft", "full:control_capvector"],
-        "docs/results/full's models (stop 31)",
+        "docs/results/full-10-demos' models (stop 31)",
     ),
     "control_trunk": Study(
         {f"trunk{layer}_w{weight:g}": trunk_control(layer, weight) for layer in (1, 2) for weight in (0.3, 1.0)},
@@ -420,7 +420,7 @@ STUDIES = {
             ("(b') the run's localization control - (a) SFT", "full:control_aux", "full:sft"),
         ],
         ["full:sft", "full:control_aux", "full:oracle"],
-        "docs/results/full's models (stop 30)",
+        "docs/results/full-10-demos' models (stop 30)",
         validate=True,
     ),
     "random_direction": Study(

@@ -183,8 +183,9 @@ def _raise_disk_full(error: OSError, path: Path, what: str) -> None:
 
 
 class OutputStream:
-    """A new file written front to back: past the page cache (O_DIRECT) through an aligned staging buffer where the
-    file system allows it, else through it (tmpfs, other systems); the same bytes either way."""
+    """A new file written front to back: past the page cache (O_DIRECT) where the file system allows it, else through
+    it (tmpfs, other systems); the same bytes either way. Direct writes go out from two aligned staging buffers in
+    turn, by a thread of their own, so that filling one overlaps writing the other."""
 
     def __init__(self, path: Path, direct: bool = True):
         self.path = path
@@ -197,8 +198,12 @@ class OutputStream:
         self.direct = self.fd >= 0
         if not self.direct:
             self.fd = os.open(path, flags, 0o644)
-        self.staging = mmap.mmap(-1, STAGING_BYTES) if self.direct else None  # page-aligned, as O_DIRECT needs
-        self.filled = 0  # bytes waiting in the staging buffer
+        # page-aligned, as O_DIRECT needs; each with the write that last went out of it
+        self.staging = [mmap.mmap(-1, STAGING_BYTES) for _ in range(2)] if self.direct else []
+        self.writes: list[Future[None] | None] = [None, None]
+        self.writer = ThreadPoolExecutor(1) if self.direct else None
+        self.current = 0  # the staging buffer being filled
+        self.filled = 0  # bytes waiting in it
         self.size = 0  # bytes of the file so far, staged ones included
         self.last = "the header"  # what was written last, for a disk-full error in close
 
@@ -206,18 +211,18 @@ class OutputStream:
         """Append `data` (bytes, 'B' format); `what` names it in a disk-full error."""
         self.size += len(data)
         self.last = what
-        if self.staging is None:
+        if self.writer is None:
             self._write_out(data, what)
             return
-        with memoryview(self.staging) as staging:
-            while data:
-                taken = min(len(data), STAGING_BYTES - self.filled)
-                staging[self.filled : self.filled + taken] = data[:taken]
-                self.filled += taken
-                data = data[taken:]
-                if self.filled == STAGING_BYTES:
-                    self._write_out(staging, what)
-                    self.filled = 0
+        while data:
+            if self.filled == 0:
+                self._wait(self.current)  # its previous write has gone out
+            taken = min(len(data), STAGING_BYTES - self.filled)
+            self.staging[self.current][self.filled : self.filled + taken] = data[:taken]
+            self.filled += taken
+            data = data[taken:]
+            if self.filled == STAGING_BYTES:
+                self._send(STAGING_BYTES, what)
 
     def __enter__(self) -> OutputStream:
         return self
@@ -229,18 +234,34 @@ class OutputStream:
         """With `finish`, write what is staged (the last block padded to the alignment, then cut off); close the
         file."""
         try:
-            if finish and self.staging is not None and self.filled:
-                padded = -(-self.filled // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
-                self.staging[self.filled : padded] = bytes(padded - self.filled)
-                with memoryview(self.staging) as staging:
-                    self._write_out(staging[:padded], self.last)
+            if finish and self.writer is not None:
+                if self.filled:
+                    padded = -(-self.filled // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
+                    self.staging[self.current][self.filled : padded] = bytes(padded - self.filled)
+                    self._send(padded, self.last)
+                self._wait(0)
+                self._wait(1)
                 os.ftruncate(self.fd, self.size)
         except OSError as error:
             _raise_disk_full(error, self.path, self.last)
             raise
         finally:
+            if self.writer is not None:
+                self.writer.shutdown(wait=True, cancel_futures=True)
             os.close(self.fd)
-            self.staging = None  # freed with the last view of it (an error's traceback may hold one)
+            self.staging = []  # freed with the last view of them (an error's traceback may hold one)
+
+    def _send(self, nbytes: int, what: str) -> None:
+        """Hand the current buffer's first `nbytes` to the writer thread and go on filling the other one."""
+        assert self.writer is not None
+        view = memoryview(self.staging[self.current])[:nbytes]
+        self.writes[self.current] = self.writer.submit(self._write_out, view, what)
+        self.current, self.filled = 1 - self.current, 0
+
+    def _wait(self, buffer: int) -> None:
+        write, self.writes[buffer] = self.writes[buffer], None
+        if write is not None:
+            write.result()  # raises what the write raised
 
     def _write_out(self, data: memoryview, what: str) -> None:
         try:

@@ -295,8 +295,9 @@ SPATIAL_FORCING = dataclasses.replace(
 # control's and the oracle's leads were largest, so that the run fits the issue's 2 h on 2 cores; alpha chosen among
 # 1, 0.25 and 0.5 on validation placements with the first 2 seeds, and on those seeds lambda 1 and 100 beside 10 and
 # gamma without the action head; the long runs with and without L_orth to 2000 steps. The transfer ceiling (f)-(g) is
-# left to views-long. Until stop 37 full had 10 demonstrations per held-out task and 10 test placements
-# (docs/results/full-10-demos; its definition: git show 4489391:src/capvector/bench/experiment/protocol.py).
+# left to views-long. Until stop 37 full had 10 demonstrations per held-out task and 5 test placements per task and
+# seed (docs/results/full-10-demos; its definition: git show 4489391:src/capvector/bench/experiment/protocol.py).
+# Stop 38's run took 6733 s of stages (docs/results/full).
 FULL = dataclasses.replace(
     CONTROL,
     preset="full",
