@@ -167,8 +167,8 @@ elif op == "merge":
 elif op == "floor":  # read every input once, write `copies` times the bytes of `copy`: no arithmetic, no parsing
     # The fastest plain copy found on the test machine, so that the floor is a hard one: reads into reused 256 KB
     # buffers, writes past the page cache (O_DIRECT) from two page-aligned buffers in turn, a thread writing one while
-    # the other is filled, as capvector writes (buffered writes swung from 0.5 to 7 s per GB there); the last block
-    # padded and then cut off.
+    # the other is filled, as capvector writes (buffered writes swung from 0.5 to 7 s per GB there; block sizes other
+    # than 8 MB not tried with direct writes); the last block padded and then cut off.
     import mmap, threading
     from concurrent.futures import ThreadPoolExecutor
     READ_BLOCK, WRITE_BLOCK, ALIGN = 256 << 10, 8 << 20, 4096
