@@ -38,10 +38,11 @@ CHUNK_BYTES = 1 << 20
 INFLIGHT_UNITS = 8
 WORKERS = 2
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-# Output files are written past the page cache (O_DIRECT) where the file system allows it, from a staging buffer of
-# whole aligned blocks. Written through the page cache, the same 1 GB took 0.5 to 6.9 s on the project's virtual
-# machine, the kernel allocating and filling a cache page for every 4 KB, and a 7B model's output filled the cache
-# too; written direct, 0.28-0.32 s with almost no CPU time (docs/results/JOURNAL.md, Benchmarks, stop 38).
+# Output files are written past the page cache (O_DIRECT) where the file system allows it, from staging buffers of
+# whole aligned blocks (OutputStream). Written through the page cache, the same 1 GB took 0.5 to 6.9 s on the
+# project's virtual machine, the kernel allocating and filling a cache page for every 4 KB, and a 7B model's output
+# filled the cache too; written direct, 0.28-0.32 s with almost no CPU time (docs/results/JOURNAL.md, Benchmarks,
+# stop 38).
 STAGING_BYTES = 8 << 20
 DIRECT_ALIGNMENT = 4096  # a multiple of every device's logical block size, which O_DIRECT offsets and sizes must be
 # glibc's mallopt parameters
